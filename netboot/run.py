@@ -1,0 +1,48 @@
+"""Every external command goes through here: logged, and a failure becomes a clear NetbootError."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from netboot.errors import NetbootError
+
+log = logging.getLogger(__name__)
+
+
+def require(tool: str, hint: str) -> str:
+    """Path of `tool` on PATH, or a NetbootError saying what to install."""
+    path = shutil.which(tool)
+    if path is None:
+        raise NetbootError(f"{tool} not found on PATH ({hint})")
+    return path
+
+
+def describe(argv: Sequence[str]) -> str:
+    shown = [*argv[:8], f"… ({len(argv) - 8} more arguments)"] if len(argv) > 12 else list(argv)
+    return shlex.join(str(a) for a in shown)
+
+
+def run(argv: Sequence[str], *, what: str, **kwargs) -> subprocess.CompletedProcess[bytes]:
+    """Run a command to completion; on failure raise NetbootError naming `what` and the command's last words."""
+    log.debug("running %s", describe(argv))
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    kwargs.setdefault("stderr", subprocess.PIPE)
+    try:
+        proc = subprocess.run(list(argv), check=False, **kwargs)
+    except OSError as e:
+        raise NetbootError(f"{what}: cannot run {argv[0]}: {e.strerror}") from e
+    if proc.returncode != 0:
+        raise NetbootError(f"{what}: {argv[0]} failed (exit {proc.returncode}){last_words(proc.stderr)}")
+    return proc
+
+
+def last_words(stderr: bytes | None) -> str:
+    """The last non-empty line a failed command printed, for a one-line error."""
+    if not stderr:
+        return ""
+    lines = [ln.strip() for ln in stderr.decode(errors="replace").splitlines() if ln.strip()]
+    return f": {lines[-1]}" if lines else ""
