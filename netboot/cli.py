@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from pathlib import Path
 
-from netboot import __version__
+from netboot import __version__, build, compress
 from netboot.errors import NetbootError
 
 
@@ -15,18 +17,88 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _level(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid level {text!r}: expected an integer") from None
+
+
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "build",
+        help="pack a system's closure into bzImage + initrd + cmdline + netboot.ipxe",
+        description=(
+            "Pack the whole store closure of SYSTEM (a NixOS toplevel or any directory with kernel, init, "
+            "kernel-params and kernel-modules) into DIR: bzImage, initrd, cmdline, netboot.ipxe, manifest.json. "
+            "DIR is replaced atomically; a failed build leaves it as it was."
+        ),
+    )
+    p.add_argument("system", metavar="SYSTEM", type=Path, help="the system's top-level directory (e.g. ./result)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (replaced atomically)")
+    p.add_argument(
+        "--format", choices=build.FORMATS, default="squashfs",
+        help="squashfs: store image in the initrd, mounted by a small stage 1 under a writable overlay "
+        "(default); direct: every store file in the initrd, rdinit= runs the system's init",
+    )
+    p.add_argument(
+        "--compress", choices=list(compress.COMPRESSORS), default="zstd", dest="compression",
+        help="compressor for the initrd and the squashfs image (default zstd)",
+    )
+    p.add_argument(
+        "--level", type=_level, metavar="N",
+        help="compression level: zstd 1-19 (default 10), xz 0-9 (6), gzip 1-9 (6), lz4 1-12 (9)",
+    )
+    p.add_argument("--append", default="", metavar="ARGS", help="extra kernel parameters, after the system's own")
+    p.add_argument(
+        "--closure-info", type=Path, metavar="DIR",
+        help="a nixpkgs closureInfo output (store-paths, registration) instead of asking nix-store",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print every command run")
+    p.set_defaults(func=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    opts = build.BuildOptions(
+        system=args.system,
+        out=args.out,
+        format=args.format,
+        compression=args.compression,
+        level=args.level,
+        append=args.append,
+        closure_info=args.closure_info,
+        progress=sys.stderr.isatty() and not args.quiet,
+    )
+    build.build(opts)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="netboot", description="Boot machines over the network from a built system.")
     p.add_argument("--version", action="version", version=f"netboot {__version__}")
-    p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_build(sub)
     return p
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Unwind like Ctrl-C so that half-written output is removed and child processes are stopped.
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="netboot: %(message)s", stream=sys.stderr)
+    level = logging.WARNING if getattr(args, "quiet", False) else logging.INFO
+    if getattr(args, "verbose", False):
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="netboot: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except NetbootError as e:
         print(f"netboot: error: {e}", file=sys.stderr)
         return e.exit_status
+    except KeyboardInterrupt:
+        print("netboot: interrupted", file=sys.stderr)
+        return 130

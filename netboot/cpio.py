@@ -74,6 +74,14 @@ class NewcWriter:
         self._buf += _pad4(len(content))
         self._maybe_flush()
 
+    def data_header(self, name: bytes, perm: int, size: int) -> None:
+        """The header of a regular file whose `size` bytes the caller puts in the output itself, then padding()."""
+        self._header(name, stat.S_IFREG | perm, size)
+
+    def padding(self, size: int) -> None:
+        """The padding after a file of `size` bytes written by the caller."""
+        self._buf += _pad4(size)
+
     def file(self, name: bytes, path: bytes, perm: int, size: int) -> None:
         """A regular file copied from `path`, whose size was `size` when the closure was walked."""
         self._header(name, stat.S_IFREG | perm, size)

@@ -1,0 +1,143 @@
+"""`netboot build`: a system closure → bzImage, initrd, cmdline, netboot.ipxe and manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from netboot import __version__, compress
+from netboot.closure import Closure
+from netboot.errors import NetbootError
+from netboot.files import closure_entries
+from netboot.initrd import Packing, write_direct, write_squashfs
+from netboot.outdir import Staging
+from netboot.progress import Progress
+from netboot.run import require
+from netboot.stage1 import Stage1
+from netboot.system import System
+from netboot.templates import render
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("squashfs", "direct")
+LARGE_INITRD = 1 << 30  # firmware and iPXE have failed above this (nixpkgs #73588)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    system: Path
+    out: Path
+    format: str = "squashfs"
+    compression: str = "zstd"
+    level: int | None = None
+    append: str = ""
+    closure_info: Path | None = None
+    progress: bool = False
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH when set (reproducible-builds.org), else 1 like every file in a Nix store."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) > 0xFFFFFFFF:
+        raise NetbootError(f"SOURCE_DATE_EPOCH={value!r} is not a time the initramfs can hold (0 to 2^32-1)")
+    return int(value)
+
+
+def kernel_cmdline(system: System, fmt: str, append: str) -> str:
+    # squashfs: stage 1 runs first and reads init=; direct: the kernel runs rdinit= from the initrd.
+    key = "init" if fmt == "squashfs" else "rdinit"
+    return " ".join(x for x in (f"{key}={system.init}", system.params, append.strip()) if x)
+
+
+def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]:
+    if opts.format not in FORMATS:
+        raise NetbootError(f"unknown format {opts.format!r} (choose from {', '.join(FORMATS)})")
+    compressor = compress.get(opts.compression)
+    level = compressor.check_level(opts.level)
+    argv = compressor.stream_argv(level)
+    if argv is not None:
+        require(argv[0], f"needed for --compress {compressor.name}")
+    if opts.format == "squashfs":
+        compressor.squashfs_args(level, opts.level is not None)
+        require("mksquashfs", "install Debian's squashfs-tools, or use --format direct")
+    if any(c in opts.append for c in "\n\r\0"):
+        raise NetbootError("--append must be a single line")
+    return compressor, level
+
+
+def build(opts: BuildOptions) -> dict:
+    started = time.monotonic()
+    compressor, level = _check_options(opts)
+    packing = Packing(compressor, level, opts.level is not None, source_date_epoch())
+    system = System.load(opts.system)
+    cmdline = kernel_cmdline(system, opts.format, opts.append)
+    if "${" in cmdline:
+        raise NetbootError("the kernel command line contains '${', which iPXE would expand as a setting")
+
+    staging = Staging(opts.out)
+    with staging as work:
+        closure = Closure.of(system.toplevel, opts.closure_info)
+        entries = closure_entries(closure.paths)
+        nbytes = sum(e.size for e in entries)
+        log.info("closure: %d store paths, %d files, %.1f MiB", len(closure.paths), len(entries), nbytes / 2**20)
+        initrd = work / "initrd"
+        if opts.format == "squashfs":
+            stage1 = Stage1.prepare(system, closure)
+            log.info("stage 1: busybox from %s, modules %s", stage1.busybox, " ".join(stage1.load_order) or "built in")
+            scratch = work / ".scratch"
+            scratch.mkdir()
+            write_squashfs(initrd, closure, stage1, scratch, packing, opts.progress)
+            shutil.rmtree(scratch)
+        else:
+            progress = Progress("packing", len(entries), nbytes, enabled=opts.progress)
+            write_direct(initrd, closure, entries, packing, progress)
+            progress.done()
+
+        shutil.copyfile(system.kernel, work / "bzImage")
+        (work / "cmdline").write_text(cmdline + "\n")
+        (work / "netboot.ipxe").write_text(
+            render("netboot.ipxe", system=str(system.toplevel), format=opts.format, cmdline=cmdline)
+        )
+        manifest = {
+            "tool": "netboot",
+            "version": __version__,
+            "system": str(system.toplevel),
+            "kernel_version": system.kernel_version,
+            "format": opts.format,
+            "compression": compressor.name,
+            "level": level,
+            "cmdline": cmdline,
+            "closure": {"paths": len(closure.paths), "files": len(entries), "bytes": nbytes},
+            "artifacts": {name: _describe(work / name) for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
+        }
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for f in work.iterdir():
+            f.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+        initrd_size = manifest["artifacts"]["initrd"]["size"]
+        if initrd_size > LARGE_INITRD:
+            log.warning(
+                "warning: the initrd is %.2f GiB; some firmware and iPXE fail to load initrds above 1 GiB",
+                initrd_size / 2**30,
+            )
+        staging.commit()
+    log.info(
+        "built %s: initrd %.1f MiB (%s%s) in %.1f s",
+        opts.out, initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
+        time.monotonic() - started,
+    )
+    return manifest
+
+
+def _describe(path: Path) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": digest}

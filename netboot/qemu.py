@@ -1,0 +1,139 @@
+"""Boot netboot artifacts in QEMU and watch the serial console.
+
+`python -m netboot.qemu direct OUT` boots an out DIR with -kernel/-initrd/-append. Software emulation (TCG)
+is the default: it works everywhere, while KVM is opt-in (--accel kvm) because a /dev/kvm that opens is
+not always one that runs guests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+# The kernel's "Run /init as init process", and stage 1's last word before it execs the system's init.
+_REACHED = re.compile(rb"netboot stage 1: starting (\S+)|Run (\S+) as init process")
+_PANIC = re.compile(rb"Kernel panic|netboot stage 1: .*cannot")
+
+
+@dataclass
+class BootResult:
+    console: str = ""
+    init_reached: str | None = None  # the init= / rdinit= program the console shows being started
+    expected_seen: bool = False
+    exit_status: int | None = None
+    timed_out: bool = False
+    panicked: bool = False
+    elapsed: float = 0.0
+    lines: list[str] = field(default_factory=list)
+
+
+def qemu_binary() -> str:
+    return os.environ.get("NETBOOT_QEMU", "qemu-system-x86_64")
+
+
+def base_argv(memory: str, accel: str) -> list[str]:
+    return [
+        qemu_binary(), "-machine", f"q35,accel={accel}", "-m", memory, "-smp", "1",
+        "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+    ]
+
+
+def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str = "tcg") -> list[str]:
+    cmdline = (out / "cmdline").read_text().strip()
+    if "console=" not in cmdline:
+        cmdline += " console=ttyS0,115200"
+    if cmdline.startswith("rdinit="):
+        # Nothing runs before the system's init in the direct format; the kernel's own
+        # "Run … as init process" (KERN_INFO) is what shows that it was started.
+        cmdline += " loglevel=7"
+    if append:
+        cmdline += " " + append
+    return [
+        *base_argv(memory, accel),
+        "-kernel", str(out / "bzImage"), "-initrd", str(out / "initrd"), "-append", cmdline,
+    ]
+
+
+def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None) -> BootResult:
+    """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID."""
+    result = BootResult()
+    started = time.monotonic()
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    buf = b""
+    try:
+        fd = proc.stdout.fileno()
+        while True:
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                result.timed_out = True
+                break
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            if echo is not None:
+                echo.write(chunk.decode(errors="replace"))
+                echo.flush()
+            buf += chunk
+            for m in _REACHED.finditer(buf):
+                result.init_reached = (m.group(1) or m.group(2)).decode(errors="replace")
+            if _PANIC.search(buf):
+                result.panicked = True
+            if expect is not None and expect.encode() in buf:
+                result.expected_seen = True
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        result.exit_status = proc.wait()
+        result.elapsed = time.monotonic() - started
+    result.console = buf.decode(errors="replace").replace("\r\n", "\n")
+    result.lines = result.console.splitlines()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="qemu/boot-dir",
+        description="Boot a `netboot build` output directory in QEMU (-kernel/-initrd/-append) on a serial "
+        "console and report whether the system's init was reached.",
+    )
+    p.add_argument("out", type=Path, metavar="DIR", help="an output directory of `netboot build`")
+    p.add_argument("--append", default="", help="extra kernel parameters for this boot")
+    p.add_argument("--memory", default="1024", help="guest memory in MiB (default 1024)")
+    p.add_argument("--accel", default=os.environ.get("NETBOOT_QEMU_ACCEL", "tcg"), help="tcg (default) or kvm")
+    p.add_argument("--timeout", type=float, default=120, help="seconds before the VM is stopped (default 120)")
+    p.add_argument("--expect", help="also require this text on the console (e.g. a marker the system prints)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
+    args = p.parse_args(argv)
+    for name in ("bzImage", "initrd", "cmdline"):
+        if not (args.out / name).is_file():
+            print(f"boot-dir: error: {args.out} has no {name}; is it an output of netboot build?", file=sys.stderr)
+            return 2
+    result = watch(
+        direct_argv(args.out, append=args.append, memory=args.memory, accel=args.accel),
+        timeout=args.timeout, expect=args.expect, echo=None if args.quiet else sys.stdout,
+    )
+    ok = result.init_reached is not None and not result.panicked and (args.expect is None or result.expected_seen)
+    what = f"init reached: {result.init_reached}" if result.init_reached else "init NOT reached"
+    if args.expect is not None:
+        what += f"; {args.expect!r} {'seen' if result.expected_seen else 'NOT seen'}"
+    if result.timed_out:
+        what += f"; stopped after {args.timeout:.0f} s"
+    print(f"\nboot-dir: {'OK' if ok else 'FAILED'}: {what} ({result.elapsed:.1f} s)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

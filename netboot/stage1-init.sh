@@ -1,0 +1,44 @@
+#!/bin/busybox sh
+# netboot stage 1: mount the store image read-only under a writable overlay, as NixOS netboot does
+# (/ tmpfs, /nix/.ro-store squashfs, /nix/.rw-store tmpfs, /nix/store overlay), then start init=.
+/bin/busybox mkdir -p /proc /sys /dev /mnt-root
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+fail() {
+    echo "netboot stage 1: $*" >&2
+    echo "netboot stage 1: the system cannot start; here is a shell" >&2
+    exec sh
+}
+
+mount -t proc proc /proc || fail "cannot mount /proc"
+mount -t sysfs sysfs /sys || fail "cannot mount /sys"
+mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
+
+while read -r module; do
+    insmod "/$module" || fail "cannot load module /$module"
+done < /etc/netboot-modules
+
+init=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in init=*) init=${arg#init=} ;; esac
+done
+[ -n "$init" ] || fail "no init= on the kernel command line"
+
+# A fresh tmpfs root rather than the initramfs itself: rootfs cannot be pivot_root'ed, which
+# breaks Nix's build sandbox on the booted system.
+mount -t tmpfs -o mode=0755 root /mnt-root || fail "cannot mount the root tmpfs"
+mkdir -p /mnt-root/nix/.ro-store /mnt-root/nix/.rw-store /mnt-root/nix/store
+mount -t squashfs -o loop,ro /nix-store.squashfs /mnt-root/nix/.ro-store || fail "cannot mount the store image"
+mount -t tmpfs -o mode=0755 rw-store /mnt-root/nix/.rw-store || fail "cannot mount /nix/.rw-store"
+mkdir -p /mnt-root/nix/.rw-store/store /mnt-root/nix/.rw-store/work
+mount -t overlay -o lowerdir=/mnt-root/nix/.ro-store,upperdir=/mnt-root/nix/.rw-store/store,workdir=/mnt-root/nix/.rw-store/work \
+    overlay /mnt-root/nix/store || fail "cannot mount the overlay on /nix/store"
+[ -e "/mnt-root$init" ] || [ -L "/mnt-root$init" ] || fail "init $init is not in the store image"
+
+for fs in dev proc sys; do
+    mkdir -p "/mnt-root/$fs"
+    mount --move "/$fs" "/mnt-root/$fs" || fail "cannot move /$fs"
+done
+echo "netboot stage 1: starting $init"
+exec switch_root /mnt-root "$init"

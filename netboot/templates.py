@@ -1,0 +1,25 @@
+"""iPXE script templates from ipxe-scripts/, with @name@ placeholders (iPXE itself owns ${...})."""
+
+from __future__ import annotations
+
+import re
+from importlib.resources import files
+from pathlib import Path
+
+_PLACEHOLDER = re.compile(r"@([a-z_]+)@")
+
+
+def template_dir() -> Path:
+    installed = Path(str(files("netboot"))) / "ipxe-scripts"
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "ipxe-scripts"
+
+
+def render(name: str, **values: str) -> str:
+    text = (template_dir() / name).read_text()
+
+    def substitute(m: re.Match[str]) -> str:
+        if m.group(1) not in values:
+            raise KeyError(f"template {name} needs a value for @{m.group(1)}@")
+        return values[m.group(1)]
+
+    return _PLACEHOLDER.sub(substitute, text)
