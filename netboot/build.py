@@ -14,6 +14,7 @@ from pathlib import Path
 
 from netboot import __version__, compress
 from netboot.closure import Closure
+from netboot.cpio import check_size
 from netboot.errors import NetbootError
 from netboot.files import closure_entries
 from netboot.initrd import Packing, write_direct, write_squashfs
@@ -88,10 +89,15 @@ def build(opts: BuildOptions) -> dict:
         closure = Closure.of(system.toplevel, opts.closure_info)
         entries = closure_entries(closure.paths)
         nbytes = sum(e.size for e in entries)
+        # Everything that can be refused is checked before the summary and before any packing.
+        if opts.format == "squashfs":
+            stage1 = Stage1.prepare(system, closure)
+        else:
+            for e in entries:
+                check_size(e.path, e.size)
         log.info("closure: %d store paths, %d files, %.1f MiB", len(closure.paths), len(entries), nbytes / 2**20)
         initrd = work / "initrd"
         if opts.format == "squashfs":
-            stage1 = Stage1.prepare(system, closure)
             log.info("stage 1: busybox from %s, modules %s", stage1.busybox, " ".join(stage1.load_order) or "built in")
             scratch = work / ".scratch"
             scratch.mkdir()

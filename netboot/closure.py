@@ -36,7 +36,7 @@ class Closure:
             )
         nix_store = require("nix-store", "install Nix, or pass --closure-info DIR")
         listed = run([nix_store, "--query", "--requisites", str(toplevel)], what="querying the closure").stdout
-        paths = cls._parse_paths(listed, "nix-store --query --requisites")
+        paths = sorted(cls._parse_paths(listed, "nix-store --query --requisites"), key=lambda p: p.name)
         registration = run([nix_store, "--dump-db", *map(str, paths)], what="dumping the registration").stdout
         return cls._checked(toplevel, paths, registration, "nix-store --query --requisites")
 

@@ -22,6 +22,13 @@ _SMALL = 64 * 1024  # files up to this size are read into the write buffer; larg
 _FLUSH = 1024 * 1024
 
 
+def check_size(name: bytes, size: int) -> None:
+    if size > MAX_FILE_SIZE:
+        raise NetbootError(
+            f"{os.fsdecode(name)} is {size / 2**30:.1f} GiB; an initrd (newc cpio) cannot hold a file of 4 GiB or more"
+        )
+
+
 def _pad4(n: int) -> bytes:
     return b"\0" * (-n & 3)
 
@@ -39,11 +46,7 @@ class NewcWriter:
         self.bytes_written = 0
 
     def _header(self, name: bytes, mode: int, size: int, *, nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> None:
-        if size > MAX_FILE_SIZE:
-            raise NetbootError(
-                f"{name.decode(errors='replace')} is {size / 2**30:.1f} GiB; an initrd (newc cpio) cannot hold "
-                "a file of 4 GiB or more"
-            )
+        check_size(name, size)
         self._ino += 1
         namesize = len(name) + 1
         self._buf += b"070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X" % (

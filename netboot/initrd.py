@@ -19,7 +19,7 @@ from pathlib import Path
 
 from netboot.closure import REGISTRATION_NAME, Closure
 from netboot.compress import Compressor
-from netboot.cpio import MAX_FILE_SIZE, NewcWriter
+from netboot.cpio import NewcWriter, check_size
 from netboot.errors import NetbootError
 from netboot.files import Entry
 from netboot.progress import Progress
@@ -111,8 +111,7 @@ def write_squashfs(
         offset=header_len, show_progress=show_progress,
     )
     size = path.stat().st_size - header_len
-    if size > MAX_FILE_SIZE:
-        raise NetbootError(f"the store image is {size / 2**30:.1f} GiB; an initrd cannot hold a file of 4 GiB or more")
+    check_size(SQUASHFS_NAME, size)
     with open(path, "r+b") as f:
         w = NewcWriter(f.fileno(), packing.mtime)
         w.data_header(SQUASHFS_NAME, 0o444, size)

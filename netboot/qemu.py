@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-# The kernel's "Run /init as init process", and stage 1's last word before it execs the system's init.
-_REACHED = re.compile(rb"netboot stage 1: starting (\S+)|Run (\S+) as init process")
+# The kernel's "Run /init as init process", and stage 1's last word before it execs the system's init;
+# the kernel's "Failed to execute" takes it back.
+_REACHED = re.compile(rb"netboot stage 1: starting (\S+)|Run (\S+) as init process|Failed to execute (\S+)")
 _PANIC = re.compile(rb"Kernel panic|netboot stage 1: .*cannot")
 
 
@@ -87,8 +88,6 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
                 echo.write(chunk.decode(errors="replace"))
                 echo.flush()
             buf += chunk
-            for m in _REACHED.finditer(buf):
-                result.init_reached = (m.group(1) or m.group(2)).decode(errors="replace")
             if _PANIC.search(buf):
                 result.panicked = True
             if expect is not None and expect.encode() in buf:
@@ -98,6 +97,9 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
             proc.kill()
         result.exit_status = proc.wait()
         result.elapsed = time.monotonic() - started
+    for m in _REACHED.finditer(buf):
+        started_init = m.group(1) or m.group(2)
+        result.init_reached = started_init.decode(errors="replace") if started_init else None
     result.console = buf.decode(errors="replace").replace("\r\n", "\n")
     result.lines = result.console.splitlines()
     return result

@@ -51,7 +51,7 @@ let
         *) cp $src/$m $dst/$m ;;
       esac
     done
-    cp $src/modules.builtin $src/modules.order $dst/
+    cp $src/modules.builtin $src/modules.builtin.modinfo $src/modules.order $dst/
     depmod -b $out ${kernelVersion}
   '';
 

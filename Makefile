@@ -1,0 +1,53 @@
+# netboot: `make demo` and `make test` install what they need on a Debian machine, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NIX_CONFIG := sandbox = false
+export NIX_CONFIG
+
+# Debian packages, one group per purpose (README explains each).
+DEBIAN_PACKAGES := python3-venv
+DEBIAN_PACKAGES += squashfs-tools zstd xz-utils lz4 gzip busybox-static kmod
+DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
+DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu
+
+.PHONY: all deps venv test test-quick demo bench lint clean
+all: test
+
+deps:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: deps venv
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Everything but QEMU boots and large packing: for quick iterations.
+test-quick: deps venv
+	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check netboot tests bench
+
+demo: deps venv
+	$(PY) -m netboot.demo
+
+bench: deps venv
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache out

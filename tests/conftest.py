@@ -1,0 +1,77 @@
+"""Shared fixtures: real systems built with Nix, the real `netboot` command, real QEMU boots."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netboot import qemu
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = "NETBOOT-TEST-OK"
+
+
+def need(tool: str) -> str:
+    """A tool the test cannot do without: missing is a failure with the reason, never a skip."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed (make test installs it)")
+    return path
+
+
+def netboot(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    """The real command line, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "netboot", *map(str, args)],
+        capture_output=True, text=True, env=env, cwd=ROOT, **kw,
+    )
+
+
+def netboot_ok(*args: str | os.PathLike[str], **kw) -> subprocess.CompletedProcess:
+    proc = netboot(*args, **kw)
+    assert proc.returncode == 0, f"netboot {' '.join(map(str, args))} failed:\n{proc.stderr}"
+    return proc
+
+
+def build_system(link: Path, *nix_args: str) -> Path:
+    need("nix-build")
+    proc = subprocess.run(
+        [str(ROOT / "tests/system/build"), str(link), *nix_args], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, f"building the test system failed:\n{proc.stderr[-3000:]}"
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test system: kernel, modules, busybox, an init that checks the whole closure."""
+    return build_system(tmp_path_factory.mktemp("system") / "result")
+
+
+@pytest.fixture(scope="session")
+def closure(system: Path) -> list[str]:
+    return (system / "closure-paths").read_text().split()
+
+
+def boot(out: Path, *, timeout: float = 240, append: str = "") -> qemu.BootResult:
+    """Boot an output directory in QEMU and return what the console showed."""
+    need(qemu.qemu_binary())
+    result = qemu.watch(qemu.direct_argv(out, append=append), timeout=timeout, expect=MARKER)
+    assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
+    return result
+
+
+def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> None:
+    """The system's init ran and found every closure path, registered, with the right content."""
+    console = result.console
+    assert result.init_reached == f"{system}/init", console[-3000:]
+    ok_lines = [ln for ln in result.lines if ln.startswith(MARKER)]
+    assert ok_lines, f"the system's checks failed:\n{console[-3000:]}"
+    files = len((system / "closure-files.sha256").read_text().splitlines())
+    assert ok_lines[0].split() == [MARKER, f"paths={len(closure)}", f"files={files}"]
+    assert "NETBOOT-TEST: store writable" in console

@@ -1,0 +1,72 @@
+"""Boot what `netboot build` makes in QEMU (-kernel/-initrd) and check the system saw its whole closure."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, assert_booted, boot, build_system, netboot_ok
+
+pytestmark = pytest.mark.slow
+
+
+def test_squashfs_boots_with_overlay_store(system: Path, closure: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    netboot_ok("build", system, "--out", out, "--append", "netboot.test=squashfs")
+    result = boot(out)
+    assert_booted(result, closure, system)
+    mount = next(ln for ln in result.lines if ln.startswith("NETBOOT-TEST: store mount:"))
+    assert mount.split()[3:6] == ["overlay", "/nix/store", "overlay"], mount
+    assert "lowerdir=/mnt-root/nix/.ro-store" in mount
+    cmdline = next(ln for ln in result.lines if ln.startswith("NETBOOT-TEST: cmdline:"))
+    assert cmdline.split()[2:] == (out / "cmdline").read_text().split()
+    assert cmdline.split()[-1] == "netboot.test=squashfs"
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz", "gzip", "lz4"])
+def test_direct_boots_each_compression(
+    system: Path, closure: list[str], tmp_path: Path, compression: str
+) -> None:
+    out = tmp_path / "out"
+    netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", compression)
+    result = boot(out)
+    assert_booted(result, closure, system)
+    # No stage 1: the store is the initramfs itself, not a separate mount.
+    assert "NETBOOT-TEST: store mount: none" in result.console
+    assert "netboot stage 1" not in result.console
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip"])
+def test_squashfs_boots_other_compressors(system: Path, closure: list[str], tmp_path: Path, compression: str) -> None:
+    out = tmp_path / "out"
+    netboot_ok("build", system, "--out", out, "--compress", compression)
+    assert_booted(boot(out), closure, system)
+
+
+@pytest.mark.parametrize("module_compression", ["xz", "zst"])
+def test_stage1_loads_compressed_modules(tmp_path: Path, module_compression: str) -> None:
+    """A kernel whose modules are .ko.xz / .ko.zst: stage 1 gets them unpacked, and the system boots."""
+    system = build_system(tmp_path / "result", "--argstr", "moduleCompression", module_compression)
+    assert any(system.joinpath("kernel-modules").rglob(f"squashfs.ko.{module_compression}"))
+    out = tmp_path / "out"
+    netboot_ok("build", system, "--out", out)
+    closure = (system / "closure-paths").read_text().split()
+    assert_booted(boot(out), closure, system)
+
+
+def test_boot_dir_script_reports_reached_and_failed_inits(system: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", "lz4")
+    ok = subprocess.run(
+        [ROOT / "qemu/boot-dir", out, "-q", "--expect", "NETBOOT-TEST-OK"], capture_output=True, text=True, timeout=300
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert f"OK: init reached: {system}/init" in ok.stderr
+    # An rdinit= the kernel cannot run: the script must say so and fail.
+    bad = subprocess.run(
+        [ROOT / "qemu/boot-dir", out, "-q", "--append", "rdinit=/nix/store/missing-init"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert bad.returncode == 1, bad.stderr
+    assert "FAILED: init NOT reached" in bad.stderr
