@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-NIX_CONFIG := sandbox = false
-export NIX_CONFIG
 
 # Debian packages, one group per purpose (README explains each).
 DEBIAN_PACKAGES := python3-venv
@@ -43,8 +41,16 @@ test-quick: deps venv
 lint: venv
 	$(VENV)/bin/ruff check netboot tests bench
 
+# Build the small demo system with Nix, pack it, and boot it in QEMU.
 demo: deps venv
-	$(PY) -m netboot.demo
+	@set -e; \
+	system=$$(tests/system/build out/demo-system | tail -n 1); \
+	$(VENV)/bin/netboot build "$$system" --out out/demo; \
+	if qemu/boot-dir out/demo --expect NETBOOT-TEST-OK; then \
+	    echo "demo: SUCCESS: the demo system booted from out/demo and checked its whole store"; \
+	else \
+	    echo "demo: FAILED: the demo system did not boot (console above)"; exit 1; \
+	fi
 
 bench: deps venv
 	$(PY) bench/run.py

@@ -1,0 +1,107 @@
+"""Module resolution from modules.dep / modules.builtin, checked against kmod's modprobe on a real kernel."""
+
+from __future__ import annotations
+
+import lzma
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import need
+
+from netboot.errors import NetbootError
+from netboot.modules import ModuleTree, module_name
+from netboot.stage1 import find_busybox, is_static_elf
+
+
+def installed_kernel() -> str:
+    versions = sorted(p.parent.name for p in Path("/lib/modules").glob("*/modules.dep"))
+    if not versions:
+        pytest.fail("no kernel modules installed under /lib/modules (make test installs linux-image-amd64)")
+    return versions[-1]
+
+
+@pytest.mark.parametrize("module", ["tcm_loop", "overlay", "loop", "squashfs", "btrfs", "nft_chain_nat", "vhost_net"])
+def test_load_order_matches_modprobe(module: str) -> None:
+    need("modprobe")
+    version = installed_kernel()
+    tree = ModuleTree.load(Path("/"), version)
+    ours = [f"/lib/modules/{version}/{p}" for p in tree.resolve([module], "the test")]
+    shown = subprocess.run(
+        ["modprobe", "-S", version, "--show-depends", module], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    theirs = list(dict.fromkeys(line.split()[1] for line in shown if line.startswith("insmod ")))
+    # modprobe also loads soft dependencies (modules.softdep, "softdep=" in .modinfo): optional helpers
+    # such as accelerated crc32c, which a stage 1 does not need. Everything else: same modules, same order.
+    assert ours == [p for p in theirs if p in ours]
+    hard = {f"/lib/modules/{version}/{p}" for p in tree.deps[module][1]}
+    soft_only = set(theirs) - set(ours)
+    assert not soft_only & hard
+    assert ours[-1] == theirs[-1] and ours[-1].endswith((f"/{module}.ko", f"/{module.replace('_', '-')}.ko"))
+
+
+def fake_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "lib/modules/6.9.0"
+    (root / "kernel/fs").mkdir(parents=True)
+    (root / "modules.dep").write_text(
+        "kernel/fs/a.ko.xz: kernel/fs/b-c.ko kernel/fs/d.ko\n"
+        "kernel/fs/b-c.ko: kernel/fs/d.ko\n"
+        "kernel/fs/d.ko:\n"
+        "kernel/fs/z.ko.zst:\n"
+    )
+    (root / "modules.builtin").write_text("kernel/fs/overlayfs/overlay.ko\n")
+    (root / "kernel/fs/a.ko.xz").write_bytes(lzma.compress(b"\x7fELF-a", check=lzma.CHECK_CRC32))
+    (root / "kernel/fs/z.ko.zst").write_bytes(
+        subprocess.run(["zstd", "-c"], input=b"\x7fELF-z", capture_output=True, check=True).stdout
+    )
+    return tmp_path
+
+
+def test_dependencies_first_builtins_skipped(tmp_path: Path) -> None:
+    tree = ModuleTree.load(fake_tree(tmp_path), "6.9.0")
+    order = tree.resolve(["overlay", "a", "b_c", "d"], "x")
+    assert order == ["kernel/fs/d.ko", "kernel/fs/b-c.ko", "kernel/fs/a.ko.xz"]
+    assert tree.resolve(["overlay"], "x") == []
+
+
+def test_missing_module_is_named(tmp_path: Path) -> None:
+    tree = ModuleTree.load(fake_tree(tmp_path), "6.9.0")
+    with pytest.raises(NetbootError, match=r"kernel 6\.9\.0 has no module 'squashfs'.*\(needed by the squashfs fo"):
+        tree.resolve(["squashfs"], "the squashfs format")
+
+
+def test_compressed_modules_are_unpacked(tmp_path: Path) -> None:
+    tree = ModuleTree.load(fake_tree(tmp_path), "6.9.0")
+    assert tree.read_uncompressed("kernel/fs/a.ko.xz") == b"\x7fELF-a"
+    assert tree.read_uncompressed("kernel/fs/z.ko.zst") == b"\x7fELF-z"
+
+
+def test_version_choice(tmp_path: Path) -> None:
+    fake_tree(tmp_path)
+    other = tmp_path / "lib/modules/6.8.0"
+    other.mkdir()
+    (other / "modules.dep").write_text("")
+    assert ModuleTree.load(tmp_path, "6.9.0").version == "6.9.0"
+    with pytest.raises(NetbootError, match=r"holds modules for 6\.8\.0, 6\.9\.0 but the kernel is 7\.0"):
+        ModuleTree.load(tmp_path, "7.0")
+    with pytest.raises(NetbootError, match=r"has no lib/modules/<version>/modules\.dep"):
+        ModuleTree.load(tmp_path / "nothing", "6.9.0")
+
+
+def test_module_names() -> None:
+    assert module_name("kernel/fs/overlayfs/overlay.ko.xz") == "overlay"
+    assert module_name("kernel/drivers/net/virtio-net.ko") == "virtio_net"
+
+
+def test_static_busybox_detection(tmp_path: Path) -> None:
+    assert is_static_elf(Path("/bin/busybox"))  # Debian's busybox-static
+    assert not is_static_elf(Path("/bin/ls"))
+    assert not is_static_elf(Path(__file__))
+
+
+def test_closure_busybox_preferred(system: Path) -> None:
+    from netboot.closure import Closure
+
+    closure = Closure.of(system, None)
+    chosen = find_busybox(closure)
+    assert str(chosen).startswith("/nix/store/") and chosen.name == "busybox"
