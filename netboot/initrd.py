@@ -23,7 +23,7 @@ from netboot.cpio import NewcWriter, check_size
 from netboot.errors import NetbootError
 from netboot.files import Entry
 from netboot.progress import Progress
-from netboot.run import last_words, require
+from netboot.run import failed, last_words, require
 from netboot.squashfs import mksquashfs
 from netboot.stage1 import Stage1
 from netboot.tree import Tree
@@ -65,7 +65,7 @@ def compressed_output(path: Path, packing: Packing, *, append: bool = False) -> 
             raise
         err = proc.stderr.read()
         if proc.wait() != 0:
-            raise NetbootError(f"{packing.compressor.name} failed (exit {proc.returncode}){last_words(err)}")
+            raise failed("compressing the initrd", argv[0], proc.returncode, err)
 
 
 def leading_tree(closure: Closure) -> Tree:

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 from netboot.errors import NetbootError
 
@@ -36,8 +37,13 @@ def run(argv: Sequence[str], *, what: str, **kwargs) -> subprocess.CompletedProc
     except OSError as e:
         raise NetbootError(f"{what}: cannot run {argv[0]}: {e.strerror}") from e
     if proc.returncode != 0:
-        raise NetbootError(f"{what}: {argv[0]} failed (exit {proc.returncode}){last_words(proc.stderr)}")
+        raise failed(what, argv[0], proc.returncode, proc.stderr)
     return proc
+
+
+def failed(what: str, program: str, returncode: int, stderr: bytes | None) -> NetbootError:
+    """The one-line error for a command that exited non-zero."""
+    return NetbootError(f"{what}: {Path(program).name} failed (exit {returncode}){last_words(stderr)}")
 
 
 def last_words(stderr: bytes | None) -> str:

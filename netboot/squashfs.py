@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from netboot.closure import REGISTRATION_NAME, Closure
 from netboot.compress import Compressor
-from netboot.run import require, run
+from netboot.run import describe, failed, require, run
+
+log = logging.getLogger(__name__)
+WHAT = "making the squashfs store image"
 
 
 def mksquashfs(
@@ -41,6 +46,24 @@ def mksquashfs(
         "-mkfs-time", str(mtime), "-all-time", str(mtime), "-root-mode", "0755",
     ]
     if show_progress:
-        run([*argv, "-quiet"], what="making the squashfs store image", stdout=sys.stderr, stderr=subprocess.PIPE)
+        _run_showing_progress(argv)
     else:
-        run([*argv, "-quiet", "-no-progress"], what="making the squashfs store image")
+        run([*argv, "-quiet", "-no-progress"], what=WHAT)
+
+
+def _run_showing_progress(argv: list[str]) -> None:
+    """Run mksquashfs, passing on its progress bar ("[===/   ] done/total pct") but not its report."""
+    log.debug("running %s", describe(argv))
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        pending = b""
+        for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
+            *parts, pending = re.split(rb"[\r\n]", pending + chunk)
+            bars = [p for p in parts if p.startswith(b"[")]
+            if bars:
+                sys.stderr.write("\rsquashfs: " + bars[-1].decode(errors="replace") + "\x1b[K")
+                sys.stderr.flush()
+        err = proc.stderr.read()
+    sys.stderr.write("\n")
+    if proc.returncode != 0:
+        raise failed(WHAT, argv[0], proc.returncode, err)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pty
+import re
 import signal
 import stat
 import subprocess
@@ -236,3 +238,34 @@ def test_large_initrd_warns(tmp_path: Path) -> None:
     proc = netboot_ok("build", top, "--out", out, "--format", "direct", "--compress", "none", "--closure-info", info)
     assert "warning: the initrd is 1.06 GiB" in proc.stderr
     assert (out / "initrd").stat().st_size > 1 << 30
+
+
+def run_on_terminal(*args: object) -> bytes:
+    """Run netboot with a pseudo-terminal as stdout and stderr, and return what it printed there."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "netboot", *map(str, args)], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    try:
+        while chunk := os.read(master, 65536):
+            output += chunk
+    except OSError:  # EIO: the terminal's other end closed
+        pass
+    finally:
+        os.close(master)
+        assert proc.wait(timeout=120) == 0, output.decode(errors="replace")
+    return output
+
+
+def test_progress_on_a_terminal_only(system: Path, closure: list[str], tmp_path: Path) -> None:
+    files = len(store_files(closure))
+    shown = run_on_terminal("build", system, "--out", tmp_path / "a", "--format", "direct")
+    assert re.search(rb"\rpacking: %d/%d files, \d+ MiB/\d+ MiB" % (files, files), shown), shown
+    shown = run_on_terminal("build", system, "--out", tmp_path / "b")
+    assert re.search(rb"\rsquashfs: \[=+\S?\] +\d+/\d+ 100%", shown), shown
+    assert b"Filesystem size" not in shown  # mksquashfs's report is not passed on
+    quiet = run_on_terminal("build", system, "--out", tmp_path / "c", "--format", "direct", "-q")
+    assert quiet == b""
+    piped = netboot_ok("build", system, "--out", tmp_path / "d", "--format", "direct")
+    assert "packing:" not in piped.stderr and "\r" not in piped.stderr

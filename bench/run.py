@@ -1,0 +1,50 @@
+"""`make bench`: every comparison side by side in one run; prints the tables and rewrites BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem = int(next(ln.split()[1] for ln in meminfo if ln.startswith("MemTotal"))) / 2**20
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, netboot at {commit.stdout.strip() or 'unknown commit'}, "
+        f"{time.strftime('%Y-%m-%d')}"
+    )
+
+
+def main() -> None:
+    runs = int(os.environ.get("BENCH_RUNS", "3"))
+    sections = [build.main(runs)]
+    text = "\n".join([
+        "# Benchmarks",
+        "",
+        "Made by `make bench` (bench/run.py), which prepares its own data and runs each comparison side by side",
+        "with the reference tool in the same run; ratios are netboot / reference (below 1 is faster).",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        *sections,
+    ])
+    (ROOT / "BENCHMARKS.md").write_text(text)
+    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
