@@ -47,7 +47,8 @@ def bench_system() -> Path:
 
 
 def closure_of(system: Path) -> list[str]:
-    return (system / "closure-paths").read_text().split()
+    """The store paths, sorted as nixpkgs' closureInfo lists them (and as netboot hands them to mksquashfs)."""
+    return sorted((system / "closure-paths").read_text().split())
 
 
 def closure_stats(paths: list[str]) -> tuple[int, int]:
