@@ -74,11 +74,57 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve output directories over HTTP and TFTP with per-MAC iPXE scripts",
+        description=(
+            "Serve boot.ipxe, per-MAC iPXE scripts, kernels and initrds over HTTP and TFTP from one process. "
+            "boot.ipxe (the boot file to hand out by DHCP) chains to /machine/<mac>/boot.ipxe, which boots the "
+            "machine's profile. Reloads on SIGHUP and when the machines file or an output directory changes."
+        ),
+    )
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--dir", type=Path, metavar="OUT", dest="out", help="every machine boots this output of netboot build"
+    )
+    what.add_argument(
+        "--machines", type=Path, metavar="FILE", help="machines.toml: profiles and the MACs that boot them"
+    )
+    p.add_argument("--http", default="0.0.0.0:8080", metavar="ADDR:PORT", help="HTTP address (default 0.0.0.0:8080)")
+    p.add_argument("--tftp", default="0.0.0.0:69", metavar="ADDR:PORT", help="TFTP address (default 0.0.0.0:69)")
+    p.add_argument("--no-tftp", action="store_true", help="serve HTTP only")
+    p.add_argument(
+        "--grace", type=float, default=600, metavar="SECONDS",
+        help="how long a replaced build stays available to machines that started booting it (default 600)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="print more")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from netboot import serve
+
+    opts = serve.ServeOptions(
+        out=args.out,
+        machines=args.machines,
+        http=serve.Endpoint.parse(args.http, "--http"),
+        tftp=None if args.no_tftp else serve.Endpoint.parse(args.tftp, "--tftp"),
+        grace=args.grace,
+    )
+    asyncio.run(serve.serve(opts))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="netboot", description="Boot machines over the network from a built system.")
     p.add_argument("--version", action="version", version=f"netboot {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_build(sub)
+    _add_serve(sub)
     return p
 
 
