@@ -1,8 +1,9 @@
 """Boot netboot artifacts in QEMU and watch the serial console.
 
-`python -m netboot.qemu direct OUT` boots an out DIR with -kernel/-initrd/-append. Software emulation (TCG)
-is the default: it works everywhere, while KVM is opt-in (--accel kvm) because a /dev/kvm that opens is
-not always one that runs guests.
+`python -m netboot.qemu OUT` boots an out DIR with -kernel/-initrd/-append (qemu/boot-dir);
+`python -m netboot.qemu net --url URL --mac MAC [--uefi]` network-boots through QEMU's iPXE (qemu/netboot).
+Software emulation (TCG) is the default: it works everywhere, while KVM is opt-in (--accel kvm) because a
+/dev/kvm that opens is not always one that runs guests.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import argparse
 import os
 import re
 import select
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +67,35 @@ def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str
     ]
 
 
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+def net_argv(
+    url: str, mac: str, *, uefi: bool = False, vars_copy: Path | None = None, memory: str = "1024", accel: str = "tcg"
+) -> list[str]:
+    """Network boot through QEMU's own iPXE ROM on user networking; 10.0.2.2 is the host's loopback.
+
+    BIOS boots the NIC's iPXE option ROM (-boot n); UEFI boots OVMF, which finds iPXE's EFI driver in the
+    same ROM. `vars_copy` is a writable copy of OVMF's variable store, needed for UEFI.
+    """
+    argv = [
+        *base_argv(memory, accel),
+        "-netdev", f"user,id=net0,bootfile={url}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
+    ]
+    if uefi:
+        if vars_copy is None:
+            raise ValueError("UEFI needs a writable copy of the OVMF variables")
+        argv += [
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+        ]
+    else:
+        argv += ["-boot", "n"]
+    return argv
+
+
 def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None) -> BootResult:
     """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID."""
     result = BootResult()
@@ -105,6 +137,25 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
     return result
 
 
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", default="1024", help="guest memory in MiB (default 1024)")
+    p.add_argument("--accel", default=os.environ.get("NETBOOT_QEMU_ACCEL", "tcg"), help="tcg (default) or kvm")
+    p.add_argument("--timeout", type=float, default=180, help="seconds before the VM is stopped (default 180)")
+    p.add_argument("--expect", help="also require this text on the console (e.g. a marker the system prints)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
+
+
+def _report(prog: str, result: BootResult, args: argparse.Namespace) -> int:
+    ok = result.init_reached is not None and not result.panicked and (args.expect is None or result.expected_seen)
+    what = f"init reached: {result.init_reached}" if result.init_reached else "init NOT reached"
+    if args.expect is not None:
+        what += f"; {args.expect!r} {'seen' if result.expected_seen else 'NOT seen'}"
+    if result.timed_out:
+        what += f"; stopped after {args.timeout:.0f} s"
+    print(f"\n{prog}: {'OK' if ok else 'FAILED'}: {what} ({result.elapsed:.1f} s)", file=sys.stderr)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="qemu/boot-dir",
@@ -113,11 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("out", type=Path, metavar="DIR", help="an output directory of `netboot build`")
     p.add_argument("--append", default="", help="extra kernel parameters for this boot")
-    p.add_argument("--memory", default="1024", help="guest memory in MiB (default 1024)")
-    p.add_argument("--accel", default=os.environ.get("NETBOOT_QEMU_ACCEL", "tcg"), help="tcg (default) or kvm")
-    p.add_argument("--timeout", type=float, default=120, help="seconds before the VM is stopped (default 120)")
-    p.add_argument("--expect", help="also require this text on the console (e.g. a marker the system prints)")
-    p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
+    _common(p)
     args = p.parse_args(argv)
     for name in ("bzImage", "initrd", "cmdline"):
         if not (args.out / name).is_file():
@@ -127,15 +174,32 @@ def main(argv: list[str] | None = None) -> int:
         direct_argv(args.out, append=args.append, memory=args.memory, accel=args.accel),
         timeout=args.timeout, expect=args.expect, echo=None if args.quiet else sys.stdout,
     )
-    ok = result.init_reached is not None and not result.panicked and (args.expect is None or result.expected_seen)
-    what = f"init reached: {result.init_reached}" if result.init_reached else "init NOT reached"
-    if args.expect is not None:
-        what += f"; {args.expect!r} {'seen' if result.expected_seen else 'NOT seen'}"
-    if result.timed_out:
-        what += f"; stopped after {args.timeout:.0f} s"
-    print(f"\nboot-dir: {'OK' if ok else 'FAILED'}: {what} ({result.elapsed:.1f} s)", file=sys.stderr)
-    return 0 if ok else 1
+    return _report("boot-dir", result, args)
+
+
+def net_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="qemu/netboot",
+        description="Network-boot a QEMU VM through QEMU's own iPXE ROM on user networking against a running "
+        "`netboot serve`, print its serial console, and report whether the system's init was reached. "
+        "From the VM, 10.0.2.2 is this machine's loopback.",
+    )
+    p.add_argument("--url", default="http://10.0.2.2:8080/boot.ipxe",
+                   help="the boot file: http://10.0.2.2:PORT/boot.ipxe or tftp://10.0.2.2:PORT/boot.ipxe")
+    p.add_argument("--mac", default="52:54:00:12:34:56", help="the VM's MAC address (default 52:54:00:12:34:56)")
+    p.add_argument("--uefi", action="store_true", help="boot UEFI firmware (OVMF) instead of BIOS")
+    _common(p)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="netboot-qemu-") as tmp:
+        vars_copy = None
+        if args.uefi:
+            vars_copy = Path(tmp) / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, vars_copy)
+        argv_ = net_argv(args.url, args.mac, uefi=args.uefi, vars_copy=vars_copy, memory=args.memory,
+                         accel=args.accel)
+        result = watch(argv_, timeout=args.timeout, expect=args.expect, echo=None if args.quiet else sys.stdout)
+    return _report("netboot", result, args)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(net_main(sys.argv[2:]) if sys.argv[1:2] == ["net"] else main())
