@@ -69,12 +69,10 @@ def make_app(namespace: Namespace) -> web.Application:
             return web.Response(status=404, text=f"{e}\n")
         if item.data is not None:
             # Scripts change whenever the machines file or a build does: never cached.
+            # (aiohttp sends the headers alone, Content-Length included, for HEAD.)
             response = web.Response(
-                body=item.data if request.method != "HEAD" else None, content_type="text/plain", charset="utf-8",
-                headers={"Cache-Control": "no-store"},
+                body=item.data, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
             )
-            if request.method == "HEAD":
-                response.content_length = len(item.data)
             log.info(describe(peer, "http", item, "/" + name, 200, len(item.data), started))
             return response
         assert item.file is not None

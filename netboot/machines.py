@@ -82,6 +82,8 @@ class Machines:
             directory = _checked_dir(path.parent / entry["dir"], f"{at}: {ref}: dir {entry['dir']!r}")
             profiles[name] = Profile(name, directory, _append(entry, ref, where, ref))
 
+        if not profiles:
+            raise NetbootError(f"{path}: no [profiles.NAME] defined")
         machines: dict[str, Machine] = {}
         spelled: dict[str, str] = {}
         for key, entry in _table(data, "machines", where).items():
@@ -102,8 +104,6 @@ class Machines:
             if profile not in profiles:
                 raise NetbootError(f"{where.of(key)}: {ref}: profile {profile!r} is not defined in [profiles]")
             machines[mac] = Machine(mac, profile, _append(entry, ref, where, key))
-        if not profiles:
-            raise NetbootError(f"{path}: no [profiles.NAME] defined")
         return cls(profiles, machines, path)
 
 

@@ -75,3 +75,64 @@ def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> 
     files = len((system / "closure-files.sha256").read_text().splitlines())
     assert ok_lines[0].split() == [MARKER, f"paths={len(closure)}", f"files={files}"]
     assert "NETBOOT-TEST: store writable" in console
+
+
+class ServerProcess:
+    """`netboot serve` as a real process on loopback, stopped by its PID."""
+
+    def __init__(self, *args: str | os.PathLike[str]) -> None:
+        import re
+        import time
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "netboot", "serve", *map(str, args)], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        self.lines: list[str] = []
+        self.http_port = 0
+        self.tftp_port = 0
+        deadline = time.monotonic() + 20
+        assert self.proc.stderr is not None
+        while not self.http_port or ("--no-tftp" not in map(str, args) and not self.tftp_port):
+            line = self.proc.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail("netboot serve did not start:\n" + "".join(self.lines) + line)
+            self.lines.append(line)
+            if m := re.search(r"http: serving http://\S+:(\d+)/", line):
+                self.http_port = int(m.group(1))
+            if m := re.search(r"tftp: serving tftp://\S+:(\d+)/", line):
+                self.tftp_port = int(m.group(1))
+        import threading
+
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}/{path.lstrip('/')}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def outs(system: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The test system built once in each format."""
+    base = tmp_path_factory.mktemp("outs")
+    netboot_ok("build", system, "--out", base / "squashfs")
+    netboot_ok("build", system, "--out", base / "direct", "--format", "direct")
+    return {"squashfs": base / "squashfs", "direct": base / "direct"}

@@ -1,0 +1,122 @@
+"""The machines file and MAC spellings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import netboot
+
+from netboot.errors import NetbootError
+from netboot.mac import BadMac, normalize
+from netboot.machines import Machines
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "52:54:00:12:34:56",
+        "52-54-00-12-34-56",
+        "525400123456",
+        "52:54:00:12:34:56".upper(),
+        "52-54-00-12-34-56".upper(),
+        " 525400123456 ",
+    ],
+)
+def test_every_mac_spelling(spelling: str) -> None:
+    assert normalize(spelling) == "52:54:00:12:34:56"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "52:54:00:12:34", "52:54:00:12:34:5g", "5254001234567", "52:54:00-12:34:56:78", "52:5:400:12:34:56", "zz"],
+)
+def test_invalid_macs(bad: str) -> None:
+    with pytest.raises(BadMac, match="invalid MAC address"):
+        normalize(bad)
+
+
+def fake_out(d: Path) -> Path:
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text('{"cmdline": "init=/x"}')
+    return d
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    f = tmp_path / "machines.toml"
+    f.write_text(text)
+    return f
+
+
+def test_valid_file(tmp_path: Path) -> None:
+    fake_out(tmp_path / "out")
+    fake_out(tmp_path / "rescue-out")
+    m = Machines.load(
+        write(
+            tmp_path,
+            """
+[profiles.default]
+dir = "out"
+append = "console=ttyS0"
+
+[profiles.rescue]
+dir = "rescue-out"
+
+[machines."52:54:00:12:34:56"]
+profile = "rescue"
+append = "hostname=node1"
+
+[machines.525400123457]
+append = "hostname=node2"
+""",
+        )
+    )
+    assert m.for_mac("52:54:00:12:34:56")[0].name == "rescue"
+    assert m.for_mac("52:54:00:12:34:56")[1] == "hostname=node1"
+    assert m.for_mac("52:54:00:12:34:57")[0].name == "default"
+    assert m.for_mac("52:54:00:12:34:57")[1] == "console=ttyS0 hostname=node2"
+    assert m.for_mac("52:54:00:99:99:99")[1] == "console=ttyS0"
+    assert m.profiles["default"].dir == tmp_path / "out"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[profiles.default\ndir = 'out'\n",
+            "machines.toml: invalid TOML: Expected ']' at the end of a table declaration (at line 1",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\nprofile = 'resue'\n",
+            "machines.toml:3: machines.'52:54:00:12:34:56': profile 'resue' is not defined in [profiles]",
+        ),
+        ("[profiles.default]\ndir = 'missing'\n", "machines.toml:1: profiles.default: dir 'missing' does not exist"),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\n[machines.'52-54-00-12-34-56']\n",
+            "machines.toml:4: machines.'52-54-00-12-34-56' is the same machine as machines.'52:54:00:12:34:56'",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34']\n",
+            "machines.toml:3: machines.'52:54:00:12:34': invalid MAC",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\nappend = 'a'\nkernel = 'x'\n",
+            "machines.toml:4: profiles.default: unknown key 'kernel'",
+        ),
+        ("[machines.'52:54:00:12:34:56']\n", "no [profiles.NAME] defined"),
+        ("[profiles.default]\n", "profiles.default needs dir ="),
+        ("[profile.default]\ndir = 'out'\n", "unknown section 'profile'"),
+        ("[profiles.default]\ndir = 'plain'\n", "dir 'plain' has no manifest.json; is it an output of netboot build?"),
+    ],
+)
+def test_bad_files(tmp_path: Path, text: str, message: str) -> None:
+    fake_out(tmp_path / "out")
+    (tmp_path / "plain").mkdir()
+    f = write(tmp_path, text)
+    with pytest.raises(NetbootError) as e:
+        Machines.load(f)
+    assert message in str(e.value)
+    # The command refuses to start with that one line and exit status 2.
+    proc = netboot("serve", "--machines", f, "--http", "127.0.0.1:0", "--no-tftp", timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"netboot: error: {e.value}"]

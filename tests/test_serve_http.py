@@ -1,0 +1,263 @@
+"""`netboot serve` over HTTP: scripts per MAC, files with Range/HEAD/ETag, no way out of the namespace, reloads."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+from email.message import Message
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess, netboot, netboot_ok
+
+MAC = "52:54:00:12:34:56"
+
+
+def get(url: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, Message, bytes]:
+    """Status, headers (case-insensitive) and body of one request."""
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def raw_get(port: int, path: str) -> tuple[int, bytes]:
+    """A request line sent exactly as written (no client-side normalisation of .. or %2e)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, data.split(b"\r\n\r\n", 1)[1]
+
+
+@pytest.fixture
+def machines(tmp_path: Path, outs: dict[str, Path]) -> Path:
+    shutil.copytree(outs["squashfs"], tmp_path / "squashfs-out")
+    shutil.copytree(outs["direct"], tmp_path / "direct-out")
+    f = tmp_path / "machines.toml"
+    f.write_text(f"""
+[profiles.default]
+dir = "direct-out"
+append = "from=default"
+
+[profiles.squash]
+dir = "squashfs-out"
+append = "from=squash"
+
+[machines."{MAC}"]
+profile = "squash"
+append = "hostname=node1"
+""")
+    return f
+
+
+@pytest.fixture
+def server(machines: Path):
+    s = ServerProcess("--machines", machines, "--http", "127.0.0.1:0", "--no-tftp")
+    yield s
+    s.stop()
+
+
+def script_lines(body: bytes) -> list[str]:
+    return [ln for ln in body.decode().splitlines() if ln and not ln.startswith("#")]
+
+
+@pytest.mark.parametrize("spelling", [MAC, MAC.replace(":", "-"), MAC.replace(":", ""), MAC.upper().replace(":", "-")])
+def test_script_for_every_mac_spelling(server: ServerProcess, machines: Path, spelling: str) -> None:
+    status, headers, body = get(server.url(f"machine/{spelling}/boot.ipxe"))
+    assert status == 200
+    assert headers["Cache-Control"] == "no-store"
+    out = machines.parent / "squashfs-out"
+    cmdline = (out / "cmdline").read_text().strip()
+    lines = script_lines(body)
+    gen = lines[1].split()[1].split("/")[3]
+    assert lines == [
+        f"echo netboot: {MAC} boots profile squash",
+        f"kernel /machine/52-54-00-12-34-56/{gen}/bzImage initrd=initrd {cmdline} from=squash hostname=node1",
+        f"initrd --name initrd /machine/52-54-00-12-34-56/{gen}/initrd",
+        "boot",
+    ]
+    # The files the script names are this profile's.
+    assert get(server.url(f"machine/{spelling}/{gen}/initrd"))[2] == (out / "initrd").read_bytes()
+    assert f"127.0.0.1 mac={MAC} profile=squash http /machine/{spelling}/boot.ipxe 200" in server.log
+
+
+def test_boot_ipxe_chains_by_mac(server: ServerProcess) -> None:
+    status, _, body = get(server.url("boot.ipxe"))
+    assert status == 200 and script_lines(body) == ["chain /machine/${mac:hexhyp}/boot.ipxe"]
+
+
+def test_unregistered_mac_gets_the_default_profile(server: ServerProcess, machines: Path) -> None:
+    _, _, body = get(server.url("machine/52-54-00-aa-bb-cc/boot.ipxe"))
+    lines = script_lines(body)
+    assert lines[0] == "echo netboot: 52:54:00:aa:bb:cc boots profile default"
+    assert lines[1].endswith(" from=default")
+    assert (machines.parent / "direct-out/cmdline").read_text().strip() in lines[1]
+
+
+def test_unknown_mac_without_default_waits_and_retries(tmp_path: Path, outs: dict[str, Path]) -> None:
+    f = tmp_path / "machines.toml"
+    f.write_text(f'[profiles.only]\ndir = "{outs["direct"]}"\n[machines."{MAC}"]\nprofile = "only"\n')
+    s = ServerProcess("--machines", f, "--http", "127.0.0.1:0", "--no-tftp")
+    try:
+        status, _, body = get(s.url("machine/02-00-00-00-00-01/boot.ipxe"))
+    finally:
+        s.stop()
+    lines = script_lines(body)
+    assert status == 200
+    assert lines[0] == (
+        f"echo netboot: this machine (02:00:00:00:00:01) is not in {f} and there is no [profiles.default]."
+    )
+    assert lines[2:] == ["sleep 30", "chain --replace --autofree /machine/02-00-00-00-00-01/boot.ipxe"]
+
+
+def test_invalid_mac_is_400(server: ServerProcess) -> None:
+    status, _, body = get(server.url("machine/52-54-00-12-34/boot.ipxe"))
+    assert (status, body) == (400, b"invalid MAC address '52-54-00-12-34'\n")
+
+
+def test_range_head_etag(server: ServerProcess, machines: Path) -> None:
+    initrd = (machines.parent / "squashfs-out/initrd").read_bytes()
+    url = server.url("profile/squash/initrd")
+    status, headers, body = get(url)
+    assert status == 200 and body == initrd
+    assert int(headers["Content-Length"]) == len(initrd)
+    assert headers["Content-Type"] == "application/octet-stream" and headers["Accept-Ranges"] == "bytes"
+    etag, modified = headers["ETag"], headers["Last-Modified"]
+
+    status, headers, body = get(url, {"Range": "bytes=100-199"})
+    assert (status, body) == (206, initrd[100:200])
+    assert headers["Content-Range"] == f"bytes 100-199/{len(initrd)}"
+    status, _, body = get(url, {"Range": "bytes=-10"})
+    assert (status, body) == (206, initrd[-10:])
+
+    status, headers, body = get(url, method="HEAD")
+    assert (status, body, int(headers["Content-Length"])) == (200, b"", len(initrd))
+    assert get(url, {"If-None-Match": etag})[0] == 304
+    assert get(url, {"If-Modified-Since": modified})[0] == 304
+
+    status, headers, _ = get(server.url("boot.ipxe"), method="HEAD")
+    assert status == 200 and int(headers["Content-Length"]) > 0
+    assert get(server.url("profile/squash/cmdline"))[1]["Content-Type"] == "text/plain; charset=utf-8"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/profile/squash/../../../../etc/passwd",
+        "/profile/squash/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "/profile/squash/..%2f..%2f..%2fetc%2fpasswd",
+        "/..\\..\\etc\\passwd",
+        "/profile\\squash\\initrd",
+        "/machine/52-54-00-12-34-56/../../etc/passwd",
+        "//etc/passwd",
+        "/etc/passwd",
+        "/profile/squash/kernel-params",
+        "/profile/nope/initrd",
+        "/initrd",  # only with --dir are the files at the root
+    ],
+)
+def test_nothing_outside_the_namespace(server: ServerProcess, path: str) -> None:
+    status, body = raw_get(server.http_port, path)
+    assert status in (400, 404), (path, status)
+    assert b"root:" not in body
+
+
+def test_symlink_out_of_a_directory_is_refused(tmp_path: Path, outs: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(outs["direct"], out)
+    (out / "initrd").unlink()
+    (out / "initrd").symlink_to("/etc/passwd")
+    proc = netboot("serve", "--dir", out, "--http", "127.0.0.1:0", "--no-tftp", timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"netboot: error: {out}/initrd is not a regular file inside {out} or the Nix store"
+
+
+def test_dir_mode_serves_the_directory_at_the_root(outs: dict[str, Path]) -> None:
+    s = ServerProcess("--dir", outs["squashfs"], "--http", "127.0.0.1:0", "--no-tftp")
+    try:
+        for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json"):
+            assert get(s.url(name))[2] == (outs["squashfs"] / name).read_bytes(), name
+        first = script_lines(get(s.url(f"machine/{MAC}/boot.ipxe"))[2])[0]
+        assert first == f"echo netboot: {MAC} boots profile default"
+    finally:
+        s.stop()
+
+
+def slow_download(port: int, path: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path)
+    return conn, conn.getresponse()
+
+
+def wait_for(predicate, what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_rebuild_while_a_transfer_is_in_progress(server: ServerProcess, machines: Path, system: Path) -> None:
+    out = machines.parent / "squashfs-out"
+    old_initrd = (out / "initrd").read_bytes()
+    old_script = script_lines(get(server.url(f"machine/{MAC}/boot.ipxe"))[2])
+    old_gen = old_script[1].split()[1].split("/")[3]
+    conn, response = slow_download(server.http_port, f"/machine/{MAC.replace(':', '-')}/{old_gen}/initrd")
+    first = response.read(4096)  # the transfer has started
+
+    netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", "gzip", "--append", "rebuilt")
+    new_initrd = (out / "initrd").read_bytes()
+    assert new_initrd != old_initrd
+
+    def new_script() -> bool:
+        return "rebuilt" in get(server.url(f"machine/{MAC}/boot.ipxe"))[2].decode()
+
+    wait_for(new_script, "the server to pick up the rebuild")
+    rest = response.read()
+    conn.close()
+    assert first + rest == old_initrd  # the transfer in progress finished from the old files
+    lines = script_lines(get(server.url(f"machine/{MAC}/boot.ipxe"))[2])
+    new_gen = lines[1].split()[1].split("/")[3]
+    assert new_gen != old_gen and lines[1].split()[3].startswith("rdinit=")
+    assert get(server.url(f"machine/{MAC}/{new_gen}/initrd"))[2] == new_initrd
+    # A machine that fetched its script before the rebuild still gets the matching initrd (grace period).
+    assert get(server.url(f"machine/{MAC}/{old_gen}/initrd"))[2] == old_initrd
+    assert get(server.url("profile/squash/initrd"))[2] == new_initrd
+    assert "profile squash: now serving" in server.log
+
+
+def test_machines_file_reload(server: ServerProcess, machines: Path) -> None:
+    other = "52:54:00:00:00:02"
+    assert "profile default" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode()
+    machines.write_text(machines.read_text() + f'\n[machines."{other}"]\nprofile = "squash"\n')
+    wait_for(lambda: "profile squash" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode(), "file reload")
+
+    # A broken file is refused and the previous configuration stays.
+    good = machines.read_text()
+    machines.write_text(good + "\n[machines.broken\n")
+    wait_for(lambda: "keeping the previous configuration" in server.log, "the reload error")
+    assert "profile squash" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode()
+
+    # SIGHUP reloads at once, whatever the file's timestamps say.
+    machines.write_text(good.replace(f'[machines."{other}"]\nprofile = "squash"\n', ""))
+    os.kill(server.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "profile default" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode(), "SIGHUP")
+
+
+def test_initrd_checksum_matches_manifest(server: ServerProcess, machines: Path) -> None:
+    import json
+
+    manifest = json.loads(get(server.url("profile/squash/manifest.json"))[2])
+    body = get(server.url("profile/squash/initrd"))[2]
+    assert hashlib.sha256(body).hexdigest() == manifest["artifacts"]["initrd"]["sha256"]
