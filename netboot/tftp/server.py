@@ -157,8 +157,22 @@ class _Transfer(asyncio.DatagramProtocol):
         if not self.session.finished and self._timer is None and self.session.deadline is not None:
             self._arm(self.session.deadline)
 
-    def cancel(self, reason: str) -> None:
-        datagrams = self.session.cancel(self.loop.time(), reason)
+    def supersede(self) -> None:
+        """The peer sent a new request from the same port: finish on what it sent before, else end quietly.
+
+        Datagrams still queued for this transfer (the final ACK, EDK2's ERROR 8 after its size probe) are
+        read first so that the outcome is right; no ERROR is sent, since a client that has moved on could
+        take it for the answer to its new request."""
+        while not self.session.finished:
+            try:
+                data, addr = self.sock.recvfrom(_RECV_SIZE)
+            except OSError:
+                break
+            self.datagram_received(data, addr)
+        self.cancel("superseded by a new request", tell_peer=False)
+
+    def cancel(self, reason: str, *, tell_peer: bool = True) -> None:
+        datagrams = self.session.cancel(self.loop.time(), reason, tell_peer=tell_peer)
         if self.transport is not None:
             self._after(datagrams)
         # otherwise connection_made() sees the finished session and closes
@@ -201,11 +215,14 @@ class TftpServer:
     def transfers(self) -> int:
         return len(self._transfers)
 
-    def listen(self, host: str, port: int) -> Peer:
-        """Bind one more listening socket; returns its address (with the port chosen when `port` was 0)."""
+    def listen(self, host: str, port: int, interface: str | None = None) -> Peer:
+        """Bind one more listening socket; returns its address (with the port chosen when `port` was 0).
+        `interface` restricts it to requests arriving on that network interface (SO_BINDTODEVICE)."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
+            if interface:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
             if family == socket.AF_INET6:
                 # "::" serves IPv4 too, as v4-mapped addresses; a specific IPv6 address serves only itself.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
@@ -276,7 +293,7 @@ class TftpServer:
         if current is not None:
             if current.datagram == data:
                 return  # a retransmitted request, answered by the running transfer's own timer (py3tftp #19)
-            current.cancel("superseded by a new request")  # the client has moved on from that transfer
+            current.supersede()
         try:
             request = packets.parse_request(data)
         except PacketError as e:
@@ -381,14 +398,15 @@ class TftpServer:
 
 
 async def start_tftp_server(host: str | Iterable[str], port: int, resolver: Resolver,
-                            config: TftpConfig | None = None, *,
+                            config: TftpConfig | None = None, *, interface: str | None = None,
                             on_transfer: Callable[[TransferStats], None] | None = None) -> TftpServer:
     """Serve `resolver`'s content over TFTP on `host` (one address or several; "::" is IPv6 and IPv4) and
-    `port` (0 picks one: see `server.addresses`). Returns the running server; `close()` stops it."""
+    `port` (0 picks one: see `server.addresses`), optionally only on network `interface`.
+    Returns the running server; `close()` stops it."""
     server = TftpServer(resolver, config, on_transfer)
     try:
         for h in [host] if isinstance(host, str) else host:
-            server.listen(h, port)
+            server.listen(h, port, interface)
     except OSError:
         server.close()
         raise

@@ -196,11 +196,11 @@ class Session:
             return [packets.build_oack(self.negotiation.accepted)]
         return self._send(now)
 
-    def cancel(self, now: float, reason: str) -> list[bytes]:
+    def cancel(self, now: float, reason: str, *, tell_peer: bool = True) -> list[bytes]:
         if self.finished:
             return []
         self._finish(now, Outcome.CANCELLED, reason)
-        return [packets.build_error(ErrorCode.NOT_DEFINED, reason)]
+        return [packets.build_error(ErrorCode.NOT_DEFINED, reason)] if tell_peer else []
 
     # -- internals ---------------------------------------------------------------------------------------
 

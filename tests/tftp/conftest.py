@@ -51,14 +51,17 @@ def tftp_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ServerThread:
     """The real server, in its own event loop on a thread, so that tests can run blocking clients."""
 
-    def __init__(self, resolver: Resolver, config: TftpConfig, hosts: tuple[str, ...]) -> None:
+    def __init__(self, resolver: Resolver, config: TftpConfig, hosts: tuple[str, ...],
+                 interface: str | None = None) -> None:
         self.stats: list[TransferStats] = []
+        self.loop_errors: list[dict[str, object]] = []
         self._changed = threading.Condition()
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.server: TftpServer | None = None
-        self._thread = threading.Thread(target=self._run, args=(resolver, config, hosts), daemon=True)
+        args = (resolver, config, hosts, interface)
+        self._thread = threading.Thread(target=self._run, args=args, daemon=True)
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None:
@@ -71,13 +74,17 @@ class ServerThread:
             self.stats.append(stats)
             self._changed.notify_all()
 
-    def _run(self, resolver: Resolver, config: TftpConfig, hosts: tuple[str, ...]) -> None:
+    def _run(self, resolver: Resolver, config: TftpConfig, hosts: tuple[str, ...], interface: str | None
+             ) -> None:
         asyncio.set_event_loop(self.loop)
+        # Anything that escapes a callback on the server's loop is a bug: recorded, and fails the test.
+        self.loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
 
         async def start() -> None:
-            server = await start_tftp_server(hosts[0], 0, resolver, config, on_transfer=self._record)
+            server = await start_tftp_server(hosts[0], 0, resolver, config, interface=interface,
+                                             on_transfer=self._record)
             for host in hosts[1:]:
-                server.listen(host, server.addresses[0][1])
+                server.listen(host, server.addresses[0][1], interface)
             self.server = server
 
         try:
@@ -106,6 +113,9 @@ class ServerThread:
             return list(self.stats[:count])
 
     def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+
         async def close() -> None:
             assert self.server is not None
             self.server.close()
@@ -115,6 +125,7 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+        assert not self.loop_errors, f"exceptions on the server's loop: {self.loop_errors}"
 
 
 @pytest.fixture
@@ -123,8 +134,9 @@ def tftp_server(tftp_root: Path) -> Iterator[Callable[..., ServerThread]]:
     started: list[ServerThread] = []
 
     def start(config: TftpConfig | None = None, resolver: Resolver | None = None,
-              hosts: tuple[str, ...] = ("127.0.0.1",)) -> ServerThread:
-        server = ServerThread(resolver or FileSystemResolver(tftp_root), config or TftpConfig(), hosts)
+              hosts: tuple[str, ...] = ("127.0.0.1",), interface: str | None = None) -> ServerThread:
+        resolver = resolver or FileSystemResolver(tftp_root)
+        server = ServerThread(resolver, config or TftpConfig(), hosts, interface)
         started.append(server)
         return server
 

@@ -44,6 +44,16 @@ class Peer:
             return True
         return False
 
+    def collect(self, quiet: float) -> list[tuple[packets.Packet, int]]:
+        """Every packet that arrives until none has for `quiet` seconds, with the port it came from."""
+        self.sock.settimeout(quiet)
+        got = []
+        try:
+            while True:
+                got.append(self.receive())
+        except TimeoutError:
+            return got
+
     def download(self, port: int, filename: str, options: tuple[tuple[str, str], ...] = ()) -> bytes:
         """A plain lock-step download; the blksize comes from the OACK when options were accepted."""
         self.request(port, filename, options)
