@@ -1,0 +1,3 @@
+from netboot.tftp.command import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""What the TFTP server serves: a name resolves to a readable object with a size.
+
+`Resolver` is the seam for `netboot serve`: it may hand out files under a root (`FileSystemResolver`) or
+generated content (`BytesContent`), and refuses a name by raising `NotFound` or `AccessDenied`, which the
+server turns into ERROR 1 or ERROR 2.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from netboot.errors import NetbootError
+
+Peer = tuple[Any, ...]  # a socket address: (host, port) or (host, port, flowinfo, scope_id)
+
+
+class ContentError(NetbootError):
+    """A name the server must refuse; `tftp_code` is the TFTP error code to answer with."""
+
+    tftp_code = 0
+
+
+class NotFound(ContentError):
+    tftp_code = 1
+
+
+class AccessDenied(ContentError):
+    tftp_code = 2
+
+
+@runtime_checkable
+class Content(Protocol):
+    """A readable object of known size; read() at any offset, repeatedly (retransmissions re-read)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def read(self, offset: int, length: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+Resolver = Callable[[str, Peer], Content]
+
+
+class BytesContent:
+    """Content held in memory, e.g. a rendered iPXE script."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = bytes(data)
+
+    @property
+    def size(self) -> int:
+        return len(self._data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._data[offset : offset + length]
+
+    def close(self) -> None:
+        pass
+
+
+class FileContent:
+    """An open regular file, read with pread(2) so that no offset is shared and no whole file is loaded."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd = fd
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def normalize_name(name: str) -> str:
+    """The relative path a client means, or AccessDenied.
+
+    "\\" is a separator (Windows clients) and leading "/" are dropped (pxelinux and U-Boot send "/name");
+    a ".." component is refused outright rather than resolved, so no name can climb out of the root.
+    """
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise AccessDenied("parent directory references are not allowed")
+    if not parts:
+        raise NotFound("no file name")
+    return "/".join(parts)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+class FileSystemResolver:
+    """Regular files below `root`. A symlink is followed only when its real target lies inside the root or
+    inside one of `allowed_roots` (an out/ directory of store symlinks needs allowed_roots=["/nix/store"])."""
+
+    def __init__(self, root: str | os.PathLike[str],
+                 allowed_roots: Iterable[str | os.PathLike[str]] = ()) -> None:
+        self.root = os.path.realpath(root)
+        if not os.path.isdir(self.root):
+            raise NetbootError(f"TFTP root {os.fspath(root)!r} is not a directory")
+        self.allowed_roots = (self.root, *(os.path.realpath(r) for r in allowed_roots))
+
+    def locate(self, name: str) -> str:
+        """The real path `name` refers to, checked to lie inside the allowed roots."""
+        real = os.path.realpath(os.path.join(self.root, normalize_name(name)))
+        if not any(_inside(real, r) for r in self.allowed_roots):
+            raise AccessDenied("outside the served directory")
+        return real
+
+    def __call__(self, name: str, peer: Peer) -> FileContent:
+        path = self.locate(name)
+        try:
+            # Open the checked real path without following a symlink swapped in since, and with O_NONBLOCK so
+            # that a FIFO cannot stall the server; fstat then decides on the object actually opened.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound("file not found") from None
+        except OSError as e:
+            raise AccessDenied(e.strerror or "cannot open") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise AccessDenied("not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return FileContent(fd, st.st_size)

@@ -1,0 +1,415 @@
+"""The asyncio side of the TFTP server: sockets, timers, limits and one log line per transfer.
+
+Everything protocol-shaped happens in `session.Session`; this module only moves datagrams between sockets
+and sessions. The listening socket receives requests with recvmsg() to learn which local address and
+interface each was sent to; every transfer then gets its own socket bound to that address with a fresh port
+(RFC 1350 §4: the server's TID), driven by a `DatagramProtocol`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from netboot.tftp import mtu, packets
+from netboot.tftp.content import ContentError, Peer, Resolver
+from netboot.tftp.packets import RRQ, WRQ, ErrorCode, PacketError
+from netboot.tftp.session import Session, SessionConfig
+
+log = logging.getLogger("netboot.tftp")
+
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # linux/in.h; exported by the socket module only from 3.13
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
+_IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
+_RECV_SIZE = 65536
+_UNKNOWN_TID = packets.build_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
+_OVERLOAD_LOG_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class TftpConfig:
+    session: SessionConfig = field(default_factory=SessionConfig)
+    max_transfers: int = 64  # dnsmasq's tftp-max is 50
+    max_per_source: int = 8  # transfers at once from one address
+    use_mtu: bool = True  # cap blksize to the MTU of the interface a request came in on
+
+    def __post_init__(self) -> None:
+        if self.max_transfers < 1 or self.max_per_source < 1:
+            raise ValueError("transfer limits must be at least 1")
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    """What one finished transfer did; logged as one line and handed to `on_transfer`."""
+
+    peer: str
+    filename: str
+    options: tuple[tuple[str, str], ...]
+    size: int
+    bytes_sent: int
+    duration: float
+    retransmissions: int
+    outcome: str
+    detail: str
+
+    def line(self) -> str:
+        options = " ".join(f"{k}={v}" for k, v in self.options) or "no options"
+        detail = f" ({self.detail})" if self.detail else ""
+        return (f"{self.peer} {self.filename!r} [{options}]: {self.outcome}{detail}, "
+                f"{self.bytes_sent}/{self.size} bytes in {self.duration:.3f}s, "
+                f"{self.retransmissions} retransmissions")
+
+
+def format_peer(peer: Peer) -> str:
+    host, port = peer[0], peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _source(peer: Peer) -> str:
+    """The client's address, with IPv4-mapped IPv6 shown as IPv4 so that a host counts once."""
+    host = peer[0].split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class _Transfer(asyncio.DatagramProtocol):
+    """One session on its own socket. The retransmission timer is lazy: sends only move `session.deadline`,
+    and the loop timer is re-armed when it fires early, so the per-packet path schedules nothing."""
+
+    def __init__(self, server: TftpServer, key: Peer, datagram: bytes, session: Session, sock: socket.socket,
+                 peer: Peer) -> None:
+        self.server = server
+        self.key = key
+        self.datagram = datagram
+        self.session = session
+        self.sock = sock
+        self.peer = peer
+        self.loop = server.loop
+        self.transport: asyncio.DatagramTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._closed = False
+        self._task = self.loop.create_task(self.loop.create_datagram_endpoint(lambda: self, sock=sock))
+        self._task.add_done_callback(self._connected)
+
+    def _connected(self, task: asyncio.Task[object]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self.session.cancel(self.loop.time(), "cannot set up the transfer socket")
+            self._close()
+
+    # -- asyncio callbacks -------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a datagram transport, not declared as one
+        if self.session.finished:  # cancelled before the socket was ready
+            self._close()
+            return
+        self._after(self.session.start(self.loop.time()))
+
+    def datagram_received(self, data: bytes, addr: Peer) -> None:
+        if addr != self.peer and addr[:2] != self.peer[:2]:
+            # RFC 1350 §4: a packet from another TID gets ERROR 5, and the transfer goes on.
+            assert self.transport is not None
+            self.transport.sendto(_UNKNOWN_TID, addr)
+            return
+        self._after(self.session.receive(data, self.loop.time()))
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors for UDP: the retransmission timer decides when the peer is gone
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close()
+
+    # -- driving the session -----------------------------------------------------------------------------
+
+    def _after(self, datagrams: list[bytes]) -> None:
+        transport = self.transport
+        assert transport is not None
+        for datagram in datagrams:
+            transport.sendto(datagram, self.peer)
+        session = self.session
+        if session.finished:
+            self._close()
+        elif session.deadline is not None and (self._timer is None or session.deadline < self._timer_at):
+            self._arm(session.deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self._after(self.session.expire(self.loop.time()))
+        if not self.session.finished and self._timer is None and self.session.deadline is not None:
+            self._arm(self.session.deadline)
+
+    def supersede(self) -> None:
+        """The peer sent a new request from the same port: finish on what it sent before, else end quietly.
+
+        Datagrams still queued for this transfer (the final ACK, EDK2's ERROR 8 after its size probe) are
+        read first so that the outcome is right; no ERROR is sent, since a client that has moved on could
+        take it for the answer to its new request."""
+        while not self.session.finished:
+            try:
+                data, addr = self.sock.recvfrom(_RECV_SIZE)
+            except OSError:
+                break
+            self.datagram_received(data, addr)
+        self.cancel("superseded by a new request", tell_peer=False)
+
+    def cancel(self, reason: str, *, tell_peer: bool = True) -> None:
+        datagrams = self.session.cancel(self.loop.time(), reason, tell_peer=tell_peer)
+        if self.transport is not None:
+            self._after(datagrams)
+        # otherwise connection_made() sees the finished session and closes
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        else:
+            self.sock.close()
+        self.session.content.close()
+        self.server._finished(self)
+
+
+class TftpServer:
+    """A read-only TFTP server. Create with `start_tftp_server()`; `close()` ends it and its transfers."""
+
+    def __init__(self, resolver: Resolver, config: TftpConfig | None = None,
+                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+        self.resolver = resolver
+        self.config = config or TftpConfig()
+        self.on_transfer = on_transfer
+        self.loop = asyncio.get_running_loop()
+        self.addresses: list[Peer] = []
+        self._listeners: list[socket.socket] = []
+        self._transfers: dict[Peer, _Transfer] = {}
+        self._per_source: collections.Counter[str] = collections.Counter()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._overloaded = 0
+        self._overload_logged = 0.0
+
+    # -- public ------------------------------------------------------------------------------------------
+
+    @property
+    def transfers(self) -> int:
+        return len(self._transfers)
+
+    def listen(self, host: str, port: int, interface: str | None = None) -> Peer:
+        """Bind one more listening socket; returns its address (with the port chosen when `port` was 0).
+        `interface` restricts it to requests arriving on that network interface (SO_BINDTODEVICE)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if interface:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+            if family == socket.AF_INET6:
+                # "::" serves IPv4 too, as v4-mapped addresses; a specific IPv6 address serves only itself.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self._listeners.append(sock)
+        self.loop.add_reader(sock.fileno(), self._readable, sock)
+        address = sock.getsockname()
+        self.addresses.append(address)
+        return address
+
+    def close(self) -> None:
+        """Stop listening and cancel every transfer (each peer gets an ERROR)."""
+        for sock in self._listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self._listeners.clear()
+        for transfer in list(self._transfers.values()):
+            transfer.cancel("server shutting down")
+
+    async def wait_closed(self) -> None:
+        await self._idle.wait()
+
+    async def __aenter__(self) -> TftpServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+    # -- requests ----------------------------------------------------------------------------------------
+
+    def _readable(self, sock: socket.socket) -> None:
+        for _ in range(64):  # a bounded batch, so that a flood of requests cannot starve the transfers
+            try:
+                data, ancillary, _flags, peer = sock.recvmsg(_RECV_SIZE, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            local, ifindex = self._destination(sock, ancillary)
+            self._request(data, peer, local, ifindex, sock.family)
+
+    @staticmethod
+    def _destination(sock: socket.socket, ancillary: list[tuple[int, int, bytes]]) -> tuple[str, int]:
+        """The address the request was sent to and the interface it came in on (IP_PKTINFO)."""
+        for level, kind, data in ancillary:
+            if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+                ifindex, _spec_dst, addr = _IN_PKTINFO.unpack_from(data)
+                return socket.inet_ntop(socket.AF_INET, addr), ifindex
+            if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO\
+                    and len(data) >= _IN6_PKTINFO.size:
+                addr, ifindex = _IN6_PKTINFO.unpack_from(data)
+                return socket.inet_ntop(socket.AF_INET6, addr), ifindex
+        return sock.getsockname()[0], 0
+
+    def _request(self, data: bytes, peer: Peer, local: str, ifindex: int, family: int) -> None:
+        if len(data) < 2 or data[0] != 0 or data[1] not in (RRQ, WRQ):
+            return  # not a request: nothing on the listening port answers it (no reflection)
+        key = peer[:2]
+        current = self._transfers.get(key)
+        if current is not None:
+            if current.datagram == data:
+                return  # a retransmitted request, answered by the running transfer's own timer (py3tftp #19)
+            current.supersede()
+        try:
+            request = packets.parse_request(data)
+        except PacketError as e:
+            self._refuse(family, local, ifindex, peer, ErrorCode.ILLEGAL_OPERATION, f"malformed request: {e}")
+            return
+        if request.is_write:
+            self._refuse(family, local, ifindex, peer, ErrorCode.ACCESS_VIOLATION, "this server is read-only",
+                         request.filename)
+            return
+        source = _source(peer)
+        if len(self._transfers) >= self.config.max_transfers or (
+                self._per_source[source] >= self.config.max_per_source):
+            # Dropped without an answer: the client retransmits its request and gets in when a transfer ends,
+            # instead of failing its boot on an ERROR; and a flood of spoofed requests gets nothing back.
+            self._overload(source)
+            return
+        try:
+            content = self.resolver(request.filename, peer)
+        except ContentError as e:
+            self._refuse(family, local, ifindex, peer, e.tftp_code, str(e), request.filename)
+            return
+        except Exception:
+            log.exception("%s %r: resolving the name failed", format_peer(peer), request.filename)
+            self._refuse(family, local, ifindex, peer, ErrorCode.NOT_DEFINED, "internal error",
+                         request.filename)
+            return
+        try:
+            sock = self._transfer_socket(family, local, ifindex)
+        except OSError as e:
+            content.close()
+            log.warning("%s %r: cannot open a transfer socket: %s", format_peer(peer), request.filename, e)
+            return
+        limit = None
+        if self.config.use_mtu and ifindex:
+            ipv6 = family == socket.AF_INET6 and not local.startswith("::ffff:")
+            limit = mtu.blksize_limit(mtu.interface_mtu(ifindex), ipv6)
+        session = Session(request, content, self.config.session, now=self.loop.time(), blksize_limit=limit)
+        transfer = _Transfer(self, key, data, session, sock, peer)
+        self._transfers[key] = transfer
+        self._per_source[source] += 1
+        self._idle.clear()
+
+    def _transfer_socket(self, family: int, local: str, ifindex: int) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if family == socket.AF_INET6:
+                scope = ifindex if ipaddress.ip_address(local).is_link_local else 0
+                sock.bind((local, 0, 0, scope))
+            else:
+                sock.bind((local, 0))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    def _refuse(self, family: int, local: str, ifindex: int, peer: Peer, code: int, message: str,
+                filename: str | None = None) -> None:
+        """An ERROR for a request, sent like a transfer's first packet: from a fresh port (RFC 1350 §4)."""
+        if filename is not None:
+            log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), filename, message, code)
+        try:
+            with self._transfer_socket(family, local, ifindex) as sock:
+                sock.sendto(packets.build_error(code, message), peer)
+        except OSError:
+            pass
+
+    def _overload(self, source: str) -> None:
+        self._overloaded += 1
+        now = time.monotonic()
+        if now - self._overload_logged >= _OVERLOAD_LOG_INTERVAL:
+            log.warning("transfer limits reached (%d in all, %d per address): %d requests dropped, "
+                        "the latest from %s", self.config.max_transfers, self.config.max_per_source,
+                        self._overloaded, source)
+            self._overload_logged = now
+            self._overloaded = 0
+
+    def _finished(self, transfer: _Transfer) -> None:
+        if self._transfers.get(transfer.key) is transfer:
+            del self._transfers[transfer.key]
+        source = _source(transfer.peer)
+        self._per_source[source] -= 1
+        if self._per_source[source] <= 0:
+            del self._per_source[source]
+        if not self._transfers:
+            self._idle.set()
+        session = transfer.session
+        stats = TransferStats(
+            peer=format_peer(transfer.peer),
+            filename=session.request.filename,
+            options=session.negotiation.accepted,
+            size=session.size,
+            bytes_sent=session.bytes_sent,
+            duration=(session.ended or self.loop.time()) - session.started,
+            retransmissions=session.retransmissions,
+            outcome=str(session.outcome),
+            detail=session.detail,
+        )
+        log.info("%s", stats.line())
+        if self.on_transfer is not None:
+            self.on_transfer(stats)
+
+
+async def start_tftp_server(host: str | Iterable[str], port: int, resolver: Resolver,
+                            config: TftpConfig | None = None, *, interface: str | None = None,
+                            on_transfer: Callable[[TransferStats], None] | None = None) -> TftpServer:
+    """Serve `resolver`'s content over TFTP on `host` (one address or several; "::" is IPv6 and IPv4) and
+    `port` (0 picks one: see `server.addresses`), optionally only on network `interface`.
+    Returns the running server; `close()` stops it."""
+    server = TftpServer(resolver, config, on_transfer)
+    try:
+        for h in [host] if isinstance(host, str) else host:
+            server.listen(h, port, interface)
+    except OSError:
+        server.close()
+        raise
+    return server
+
+
