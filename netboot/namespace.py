@@ -273,6 +273,22 @@ class Namespace:
                 return Item(name, file=self.binaries[file])
         raise NotFound(f"no such file: {name}")
 
+    def who(self, name: str) -> tuple[str | None, str | None]:
+        """The MAC and profile a name is for, for log lines; never raises."""
+        parts = name.lstrip("/").split("/")
+        if len(parts) >= 3 and parts[0] == "machine":
+            try:
+                mac = macs.normalize(parts[1])
+            except macs.BadMac:
+                return None, None
+            found = self.machines.for_mac(mac)
+            return mac, found[0].name if found else None
+        if len(parts) == 3 and parts[0] == "profile":
+            return None, parts[1]
+        if len(parts) == 1 and parts[0] in FILES and self.single_dir:
+            return None, DEFAULT
+        return None, None
+
     @staticmethod
     def _mac(text: str) -> str:
         try:

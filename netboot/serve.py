@@ -16,7 +16,10 @@ from aiohttp import web
 from netboot.errors import NetbootError
 from netboot.http import make_app
 from netboot.machines import Machines
-from netboot.namespace import Namespace
+from netboot.namespace import BadRequest, Namespace, NotFound
+from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
+from netboot.tftp.content import NotFound as TftpNotFound
+from netboot.tftp.server import TftpServer, TransferStats, start_tftp_server
 
 log = logging.getLogger("netboot.serve")
 
@@ -69,6 +72,8 @@ class Server:
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.http_port = 0
+        self.tftp_port = 0
+        self._tftp: TftpServer | None = None
 
     def _machines_stat(self) -> tuple[int, int, int] | None:
         if self.opts.machines is None:
@@ -80,6 +85,27 @@ class Server:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     async def start(self) -> None:
+        await self._start_http()
+        if self.opts.tftp is not None:
+            await self._start_tftp(self.opts.tftp)
+
+    async def _start_tftp(self, where: Endpoint) -> None:
+        try:
+            self._tftp = await start_tftp_server(
+                where.host, where.port, tftp_resolver(self.namespace), on_transfer=self._tftp_logged
+            )
+        except OSError as e:
+            raise NetbootError(f"cannot listen for TFTP on {where.url('tftp')}: {e.strerror}") from e
+        port = self._tftp.addresses[0][1]
+        self.tftp_port = port
+        log.info("tftp: serving %s/boot.ipxe", where.url("tftp", port))
+
+    def _tftp_logged(self, stats: TransferStats) -> None:
+        mac, profile = self.namespace.who(stats.filename)
+        log.info("%s mac=%s profile=%s tftp %s %s %.1f MB %.2fs", stats.peer.rsplit(":", 1)[0], mac or "-",
+                 profile or "-", stats.filename, stats.outcome, stats.bytes_sent / 1e6, stats.duration)
+
+    async def _start_http(self) -> None:
         self._runner = web.AppRunner(make_app(self.namespace), access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.opts.http.host, self.opts.http.port, reuse_address=True)
@@ -128,9 +154,30 @@ class Server:
         self._stop.set()
 
     async def close(self) -> None:
+        if self._tftp is not None:
+            self._tftp.close()
+            await self._tftp.wait_closed()
         if self._runner is not None:
             await self._runner.cleanup()
         self.namespace.close()
+
+
+def tftp_resolver(namespace: Namespace) -> Resolver:
+    """The namespace as TFTP content: the same names, the same answers as over HTTP."""
+
+    def resolve(name: str, peer: Peer) -> Content:
+        try:
+            item = namespace.lookup(name)
+        except BadRequest as e:
+            raise ContentError(str(e)) from None  # ERROR 0: see the message
+        except NotFound as e:
+            raise TftpNotFound(str(e)) from None
+        if item.data is not None:
+            return BytesContent(item.data)
+        assert item.file is not None
+        return FileContent(item.file.reopen(), item.file.size)
+
+    return resolve
 
 
 async def serve(opts: ServeOptions) -> None:

@@ -261,3 +261,11 @@ def test_initrd_checksum_matches_manifest(server: ServerProcess, machines: Path)
     manifest = json.loads(get(server.url("profile/squash/manifest.json"))[2])
     body = get(server.url("profile/squash/initrd"))[2]
     assert hashlib.sha256(body).hexdigest() == manifest["artifacts"]["initrd"]["sha256"]
+
+
+@pytest.mark.parametrize("name", ["undionly.kpxe", "ipxe.efi", "snponly.efi"])
+def test_debian_ipxe_binaries_are_served(server: ServerProcess, name: str) -> None:
+    path = Path("/usr/lib/ipxe") / name
+    assert path.is_file(), "Debian's ipxe package is not installed (make test installs it)"
+    status, _, body = get(server.url(name))
+    assert (status, body) == (200, path.read_bytes())

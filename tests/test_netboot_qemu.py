@@ -1,0 +1,105 @@
+"""Network boots through QEMU's own iPXE ROM against a real `netboot serve` (BIOS and UEFI)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from conftest import MARKER, ServerProcess, assert_booted, need
+
+from netboot import qemu
+
+pytestmark = pytest.mark.slow
+
+NODE1, NODE2, STRANGER = "52:54:00:00:01:01", "52:54:00:00:01:02", "52:54:00:00:09:09"
+
+
+@pytest.fixture(scope="module")
+def fleet(outs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory):
+    """Two registered machines on the squashfs build, everyone else on the direct build by default."""
+    d = tmp_path_factory.mktemp("fleet")
+    f = d / "machines.toml"
+    f.write_text(f"""
+[profiles.default]
+dir = "{outs["direct"]}"
+# loglevel=7 shows the kernel's "Run … as init process": nothing else marks the start of init in direct format.
+append = "loglevel=7 netboot.profile=default"
+
+[profiles.squash]
+dir = "{outs["squashfs"]}"
+append = "netboot.profile=squash"
+
+[machines."{NODE1}"]
+profile = "squash"
+append = "hostname=node1"
+
+[machines."{NODE2.replace(":", "-").upper()}"]
+profile = "squash"
+append = "hostname=node2"
+""")
+    server = ServerProcess("--machines", f, "--http", "127.0.0.1:0", "--tftp", "127.0.0.1:0")
+    yield server
+    server.stop()
+
+
+def netboot_vm(url: str, mac: str, *, uefi: bool = False, timeout: float = 300) -> qemu.BootResult:
+    need(qemu.qemu_binary())
+    with tempfile.TemporaryDirectory() as tmp:
+        vars_copy = None
+        if uefi:
+            vars_copy = Path(tmp) / "vars.fd"
+            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
+        result = qemu.watch(qemu.net_argv(url, mac, uefi=uefi, vars_copy=vars_copy), timeout=timeout, expect=MARKER)
+    assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
+    return result
+
+
+def cmdline_of(result: qemu.BootResult) -> list[str]:
+    return next(ln for ln in result.lines if ln.startswith("NETBOOT-TEST: cmdline:")).split()[2:]
+
+
+def test_two_registered_machines_boot_with_their_own_parameters(fleet: ServerProcess, system: Path,
+                                                                 closure: list[str]) -> None:
+    url = f"http://10.0.2.2:{fleet.http_port}/boot.ipxe"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        one, two = pool.map(lambda mac: netboot_vm(url, mac), [NODE1, NODE2])
+    for result, name in ((one, "node1"), (two, "node2")):
+        assert_booted(result, closure, system)
+        args = cmdline_of(result)
+        assert args[-2:] == ["netboot.profile=squash", f"hostname={name}"], args
+        assert f"init={system}/init" in args
+        assert any(ln.startswith("NETBOOT-TEST: store mount: overlay /nix/store overlay") for ln in result.lines)
+    for mac in (NODE1, NODE2):
+        assert f"mac={mac} profile=squash http /machine/{mac.replace(':', '-')}/boot.ipxe 200" in fleet.log
+        assert f"mac={mac} profile=squash http /machine/{mac.replace(':', '-')}/" in fleet.log
+
+
+def test_unregistered_machine_boots_the_default_profile(fleet: ServerProcess, system: Path,
+                                                        closure: list[str]) -> None:
+    result = netboot_vm(f"http://10.0.2.2:{fleet.http_port}/boot.ipxe", STRANGER)
+    assert_booted(result, closure, system)
+    args = cmdline_of(result)
+    assert args[-1] == "netboot.profile=default" and f"rdinit={system}/init" in args
+    assert "NETBOOT-TEST: store mount: none" in result.console  # the direct build
+
+
+def test_boot_over_tftp_only(fleet: ServerProcess, system: Path, closure: list[str]) -> None:
+    before = fleet.log.count(" http ")
+    result = netboot_vm(f"tftp://10.0.2.2:{fleet.tftp_port}/boot.ipxe", NODE1)
+    assert_booted(result, closure, system)
+    assert cmdline_of(result)[-1] == "hostname=node1"
+    assert fleet.log.count(" http ") == before  # not one byte over HTTP
+    for step in ("boot.ipxe", "bzImage", "initrd"):
+        assert any(" tftp " in ln and step in ln and " complete " in ln for ln in fleet.lines), (step, fleet.log[-3000:])
+
+
+def test_uefi_boot(fleet: ServerProcess, system: Path, closure: list[str]) -> None:
+    need("qemu-system-x86_64")
+    assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
+    result = netboot_vm(f"http://10.0.2.2:{fleet.http_port}/boot.ipxe", NODE2, uefi=True)
+    assert_booted(result, closure, system)
+    assert "EFI stub: Loaded initrd from command line option" in result.console  # initrd=initrd at work
+    assert cmdline_of(result)[-1] == "hostname=node2"
