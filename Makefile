@@ -45,7 +45,11 @@ lint: venv
 demo: deps venv
 	qemu/demo
 
+# Reference tools for the side-by-side benchmarks.
+BENCH_PACKAGES := nginx wrk curl tftpd-hpa atftp
+
 bench: deps venv
+	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
 	$(PY) bench/run.py
 
 clean:

@@ -12,6 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import build
+import http_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +32,8 @@ def machine() -> str:
 
 def main() -> None:
     runs = int(os.environ.get("BENCH_RUNS", "3"))
-    sections = [build.main(runs)]
+    system = build.bench_system()
+    sections = [build.main(runs), http_bench.main(system, runs)]
     text = "\n".join([
         "# Benchmarks",
         "",

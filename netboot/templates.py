@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib.resources import files
 from pathlib import Path
@@ -14,8 +15,13 @@ def template_dir() -> Path:
     return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "ipxe-scripts"
 
 
+@functools.cache
+def _template(name: str) -> str:
+    return (template_dir() / name).read_text()
+
+
 def render(name: str, **values: str) -> str:
-    text = (template_dir() / name).read_text()
+    text = _template(name)
 
     def substitute(m: re.Match[str]) -> str:
         if m.group(1) not in values:
