@@ -175,6 +175,6 @@ def main(system: Path, runs: int = 3) -> str:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import build  # noqa: I001
+    import build
 
     main(build.bench_system(), int(os.environ.get("BENCH_RUNS", "3")))
