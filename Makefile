@@ -10,6 +10,7 @@ DEBIAN_PACKAGES := python3-venv
 DEBIAN_PACKAGES += squashfs-tools zstd xz-utils lz4 gzip busybox-static kmod
 DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
 DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
+DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 
 .PHONY: all deps venv test test-quick demo bench lint clean
 all: test
