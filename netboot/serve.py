@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from netboot.addresses import reachable_hosts
 from netboot.errors import NetbootError
 from netboot.http import make_app
 from netboot.machines import Machines
@@ -96,9 +97,8 @@ class Server:
             )
         except OSError as e:
             raise NetbootError(f"cannot listen for TFTP on {where.url('tftp')}: {e.strerror}") from e
-        port = self._tftp.addresses[0][1]
-        self.tftp_port = port
-        log.info("tftp: serving %s/boot.ipxe", where.url("tftp", port))
+        self.tftp_port = self._tftp.addresses[0][1]
+        await _announce("tftp", where, self.tftp_port)
 
     def _tftp_logged(self, stats: TransferStats) -> None:
         mac, profile = self.namespace.who(stats.filename)
@@ -116,7 +116,7 @@ class Server:
             raise NetbootError(f"cannot listen for HTTP on {self.opts.http.url('http')}: {e.strerror}") from e
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         self.http_port = sockets[0].getsockname()[1] if sockets else self.opts.http.port
-        log.info("http: serving %s/boot.ipxe", self.opts.http.url("http", self.http_port))
+        await _announce("http", self.opts.http, self.http_port)
 
     def reload(self) -> None:
         """Re-read the machines file now (SIGHUP); a file with an error keeps the previous configuration."""
@@ -160,6 +160,15 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()
         self.namespace.close()
+
+
+async def _announce(scheme: str, where: Endpoint, port: int) -> None:
+    """Log the URL of boot.ipxe, and for a wildcard address the URL on each interface (what DHCP should hand out)."""
+    log.info("%s: serving %s/boot.ipxe", scheme, where.url(scheme, port))
+    if where.host in ("0.0.0.0", "::"):
+        # pyroute2's synchronous API runs its own event loop, so not on this one.
+        for host in await asyncio.to_thread(reachable_hosts, where.host):
+            log.info("%s:   reachable as %s/boot.ipxe", scheme, Endpoint(host, port).url(scheme))
 
 
 def tftp_resolver(namespace: Namespace) -> Resolver:

@@ -1,0 +1,33 @@
+"""This machine's interface addresses (pyroute2), for telling the operator which URLs reach the server."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from pyroute2 import IPRoute
+
+
+def interface_addresses(family: int | None = None) -> list[tuple[str, str]]:
+    """(interface, address) of every address except loopback and IPv6 link-local ones."""
+    found = []
+    with IPRoute() as ip:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ip.get_links()}
+        for a in ip.get_addr(family=family or 0):
+            address = a.get_attr("IFA_ADDRESS")
+            if address is None:
+                continue
+            parsed = ipaddress.ip_address(address)
+            if parsed.is_loopback or parsed.is_link_local:
+                continue
+            found.append((names.get(a["index"], "?"), address))
+    return found
+
+
+def reachable_hosts(bound: str) -> list[str]:
+    """The addresses clients can use for a socket bound to `bound`: itself, or every interface's for a wildcard."""
+    if bound == "0.0.0.0":
+        return [addr for _, addr in interface_addresses(socket.AF_INET)]
+    if bound == "::":  # a dual-stack socket
+        return [addr for _, addr in interface_addresses()]
+    return [bound]
