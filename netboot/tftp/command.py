@@ -10,8 +10,9 @@ import sys
 
 from netboot.errors import NetbootError
 from netboot.tftp.content import FileSystemResolver
-from netboot.tftp.server import TftpConfig, format_peer, start_tftp_server
+from netboot.tftp.server import TftpConfig, start_tftp_server
 from netboot.tftp.session import SessionConfig
+from netboot.tftp.transfer import format_peer
 
 log = logging.getLogger("netboot.tftp")
 
@@ -58,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"retransmissions before a transfer is dropped (default {s.retries})")
     g.add_argument("--tftp-idle-timeout", type=_positive(float), default=s.idle_timeout, metavar="SECONDS",
                    help=f"drop a transfer without progress for this long (default {s.idle_timeout:g})")
+    g.add_argument("--tftp-workers", type=int, default=0, metavar="N",
+                   help="processes that run file transfers on other cores (default 0: all in this one)")
     g.add_argument("--tftp-no-mtu", action="store_true",
                    help="do not cap blksize to the MTU of the interface a request arrives on")
 
@@ -73,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> TftpConfig:
             idle_timeout=args.tftp_idle_timeout,
         )
         return TftpConfig(session=session, max_transfers=args.tftp_max_transfers,
-                          max_per_source=args.tftp_max_per_source, use_mtu=not args.tftp_no_mtu)
+                          max_per_source=args.tftp_max_per_source, use_mtu=not args.tftp_no_mtu,
+                          workers=args.tftp_workers)
     except ValueError as e:
         raise NetbootError(str(e)) from None
 

@@ -145,7 +145,7 @@ def tftp_server(tftp_root: Path) -> Iterator[Callable[..., ServerThread]]:
         server.stop()
 
 
-@pytest.fixture
-def served(tftp_server: Callable[..., ServerThread]) -> ServerThread:
-    """The server with its defaults, on 127.0.0.1."""
-    return tftp_server()
+@pytest.fixture(params=[0, 2], ids=["in-process", "workers"])
+def served(tftp_server: Callable[..., ServerThread], request: pytest.FixtureRequest) -> ServerThread:
+    """The server with its defaults on 127.0.0.1: transfers in its own loop, then in two worker processes."""
+    return tftp_server(config=TftpConfig(workers=request.param))

@@ -95,9 +95,10 @@ def test_a_different_request_from_the_same_port_replaces_the_transfer(served: Se
 
 def test_a_new_request_right_after_the_last_ack_finds_the_transfer_complete(served: ServerThread,
                                                                             peer: Peer) -> None:
-    # The final ACK (or EDK2's ERROR 8) to the transfer port and the next request to the listening port race.
-    for _ in range(20):
-        peer.request(served.port, "small.bin", (("blksize", "1468"),))
+    # The final ACK (or EDK2's ERROR 8) to the transfer port and the next request to the listening port race;
+    # the next request differs, as EDK2's after its size probe does.
+    for i in range(20):
+        peer.request(served.port, "small.bin", (("blksize", str(1468 - i % 2)),))
         _, tid = peer.receive()
         peer.send(packets.build_ack(0), tid)
         peer.receive()
@@ -309,3 +310,19 @@ def test_command_line_rejects_bad_arguments(tmp_path: Path) -> None:
                                 timeout=30)
         assert result.returncode == 2, (args, result.stderr)
         assert "error" in result.stderr
+
+
+def test_a_worker_that_dies_is_reported_and_serving_goes_on(tftp_server: Callable[..., ServerThread],
+                                                             peer: Peer, tftp_root: Path) -> None:
+    served = tftp_server(config=TftpConfig(workers=1))
+    peer.request(served.port, "3m.bin")
+    assert isinstance(peer.receive()[0], Data)
+    pool = served.server._pool  # type: ignore[union-attr]
+    assert pool is not None
+    process = pool.workers[0].process
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+    (stats,) = served.wait_stats(1)
+    assert stats.outcome == "cancelled" and stats.detail == "worker exited" and stats.filename == "3m.bin"
+    with Peer() as again:  # no worker left: transfers run in the server's own loop
+        assert again.download(served.port, "small.bin") == (tftp_root / "small.bin").read_bytes()
