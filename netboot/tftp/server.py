@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -143,6 +144,7 @@ class TftpServer:
         self._idle.set()
         self._overloaded = 0
         self._overload_logged = 0.0
+        self._closing = False
 
     # -- public ------------------------------------------------------------------------------------------
 
@@ -177,6 +179,7 @@ class TftpServer:
 
     def close(self) -> None:
         """Stop listening and cancel every transfer (each peer gets an ERROR)."""
+        self._closing = True
         for sock in self._listeners:
             self.loop.remove_reader(sock.fileno())
             sock.close()
@@ -185,9 +188,13 @@ class TftpServer:
             transfer.cancel("server shutting down")
 
     async def wait_closed(self) -> None:
-        await self._idle.wait()
-        if self._pool is not None:
-            await self._pool.close()
+        """Wait until every transfer has ended; after `close()` (which told each), the workers stop too."""
+        if self._pool is None or not self._closing:
+            await self._idle.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 10)  # the workers report the cancelled transfers
+        await self._pool.close()
 
     async def __aenter__(self) -> TftpServer:
         return self

@@ -88,7 +88,8 @@ class Worker:
             _send(self.control, message, fds)
         except OSError as e:
             log.error("TFTP worker %d is unreachable: %s", self.process.pid, e)
-            self._lost()
+            self.close()
+            self.lost()
 
     def start(self, tid: int, datagram: bytes, request: Request, content: FileContent, sock: socket.socket,
               peer: Peer, blksize_limit: int | None) -> RemoteTransfer:
@@ -110,7 +111,8 @@ class Worker:
                 log.error("TFTP worker %d exited (status %s)", self.process.pid, self.process.poll())
                 if not self.ready.done():
                     self.ready.set_exception(OSError(f"TFTP worker {self.process.pid} did not start"))
-                self._lost()
+                self.close()
+                self.lost()
                 return
             kind, tid, stats = pickle.loads(data)
             if kind == "ready":
@@ -121,11 +123,8 @@ class Worker:
             if transfer is not None:
                 self.pool.on_done(transfer, stats)
 
-    def _lost(self) -> None:
-        if self in self.pool.workers:
-            self.pool.workers.remove(self)
-            self.pool.loop.remove_reader(self.control.fileno())
-            self.control.close()
+    def lost(self) -> None:
+        """Report the transfers this worker will never report on."""
         for tid, transfer in list(self.transfers.items()):
             del self.transfers[tid]
             stats = TransferStats(format_peer(transfer.peer), transfer.filename, (), 0, 0, 0.0, 0,
@@ -166,12 +165,20 @@ class WorkerPool:
         content.close()
         return transfer
 
-    async def close(self) -> None:
-        processes = [w.process for w in self.workers]
-        for worker in list(self.workers):
+    async def close(self, timeout: float = 10) -> None:
+        """Stop every worker: the ones that do not exit within `timeout` are killed, and the transfers any
+        worker still had are reported as cancelled."""
+        workers = list(self.workers)
+        for worker in workers:
             worker.close()
-        for process in processes:
-            await asyncio.to_thread(process.wait)
+        for worker in workers:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(worker.process.wait), timeout)
+            except TimeoutError:
+                log.error("TFTP worker %d did not exit; killing it", worker.process.pid)
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.wait)
+            worker.lost()
 
 
 # -- the worker's side -------------------------------------------------------------------------------------
@@ -288,8 +295,10 @@ class _Loop:
 
 
 def main(argv: list[str]) -> int:
-    # Ctrl-C reaches the whole process group; the server decides when transfers end, and tells us by EOF.
+    # Ctrl-C, or a service manager's SIGTERM, reaches every process of the group; the server decides when
+    # transfers end, and tells the worker by closing its end of the control socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     control = socket.socket(fileno=int(argv[0]))
     _send(control, ("ready", 0, None))
     control.setblocking(False)

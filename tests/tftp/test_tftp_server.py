@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerThread, tool
+from conftest import EACH, ServerThread, tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawtftp import Peer
@@ -40,6 +40,7 @@ def test_transfer_comes_from_its_own_port_and_the_address_asked(
         assert packets.parse(data) == Data(1, (tftp_root / "small.bin").read_bytes()[:512])
 
 
+@EACH
 def test_stranger_gets_error_5_and_the_transfer_goes_on(served: ServerThread, peer: Peer, tftp_root: Path
                                                         ) -> None:
     peer.request(served.port, "3m.bin")
@@ -68,6 +69,7 @@ def test_retransmitted_request_does_not_start_a_second_transfer(tftp_server: Cal
     assert stats.outcome == "timed out" and stats.retransmissions == 2
 
 
+@EACH
 def test_one_transfer_per_repeated_request(served: ServerThread, peer: Peer) -> None:
     for _ in range(5):
         peer.request(served.port, "small.bin")
@@ -82,6 +84,7 @@ def test_one_transfer_per_repeated_request(served: ServerThread, peer: Peer) -> 
     assert served.call(lambda: served.server.transfers) == 0  # type: ignore[union-attr]
 
 
+@EACH
 def test_a_different_request_from_the_same_port_replaces_the_transfer(served: ServerThread, peer: Peer
                                                                       ) -> None:
     peer.request(served.port, "3m.bin")
@@ -93,6 +96,7 @@ def test_a_different_request_from_the_same_port_replaces_the_transfer(served: Se
     assert stats.filename == "3m.bin" and stats.outcome == "cancelled" and "superseded" in stats.detail
 
 
+@EACH
 def test_a_new_request_right_after_the_last_ack_finds_the_transfer_complete(served: ServerThread,
                                                                             peer: Peer) -> None:
     # The final ACK (or EDK2's ERROR 8) to the transfer port and the next request to the listening port race;
@@ -116,6 +120,7 @@ def test_oack_order_follows_the_request(served: ServerThread, peer: Peer, tftp_r
     assert oack == OptionAck((("windowsize", "4"), ("tsize", size), ("blksize", "1024"), ("timeout", "2")))
 
 
+@EACH
 def test_size_probe_then_real_download(served: ServerThread, peer: Peer, tftp_root: Path) -> None:
     # EDK2: tsize only, ERROR 8 on the OACK, then a fresh request for the data.
     peer.request(served.port, "3m.bin", (("tsize", "0"),))
