@@ -4,9 +4,9 @@ Everything protocol-shaped happens in `session.Session`; this module only moves 
 socket receives requests with recvmsg() to learn which local address and interface each was sent to;
 every transfer then gets its own socket bound to that address with a fresh port (RFC 1350 §4: the server's
 TID). Transfer sockets are plain non-blocking sockets under `loop.add_reader` rather than DatagramProtocols,
-so that the same `transfer.Transfer` runs here and in the worker processes, and drains its socket without
-the transport's per-datagram layers. With `workers`, file transfers run in worker processes (`worker.py`)
-on the other cores, while requests, limits and logging stay here.
+so that the same `transfer.Transfer` runs here and in the worker processes' epoll loops, without a
+transport's layers on the per-packet path. With `workers`, file transfers run in worker processes
+(`worker.py`) on the other cores, while requests, limits and logging stay here.
 """
 
 from __future__ import annotations

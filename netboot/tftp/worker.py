@@ -83,20 +83,22 @@ class Worker:
         self.ready: asyncio.Future[None] = pool.loop.create_future()
         pool.loop.add_reader(self.control.fileno(), self._readable)
 
-    def tell(self, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
+    def tell(self, message: tuple[Any, ...], fds: list[int] | None = None) -> bool:
         try:
             _send(self.control, message, fds)
         except OSError as e:
             log.error("TFTP worker %d is unreachable: %s", self.process.pid, e)
             self.close()
             self.lost()
+            return False
+        return True
 
     def start(self, tid: int, datagram: bytes, request: Request, content: FileContent, sock: socket.socket,
-              peer: Peer, blksize_limit: int | None) -> RemoteTransfer:
-        transfer = RemoteTransfer(self, tid, peer, datagram, request.filename)
-        self.transfers[tid] = transfer
+              peer: Peer, blksize_limit: int | None) -> RemoteTransfer | None:
         message = ("start", tid, request, content.size, peer, blksize_limit, self.pool.config)
-        self.tell(message, [sock.fileno(), content.fd])
+        if not self.tell(message, [sock.fileno(), content.fd]):
+            return None
+        transfer = self.transfers[tid] = RemoteTransfer(self, tid, peer, datagram, request.filename)
         return transfer
 
     def _readable(self) -> None:
@@ -134,6 +136,7 @@ class Worker:
     def close(self) -> None:
         if self in self.pool.workers:
             self.pool.workers.remove(self)
+            self.pool.retired.append(self)
             self.pool.loop.remove_reader(self.control.fileno())
             self.control.close()  # the worker sees EOF, ends what it still runs, and exits
 
@@ -145,6 +148,7 @@ class WorkerPool:
         self.config = config
         self.on_done = on_done
         self.workers: list[Worker] = []
+        self.retired: list[Worker] = []  # closed, and to be waited for
         self._ids = itertools.count(1)
         for _ in range(count):
             self.workers.append(Worker(self))
@@ -156,21 +160,21 @@ class WorkerPool:
 
     def start(self, datagram: bytes, request: Request, content: FileContent, sock: socket.socket, peer: Peer,
               blksize_limit: int | None) -> RemoteTransfer | None:
-        """Hand the transfer to the least busy worker; None when no worker is left."""
-        if not self.workers:
-            return None
-        worker = min(self.workers, key=lambda w: len(w.transfers))
-        transfer = worker.start(next(self._ids), datagram, request, content, sock, peer, blksize_limit)
-        sock.close()  # the worker has its own copies of both descriptors now
-        content.close()
-        return transfer
+        """Hand the transfer to the least busy worker; None when no worker is left to take it."""
+        for worker in sorted(self.workers, key=lambda w: len(w.transfers)):
+            transfer = worker.start(next(self._ids), datagram, request, content, sock, peer, blksize_limit)
+            if transfer is not None:
+                sock.close()  # the worker has its own copies of both descriptors now
+                content.close()
+                return transfer
+        return None
 
     async def close(self, timeout: float = 10) -> None:
         """Stop every worker: the ones that do not exit within `timeout` are killed, and the transfers any
         worker still had are reported as cancelled."""
-        workers = list(self.workers)
-        for worker in workers:
+        for worker in list(self.workers):
             worker.close()
+        workers, self.retired = self.retired, []
         for worker in workers:
             try:
                 await asyncio.wait_for(asyncio.to_thread(worker.process.wait), timeout)
