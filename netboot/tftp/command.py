@@ -87,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="directory to serve")
     p.add_argument("--listen", type=parse_listen, action="append", metavar="ADDR:PORT",
                    help="address to listen on, repeatable (default [::]:69, IPv6 and IPv4)")
+    p.add_argument("--interface", metavar="NAME",
+                   help="answer only requests arriving on this network interface (the boot network's)")
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
                    help="a directory symlinks under the root may point into, e.g. /nix/store (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings, not each transfer")
@@ -98,9 +100,14 @@ async def serve(args: argparse.Namespace) -> None:
     resolver = FileSystemResolver(args.root, args.allow_root)
     config = config_from_args(args)
     listen = args.listen or [("::", 69)]
-    server = await start_tftp_server([h for h, _ in listen[:1]], listen[0][1], resolver, config)
-    for host, port in listen[1:]:
-        server.listen(host, port)
+    server = await start_tftp_server(listen[0][0], listen[0][1], resolver, config, interface=args.interface)
+    try:
+        for host, port in listen[1:]:
+            server.listen(host, port, args.interface)
+    except OSError:
+        server.close()
+        await server.wait_closed()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -287,21 +287,22 @@ def test_fuzzed_datagrams_never_break_the_server(fuzz_target: tuple[ServerThread
 
 
 def test_command_line_server(tftp_root: Path, tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "netboot.tftp", "--root", str(tftp_root), "--listen",
-                             "127.0.0.1:0", "--tftp-max-transfers", "4"], stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "netboot.tftp", "--root", str(tftp_root), "--listen", "127.0.0.1:0",
+            "--listen", "[::1]:0", "--interface", "lo", "--tftp-max-transfers", "4"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "listening on 127.0.0.1:" in line, line
-        port = int(line.rsplit(":", 1)[1])
-        out = tmp_path / "out"
-        result = subprocess.run([tool("curl"), "-sS", "--tftp-blksize", "1468", "-o", str(out),
-                                 f"tftp://127.0.0.1:{port}/3m.bin"],
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        assert out.read_bytes() == (tftp_root / "3m.bin").read_bytes()
-        log = proc.stderr.readline()
-        assert "'3m.bin'" in log and "complete" in log and "blksize=1468" in log, log
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+        assert "listening on 127.0.0.1:" in lines[0] and "listening on [::1]:" in lines[1], lines
+        for line, host in zip(lines, ("127.0.0.1", "[::1]"), strict=True):
+            port = int(line.rsplit(":", 1)[1])
+            out = tmp_path / "out"
+            curl = [tool("curl"), "-sS", "--tftp-blksize", "1468", "-o", str(out), f"tftp://{host}:{port}/3m.bin"]
+            result = subprocess.run(curl, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            assert out.read_bytes() == (tftp_root / "3m.bin").read_bytes()
+            log = proc.stderr.readline()
+            assert "'3m.bin'" in log and "complete" in log and "blksize=1468" in log, log
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
