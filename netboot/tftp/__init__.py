@@ -19,8 +19,9 @@ from netboot.tftp.content import (
     NotFound,
     Resolver,
 )
-from netboot.tftp.server import TftpConfig, TftpServer, TransferStats, start_tftp_server
+from netboot.tftp.server import TftpConfig, TftpServer, start_tftp_server
 from netboot.tftp.session import SessionConfig
+from netboot.tftp.transfer import TransferStats
 
 __all__ = [
     "AccessDenied",

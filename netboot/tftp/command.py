@@ -10,8 +10,9 @@ import sys
 
 from netboot.errors import NetbootError
 from netboot.tftp.content import FileSystemResolver
-from netboot.tftp.server import TftpConfig, format_peer, start_tftp_server
+from netboot.tftp.server import TftpConfig, start_tftp_server
 from netboot.tftp.session import SessionConfig
+from netboot.tftp.transfer import format_peer
 
 log = logging.getLogger("netboot.tftp")
 
@@ -58,6 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"retransmissions before a transfer is dropped (default {s.retries})")
     g.add_argument("--tftp-idle-timeout", type=_positive(float), default=s.idle_timeout, metavar="SECONDS",
                    help=f"drop a transfer without progress for this long (default {s.idle_timeout:g})")
+    g.add_argument("--tftp-workers", type=int, default=0, metavar="N",
+                   help="processes that run file transfers on other cores (default 0: all in this one)")
     g.add_argument("--tftp-no-mtu", action="store_true",
                    help="do not cap blksize to the MTU of the interface a request arrives on")
 
@@ -73,7 +76,8 @@ def config_from_args(args: argparse.Namespace) -> TftpConfig:
             idle_timeout=args.tftp_idle_timeout,
         )
         return TftpConfig(session=session, max_transfers=args.tftp_max_transfers,
-                          max_per_source=args.tftp_max_per_source, use_mtu=not args.tftp_no_mtu)
+                          max_per_source=args.tftp_max_per_source, use_mtu=not args.tftp_no_mtu,
+                          workers=args.tftp_workers)
     except ValueError as e:
         raise NetbootError(str(e)) from None
 
@@ -83,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="directory to serve")
     p.add_argument("--listen", type=parse_listen, action="append", metavar="ADDR:PORT",
                    help="address to listen on, repeatable (default [::]:69, IPv6 and IPv4)")
+    p.add_argument("--interface", metavar="NAME",
+                   help="answer only requests arriving on this network interface (the boot network's)")
     p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
                    help="a directory symlinks under the root may point into, e.g. /nix/store (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="log only warnings, not each transfer")
@@ -94,9 +100,14 @@ async def serve(args: argparse.Namespace) -> None:
     resolver = FileSystemResolver(args.root, args.allow_root)
     config = config_from_args(args)
     listen = args.listen or [("::", 69)]
-    server = await start_tftp_server([h for h, _ in listen[:1]], listen[0][1], resolver, config)
-    for host, port in listen[1:]:
-        server.listen(host, port)
+    server = await start_tftp_server(listen[0][0], listen[0][1], resolver, config, interface=args.interface)
+    try:
+        for host, port in listen[1:]:
+            server.listen(host, port, args.interface)
+    except OSError:
+        server.close()
+        await server.wait_closed()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

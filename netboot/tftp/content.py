@@ -64,18 +64,31 @@ class BytesContent:
 
 
 class FileContent:
-    """An open regular file, read with pread(2) so that no offset is shared and no whole file is loaded."""
+    """An open regular file, read with pread(2) so that no offset is shared and no whole file is loaded.
+
+    Reads go through a small read-ahead buffer: a lock-step transfer asks for one block at a time, and one
+    system call per 64 KiB instead of one per block is a tenth of the server's work per packet."""
+
+    READ_AHEAD = 64 * 1024
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = fd
         self._size = size
+        self._buffer = b""
+        self._buffer_offset = 0
 
     @property
     def size(self) -> int:
         return self._size
 
     def read(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
+        start = offset - self._buffer_offset
+        if start < 0 or start + length > len(self._buffer):
+            self._buffer = os.pread(self.fd, max(length, self.READ_AHEAD), offset)
+            self._buffer_offset, start = offset, 0
+            if length >= len(self._buffer):
+                return self._buffer
+        return self._buffer[start : start + length]
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -1,15 +1,19 @@
 """The asyncio side of the TFTP server: sockets, timers, limits and one log line per transfer.
 
-Everything protocol-shaped happens in `session.Session`; this module only moves datagrams between sockets
-and sessions. The listening socket receives requests with recvmsg() to learn which local address and
-interface each was sent to; every transfer then gets its own socket bound to that address with a fresh port
-(RFC 1350 §4: the server's TID), driven by a `DatagramProtocol`.
+Everything protocol-shaped happens in `session.Session`; this module only moves datagrams. The listening
+socket receives requests with recvmsg() to learn which local address and interface each was sent to;
+every transfer then gets its own socket bound to that address with a fresh port (RFC 1350 §4: the server's
+TID). Transfer sockets are plain non-blocking sockets under `loop.add_reader` rather than DatagramProtocols,
+so that the same `transfer.Transfer` runs here and in the worker processes' epoll loops, without a
+transport's layers on the per-packet path. With `workers`, file transfers run in worker processes
+(`worker.py`) on the other cores, while requests, limits and logging stay here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -17,11 +21,14 @@ import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from netboot.tftp import mtu, packets
-from netboot.tftp.content import ContentError, Peer, Resolver
+from netboot.tftp.content import ContentError, FileContent, Peer, Resolver
 from netboot.tftp.packets import RRQ, WRQ, ErrorCode, PacketError
 from netboot.tftp.session import Session, SessionConfig
+from netboot.tftp.transfer import Transfer, TransferStats, format_peer
+from netboot.tftp.worker import RemoteTransfer, WorkerPool
 
 log = logging.getLogger("netboot.tftp")
 
@@ -29,7 +36,6 @@ _IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # linux/in.h; exported by the so
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _RECV_SIZE = 65536
-_UNKNOWN_TID = packets.build_error(ErrorCode.UNKNOWN_TID, "unknown transfer ID")
 _OVERLOAD_LOG_INTERVAL = 10.0
 
 
@@ -39,37 +45,13 @@ class TftpConfig:
     max_transfers: int = 64  # dnsmasq's tftp-max is 50
     max_per_source: int = 8  # transfers at once from one address
     use_mtu: bool = True  # cap blksize to the MTU of the interface a request came in on
+    workers: int = 0  # processes that run file transfers on other cores; 0 runs everything in this loop
 
     def __post_init__(self) -> None:
         if self.max_transfers < 1 or self.max_per_source < 1:
             raise ValueError("transfer limits must be at least 1")
-
-
-@dataclass(frozen=True)
-class TransferStats:
-    """What one finished transfer did; logged as one line and handed to `on_transfer`."""
-
-    peer: str
-    filename: str
-    options: tuple[tuple[str, str], ...]
-    size: int
-    bytes_sent: int
-    duration: float
-    retransmissions: int
-    outcome: str
-    detail: str
-
-    def line(self) -> str:
-        options = " ".join(f"{k}={v}" for k, v in self.options) or "no options"
-        detail = f" ({self.detail})" if self.detail else ""
-        return (f"{self.peer} {self.filename!r} [{options}]: {self.outcome}{detail}, "
-                f"{self.bytes_sent}/{self.size} bytes in {self.duration:.3f}s, "
-                f"{self.retransmissions} retransmissions")
-
-
-def format_peer(peer: Peer) -> str:
-    host, port = peer[0], peer[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self.workers < 0:
+            raise ValueError("the number of workers cannot be negative")
 
 
 def _source(peer: Peer) -> str:
@@ -84,98 +66,52 @@ def _source(peer: Peer) -> str:
     return str(address)
 
 
-class _Transfer(asyncio.DatagramProtocol):
-    """One session on its own socket. The retransmission timer is lazy: sends only move `session.deadline`,
-    and the loop timer is re-armed when it fires early, so the per-packet path schedules nothing."""
+class _LocalTransfer:
+    """A transfer on this event loop. Its retransmission timer is lazy: sends only move `session.deadline`,
+    and the loop timer re-arms when it fires early, so the per-packet path schedules nothing."""
 
-    def __init__(self, server: TftpServer, key: Peer, datagram: bytes, session: Session, sock: socket.socket,
-                 peer: Peer) -> None:
+    def __init__(self, server: TftpServer, transfer: Transfer, datagram: bytes) -> None:
         self.server = server
-        self.key = key
+        self.transfer = transfer
+        self.peer = transfer.peer
         self.datagram = datagram
-        self.session = session
-        self.sock = sock
-        self.peer = peer
         self.loop = server.loop
-        self.transport: asyncio.DatagramTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closed = False
-        self._task = self.loop.create_task(self.loop.create_datagram_endpoint(lambda: self, sock=sock))
-        self._task.add_done_callback(self._connected)
 
-    def _connected(self, task: asyncio.Task[object]) -> None:
-        if task.cancelled() or task.exception() is not None:
-            self.session.cancel(self.loop.time(), "cannot set up the transfer socket")
-            self._close()
+    def start(self) -> None:
+        self.loop.add_reader(self.transfer.sock.fileno(), self._readable)
+        self.transfer.start()
+        self._after()
 
-    # -- asyncio callbacks -------------------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # a datagram transport, not declared as one
-        if self.session.finished:  # cancelled before the socket was ready
-            self._close()
-            return
-        self._after(self.session.start(self.loop.time()))
-
-    def datagram_received(self, data: bytes, addr: Peer) -> None:
-        if addr != self.peer and addr[:2] != self.peer[:2]:
-            # RFC 1350 §4: a packet from another TID gets ERROR 5, and the transfer goes on.
-            assert self.transport is not None
-            self.transport.sendto(_UNKNOWN_TID, addr)
-            return
-        self._after(self.session.receive(data, self.loop.time()))
-
-    def error_received(self, exc: Exception) -> None:
-        pass  # ICMP errors for UDP: the retransmission timer decides when the peer is gone
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._close()
-
-    # -- driving the session -----------------------------------------------------------------------------
-
-    def _after(self, datagrams: list[bytes]) -> None:
-        transport = self.transport
-        assert transport is not None
-        for datagram in datagrams:
-            transport.sendto(datagram, self.peer)
-        session = self.session
-        if session.finished:
-            self._close()
-        elif session.deadline is not None and (self._timer is None or session.deadline < self._timer_at):
-            self._arm(session.deadline)
-
-    def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = when
-        self._timer = self.loop.call_at(when, self._expired)
+    def _readable(self) -> None:
+        self.transfer.readable()
+        self._after()
 
     def _expired(self) -> None:
         self._timer = None
-        self._after(self.session.expire(self.loop.time()))
-        if not self.session.finished and self._timer is None and self.session.deadline is not None:
-            self._arm(self.session.deadline)
+        self.transfer.expire()
+        self._after()
 
-    def supersede(self) -> None:
-        """The peer sent a new request from the same port: finish on what it sent before, else end quietly.
+    def _after(self) -> None:
+        session = self.transfer.session
+        if session.finished:
+            self._close()
+        elif session.deadline is not None and (self._timer is None or session.deadline < self._timer_at):
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = session.deadline
+            self._timer = self.loop.call_at(session.deadline, self._expired)
 
-        Datagrams still queued for this transfer (the final ACK, EDK2's ERROR 8 after its size probe) are
-        read first so that the outcome is right; no ERROR is sent, since a client that has moved on could
-        take it for the answer to its new request."""
-        while not self.session.finished:
-            try:
-                data, addr = self.sock.recvfrom(_RECV_SIZE)
-            except OSError:
-                break
-            self.datagram_received(data, addr)
-        self.cancel("superseded by a new request", tell_peer=False)
+    def supersede(self, request: tuple[Any, ...]) -> None:
+        self.transfer.supersede()
+        self._after()
+        self.server._request(*request)
 
     def cancel(self, reason: str, *, tell_peer: bool = True) -> None:
-        datagrams = self.session.cancel(self.loop.time(), reason, tell_peer=tell_peer)
-        if self.transport is not None:
-            self._after(datagrams)
-        # otherwise connection_made() sees the finished session and closes
+        self.transfer.cancel(reason, tell_peer=tell_peer)
+        self._after()
 
     def _close(self) -> None:
         if self._closed:
@@ -183,12 +119,10 @@ class _Transfer(asyncio.DatagramProtocol):
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
-        if self.transport is not None:
-            self.transport.close()
-        else:
-            self.sock.close()
-        self.session.content.close()
-        self.server._finished(self)
+        self.loop.remove_reader(self.transfer.sock.fileno())
+        stats = self.transfer.stats()
+        self.transfer.close()
+        self.server._finished(self, stats)
 
 
 class TftpServer:
@@ -202,12 +136,15 @@ class TftpServer:
         self.loop = asyncio.get_running_loop()
         self.addresses: list[Peer] = []
         self._listeners: list[socket.socket] = []
-        self._transfers: dict[Peer, _Transfer] = {}
+        self._transfers: dict[Peer, _LocalTransfer | RemoteTransfer] = {}
+        self._pool = WorkerPool(self.config.workers, self.config.session, self._finished) if (
+            self.config.workers) else None
         self._per_source: collections.Counter[str] = collections.Counter()
         self._idle = asyncio.Event()
         self._idle.set()
         self._overloaded = 0
         self._overload_logged = 0.0
+        self._closing = False
 
     # -- public ------------------------------------------------------------------------------------------
 
@@ -242,6 +179,7 @@ class TftpServer:
 
     def close(self) -> None:
         """Stop listening and cancel every transfer (each peer gets an ERROR)."""
+        self._closing = True
         for sock in self._listeners:
             self.loop.remove_reader(sock.fileno())
             sock.close()
@@ -250,7 +188,13 @@ class TftpServer:
             transfer.cancel("server shutting down")
 
     async def wait_closed(self) -> None:
-        await self._idle.wait()
+        """Wait until every transfer has ended; after `close()` (which told each), the workers stop too."""
+        if self._pool is None or not self._closing:
+            await self._idle.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), 10)  # the workers report the cancelled transfers
+        await self._pool.close()
 
     async def __aenter__(self) -> TftpServer:
         return self
@@ -291,9 +235,14 @@ class TftpServer:
         key = peer[:2]
         current = self._transfers.get(key)
         if current is not None:
-            if current.datagram == data:
-                return  # a retransmitted request, answered by the running transfer's own timer (py3tftp #19)
-            current.supersede()
+            if current.datagram != data:
+                # The peer has moved on: its transfer ends, then this request is handled afresh (for a
+                # worker's transfer, once the worker reports it ended).
+                current.supersede((data, peer, local, ifindex, family))
+            # Otherwise a retransmitted request, answered by the running transfer's own timer: a second
+            # transfer must not start (py3tftp #19). A client that asks for the same file again from the
+            # same port right after its final ACK may be taken for one, and retransmits once.
+            return
         try:
             request = packets.parse_request(data)
         except PacketError as e:
@@ -330,11 +279,19 @@ class TftpServer:
         if self.config.use_mtu and ifindex:
             ipv6 = family == socket.AF_INET6 and not local.startswith("::ffff:")
             limit = mtu.blksize_limit(mtu.interface_mtu(ifindex), ipv6)
-        session = Session(request, content, self.config.session, now=self.loop.time(), blksize_limit=limit)
-        transfer = _Transfer(self, key, data, session, sock, peer)
+        transfer: _LocalTransfer | RemoteTransfer | None = None
+        if self._pool is not None and isinstance(content, FileContent):
+            transfer = self._pool.start(data, request, content, sock, peer, limit)
+        local = None
+        if transfer is None:
+            session = Session(request, content, self.config.session, now=self.loop.time(),
+                              blksize_limit=limit)
+            transfer = local = _LocalTransfer(self, Transfer(session, sock, peer), data)
         self._transfers[key] = transfer
         self._per_source[source] += 1
         self._idle.clear()
+        if local is not None:
+            local.start()
 
     def _transfer_socket(self, family: int, local: str, ifindex: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -371,30 +328,21 @@ class TftpServer:
             self._overload_logged = now
             self._overloaded = 0
 
-    def _finished(self, transfer: _Transfer) -> None:
-        if self._transfers.get(transfer.key) is transfer:
-            del self._transfers[transfer.key]
+    def _finished(self, transfer: _LocalTransfer | RemoteTransfer, stats: TransferStats) -> None:
+        key = transfer.peer[:2]
+        if self._transfers.get(key) is transfer:
+            del self._transfers[key]
         source = _source(transfer.peer)
         self._per_source[source] -= 1
         if self._per_source[source] <= 0:
             del self._per_source[source]
         if not self._transfers:
             self._idle.set()
-        session = transfer.session
-        stats = TransferStats(
-            peer=format_peer(transfer.peer),
-            filename=session.request.filename,
-            options=session.negotiation.accepted,
-            size=session.size,
-            bytes_sent=session.bytes_sent,
-            duration=(session.ended or self.loop.time()) - session.started,
-            retransmissions=session.retransmissions,
-            outcome=str(session.outcome),
-            detail=session.detail,
-        )
         log.info("%s", stats.line())
         if self.on_transfer is not None:
             self.on_transfer(stats)
+        if isinstance(transfer, RemoteTransfer) and transfer.pending is not None:
+            self._request(*transfer.pending)  # the request that superseded it
 
 
 async def start_tftp_server(host: str | Iterable[str], port: int, resolver: Resolver,
@@ -405,10 +353,13 @@ async def start_tftp_server(host: str | Iterable[str], port: int, resolver: Reso
     Returns the running server; `close()` stops it."""
     server = TftpServer(resolver, config, on_transfer)
     try:
+        if server._pool is not None:
+            await server._pool.ready()
         for h in [host] if isinstance(host, str) else host:
             server.listen(h, port, interface)
-    except OSError:
+    except (OSError, TimeoutError):
         server.close()
+        await server.wait_closed()
         raise
     return server
 

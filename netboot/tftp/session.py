@@ -225,39 +225,41 @@ class Session:
     def _send(self, now: float) -> list[bytes]:
         """DATA from the block after the last acknowledged one, a window's worth (RFC 7440 §4)."""
         first = self._acked + 1
-        end = first + self.windowsize  # exclusive
-        if self._last is not None and end > self._last + 1:
-            end = self._last + 1
-        out = []
         try:
-            for n in range(first, end):
-                out.append(packets.build_data(n, self._payload(n)))
-                if n == self._last:
-                    end = n + 1
-                    break
+            payloads = self._payloads(first)
         except (OSError, _ReadFailed) as e:
             self._finish(now, Outcome.READ_ERROR, str(e))
             return [packets.build_error(ErrorCode.NOT_DEFINED, "read error")]
+        last_sent = first + len(payloads) - 1
         if self._sent >= first:
-            self.retransmissions += min(self._sent, end - 1) - first + 1
-        if end - 1 > self._sent:
-            self._sent = end - 1
+            self.retransmissions += min(self._sent, last_sent) - first + 1
+        if last_sent > self._sent:
+            self._sent = last_sent
         self.deadline = now + self._rto
-        return out
+        build = packets.build_data
+        return [build(n, payload) for n, payload in enumerate(payloads, first)]
 
-    def _payload(self, n: int) -> bytes:
+    def _payloads(self, first: int) -> list[bytes]:
+        """Blocks `first`... of the window, up to the last block; one read for all of them."""
+        blksize = self.blksize
         if self._netascii:
-            payload = self._netascii.block(n)
-            if len(payload) < self.blksize:
-                self._last = n
-                self._last_length = len(payload)
-            return payload
-        offset = (n - 1) * self.blksize
-        payload = self.content.read(offset, self.blksize)
-        expected = min(self.blksize, self.size - offset)
-        if len(payload) != expected:
+            out = []
+            for n in range(first, first + self.windowsize):
+                payload = self._netascii.block(n)
+                out.append(payload)
+                if len(payload) < blksize:
+                    self._last, self._last_length = n, len(payload)
+                    break
+            return out
+        assert self._last is not None
+        count = min(self.windowsize, self._last - first + 1)
+        offset = (first - 1) * blksize
+        data = self.content.read(offset, count * blksize)
+        if len(data) != min(count * blksize, self.size - offset):
             raise _ReadFailed("file changed size while being sent")
-        return payload
+        if count == 1:
+            return [data]
+        return [data[i : i + blksize] for i in range(0, count * blksize, blksize)]
 
     def _finish(self, now: float, outcome: Outcome, detail: str = "") -> None:
         self.finished = True

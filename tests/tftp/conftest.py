@@ -146,6 +146,11 @@ def tftp_server(tftp_root: Path) -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture
-def served(tftp_server: Callable[..., ServerThread]) -> ServerThread:
-    """The server with its defaults, on 127.0.0.1."""
-    return tftp_server()
+def served(tftp_server: Callable[..., ServerThread], request: pytest.FixtureRequest) -> ServerThread:
+    """The server with its defaults on 127.0.0.1; transfers in its own event loop, or in as many worker
+    processes as the test's indirect parameter says (see `EACH`)."""
+    return tftp_server(config=TftpConfig(workers=getattr(request, "param", 0)))
+
+
+# Runs a test against the server running transfers in its own loop, then in two worker processes.
+EACH = pytest.mark.parametrize("served", [0, 2], ids=["in-process", "workers"], indirect=True)

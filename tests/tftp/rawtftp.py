@@ -37,15 +37,19 @@ class Peer:
         return packets.parse(data), addr[1]
 
     def nothing_within(self, seconds: float) -> bool:
+        timeout = self.sock.gettimeout()
         self.sock.settimeout(seconds)
         try:
             self.sock.recvfrom(70000)
         except TimeoutError:
             return True
+        finally:
+            self.sock.settimeout(timeout)
         return False
 
     def collect(self, quiet: float) -> list[tuple[packets.Packet, int]]:
         """Every packet that arrives until none has for `quiet` seconds, with the port it came from."""
+        timeout = self.sock.gettimeout()
         self.sock.settimeout(quiet)
         got = []
         try:
@@ -53,6 +57,8 @@ class Peer:
                 got.append(self.receive())
         except TimeoutError:
             return got
+        finally:
+            self.sock.settimeout(timeout)
 
     def download(self, port: int, filename: str, options: tuple[tuple[str, str], ...] = ()) -> bytes:
         """A plain lock-step download; the blksize comes from the OACK when options were accepted."""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerThread, pattern, tool
+from conftest import EACH, ServerThread, pattern, tool
 
 from netboot.tftp import FileSystemResolver
 
@@ -35,6 +35,7 @@ def assert_same(got: Path, expected: Path) -> None:
     assert got.read_bytes() == expected.read_bytes(), f"{got.name} differs from {expected.name}"
 
 
+@EACH
 @pytest.mark.parametrize("blksize", [512, 1468, 65464])
 def test_curl_blksize(served: ServerThread, tftp_root: Path, tmp_path: Path, blksize: int) -> None:
     out = tmp_path / "out"
@@ -48,6 +49,7 @@ def test_curl_blksize(served: ServerThread, tftp_root: Path, tmp_path: Path, blk
     assert stats.retransmissions == 0
 
 
+@EACH
 def test_curl_without_options(served: ServerThread, tftp_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = curl(served.port, "3m.bin", out, "--tftp-no-options")
@@ -58,6 +60,7 @@ def test_curl_without_options(served: ServerThread, tftp_root: Path, tmp_path: P
 
 # An empty file is fetched with tftp-hpa below: curl 7.88 fails on it after an OACK with any server
 # ("getpeername() failed", tftpd-hpa too).
+@EACH
 @pytest.mark.parametrize("name", ["exact.bin", "small.bin", "sub/inner.bin", "/sub/inner.bin"])
 def test_curl_edge_sizes_and_names(served: ServerThread, tftp_root: Path, tmp_path: Path, name: str) -> None:
     out = tmp_path / "out"
@@ -66,6 +69,7 @@ def test_curl_edge_sizes_and_names(served: ServerThread, tftp_root: Path, tmp_pa
     assert_same(out, tftp_root / name.lstrip("/"))
 
 
+@EACH
 @pytest.mark.parametrize("mode", ["binary", "netascii"])
 def test_tftp_hpa(served: ServerThread, tftp_root: Path, tmp_path: Path, mode: str) -> None:
     for name in ("3m.bin", "text.txt", "exact.bin", "empty.bin"):
@@ -79,6 +83,7 @@ def test_tftp_hpa(served: ServerThread, tftp_root: Path, tmp_path: Path, mode: s
     assert all(s.options == () for s in stats)
 
 
+@EACH
 def test_netascii_is_converted_on_the_wire(served: ServerThread, tftp_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "text.txt"
     result = hpa(served.port, "get", "text.txt", out, "netascii")
@@ -90,6 +95,7 @@ def test_netascii_is_converted_on_the_wire(served: ServerThread, tftp_root: Path
     assert out.read_bytes() == original
 
 
+@EACH
 @pytest.mark.parametrize("options", [["windowsize 16", "tsize 0"], ["blksize 1468", "windowsize 8"], []])
 def test_atftp(served: ServerThread, tftp_root: Path, tmp_path: Path, options: list[str]) -> None:
     out = tmp_path / "out"
@@ -108,6 +114,7 @@ def test_atftp(served: ServerThread, tftp_root: Path, tmp_path: Path, options: l
         assert (name, value) in stats.options
 
 
+@EACH
 @pytest.mark.parametrize("blksize", [None, 1468])
 def test_busybox(served: ServerThread, tftp_root: Path, tmp_path: Path, blksize: int | None) -> None:
     out = tmp_path / "out"
@@ -118,6 +125,7 @@ def test_busybox(served: ServerThread, tftp_root: Path, tmp_path: Path, blksize:
     assert_same(out, tftp_root / "3m.bin")
 
 
+@EACH
 def test_tftpy(served: ServerThread, tftp_root: Path, tmp_path: Path) -> None:
     import tftpy
 
@@ -170,6 +178,7 @@ def test_rollover_beyond_65535_blocks(tmp_path_factory: pytest.TempPathFactory,
     assert_same(out, big)
 
 
+@EACH
 def test_missing_file_is_an_error_and_nothing_else(served: ServerThread, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = curl(served.port, "no-such-file", out)
@@ -177,6 +186,7 @@ def test_missing_file_is_an_error_and_nothing_else(served: ServerThread, tmp_pat
     assert not out.exists() or out.stat().st_size == 0
 
 
+@EACH
 def test_write_request_is_refused_and_nothing_written(served: ServerThread, tftp_root: Path, tmp_path: Path
                                                       ) -> None:
     before = sorted(p.relative_to(tftp_root) for p in tftp_root.rglob("*"))

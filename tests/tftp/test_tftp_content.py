@@ -126,3 +126,20 @@ def test_normalize_name() -> None:
     assert normalize_name("\\\\boot\\\\pxelinux.0") == "boot/pxelinux.0"
     with pytest.raises(AccessDenied):
         normalize_name("a/../b")
+
+
+def test_file_reads_match_the_file_at_any_offset(tmp_path: Path) -> None:
+    import random
+
+    data = random.Random(5).randbytes(300_000)
+    (tmp_path / "f").write_bytes(data)
+    content = FileSystemResolver(tmp_path)("f", PEER)
+    rng = random.Random(6)
+    try:
+        assert content.size == len(data)
+        offsets = [*range(0, len(data) + 2000, 1468), *(rng.randrange(len(data)) for _ in range(300))]
+        for offset in [0, 512, 1024, *offsets, len(data) - 1, len(data), len(data) + 10]:
+            length = rng.choice([1, 512, 1468, 65464, 100_000])
+            assert content.read(offset, length) == data[offset : offset + length], (offset, length)
+    finally:
+        content.close()

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerThread, tool
+from conftest import EACH, ServerThread, tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawtftp import Peer
@@ -40,6 +40,7 @@ def test_transfer_comes_from_its_own_port_and_the_address_asked(
         assert packets.parse(data) == Data(1, (tftp_root / "small.bin").read_bytes()[:512])
 
 
+@EACH
 def test_stranger_gets_error_5_and_the_transfer_goes_on(served: ServerThread, peer: Peer, tftp_root: Path
                                                         ) -> None:
     peer.request(served.port, "3m.bin")
@@ -68,6 +69,7 @@ def test_retransmitted_request_does_not_start_a_second_transfer(tftp_server: Cal
     assert stats.outcome == "timed out" and stats.retransmissions == 2
 
 
+@EACH
 def test_one_transfer_per_repeated_request(served: ServerThread, peer: Peer) -> None:
     for _ in range(5):
         peer.request(served.port, "small.bin")
@@ -82,6 +84,7 @@ def test_one_transfer_per_repeated_request(served: ServerThread, peer: Peer) -> 
     assert served.call(lambda: served.server.transfers) == 0  # type: ignore[union-attr]
 
 
+@EACH
 def test_a_different_request_from_the_same_port_replaces_the_transfer(served: ServerThread, peer: Peer
                                                                       ) -> None:
     peer.request(served.port, "3m.bin")
@@ -93,11 +96,13 @@ def test_a_different_request_from_the_same_port_replaces_the_transfer(served: Se
     assert stats.filename == "3m.bin" and stats.outcome == "cancelled" and "superseded" in stats.detail
 
 
+@EACH
 def test_a_new_request_right_after_the_last_ack_finds_the_transfer_complete(served: ServerThread,
                                                                             peer: Peer) -> None:
-    # The final ACK (or EDK2's ERROR 8) to the transfer port and the next request to the listening port race.
-    for _ in range(20):
-        peer.request(served.port, "small.bin", (("blksize", "1468"),))
+    # The final ACK (or EDK2's ERROR 8) to the transfer port and the next request to the listening port race;
+    # the next request differs, as EDK2's after its size probe does.
+    for i in range(20):
+        peer.request(served.port, "small.bin", (("blksize", str(1468 - i % 2)),))
         _, tid = peer.receive()
         peer.send(packets.build_ack(0), tid)
         peer.receive()
@@ -115,6 +120,7 @@ def test_oack_order_follows_the_request(served: ServerThread, peer: Peer, tftp_r
     assert oack == OptionAck((("windowsize", "4"), ("tsize", size), ("blksize", "1024"), ("timeout", "2")))
 
 
+@EACH
 def test_size_probe_then_real_download(served: ServerThread, peer: Peer, tftp_root: Path) -> None:
     # EDK2: tsize only, ERROR 8 on the OACK, then a fresh request for the data.
     peer.request(served.port, "3m.bin", (("tsize", "0"),))
@@ -281,21 +287,22 @@ def test_fuzzed_datagrams_never_break_the_server(fuzz_target: tuple[ServerThread
 
 
 def test_command_line_server(tftp_root: Path, tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "netboot.tftp", "--root", str(tftp_root), "--listen",
-                             "127.0.0.1:0", "--tftp-max-transfers", "4"], stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "netboot.tftp", "--root", str(tftp_root), "--listen", "127.0.0.1:0",
+            "--listen", "[::1]:0", "--interface", "lo", "--tftp-max-transfers", "4"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert "listening on 127.0.0.1:" in line, line
-        port = int(line.rsplit(":", 1)[1])
-        out = tmp_path / "out"
-        result = subprocess.run([tool("curl"), "-sS", "--tftp-blksize", "1468", "-o", str(out),
-                                 f"tftp://127.0.0.1:{port}/3m.bin"],
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == 0, result.stderr
-        assert out.read_bytes() == (tftp_root / "3m.bin").read_bytes()
-        log = proc.stderr.readline()
-        assert "'3m.bin'" in log and "complete" in log and "blksize=1468" in log, log
+        lines = [proc.stderr.readline(), proc.stderr.readline()]
+        assert "listening on 127.0.0.1:" in lines[0] and "listening on [::1]:" in lines[1], lines
+        for line, host in zip(lines, ("127.0.0.1", "[::1]"), strict=True):
+            port = int(line.rsplit(":", 1)[1])
+            out = tmp_path / "out"
+            curl = [tool("curl"), "-sS", "--tftp-blksize", "1468", "-o", str(out), f"tftp://{host}:{port}/3m.bin"]
+            result = subprocess.run(curl, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+            assert out.read_bytes() == (tftp_root / "3m.bin").read_bytes()
+            log = proc.stderr.readline()
+            assert "'3m.bin'" in log and "complete" in log and "blksize=1468" in log, log
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -309,3 +316,19 @@ def test_command_line_rejects_bad_arguments(tmp_path: Path) -> None:
                                 timeout=30)
         assert result.returncode == 2, (args, result.stderr)
         assert "error" in result.stderr
+
+
+def test_a_worker_that_dies_is_reported_and_serving_goes_on(tftp_server: Callable[..., ServerThread],
+                                                             peer: Peer, tftp_root: Path) -> None:
+    served = tftp_server(config=TftpConfig(workers=1))
+    peer.request(served.port, "3m.bin")
+    assert isinstance(peer.receive()[0], Data)
+    pool = served.server._pool  # type: ignore[union-attr]
+    assert pool is not None
+    process = pool.workers[0].process
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(10)
+    (stats,) = served.wait_stats(1)
+    assert stats.outcome == "cancelled" and stats.detail == "worker exited" and stats.filename == "3m.bin"
+    with Peer() as again:  # no worker left: transfers run in the server's own loop
+        assert again.download(served.port, "small.bin") == (tftp_root / "small.bin").read_bytes()

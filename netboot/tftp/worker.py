@@ -1,0 +1,311 @@
+"""Transfer worker processes: they run file transfers the server has already accepted, on other CPU cores.
+
+The server (one asyncio process, embeddable) still receives every request, applies the limits, resolves
+and opens the file, and binds the transfer socket; it then passes both descriptors over a Unix socket
+(SCM_RIGHTS) to the least busy worker, which drives the `Transfer` in a plain epoll loop and sends back
+its `TransferStats` when it ends. Only the block-moving half runs in the worker, so names, limits and
+logging stay in one place, and a worker needs nothing but descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from time import monotonic
+from typing import Any
+
+import netboot
+from netboot.tftp.content import FileContent, Peer
+from netboot.tftp.packets import Request
+from netboot.tftp.session import Session, SessionConfig
+from netboot.tftp.transfer import Transfer, TransferStats, format_peer
+
+log = logging.getLogger("netboot.tftp")
+
+_MESSAGE_SIZE = 65536
+# Not `-m netboot.tftp.worker`: the package imports this module first, which runpy warns about.
+_WORKER_MAIN = "import sys; from netboot.tftp.worker import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _send(control: socket.socket, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
+    socket.send_fds(control, [pickle.dumps(message)], fds or [])
+
+
+# -- the server's side -------------------------------------------------------------------------------------
+
+class RemoteTransfer:
+    """The server's handle on a transfer running in a worker (same interface as the in-process one)."""
+
+    def __init__(self, worker: Worker, tid: int, peer: Peer, datagram: bytes, filename: str) -> None:
+        self.worker = worker
+        self.tid = tid
+        self.peer = peer
+        self.datagram = datagram
+        self.filename = filename
+        self.pending: tuple[Any, ...] | None = None  # the request that supersedes this transfer
+
+    def cancel(self, reason: str, *, tell_peer: bool = True) -> None:
+        self.worker.tell(("cancel", self.tid, reason, tell_peer))
+
+    def supersede(self, request: tuple[Any, ...]) -> None:
+        """The worker ends the transfer (`Transfer.supersede`); `request` is handled when it reports so."""
+        if self.pending is None:
+            self.worker.tell(("supersede", self.tid))
+        self.pending = request
+
+
+class Worker:
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+        self.control, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ)
+        # The worker imports netboot from wherever this process did, installed or not.
+        source = os.path.dirname(os.path.dirname(os.path.abspath(netboot.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (source, env.get("PYTHONPATH")) if p)
+        try:
+            argv = [sys.executable, "-c", _WORKER_MAIN, str(child.fileno())]
+            self.process = subprocess.Popen(argv, pass_fds=[child.fileno()], env=env,
+                                            stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        self.control.setblocking(False)
+        self.transfers: dict[int, RemoteTransfer] = {}
+        self.ready: asyncio.Future[None] = pool.loop.create_future()
+        pool.loop.add_reader(self.control.fileno(), self._readable)
+
+    def tell(self, message: tuple[Any, ...], fds: list[int] | None = None) -> bool:
+        try:
+            _send(self.control, message, fds)
+        except OSError as e:
+            log.error("TFTP worker %d is unreachable: %s", self.process.pid, e)
+            self.close()
+            self.lost()
+            return False
+        return True
+
+    def start(self, tid: int, datagram: bytes, request: Request, content: FileContent, sock: socket.socket,
+              peer: Peer, blksize_limit: int | None) -> RemoteTransfer | None:
+        message = ("start", tid, request, content.size, peer, blksize_limit, self.pool.config)
+        if not self.tell(message, [sock.fileno(), content.fd]):
+            return None
+        transfer = self.transfers[tid] = RemoteTransfer(self, tid, peer, datagram, request.filename)
+        return transfer
+
+    def _readable(self) -> None:
+        while True:
+            try:
+                data = self.control.recv(_MESSAGE_SIZE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                log.error("TFTP worker %d exited (status %s)", self.process.pid, self.process.poll())
+                if not self.ready.done():
+                    self.ready.set_exception(OSError(f"TFTP worker {self.process.pid} did not start"))
+                self.close()
+                self.lost()
+                return
+            kind, tid, stats = pickle.loads(data)
+            if kind == "ready":
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                continue
+            transfer = self.transfers.pop(tid, None)
+            if transfer is not None:
+                self.pool.on_done(transfer, stats)
+
+    def lost(self) -> None:
+        """Report the transfers this worker will never report on."""
+        for tid, transfer in list(self.transfers.items()):
+            del self.transfers[tid]
+            stats = TransferStats(format_peer(transfer.peer), transfer.filename, (), 0, 0, 0.0, 0,
+                                  "cancelled", "worker exited")
+            self.pool.on_done(transfer, stats)
+
+    def close(self) -> None:
+        if self in self.pool.workers:
+            self.pool.workers.remove(self)
+            self.pool.retired.append(self)
+            self.pool.loop.remove_reader(self.control.fileno())
+            self.control.close()  # the worker sees EOF, ends what it still runs, and exits
+
+
+class WorkerPool:
+    def __init__(self, count: int, config: SessionConfig,
+                 on_done: Callable[[RemoteTransfer, TransferStats], None]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.config = config
+        self.on_done = on_done
+        self.workers: list[Worker] = []
+        self.retired: list[Worker] = []  # closed, and to be waited for
+        self._ids = itertools.count(1)
+        for _ in range(count):
+            self.workers.append(Worker(self))
+
+    async def ready(self, timeout: float = 30) -> None:
+        """Wait until every worker runs, so that the first transfers do not wait for Python to start."""
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(w.ready for w in self.workers))
+
+    def start(self, datagram: bytes, request: Request, content: FileContent, sock: socket.socket, peer: Peer,
+              blksize_limit: int | None) -> RemoteTransfer | None:
+        """Hand the transfer to the least busy worker; None when no worker is left to take it."""
+        for worker in sorted(self.workers, key=lambda w: len(w.transfers)):
+            transfer = worker.start(next(self._ids), datagram, request, content, sock, peer, blksize_limit)
+            if transfer is not None:
+                sock.close()  # the worker has its own copies of both descriptors now
+                content.close()
+                return transfer
+        return None
+
+    async def close(self, timeout: float = 10) -> None:
+        """Stop every worker: the ones that do not exit within `timeout` are killed, and the transfers any
+        worker still had are reported as cancelled."""
+        for worker in list(self.workers):
+            worker.close()
+        workers, self.retired = self.retired, []
+        for worker in workers:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(worker.process.wait), timeout)
+            except TimeoutError:
+                log.error("TFTP worker %d did not exit; killing it", worker.process.pid)
+                worker.process.kill()
+                await asyncio.to_thread(worker.process.wait)
+            worker.lost()
+
+
+# -- the worker's side -------------------------------------------------------------------------------------
+
+class _Loop:
+    """epoll plus a heap of lazy timers: each transfer has at most one live heap entry, at `due[transfer]`."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.epoll = select.epoll()
+        self.epoll.register(control.fileno(), select.EPOLLIN)
+        self.by_fd: dict[int, Transfer] = {}
+        self.by_tid: dict[int, Transfer] = {}
+        self.tids: dict[Transfer, int] = {}
+        self.due: dict[Transfer, float] = {}
+        self.timers: list[tuple[float, int, Transfer]] = []
+        self._seq = itertools.count()
+        self.running = True
+
+    def run(self) -> None:
+        by_fd, timers = self.by_fd, self.timers
+        while self.running or self.by_fd:
+            timeout = max(0.0, timers[0][0] - monotonic()) if timers else -1
+            for fd, _ in self.epoll.poll(timeout):
+                transfer = by_fd.get(fd)
+                if transfer is not None:
+                    transfer.readable()
+                    self._after(transfer)
+                elif fd == self.control.fileno():
+                    self._command()
+            now = monotonic()
+            while timers and timers[0][0] <= now:
+                when, _, transfer = heapq.heappop(timers)
+                if self.due.get(transfer) != when:
+                    continue  # superseded by an earlier deadline, or finished
+                del self.due[transfer]
+                transfer.expire()
+                self._after(transfer)
+
+    def _after(self, transfer: Transfer) -> None:
+        session = transfer.session
+        if session.finished:
+            self._end(transfer)
+            return
+        deadline = session.deadline
+        due = self.due.get(transfer)
+        # Lazy timers: every send moves the deadline later, and the entry already in the heap, when it comes
+        # up early, re-arms at the new deadline (Session.expire sends nothing before it); so only an earlier
+        # deadline (after a backoff) needs a new entry, and the per-packet path touches no heap.
+        if deadline is not None and (due is None or deadline < due):
+            self.due[transfer] = deadline
+            heapq.heappush(self.timers, (deadline, next(self._seq), transfer))
+
+    def _command(self) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.control, _MESSAGE_SIZE, 2)
+        except BlockingIOError:
+            return
+        if not data:
+            self._shutdown()
+            return
+        message = pickle.loads(data)
+        if message[0] == "start":
+            _, tid, request, size, peer, blksize_limit, config = message
+            sock = socket.socket(fileno=fds[0])
+            sock.setblocking(False)
+            session = Session(request, FileContent(fds[1], size), config, now=monotonic(),
+                              blksize_limit=blksize_limit)
+            transfer = Transfer(session, sock, peer)
+            self.by_fd[sock.fileno()] = transfer
+            self.by_tid[tid] = transfer
+            self.tids[transfer] = tid
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+            transfer.start()
+            self._after(transfer)
+            return
+        for fd in fds:
+            os.close(fd)
+        transfer = self.by_tid.get(message[1])
+        if transfer is None:
+            return  # it ended meanwhile; its stats are on their way
+        if message[0] == "cancel":
+            transfer.cancel(message[2], tell_peer=message[3])
+        elif message[0] == "supersede":
+            transfer.supersede()
+        self._after(transfer)
+
+    def _end(self, transfer: Transfer) -> None:
+        self.epoll.unregister(transfer.sock.fileno())
+        del self.by_fd[transfer.sock.fileno()]
+        tid = self.tids.pop(transfer)
+        del self.by_tid[tid]
+        self.due.pop(transfer, None)
+        stats = transfer.stats()
+        transfer.close()
+        self._tell(("done", tid, stats))
+
+    def _tell(self, message: tuple[Any, ...]) -> None:
+        if self.running:
+            try:
+                _send(self.control, message)
+            except OSError:
+                self._shutdown()
+
+    def _shutdown(self) -> None:
+        """The server is gone or closing: end every transfer (each peer gets an ERROR) and exit."""
+        if not self.running:
+            return
+        self.running = False
+        self.epoll.unregister(self.control.fileno())
+        for transfer in list(self.by_fd.values()):
+            transfer.cancel("server shutting down")
+            self._end(transfer)
+
+
+def main(argv: list[str]) -> int:
+    # Ctrl-C, or a service manager's SIGTERM, reaches every process of the group; the server decides when
+    # transfers end, and tells the worker by closing its end of the control socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    control = socket.socket(fileno=int(argv[0]))
+    _send(control, ("ready", 0, None))
+    control.setblocking(False)
+    _Loop(control).run()
+    return 0
+
