@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gzip
 import hashlib
+import io
+import lzma
 import os
 import stat
 import subprocess
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,21 +99,43 @@ def write_closure(w: NewcWriter, entries: Sequence[Entry]) -> None:
             w.symlink(e.name, os.readlink(e.path))
 
 
-def write_member(dest: Path, packing: Packing, fill: Callable[[NewcWriter], None]) -> None:
-    """One compressed newc member: `fill` writes the entries, the trailer ends it."""
-    if packing.compressor.name == "zstd":
-        # In-process zstd (the zstandard library): a process per store path would cost more than small
-        # paths take to compress. Multithreaded frames, identical for any thread count.
-        params = zstandard.ZstdCompressor(level=packing.level or 3, threads=-1)
-        with open(dest, "wb") as f, params.stream_writer(f, closefd=False) as z:
-            w = NewcWriter(StreamSink(z), packing.mtime)  # type: ignore[arg-type]
-            fill(w)
-            w.trailer()
+SMALL_MEMBER = 4 << 20  # members up to this many bytes of file data are compressed in-process
+
+
+def write_member(dest: Path, packing: Packing, fill: Callable[[NewcWriter], None], data_size: int) -> None:
+    """One compressed newc member: `fill` writes the entries, the trailer ends it.
+
+    A closure has many small store paths and a few big ones. Small members are compressed in-process
+    (a process each would cost more than they take to compress); big ones go through the compressor's
+    command, multithreaded, with file data sent by sendfile. Which way depends only on the member's size,
+    so the bytes of a build stay the same from one build to the next.
+    """
+    if data_size <= SMALL_MEMBER and packing.compressor.name in _IN_PROCESS:
+        buf = io.BytesIO()
+        w = NewcWriter(StreamSink(buf), packing.mtime)
+        fill(w)
+        w.trailer()
+        dest.write_bytes(_IN_PROCESS[packing.compressor.name](buf.getvalue(), packing.level))
         return
-    with compressed_output(dest, packing) as fd:
+    with _ONE_BIG, compressed_output(dest, packing) as fd:
         w = NewcWriter(fd, packing.mtime)
         fill(w)
         w.trailer()
+
+
+# A big member's compressor uses every core by itself; two at once would only fight over them.
+_ONE_BIG = threading.Lock()
+
+_IN_PROCESS: dict[str, Callable[[bytes, int | None], bytes]] = {
+    "zstd": lambda data, level: zstandard.ZstdCompressor(level=level or 3).compress(data),
+    "gzip": lambda data, level: gzip.compress(data, compresslevel=level or 6, mtime=0),
+    # The kernel's xz decoder: CRC32 or no check, a dictionary of at most 1 MiB.
+    "xz": lambda data, level: lzma.compress(
+        data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
+        filters=[{"id": lzma.FILTER_LZMA2, "preset": level if level is not None else 6, "dict_size": 1 << 20}],
+    ),
+    "none": lambda data, level: data,
+}
 
 
 @dataclass
@@ -150,18 +176,19 @@ def write_direct(
             entries = closure_entries([store_path])
             for e in entries:
                 check_size(e.path, e.size)
-            write_member(dest, packing, lambda w: write_closure(w, entries))
-            return {"files": len(entries), "bytes": sum(e.size for e in entries)}
+            nbytes = sum(e.size for e in entries)
+            write_member(dest, packing, lambda w: write_closure(w, entries), nbytes)
+            return {"files": len(entries), "bytes": nbytes}
 
         made = cache.put(key, suffix, make, scratch) if nar else Cache(None).put(key, suffix, make, scratch)
         progress.advance(made[1]["bytes"])
         return made
 
     leading = scratch / "leading"
-    write_member(leading, packing, lambda w: leading_tree(closure).write(w))
+    write_member(leading, packing, lambda w: leading_tree(closure).write(w), 0)
     registration = scratch / "registration"
     store = os.fsencode(closure.store_dir / REGISTRATION_NAME).lstrip(b"/")
-    write_member(registration, packing, lambda w: w.data(store, closure.registration))
+    write_member(registration, packing, lambda w: w.data(store, closure.registration), len(closure.registration))
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         members = list(pool.map(member_of, closure.paths))
