@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netboot import __version__, compress
+from netboot.cache import DEFAULT_MAX, Cache
 from netboot.closure import Closure
-from netboot.cpio import check_size
 from netboot.errors import NetbootError
-from netboot.files import closure_entries
 from netboot.initrd import Packing, write_direct, write_squashfs
 from netboot.outdir import Staging
 from netboot.progress import Progress
@@ -41,6 +40,8 @@ class BuildOptions:
     append: str = ""
     closure_info: Path | None = None
     progress: bool = False
+    cache_dir: Path | None = None  # None: no cache
+    cache_max: int = DEFAULT_MAX
 
 
 def source_date_epoch() -> int:
@@ -84,29 +85,25 @@ def build(opts: BuildOptions) -> dict:
     if "${" in cmdline:
         raise NetbootError("the kernel command line contains '${', which iPXE would expand as a setting")
 
+    cache = Cache(opts.cache_dir, opts.cache_max) if opts.cache_dir is not None else Cache(None)
     staging = Staging(opts.out)
     with staging as work:
         closure = Closure.of(system.toplevel, opts.closure_info)
-        entries = closure_entries(closure.paths)
-        nbytes = sum(e.size for e in entries)
-        # Everything that can be refused is checked before the summary and before any packing.
-        if opts.format == "squashfs":
-            stage1 = Stage1.prepare(system, closure)
-        else:
-            for e in entries:
-                check_size(e.path, e.size)
-        log.info("closure: %d store paths, %d files, %.1f MiB", len(closure.paths), len(entries), nbytes / 2**20)
+        stage1 = Stage1.prepare(system, closure) if opts.format == "squashfs" else None  # refuse before packing
         initrd = work / "initrd"
-        if opts.format == "squashfs":
+        scratch = work / ".scratch"
+        scratch.mkdir()
+        if stage1 is not None:
+            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress)
             log.info("stage 1: busybox from %s, modules %s", stage1.busybox, " ".join(stage1.load_order) or "built in")
-            scratch = work / ".scratch"
-            scratch.mkdir()
-            write_squashfs(initrd, closure, stage1, scratch, packing, opts.progress)
-            shutil.rmtree(scratch)
         else:
-            progress = Progress("packing", len(entries), nbytes, enabled=opts.progress)
-            write_direct(initrd, closure, entries, packing, progress)
+            progress = Progress("packing", len(closure.paths), enabled=opts.progress)
+            stats = write_direct(initrd, closure, packing, cache, scratch, progress)
             progress.done()
+        shutil.rmtree(scratch)
+        reused = f"; {stats.reused} reused from the cache" if cache.enabled else ""
+        log.info("closure: %d store paths, %d files, %.1f MiB%s", len(closure.paths), stats.files,
+                 stats.bytes / 2**20, reused)
 
         shutil.copyfile(system.kernel, work / "bzImage")
         (work / "cmdline").write_text(cmdline + "\n")
@@ -122,7 +119,7 @@ def build(opts: BuildOptions) -> dict:
             "compression": compressor.name,
             "level": level,
             "cmdline": cmdline,
-            "closure": {"paths": len(closure.paths), "files": len(entries), "bytes": nbytes},
+            "closure": {"paths": len(closure.paths), "files": stats.files, "bytes": stats.bytes},
             "artifacts": {name: _describe(work / name) for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

@@ -8,7 +8,7 @@ import signal
 import sys
 from pathlib import Path
 
-from netboot import __version__, build, compress
+from netboot import __version__, build, cache, compress
 from netboot.errors import NetbootError
 
 
@@ -54,6 +54,15 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "--closure-info", type=Path, metavar="DIR",
         help="a nixpkgs closureInfo output (store-paths, registration) instead of asking nix-store",
     )
+    p.add_argument(
+        "--cache-dir", type=Path, metavar="DIR",
+        help="where packed store paths are kept for the next build (default $XDG_CACHE_HOME/netboot)",
+    )
+    p.add_argument("--no-cache", action="store_true", help="neither use nor fill the cache")
+    p.add_argument(
+        "--cache-max", default="5G", metavar="SIZE",
+        help="cap on the cache's size; least recently used entries go first (default 5G)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="also print every command run")
     p.set_defaults(func=_run_build)
@@ -69,8 +78,33 @@ def _run_build(args: argparse.Namespace) -> int:
         append=args.append,
         closure_info=args.closure_info,
         progress=sys.stderr.isatty() and not args.quiet,
+        cache_dir=None if args.no_cache else (args.cache_dir or cache.default_dir()),
+        cache_max=cache.parse_size(args.cache_max),
     )
     build.build(opts)
+    return 0
+
+
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="show or clear the build cache",
+        description="Show the build cache (entries, size), or clear it with --clear.",
+    )
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="default $XDG_CACHE_HOME/netboot")
+    p.add_argument("--clear", action="store_true", help="remove every entry")
+    p.set_defaults(func=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    root = args.cache_dir or cache.default_dir()
+    c = cache.Cache(root)
+    if args.clear:
+        print(f"{root}: removed {c.clear()} files")
+        return 0
+    entries = c.entries()
+    total = sum(st.st_size for _, st in entries)
+    print(f"{root}: {len(entries)} entries, {total / 2**20:,.1f} MiB")
     return 0
 
 
@@ -125,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_build(sub)
     _add_serve(sub)
+    _add_cache(sub)
     return p
 
 

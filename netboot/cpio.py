@@ -6,14 +6,16 @@ tools don't give (Documentation/driver-api/early-userspace/buffer-format.rst, in
   across members (the kernel keys links on (dev, ino) and resets its table at each TRAILER!!!);
 - a file of 4 GiB or more is an error (filesize is a 32-bit field; GNU cpio silently drops such files);
 - fixed owner 0:0 and one fixed mtime, for bit-for-bit reproducible output;
-- file data goes to the output by sendfile(2) without passing through Python, straight into the
-  compressor's pipe, so memory stays flat whatever the closure's size.
+- file data goes to the output by sendfile(2) without passing through Python (into a file or a
+  compressor's pipe), or in 1 MiB pieces into an in-process compressor, so memory stays flat whatever
+  the closure's size.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+from typing import BinaryIO
 
 from netboot.errors import NetbootError
 
@@ -33,13 +35,50 @@ def _pad4(n: int) -> bytes:
     return b"\0" * (-n & 3)
 
 
-class NewcWriter:
-    """Appends newc entries to a file descriptor (a regular file or a compressor's stdin pipe)."""
+class FdSink:
+    """Output to a file descriptor: file data goes by sendfile(2), never through Python."""
 
-    def __init__(self, fd: int, mtime: int) -> None:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | bytearray) -> None:
+        write_all(self.fd, data)
+
+    def copy(self, fd: int, size: int, path: bytes) -> None:
+        offset = 0
+        while offset < size:
+            sent = os.sendfile(self.fd, fd, offset, size - offset)
+            if sent == 0:
+                raise NetbootError(f"{os.fsdecode(path)} changed size while being packed")
+            offset += sent
+
+
+class StreamSink:
+    """Output to a writable object (an in-process compressor); file data is read in 1 MiB pieces."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes | bytearray) -> None:
+        self.stream.write(data)
+
+    def copy(self, fd: int, size: int, path: bytes) -> None:
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(1 << 20, size - offset), offset)
+            if not chunk:
+                raise NetbootError(f"{os.fsdecode(path)} changed size while being packed")
+            self.stream.write(chunk)
+            offset += len(chunk)
+
+
+class NewcWriter:
+    """Appends newc entries to a sink: a file descriptor (a file, a compressor's pipe) or a stream."""
+
+    def __init__(self, out: int | FdSink | StreamSink, mtime: int) -> None:
         if not 0 <= mtime <= 0xFFFFFFFF:
             raise NetbootError(f"mtime {mtime} does not fit the initramfs' 32-bit mtime field")
-        self._fd = fd
+        self._sink = FdSink(out) if isinstance(out, int) else out
         self._mtime = mtime
         self._buf = bytearray()
         self._ino = 0
@@ -100,20 +139,12 @@ class NewcWriter:
                 self._buf += got
             else:
                 self.flush()
-                self._sendfile(fd, path, size)
+                self._sink.copy(fd, size, path)
+                self.bytes_written += size
         finally:
             os.close(fd)
         self._buf += _pad4(size)
         self._maybe_flush()
-
-    def _sendfile(self, fd: int, path: bytes, size: int) -> None:
-        offset = 0
-        while offset < size:
-            sent = os.sendfile(self._fd, fd, offset, size - offset)
-            if sent == 0:
-                raise NetbootError(f"{os.fsdecode(path)} changed size while being packed")
-            offset += sent
-        self.bytes_written += size
 
     def trailer(self) -> None:
         """End this member; every member is a multiple of 4 bytes long, so the next can follow directly.
@@ -131,7 +162,7 @@ class NewcWriter:
 
     def flush(self) -> None:
         if self._buf:
-            write_all(self._fd, self._buf)
+            self._sink.write(self._buf)
             self.bytes_written += len(self._buf)
             self._buf.clear()
 

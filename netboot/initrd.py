@@ -9,19 +9,29 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import gzip
+import hashlib
+import io
+import lzma
 import os
 import stat
 import subprocess
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
+from netboot import __version__
+from netboot.cache import LAYOUT, Cache, nar_hashes
 from netboot.closure import REGISTRATION_NAME, Closure
 from netboot.compress import Compressor
-from netboot.cpio import NewcWriter, check_size
+from netboot.cpio import NewcWriter, StreamSink, check_size
 from netboot.errors import NetbootError
-from netboot.files import Entry
+from netboot.files import Entry, closure_entries
 from netboot.progress import Progress
 from netboot.run import failed, last_words, require
 from netboot.squashfs import mksquashfs
@@ -79,7 +89,7 @@ def leading_tree(closure: Closure) -> Tree:
     return t
 
 
-def write_closure(w: NewcWriter, entries: Sequence[Entry], progress: Progress) -> None:
+def write_closure(w: NewcWriter, entries: Sequence[Entry]) -> None:
     for e in entries:
         if stat.S_ISREG(e.mode):
             w.file(e.name, e.path, stat.S_IMODE(e.mode), e.size)
@@ -87,29 +97,179 @@ def write_closure(w: NewcWriter, entries: Sequence[Entry], progress: Progress) -
             w.directory(e.name, stat.S_IMODE(e.mode))
         else:
             w.symlink(e.name, os.readlink(e.path))
-        progress.advance(e.size)
 
 
-def write_direct(path: Path, closure: Closure, entries: Sequence[Entry], packing: Packing, progress: Progress) -> None:
-    with compressed_output(path, packing) as fd:
+SMALL_MEMBER = 4 << 20  # members up to this many bytes of file data are compressed in-process
+
+
+def write_member(dest: Path, packing: Packing, fill: Callable[[NewcWriter], None], data_size: int) -> None:
+    """One compressed newc member: `fill` writes the entries, the trailer ends it.
+
+    A closure has many small store paths and a few big ones. Small members are compressed in-process
+    (a process each would cost more than they take to compress); big ones go through the compressor's
+    command, multithreaded, with file data sent by sendfile. Which way depends only on the member's size,
+    so the bytes of a build stay the same from one build to the next.
+    """
+    if data_size <= SMALL_MEMBER and packing.compressor.name in _IN_PROCESS:
+        buf = io.BytesIO()
+        w = NewcWriter(StreamSink(buf), packing.mtime)
+        fill(w)
+        w.trailer()
+        dest.write_bytes(_IN_PROCESS[packing.compressor.name](buf.getvalue(), packing.level))
+        return
+    with _ONE_BIG, compressed_output(dest, packing) as fd:
         w = NewcWriter(fd, packing.mtime)
-        leading_tree(closure).write(w)
-        write_closure(w, entries, progress)
-        w.data(os.fsencode(closure.store_dir / REGISTRATION_NAME).lstrip(b"/"), closure.registration)
+        fill(w)
         w.trailer()
 
 
+# A big member's compressor uses every core by itself; two at once would only fight over them.
+_ONE_BIG = threading.Lock()
+
+_IN_PROCESS: dict[str, Callable[[bytes, int | None], bytes]] = {
+    "zstd": lambda data, level: zstandard.ZstdCompressor(level=level or 3).compress(data),
+    "gzip": lambda data, level: gzip.compress(data, compresslevel=level or 6, mtime=0),
+    # The kernel's xz decoder: CRC32 or no check, a dictionary of at most 1 MiB.
+    "xz": lambda data, level: lzma.compress(
+        data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32,
+        filters=[{"id": lzma.FILTER_LZMA2, "preset": level if level is not None else 6, "dict_size": 1 << 20}],
+    ),
+    "none": lambda data, level: data,
+}
+
+
+@dataclass
+class DirectStats:
+    files: int = 0
+    bytes: int = 0
+    reused: int = 0  # store paths whose member came from the cache
+
+
+def write_direct(
+    path: Path, closure: Closure, packing: Packing, cache: Cache, scratch: Path, progress: Progress
+) -> DirectStats:
+    """The direct format as concatenated members: leading directories, one member per store path, registration.
+
+    The kernel unpacks concatenated members one after the other; each ends at an entry boundary, and the
+    store directory comes in the first one, so every directory still precedes its contents. One member per
+    store path lets a rebuild reuse the members of every path that did not change (the cache), and gives
+    the same bytes whether they were reused or made anew.
+    """
+    suffix = f".cpio.{packing.compressor.name}"
+    hashes = nar_hashes(closure.registration)
+    stats = DirectStats()
+    keys: set[str] = set()
+
+    def member_of(store_path: Path) -> tuple[int, dict]:
+        nar = hashes.get(str(store_path))
+        key = Cache.key(kind="direct-member", layout=LAYOUT, version=__version__, path=str(store_path), nar=nar,
+                        compressor=packing.compressor.name, level=packing.level, mtime=packing.mtime)
+        if nar:  # without a NAR hash the content is unknown: never reuse
+            keys.add(key)
+            found = cache.open(key, suffix)
+            if found is not None:
+                stats.reused += 1
+                progress.advance(found[1]["bytes"], reused=True)
+                return found
+
+        def make(dest: Path) -> dict:
+            entries = closure_entries([store_path])
+            for e in entries:
+                check_size(e.path, e.size)
+            nbytes = sum(e.size for e in entries)
+            write_member(dest, packing, lambda w: write_closure(w, entries), nbytes)
+            return {"files": len(entries), "bytes": nbytes}
+
+        made = cache.put(key, suffix, make, scratch) if nar else Cache(None).put(key, suffix, make, scratch)
+        progress.advance(made[1]["bytes"])
+        return made
+
+    leading = scratch / "leading"
+    write_member(leading, packing, lambda w: leading_tree(closure).write(w), 0)
+    registration = scratch / "registration"
+    store = os.fsencode(closure.store_dir / REGISTRATION_NAME).lstrip(b"/")
+    write_member(registration, packing, lambda w: w.data(store, closure.registration), len(closure.registration))
+
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        members = list(pool.map(member_of, closure.paths))
+    try:
+        with open(path, "wb") as out:
+            for part in [_open(leading), *(fd for fd, _ in members), _open(registration)]:
+                try:
+                    _append(out.fileno(), part)
+                finally:
+                    os.close(part)
+    finally:
+        for fd, _ in members:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for _, meta in members:
+        stats.files += meta["files"]
+        stats.bytes += meta["bytes"]
+    cache.evict(keys)
+    return stats
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _append(out: int, fd: int) -> None:
+    """Copy all of `fd` to `out` at its current position, in the kernel (copy_file_range)."""
+    _copy_range(fd, out, 0, os.fstat(fd).st_size)
+
+
+def _copy_range(src: int, out: int, offset: int, size: int) -> None:
+    end = offset + size
+    while offset < end:
+        n = os.copy_file_range(src, out, end - offset, offset)
+        if n == 0:
+            raise NetbootError("a cached file changed size while being copied")
+        offset += n
+
+
 def write_squashfs(
-    path: Path, closure: Closure, stage1: Stage1, workdir: Path, packing: Packing, show_progress: bool
-) -> None:
+    path: Path, closure: Closure, stage1: Stage1, packing: Packing, cache: Cache, scratch: Path, show_progress: bool
+) -> DirectStats:
+    """The store image member (reused whole from the cache when the closure is unchanged), then stage 1."""
     # mksquashfs writes the image straight into the initrd after room for the cpio header (whose
     # length does not depend on the file size), saving a copy of the whole image.
     header_len = 110 + len(SQUASHFS_NAME) + 1
     header_len += -header_len & 3
-    mksquashfs(
-        closure, path, workdir, packing.compressor, packing.level, packing.explicit_level, packing.mtime,
-        offset=header_len, show_progress=show_progress,
-    )
+    hashes = nar_hashes(closure.registration)
+    cacheable = all(hashes.get(str(p)) for p in closure.paths)
+    key = Cache.key(kind="squashfs-image", layout=LAYOUT, version=__version__,
+                    registration=hashlib.sha256(closure.registration).hexdigest(),
+                    compressor=packing.compressor.name, level=packing.level, mtime=packing.mtime)
+    found = cache.open(key, ".squashfs") if cacheable else None
+    stats = DirectStats()
+    if found is not None:
+        fd, meta = found
+        stats.reused = len(closure.paths)
+        with open(path, "wb") as out:
+            out.seek(header_len)
+            try:
+                _append(out.fileno(), fd)
+            finally:
+                os.close(fd)
+    else:
+        entries = closure_entries(closure.paths)  # mksquashfs would make unreadable files empty
+        meta = {"files": len(entries), "bytes": sum(e.size for e in entries)}
+        mksquashfs(
+            closure, path, scratch, packing.compressor, packing.level, packing.explicit_level, packing.mtime,
+            offset=header_len, show_progress=show_progress,
+        )
+        if cacheable and cache.enabled:
+            image_size = path.stat().st_size - header_len
+
+            def make(dest: Path) -> dict:
+                with open(path, "rb") as src, open(dest, "wb") as out:
+                    _copy_range(src.fileno(), out.fileno(), header_len, image_size)
+                return meta
+
+            os.close(cache.put(key, ".squashfs", make, scratch)[0])
+            cache.evict({key})
+    stats.files, stats.bytes = meta["files"], meta["bytes"]
     size = path.stat().st_size - header_len
     check_size(SQUASHFS_NAME, size)
     with open(path, "r+b") as f:
@@ -125,3 +285,4 @@ def write_squashfs(
         w = NewcWriter(fd, packing.mtime)
         stage1.tree().write(w)
         w.trailer()
+    return stats

@@ -47,6 +47,14 @@ def build_system(link: Path, *nix_args: str) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every netboot the tests run keeps its build cache in a directory of this test session."""
+    path = tmp_path_factory.mktemp("xdg-cache")
+    os.environ["XDG_CACHE_HOME"] = str(path)
+    return path / "netboot"
+
+
 @pytest.fixture(scope="session")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The test system: kernel, modules, busybox, an init that checks the whole closure."""

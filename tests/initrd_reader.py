@@ -44,6 +44,18 @@ def newc_headers(member: bytes) -> list[tuple[int, str, int, int, int]]:
             return out
 
 
+def archives(data: bytes) -> list[bytes]:
+    """Concatenated uncompressed newc archives, one by one (each ends with its TRAILER!!!)."""
+    found = []
+    while data:
+        pos, name, *_ = newc_headers(data)[-1]
+        end = pos + 110 + len(name) + 1
+        end += -end & 3
+        found.append(data[:end])
+        data = data[end:]
+    return found
+
+
 def split(initrd: bytes) -> tuple[bytes | None, bytes]:
     """(leading uncompressed newc member or None, the rest), as the kernel's unpack_to_rootfs sees them."""
     if not initrd.startswith(b"070701"):

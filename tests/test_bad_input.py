@@ -133,7 +133,7 @@ def test_unreadable_store_path(tmp_path: Path) -> None:
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
 
-        args = ["build", top, "--out", out, "--format", "direct", "--closure-info", info]
+        args = ["build", top, "--out", out, "--format", "direct", "--closure-info", info, "--no-cache"]
         expect_error(out, args, f"cannot read {secret}: Permission denied", run=as_nobody)
     finally:
         shutil.rmtree(base)

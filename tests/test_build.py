@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, build_system, need, netboot, netboot_ok
-from initrd_reader import cpio_extract, decompress, items, newc_headers, split
+from initrd_reader import archives, cpio_extract, decompress, items, newc_headers, split
 
 
 def test_artifacts_and_manifest(system: Path, closure: list[str], tmp_path: Path) -> None:
@@ -71,12 +71,17 @@ def test_direct_initrd_holds_the_whole_closure(system: Path, closure: list[str],
     out = tmp_path / "out"
     netboot_ok("build", system, "--out", out, "--format", "direct")
     initrd = (out / "initrd").read_bytes()
-    assert initrd[:2] == b"\x28\xb5"  # one zstd member
-    member = decompress(initrd, "zstd")
-    headers = newc_headers(member)  # aligned, one trailer at the end
-    assert headers[-1][1] == "TRAILER!!!" and len(member) == headers[-1][0] + 124
+    assert initrd[:2] == b"\x28\xb5"  # zstd members
+    members = archives(decompress(initrd, "zstd"))  # every entry aligned, each member ending in a trailer
+    # Leading directories, one member per store path (in name order), the registration.
+    assert len(members) == len(closure) + 2
+    by_member = [[e.name for e in items(m)] for m in members]
+    assert by_member[0] == ["dev", "dev/console", "nix", "nix/store", "proc", "sys"]
+    for names_in, store_path in zip(by_member[1:-1], sorted(closure, key=lambda p: p.split("/")[-1]), strict=True):
+        assert all(n == store_path[1:] or n.startswith(store_path[1:] + "/") for n in names_in), store_path
+    assert by_member[-1] == ["nix/store/nix-path-registration"]
 
-    entries = items(member)
+    entries = [e for m in members for e in items(m)]
     names = [e.name for e in entries]
     assert names[:6] == ["dev", "dev/console", "nix", "nix/store", "proc", "sys"]
     seen: set[str] = set()
@@ -105,7 +110,8 @@ def test_direct_initrd_holds_the_whole_closure(system: Path, closure: list[str],
     assert registration == dump
 
     # GNU cpio, the reference reader, unpacks the same tree.
-    cpio_extract(member, tmp_path / "x")
+    for member in members:
+        cpio_extract(member, tmp_path / "x")
     for name, (kind, content, _) in expected.items():
         p = tmp_path / "x" / name
         if kind == "file":
@@ -120,7 +126,8 @@ def test_hardlinks_become_separate_files(system: Path, tmp_path: Path) -> None:
     assert os.stat(f"{hard}/share/a").st_ino == os.stat(f"{hard}/share/b").st_ino
     out = tmp_path / "out"
     netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", "none")
-    member = (out / "initrd").read_bytes()
+    members = archives((out / "initrd").read_bytes())
+    (member,) = [m for m in members if items(m)[0].name == hard.lstrip("/")]  # the store path's own member
     headers = newc_headers(member)
     assert all(nlink == 1 for _, _, _, nlink, mode in headers if stat.S_ISREG(mode))
     inodes = [ino for _, name, ino, _, _ in headers if name != "TRAILER!!!"]
@@ -172,7 +179,8 @@ def test_source_date_epoch_sets_every_mtime(system: Path, tmp_path: Path) -> Non
     out = tmp_path / "out"
     env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
     netboot_ok("build", system, "--out", out, "--format", "direct", env=env)
-    assert {e.mtime for e in items((out / "initrd").read_bytes())} == {1700000000}
+    members = archives(decompress((out / "initrd").read_bytes(), "zstd"))
+    assert {e.mtime for m in members for e in items(m)} == {1700000000}
 
 
 def test_rebuild_replaces_atomically_and_failures_keep_the_old(system: Path, tmp_path: Path) -> None:
@@ -259,10 +267,13 @@ def run_on_terminal(*args: object) -> bytes:
 
 
 def test_progress_on_a_terminal_only(system: Path, closure: list[str], tmp_path: Path) -> None:
-    files = len(store_files(closure))
-    shown = run_on_terminal("build", system, "--out", tmp_path / "a", "--format", "direct")
-    assert re.search(rb"\rpacking: %d/%d files, \d+ MiB/\d+ MiB" % (files, files), shown), shown
-    shown = run_on_terminal("build", system, "--out", tmp_path / "b")
+    n = len(closure)
+    shown = run_on_terminal("build", system, "--out", tmp_path / "a", "--format", "direct", "--no-cache")
+    assert re.search(rb"\rpacking: %d/%d store paths, \d+ MiB" % (n, n), shown), shown
+    shown = run_on_terminal("build", system, "--out", tmp_path / "a2", "--format", "direct")
+    shown = run_on_terminal("build", system, "--out", tmp_path / "a3", "--format", "direct")
+    assert re.search(rb"\rpacking: %d/%d store paths \(%d from the cache\), \d+ MiB" % (n, n, n), shown), shown
+    shown = run_on_terminal("build", system, "--out", tmp_path / "b", "--no-cache")
     assert re.search(rb"\rsquashfs: \[=+\S?\] +\d+/\d+ 100%", shown), shown
     assert b"Filesystem size" not in shown  # mksquashfs's report is not passed on
     quiet = run_on_terminal("build", system, "--out", tmp_path / "c", "--format", "direct", "-q")
