@@ -10,6 +10,7 @@ from pathlib import Path
 
 from netboot import __version__, build, cache, compress
 from netboot.errors import NetbootError
+from netboot.tftp import command as tftp_command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,6 +135,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print more")
+    tftp_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -147,6 +149,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         machines=args.machines,
         http=serve.Endpoint.parse(args.http, "--http"),
         tftp=None if args.no_tftp else serve.Endpoint.parse(args.tftp, "--tftp"),
+        tftp_config=tftp_command.config_from_args(args),
         grace=args.grace,
     )
     asyncio.run(serve.serve(opts))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import ipaddress
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
@@ -18,9 +19,10 @@ from netboot.errors import NetbootError
 from netboot.http import make_app
 from netboot.machines import Machines
 from netboot.namespace import BadRequest, Namespace, NotFound
+from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
 from netboot.tftp.content import NotFound as TftpNotFound
-from netboot.tftp.server import TftpServer, TransferStats, start_tftp_server
+from netboot.tftp.server import TftpConfig, TftpServer, TransferStats, start_tftp_server
 
 log = logging.getLogger("netboot.serve")
 
@@ -32,19 +34,13 @@ class Endpoint:
 
     @classmethod
     def parse(cls, text: str, what: str) -> Endpoint:
-        """'0.0.0.0:8080', '[::]:69', '[::1]:8080' (a port of 0 picks a free one)."""
-        if text.startswith("["):
-            host, sep, port = text[1:].partition("]:")
-        else:
-            host, sep, port = text.rpartition(":")
+        """'0.0.0.0:8080', '[::]:69', '[::1]:8080', ':69' (all addresses); a port of 0 picks a free one."""
         try:
+            host, port = parse_listen(text)
             ipaddress.ip_address(host)
-            number = int(port)
-            if not sep or not 0 <= number <= 65535:
-                raise ValueError
-        except ValueError:
-            raise NetbootError(f"{what} {text!r} is not ADDRESS:PORT (IPv6 as [ADDRESS]:PORT)") from None
-        return cls(host, number)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise NetbootError(f"{what}: {e}") from None
+        return cls(host, port)
 
     def url(self, scheme: str, port: int | None = None) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
@@ -57,6 +53,7 @@ class ServeOptions:
     machines: Path | None = None
     http: Endpoint = Endpoint("0.0.0.0", 8080)
     tftp: Endpoint | None = Endpoint("0.0.0.0", 69)
+    tftp_config: TftpConfig = field(default_factory=TftpConfig)
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
 
@@ -93,7 +90,8 @@ class Server:
     async def _start_tftp(self, where: Endpoint) -> None:
         try:
             self._tftp = await start_tftp_server(
-                where.host, where.port, tftp_resolver(self.namespace), on_transfer=self._tftp_logged
+                where.host, where.port, tftp_resolver(self.namespace), self.opts.tftp_config,
+                on_transfer=self._tftp_logged,
             )
         except OSError as e:
             raise NetbootError(f"cannot listen for TFTP on {where.url('tftp')}: {e.strerror}") from e
@@ -101,9 +99,14 @@ class Server:
         await _announce("tftp", where, self.tftp_port)
 
     def _tftp_logged(self, stats: TransferStats) -> None:
+        """The HTTP side's line, plus what TFTP adds: options, retransmissions, why a transfer ended."""
         mac, profile = self.namespace.who(stats.filename)
-        log.info("%s mac=%s profile=%s tftp %s %s %.1f MB %.2fs", stats.peer.rsplit(":", 1)[0], mac or "-",
-                 profile or "-", stats.filename, stats.outcome, stats.bytes_sent / 1e6, stats.duration)
+        client = stats.peer.rsplit(":", 1)[0].strip("[]")
+        options = " ".join(f"{k}={v}" for k, v in stats.options) or "no options"
+        detail = f" ({stats.detail})" if stats.detail else ""
+        log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
+                 profile or "-", stats.filename.lstrip("/"), stats.outcome, detail, stats.bytes_sent / 1e6,
+                 stats.duration, options, stats.retransmissions)
 
     async def _start_http(self) -> None:
         self._runner = web.AppRunner(make_app(self.namespace), access_log=None, handle_signals=False)

@@ -338,9 +338,10 @@ class TftpServer:
             del self._per_source[source]
         if not self._transfers:
             self._idle.set()
-        log.info("%s", stats.line())
         if self.on_transfer is not None:
-            self.on_transfer(stats)
+            self.on_transfer(stats)  # which logs the transfer its own way (netboot serve adds MAC and profile)
+        else:
+            log.info("%s", stats.line())
         if isinstance(transfer, RemoteTransfer) and transfer.pending is not None:
             self._request(*transfer.pending)  # the request that superseded it
 
