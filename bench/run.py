@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import boot_bench
 import build
 import http_bench
 
@@ -30,10 +31,20 @@ def machine() -> str:
     )
 
 
+def tftp(runs: int) -> str:
+    """bench/tftp/run.py writes its own report; it becomes a section here."""
+    report = ROOT / "bench" / "BENCHMARKS-tftp.md"
+    subprocess.run([sys.executable, str(ROOT / "bench/tftp/run.py"), "--runs", str(max(runs, 5)), "--workers", "2"],
+                   check=True, cwd=ROOT)
+    text = report.read_text().replace("# TFTP benchmarks", "## TFTP", 1)
+    report.unlink()
+    return text.replace("\n## ", "\n### ") + "\n"
+
+
 def main() -> None:
     runs = int(os.environ.get("BENCH_RUNS", "3"))
     system = build.bench_system()
-    sections = [build.main(runs), http_bench.main(system, runs)]
+    sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), boot_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",
