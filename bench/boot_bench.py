@@ -12,7 +12,7 @@ DATA = ROOT / "bench" / "data"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import MARKER, ServerProcess  # noqa: E402
+from support import MARKER, ServerProcess  # noqa: E402
 
 from netboot import qemu  # noqa: E402
 

@@ -22,7 +22,6 @@ class Compressor:
     name: str
     levels: tuple[int, int] | None  # inclusive range, None when levels mean nothing
     default_level: int | None
-    magic: bytes  # the 2-byte magic the kernel recognises (empty for none)
 
     def check_level(self, level: int | None) -> int | None:
         if level is None:
@@ -75,11 +74,11 @@ COMPRESSORS: dict[str, Compressor] = {
     c.name: c
     for c in (
         # zstd 20-22 needs --ultra and windows the kernel's initramfs decoder may not accept.
-        Compressor("zstd", (1, 19), 10, b"\x28\xb5"),
-        Compressor("xz", (0, 9), 6, b"\xfd\x37"),
-        Compressor("gzip", (1, 9), 6, b"\x1f\x8b"),
-        Compressor("lz4", (1, 12), 9, b"\x02\x21"),
-        Compressor("none", None, None, b""),
+        Compressor("zstd", (1, 19), 10),
+        Compressor("xz", (0, 9), 6),
+        Compressor("gzip", (1, 9), 6),
+        Compressor("lz4", (1, 12), 9),
+        Compressor("none", None, None),
     )
 }
 

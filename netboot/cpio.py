@@ -82,7 +82,6 @@ class NewcWriter:
         self._mtime = mtime
         self._buf = bytearray()
         self._ino = 0
-        self.bytes_written = 0
 
     def _header(self, name: bytes, mode: int, size: int, *, nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> None:
         check_size(name, size)
@@ -140,7 +139,6 @@ class NewcWriter:
             else:
                 self.flush()
                 self._sink.copy(fd, size, path)
-                self.bytes_written += size
         finally:
             os.close(fd)
         self._buf += _pad4(size)
@@ -163,7 +161,6 @@ class NewcWriter:
     def flush(self) -> None:
         if self._buf:
             self._sink.write(self._buf)
-            self.bytes_written += len(self._buf)
             self._buf.clear()
 
 

@@ -159,6 +159,7 @@ def write_direct(
     hashes = nar_hashes(closure.registration)
     stats = DirectStats()
     keys: set[str] = set()
+    uncached = Cache(None)
 
     def member_of(store_path: Path) -> tuple[int, dict]:
         nar = hashes.get(str(store_path))
@@ -180,7 +181,7 @@ def write_direct(
             write_member(dest, packing, lambda w: write_closure(w, entries), nbytes)
             return {"files": len(entries), "bytes": nbytes}
 
-        made = cache.put(key, suffix, make, scratch) if nar else Cache(None).put(key, suffix, make, scratch)
+        made = (cache if nar else uncached).put(key, suffix, make, scratch)
         progress.advance(made[1]["bytes"])
         return made
 

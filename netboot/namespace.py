@@ -171,10 +171,6 @@ class Item:
     mac: str | None = None
     profile: str | None = None
 
-    @property
-    def size(self) -> int:
-        return len(self.data) if self.data is not None else self.file.size  # type: ignore[union-attr]
-
 
 class Namespace:
     def __init__(self, machines: Machines, *, single_dir: bool, grace: float = 600.0) -> None:

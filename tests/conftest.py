@@ -1,50 +1,12 @@
-"""Shared fixtures: real systems built with Nix, the real `netboot` command, real QEMU boots."""
+"""Shared fixtures: real systems built with Nix, built outputs, a private build cache."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-from netboot import qemu
-
-ROOT = Path(__file__).resolve().parent.parent
-MARKER = "NETBOOT-TEST-OK"
-
-
-def need(tool: str) -> str:
-    """A tool the test cannot do without: missing is a failure with the reason, never a skip."""
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"{tool} is not installed (make test installs it)")
-    return path
-
-
-def netboot(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    """The real command line, as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "netboot", *map(str, args)],
-        capture_output=True, text=True, env=env, cwd=ROOT, **kw,
-    )
-
-
-def netboot_ok(*args: str | os.PathLike[str], **kw) -> subprocess.CompletedProcess:
-    proc = netboot(*args, **kw)
-    assert proc.returncode == 0, f"netboot {' '.join(map(str, args))} failed:\n{proc.stderr}"
-    return proc
-
-
-def build_system(link: Path, *nix_args: str) -> Path:
-    need("nix-build")
-    proc = subprocess.run(
-        [str(ROOT / "tests/system/build"), str(link), *nix_args], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, f"building the test system failed:\n{proc.stderr[-3000:]}"
-    return Path(proc.stdout.strip().splitlines()[-1])
+from support import build_system, netboot_ok
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,77 +28,6 @@ def closure(system: Path) -> list[str]:
     return (system / "closure-paths").read_text().split()
 
 
-def boot(out: Path, *, timeout: float = 240, append: str = "") -> qemu.BootResult:
-    """Boot an output directory in QEMU and return what the console showed."""
-    need(qemu.qemu_binary())
-    result = qemu.watch(qemu.direct_argv(out, append=append), timeout=timeout, expect=MARKER)
-    assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
-    return result
-
-
-def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> None:
-    """The system's init ran and found every closure path, registered, with the right content."""
-    console = result.console
-    assert result.init_reached == f"{system}/init", console[-3000:]
-    ok_lines = [ln for ln in result.lines if ln.startswith(MARKER)]
-    assert ok_lines, f"the system's checks failed:\n{console[-3000:]}"
-    files = len((system / "closure-files.sha256").read_text().splitlines())
-    assert ok_lines[0].split() == [MARKER, f"paths={len(closure)}", f"files={files}"]
-    assert "NETBOOT-TEST: store writable" in console
-
-
-class ServerProcess:
-    """`netboot serve` as a real process on loopback, stopped by its PID."""
-
-    def __init__(self, *args: str | os.PathLike[str]) -> None:
-        import re
-        import time
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netboot", "serve", *map(str, args)], cwd=ROOT,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self.lines: list[str] = []
-        self.http_port = 0
-        self.tftp_port = 0
-        deadline = time.monotonic() + 20
-        assert self.proc.stderr is not None
-        while not self.http_port or ("--no-tftp" not in map(str, args) and not self.tftp_port):
-            line = self.proc.stderr.readline()
-            if not line or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail("netboot serve did not start:\n" + "".join(self.lines) + line)
-            self.lines.append(line)
-            if m := re.search(r"http: serving http://\S+:(\d+)/", line):
-                self.http_port = int(m.group(1))
-            if m := re.search(r"tftp: serving tftp://\S+:(\d+)/", line):
-                self.tftp_port = int(m.group(1))
-        import threading
-
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _drain(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.http_port}/{path.lstrip('/')}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture(scope="session")
 def outs(system: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The test system built once in each format."""
@@ -144,3 +35,4 @@ def outs(system: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     netboot_ok("build", system, "--out", base / "squashfs")
     netboot_ok("build", system, "--out", base / "direct", "--format", "direct")
     return {"squashfs": base / "squashfs", "direct": base / "direct"}
+

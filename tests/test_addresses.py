@@ -6,7 +6,7 @@ import ipaddress
 import json
 import subprocess
 
-from conftest import need
+from support import need
 
 from netboot.addresses import reachable_hosts
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, need, netboot, netboot_ok
 from fakestore import closure_info, make_system, store_path
+from support import ROOT, need, netboot, netboot_ok
 
 
 def snapshot(d: Path) -> dict[str, bytes] | None:

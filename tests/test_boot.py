@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_booted, boot, build_system, netboot_ok
+from support import ROOT, assert_booted, boot, build_system, netboot_ok
 
 pytestmark = pytest.mark.slow
 

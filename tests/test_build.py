@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, build_system, need, netboot, netboot_ok
 from initrd_reader import archives, cpio_extract, decompress, items, newc_headers, split
+from support import ROOT, build_system, need, netboot, netboot_ok
 
 
 def test_artifacts_and_manifest(system: Path, closure: list[str], tmp_path: Path) -> None:

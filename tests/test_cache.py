@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, build_system, netboot, netboot_ok
+from support import ROOT, build_system, netboot, netboot_ok
 
 
 def reused(stderr: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import netboot
+from support import netboot
 
 from netboot.errors import NetbootError
 from netboot.mac import BadMac, normalize

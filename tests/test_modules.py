@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import need
+from support import need
 
 from netboot.errors import NetbootError
 from netboot.modules import ModuleTree, module_name

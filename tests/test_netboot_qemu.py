@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import MARKER, ServerProcess, assert_booted, need
+from support import MARKER, ServerProcess, assert_booted, need
 
 from netboot import qemu
 

@@ -15,7 +15,7 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, netboot, netboot_ok
+from support import ServerProcess, netboot, netboot_ok
 
 MAC = "52:54:00:12:34:56"
 

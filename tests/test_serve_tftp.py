@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, need
+from support import ServerProcess, need
 
 MAC = "52-54-00-12-34-56"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -59,8 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"retransmissions before a transfer is dropped (default {s.retries})")
     g.add_argument("--tftp-idle-timeout", type=_positive(float), default=s.idle_timeout, metavar="SECONDS",
                    help=f"drop a transfer without progress for this long (default {s.idle_timeout:g})")
-    g.add_argument("--tftp-workers", type=int, default=0, metavar="N",
-                   help="processes that run file transfers on other cores (default 0: all in this one)")
+    cores = os.cpu_count() or 1
+    workers = cores if cores > 1 else 0
+    g.add_argument("--tftp-workers", type=int, default=workers, metavar="N",
+                   help=f"processes that run file transfers, 0 for all in this one (default {workers}: one a core)")
     g.add_argument("--tftp-no-mtu", action="store_true",
                    help="do not cap blksize to the MTU of the interface a request arrives on")
 

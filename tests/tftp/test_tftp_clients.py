@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import EACH, ServerThread, pattern, tool
+from tftp_support import EACH, ServerThread, pattern, tool
 
 from netboot.tftp import FileSystemResolver
 

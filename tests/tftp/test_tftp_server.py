@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import EACH, ServerThread, tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rawtftp import Peer
+from tftp_support import EACH, ServerThread, tool
 
 from netboot.tftp import BytesContent, FileSystemResolver, NotFound, SessionConfig, TftpConfig, packets
 from netboot.tftp.content import Content
