@@ -1,7 +1,8 @@
 """The initrd of each format, written as concatenated newc members (buffer-format.rst).
 
-- direct: one compressed member holding /dev/console, mount points, every file of the closure under
-  nix/store and the registration; the kernel runs rdinit=<toplevel>/init straight from it.
+- direct: a compressed member with /dev/console, the mount points and the store directory, one compressed
+  member per store path (cached across builds), and one with the registration; the kernel runs
+  rdinit=<toplevel>/init straight from the unpacked store.
 - squashfs: an uncompressed member holding nix-store.squashfs, then a compressed member with stage 1.
   The image is already compressed, so compressing it again would only cost time; and the kernel
   recognises an uncompressed member only at a 4-byte aligned offset, which the start of the file is.
