@@ -135,12 +135,12 @@ class ProfileFiles:
         key = (st.st_ino, st.st_mtime_ns, st.st_size)
         if key == self.seen:
             return
+        self.seen = key  # a broken build is reported once, not at every look
         try:
             new = Generation(self.profile.dir)
         except NetbootError as e:
             log.error("profile %s: keeping the previous build: %s", self.profile.name, e)
             return
-        self.seen = key
         if new.id == self.current.id:
             new.close()
             return

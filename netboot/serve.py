@@ -153,9 +153,6 @@ class Server:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
-    def stop(self) -> None:
-        self._stop.set()
-
     async def close(self) -> None:
         if self._tftp is not None:
             self._tftp.close()

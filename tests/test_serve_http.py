@@ -269,3 +269,20 @@ def test_debian_ipxe_binaries_are_served(server: ServerProcess, name: str) -> No
     assert path.is_file(), "Debian's ipxe package is not installed (make test installs it)"
     status, _, body = get(server.url(name))
     assert (status, body) == (200, path.read_bytes())
+
+
+def test_a_broken_rebuild_keeps_the_previous_build(server: ServerProcess, machines: Path) -> None:
+    out = machines.parent / "squashfs-out"
+    initrd = (out / "initrd").read_bytes()
+    broken = machines.parent / "broken"
+    shutil.copytree(out, broken)
+    (broken / "initrd").unlink()
+    (broken / "initrd").symlink_to("/etc/passwd")
+    (broken / "manifest.json").write_text((out / "manifest.json").read_text().replace('"cmdline"', '"cmdline" '))
+    os.rename(out, machines.parent / "old")
+    os.rename(broken, out)
+    wait_for(lambda: "keeping the previous build" in server.log, "the rebuild to be refused")
+    time.sleep(2.5)  # more looks at the directory: reported once, not at each
+    assert server.log.count("keeping the previous build") == 1
+    assert f"{out}/initrd is not a regular file inside {out} or the Nix store" in server.log
+    assert get(server.url("profile/squash/initrd"))[2] == initrd
