@@ -34,7 +34,7 @@ from netboot.cpio import NewcWriter, StreamSink, check_size
 from netboot.errors import NetbootError
 from netboot.files import Entry, closure_entries
 from netboot.progress import Progress
-from netboot.run import failed, last_words, require
+from netboot.run import failed, require
 from netboot.squashfs import mksquashfs
 from netboot.stage1 import Stage1
 from netboot.tree import Tree
@@ -67,9 +67,7 @@ def compressed_output(path: Path, packing: Packing, *, append: bool = False) -> 
         except BrokenPipeError:
             proc.stdin.close()
             proc.wait()
-            raise NetbootError(
-                f"{packing.compressor.name} stopped early (exit {proc.returncode}){last_words(proc.stderr.read())}"
-            ) from None
+            raise failed("compressing the initrd", argv[0], proc.returncode, proc.stderr.read()) from None
         except BaseException:
             proc.kill()
             proc.wait()

@@ -112,6 +112,15 @@ def _open_in(dir_fd: int, name: str, real_dir: Path, shown: Path) -> HeldFile:
     return HeldFile(fd, st.st_size, st.st_mtime)
 
 
+def manifest_key(directory: Path) -> tuple[int, int, int] | None:
+    """What changes when a build replaces the directory: its manifest's inode, mtime and size."""
+    try:
+        st = os.stat(directory / "manifest.json")
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 @dataclass
 class ProfileFiles:
     """A profile's current generation and the ones it replaced, kept until their grace period ends."""
@@ -128,13 +137,9 @@ class ProfileFiles:
 
     def refresh(self, grace: float) -> None:
         """Pick up a rebuilt directory: the new build for new requests, the old one kept for `grace` seconds."""
-        try:
-            st = os.stat(self.profile.dir / "manifest.json")
-        except OSError:
-            return  # mid-swap or removed: keep serving what we hold
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        if key == self.seen:
-            return
+        key = manifest_key(self.profile.dir)
+        if key is None or key == self.seen:
+            return  # unchanged, or mid-swap or removed: keep serving what we hold
         self.seen = key  # a broken build is reported once, not at every look
         try:
             new = Generation(self.profile.dir)
@@ -192,9 +197,8 @@ class Namespace:
                     old.profile = profile
                     opened[name] = old
                 else:
-                    files = ProfileFiles(profile, Generation(profile.dir))
-                    files.refresh(self.grace)
-                    opened[name] = files
+                    seen = manifest_key(profile.dir) or (0, 0, 0)  # before opening: a rebuild meanwhile is seen
+                    opened[name] = ProfileFiles(profile, Generation(profile.dir), seen=seen)
         except BaseException:
             for name, files in opened.items():
                 if self.profiles.get(name) is not files:
