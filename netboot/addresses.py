@@ -31,3 +31,16 @@ def reachable_hosts(bound: str) -> list[str]:
     if bound == "::":  # a dual-stack socket
         return [addr for _, addr in interface_addresses()]
     return [bound]
+
+
+def ipv4_interfaces() -> dict[int, tuple[str, list[ipaddress.IPv4Interface]]]:
+    """Every interface's IPv4 addresses with their prefixes, by interface index (loopback included)."""
+    found: dict[int, tuple[str, list[ipaddress.IPv4Interface]]] = {}
+    with IPRoute() as ip:
+        for link in ip.get_links():
+            found[link["index"]] = (link.get_attr("IFLA_IFNAME"), [])
+        for a in ip.get_addr(family=socket.AF_INET):
+            address = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            if address is not None and a["index"] in found:
+                found[a["index"]][1].append(ipaddress.IPv4Interface(f"{address}/{a['prefixlen']}"))
+    return found

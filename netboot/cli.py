@@ -1,4 +1,4 @@
-"""Command line: `netboot build` (and, as they land, the serving commands)."""
+"""Command line: `netboot build`, `netboot serve`, `netboot cache`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from netboot import __version__, build, cache, compress
+from netboot.dhcp import command as dhcp_command
 from netboot.errors import NetbootError
 from netboot.tftp import command as tftp_command
 
@@ -116,7 +117,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         description=(
             "Serve boot.ipxe, per-MAC iPXE scripts, kernels and initrds over HTTP and TFTP from one process. "
             "boot.ipxe (the boot file to hand out by DHCP) chains to /machine/<mac>/boot.ipxe, which boots the "
-            "machine's profile. Reloads on SIGHUP and when the machines file or an output directory changes."
+            "machine's profile. Reloads on SIGHUP and when the machines file or an output directory changes. "
+            "With --dhcp it answers DHCP too, so that PXE firmware boots with nothing else configured: as proxy "
+            "DHCP beside the site's DHCP server, or as the DHCP server of an isolated provisioning network."
         ),
     )
     what = p.add_mutually_exclusive_group(required=True)
@@ -136,6 +139,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print more")
     tftp_command.add_arguments(p)
+    dhcp_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -150,6 +154,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         http=serve.Endpoint.parse(args.http, "--http"),
         tftp=None if args.no_tftp else serve.Endpoint.parse(args.tftp, "--tftp"),
         tftp_config=tftp_command.config_from_args(args),
+        dhcp=dhcp_command.config_from_args(args),
         grace=args.grace,
     )
     asyncio.run(serve.serve(opts))

@@ -6,10 +6,14 @@
     [machines."52:54:00:12:34:56"]
     profile = "rescue"            # default: "default"
     append = "hostname=node1"
+    ip = "192.0.2.42"             # reserved address (netboot serve --dhcp START-END)
+    hostname = "node1"            # DHCP option 12
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,8 @@ class Machine:
     mac: str  # normalized
     profile: str
     append: str = ""
+    ip: str = ""  # reserved IPv4 address, handed out by the authoritative DHCP mode
+    hostname: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ class Machines:
             raise NetbootError(f"{path}: no [profiles.NAME] defined")
         machines: dict[str, Machine] = {}
         spelled: dict[str, str] = {}
+        reserved: dict[str, str] = {}
         for key, entry in _table(data, "machines", where).items():
             ref = f"machines.{key!r}"
             try:
@@ -99,11 +106,17 @@ class Machines:
             spelled[mac] = key
             if not isinstance(entry, dict):
                 raise NetbootError(f"{where.of(key)}: {ref} must be a table")
-            _only(entry, {"profile", "append"}, ref, where)
+            _only(entry, {"profile", "append", "ip", "hostname"}, ref, where)
             profile = entry.get("profile", DEFAULT)
             if profile not in profiles:
                 raise NetbootError(f"{where.of(key)}: {ref}: profile {profile!r} is not defined in [profiles]")
-            machines[mac] = Machine(mac, profile, _append(entry, ref, where, key))
+            ip = _ip(entry, ref, where, key)
+            if ip and ip in reserved:
+                raise NetbootError(f"{where.of(key)}: {ref}: ip {ip} is already reserved for machines.{reserved[ip]!r}")
+            if ip:
+                reserved[ip] = key
+            hostname = _hostname(entry, ref, where, key)
+            machines[mac] = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname)
         return cls(profiles, machines, path)
 
 
@@ -139,6 +152,31 @@ def _append(entry: dict, ref: str, where: _Locator, key: str) -> str:
     if not isinstance(value, str) or any(c in value for c in "\n\r\0") or "${" in value:
         raise NetbootError(f"{where.of(key)}: {ref}: append must be one line of kernel parameters")
     return value.strip()
+
+
+def _ip(entry: dict, ref: str, where: _Locator, key: str) -> str:
+    value = entry.get("ip", "")
+    if value == "":
+        return ""
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise NetbootError(f"{where.of(key)}: {ref}: ip {value!r} is not an IPv4 address") from None
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _hostname(entry: dict, ref: str, where: _Locator, key: str) -> str:
+    """RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens."""
+    value = entry.get("hostname", "")
+    if value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > 253 or not all(_LABEL.fullmatch(x) for x in value.split(".")):
+        raise NetbootError(f"{where.of(key)}: {ref}: hostname {value!r} is not a valid host name")
+    return value
 
 
 def _checked_dir(directory: Path, what: str) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from netboot.addresses import reachable_hosts
+from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.errors import NetbootError
 from netboot.http import make_app
 from netboot.machines import Machines
@@ -54,6 +55,7 @@ class ServeOptions:
     http: Endpoint = Endpoint("0.0.0.0", 8080)
     tftp: Endpoint | None = Endpoint("0.0.0.0", 69)
     tftp_config: TftpConfig = field(default_factory=TftpConfig)
+    dhcp: DhcpConfig | None = None
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
 
@@ -72,6 +74,7 @@ class Server:
         self.http_port = 0
         self.tftp_port = 0
         self._tftp: TftpServer | None = None
+        self._dhcp: DhcpServer | None = None
 
     def _machines_stat(self) -> tuple[int, int, int] | None:
         if self.opts.machines is None:
@@ -86,6 +89,34 @@ class Server:
         await self._start_http()
         if self.opts.tftp is not None:
             await self._start_tftp(self.opts.tftp)
+        if self.opts.dhcp is not None:
+            await self._start_dhcp(self.opts.dhcp)
+
+    async def _start_dhcp(self, config: DhcpConfig) -> None:
+        self._dhcp = await start_dhcp_server(config, machines=lambda: self.namespace.machines,
+                                             offerings=self._offerings)
+        where = ", ".join(config.interfaces) or "every interface"
+        log.info("dhcp: %s on %s, port%s %s", "proxy DHCP" if config.proxy else f"DHCP server for {config.mode}",
+                 where, "s" * (len(self._dhcp.ports) > 1), " and ".join(map(str, self._dhcp.ports)))
+        if not config.proxy:
+            log.info("dhcp: leases in %s", config.state_dir)
+        offer = self._offerings()
+        if not offer.tftp:
+            log.warning("dhcp: TFTP is not served on port 69, so PXE ROMs get no answer; iPXE and UEFI HTTP "
+                        "boot clients still do")
+        missing = {"undionly.kpxe", config.uefi_binary} - offer.binaries
+        if missing:
+            log.warning("dhcp: %s not installed (Debian's ipxe package): PXE ROMs that need it get no answer",
+                        " and ".join(sorted(missing)))
+
+    def _offerings(self) -> Offerings:
+        assert self.opts.dhcp is not None
+        http, tftp = self.opts.http.host, self.opts.tftp.host if self.opts.tftp else None
+        return Offerings(
+            binaries=frozenset(self.namespace.binaries), http_port=self.http_port, tftp=self.tftp_port == 69,
+            uefi_binary=self.opts.dhcp.uefi_binary,
+            http_host=http if _specific_ipv4(http) else None, tftp_host=tftp if _specific_ipv4(tftp) else None,
+        )
 
     async def _start_tftp(self, where: Endpoint) -> None:
         try:
@@ -128,6 +159,8 @@ class Server:
             return
         try:
             machines = Machines.load(self.opts.machines)
+            if self._dhcp is not None:
+                self._dhcp.check(machines)
             self.namespace.reload(machines)
         except NetbootError as e:
             log.error("reload: keeping the previous configuration: %s", e)
@@ -154,6 +187,8 @@ class Server:
                 loop.remove_signal_handler(sig)
 
     async def close(self) -> None:
+        if self._dhcp is not None:
+            self._dhcp.close()
         if self._tftp is not None:
             self._tftp.close()
             await self._tftp.wait_closed()
@@ -169,6 +204,14 @@ async def _announce(scheme: str, where: Endpoint, port: int) -> None:
         # pyroute2's synchronous API runs its own event loop, so not on this one.
         for host in await asyncio.to_thread(reachable_hosts, where.host):
             log.info("%s:   reachable as %s/boot.ipxe", scheme, Endpoint(host, port).url(scheme))
+
+
+def _specific_ipv4(host: str | None) -> bool:
+    """An IPv4 address to name in boot files, rather than a wildcard (then: our address on the interface)."""
+    try:
+        return host is not None and ipaddress.ip_address(host).version == 4 and host != "0.0.0.0"
+    except ValueError:
+        return False
 
 
 def tftp_resolver(namespace: Namespace) -> Resolver:

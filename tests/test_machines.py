@@ -68,6 +68,8 @@ append = "hostname=node1"
 
 [machines.525400123457]
 append = "hostname=node2"
+ip = "192.0.2.42"
+hostname = "node2.lab"
 """,
         )
     )
@@ -77,6 +79,9 @@ append = "hostname=node2"
     assert m.for_mac("52:54:00:12:34:57")[1] == "console=ttyS0 hostname=node2"
     assert m.for_mac("52:54:00:99:99:99")[1] == "console=ttyS0"
     assert m.profiles["default"].dir == tmp_path / "out"
+    assert (m.machines["52:54:00:12:34:57"].ip, m.machines["52:54:00:12:34:57"].hostname) == ("192.0.2.42",
+                                                                                            "node2.lab")
+    assert (m.machines["52:54:00:12:34:56"].ip, m.machines["52:54:00:12:34:56"].hostname) == ("", "")
 
 
 @pytest.mark.parametrize(
@@ -107,6 +112,28 @@ append = "hostname=node2"
         ("[profiles.default]\n", "profiles.default needs dir ="),
         ("[profile.default]\ndir = 'out'\n", "unknown section 'profile'"),
         ("[profiles.default]\ndir = 'plain'\n", "dir 'plain' has no manifest.json; is it an output of netboot build?"),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\nip = '192.0.2.300'\n",
+            "machines.toml:3: machines.'52:54:00:12:34:56': ip '192.0.2.300' is not an IPv4 address",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\nip = 42\n",
+            "machines.toml:3: machines.'52:54:00:12:34:56': ip 42 is not an IPv4 address",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\nip = '192.0.2.42'\n"
+            "[machines.'52:54:00:12:34:57']\nip = '192.0.2.42'\n",
+            "machines.toml:5: machines.'52:54:00:12:34:57': ip 192.0.2.42 is already reserved for "
+            "machines.'52:54:00:12:34:56'",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\nhostname = 'node_1'\n",
+            "machines.toml:3: machines.'52:54:00:12:34:56': hostname 'node_1' is not a valid host name",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\nhostname = '-node'\n",
+            "hostname '-node' is not a valid host name",
+        ),
     ],
 )
 def test_bad_files(tmp_path: Path, text: str, message: str) -> None:

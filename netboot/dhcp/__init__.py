@@ -1,0 +1,89 @@
+"""DHCP server for netbooting: proxy DHCP beside a site's server, or an authoritative server with leases.
+
+A sans-IO core (`message` parses and builds with pyroute2's codec, `boot` tells client kinds and boot files,
+`leases` allocates and persists addresses, `exchange` decides every answer) under a thin asyncio layer
+(`server`). Embedding (`netboot serve`):
+
+    server = await start_dhcp_server(DhcpConfig(proxy=True), machines=lambda: ..., offerings=lambda: ...)
+    ...
+    server.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from netboot.addresses import ipv4_interfaces
+from netboot.dhcp.boot import Offerings
+from netboot.dhcp.exchange import PXE_PORT, SERVER_PORT, Responder
+from netboot.dhcp.leases import Leases, Pool, StateFile, check_reservations, network_of
+from netboot.dhcp.server import DhcpServer
+from netboot.errors import NetbootError
+from netboot.machines import Machines
+
+__all__ = ["DhcpConfig", "DhcpServer", "Offerings", "start_dhcp_server"]
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    proxy: bool = True
+    range: tuple[IPv4Address, IPv4Address] | None = None  # authoritative mode: START, END
+    interfaces: tuple[str, ...] = ()  # answer on these only; empty: every interface
+    router: IPv4Address | None = None
+    dns: tuple[IPv4Address, ...] = ()
+    domain: str = ""
+    lease_time: int = 3600
+    state_dir: Path = Path("/var/lib/netboot")
+    uefi_binary: str = "ipxe.efi"
+    host: str = "0.0.0.0"
+
+    @property
+    def mode(self) -> str:
+        return "proxy" if self.proxy else f"{self.range[0]}-{self.range[1]}" if self.range else "?"
+
+
+async def start_dhcp_server(config: DhcpConfig, *, machines: Callable[[], Machines],
+                            offerings: Callable[[], Offerings]) -> DhcpServer:
+    interfaces = await asyncio.to_thread(ipv4_interfaces)
+    names = {name for name, _ in interfaces.values()}
+    for name in config.interfaces:
+        if name not in names:
+            raise NetbootError(f"--dhcp-interface {name}: no such network interface")
+    ours = [a for name, addresses in interfaces.values() if not config.interfaces or name in config.interfaces
+            for a in addresses]
+    leases = None
+    prefer = None
+    if not config.proxy:
+        assert config.range is not None
+        first, last = config.range
+        home = network_of(first, last, ours)
+        if home is None:
+            raise NetbootError(f"--dhcp {first}-{last}: no interface{' of --dhcp-interface' * bool(config.interfaces)}"
+                               " has an address in a subnet holding this whole range")
+        excluded = {a.ip for a in ours if a.ip in home.network} | ({config.router} if config.router else set())
+        pool = Pool(first, last, home.network, config.lease_time, config.router, config.dns, config.domain,
+                    frozenset(excluded))
+        check_reservations(machines(), pool)
+        state = StateFile(config.state_dir)
+        try:
+            leases = Leases(pool, state)
+        except BaseException:
+            state.close()
+            raise
+        prefer = home.network
+    responder = Responder(offerings, machines, leases)
+    server = DhcpServer(responder, interfaces, config.interfaces, prefer)
+    try:
+        for port in (SERVER_PORT, PXE_PORT) if config.proxy else (SERVER_PORT,):
+            try:
+                server.listen(config.host, port)
+            except OSError as e:
+                raise NetbootError(f"cannot listen for DHCP on {config.host}:{port}: {e.strerror}") from None
+    except BaseException:
+        server.close()
+        raise
+    return server

@@ -1,0 +1,106 @@
+"""Which kind of network-boot client sent a request, and which boot file it gets.
+
+    BIOS PXE ROM              (PXEClient, arch 0)     undionly.kpxe over TFTP
+    UEFI x64 PXE              (PXEClient, arch 7, 9)  ipxe.efi (or snponly.efi) over TFTP
+    iPXE, any firmware        (user class iPXE, 175)  http://server:port/boot.ipxe: no chainload loop
+    UEFI x64 HTTP Boot        (HTTPClient, arch 16)   http://server:port/ipxe.efi, answered with HTTPClient
+
+Architecture numbers are RFC 4578's as IANA keeps them; Debian's ipxe package has binaries for x86 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from netboot.dhcp.message import Request
+
+PXE, HTTP, IPXE = "PXEClient", "HTTPClient", "iPXE"
+BIOS_ARCH = 0
+UEFI_X64_PXE = (7, 9)  # EDK2 sends 7; 9 is the same machine under the name EFI BC
+UEFI_X64_HTTP = 16
+_ARCH_NAMES = {0: "bios", 6: "uefi-ia32", 7: "uefi-x64", 9: "uefi-x64", 10: "uefi-arm32", 11: "uefi-arm64",
+               15: "uefi-ia32", 16: "uefi-x64", 19: "uefi-arm64"}
+
+
+@dataclass(frozen=True)
+class Client:
+    firmware: str  # PXE, HTTP, IPXE, or "" for a client that is not booting from the network
+    arch: int | None
+
+    @property
+    def kind(self) -> str:
+        """For log lines: bios-pxe, uefi-x64-pxe, uefi-x64-http, ipxe-bios, ipxe-uefi-x64, dhcp, …"""
+        if not self.firmware:
+            return "dhcp"
+        arch = _ARCH_NAMES.get(self.arch, f"arch{self.arch}") if self.arch is not None else "unknown-arch"
+        if self.firmware == IPXE:
+            return f"ipxe-{arch}"
+        return f"{arch}-{'http' if self.firmware == HTTP else 'pxe'}"
+
+
+def classify(request: Request) -> Client:
+    arch = request.arches[0] if request.arches else _arch_of(request.vendor_class)
+    # iPXE also says PXEClient in option 60; its user class (or its feature option 175) tells it apart.
+    if b"iPXE" in request.user_class or request.ipxe_features:
+        return Client(IPXE, arch)
+    if request.vendor_class.startswith(HTTP):
+        return Client(HTTP, arch)
+    if request.vendor_class.startswith(PXE):
+        return Client(PXE, arch)
+    return Client("", arch)
+
+
+def _arch_of(vendor_class: str) -> int | None:
+    """PXEClient:Arch:00007:UNDI:003000 → 7, for clients that leave out option 93."""
+    parts = vendor_class.split(":")
+    if len(parts) >= 3 and parts[1] == "Arch" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+@dataclass(frozen=True)
+class BootFile:
+    name: str  # the file field: a TFTP name, or a URL
+    server: str  # siaddr / next-server
+    vendor_class: str  # what the answer says in option 60 (HTTPClient must be answered as such)
+
+    @property
+    def over_tftp(self) -> bool:
+        return "://" not in self.name
+
+
+@dataclass(frozen=True)
+class Offerings:
+    """What this server can hand out: the iPXE binaries it serves and where its TFTP and HTTP listen."""
+
+    binaries: frozenset[str]
+    http_port: int
+    tftp: bool  # a TFTP server on port 69, which PXE ROMs need (their boot file name cannot carry a port)
+    uefi_binary: str = "ipxe.efi"
+    http_host: str | None = None  # where HTTP and TFTP listen, when on one address rather than on all
+    tftp_host: str | None = None
+
+    def boot_file(self, client: Client, server: str) -> BootFile | str:
+        """The boot file for `client` from `server` (our address as the client sees it), or why there is none."""
+        http = f"http://{self.http_host or server}:{self.http_port}"
+        if client.firmware == IPXE:
+            return BootFile(f"{http}/boot.ipxe", server, PXE)
+        if client.firmware == HTTP:
+            if client.arch != UEFI_X64_HTTP:
+                return f"no HTTP boot binary for architecture {client.arch}"
+            if self.uefi_binary not in self.binaries:
+                return f"{self.uefi_binary} is not installed (Debian's ipxe package)"
+            return BootFile(f"{http}/{self.uefi_binary}", server, HTTP)
+        if client.firmware == PXE:
+            if client.arch == BIOS_ARCH:
+                binary = "undionly.kpxe"
+            elif client.arch in UEFI_X64_PXE:
+                binary = self.uefi_binary
+            else:
+                return f"no iPXE binary for architecture {client.arch}"
+            if binary not in self.binaries:
+                return f"{binary} is not installed (Debian's ipxe package)"
+            if not self.tftp:
+                return "PXE ROMs need TFTP on port 69, which this server does not serve"
+            return BootFile(binary, self.tftp_host or server, PXE)
+        return "not a network-boot client"

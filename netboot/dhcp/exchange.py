@@ -1,0 +1,235 @@
+"""What to answer a DHCP request: a pure function of the datagram, where it arrived, the machines and the leases.
+
+Proxy mode (PXE 2.1 §2.2.5, "proxyDHCP"): a site DHCP server hands out addresses; netboot answers only
+network-boot clients it has a profile for, never with an address. On port 67 it answers a DISCOVER with an
+OFFER carrying just the boot information (yiaddr 0.0.0.0, option 60 `PXEClient`); a client then may ask again
+on port 4011 with a REQUEST (boot server discovery) and gets the same as an ACK. BIOS ROMs and iPXE get option
+43 with PXE_DISCOVERY_CONTROL = 8 (boot the file named, no discovery); UEFI firmware gets no option 43, which
+some firmware needs to accept a proxy offer, and so asks on port 4011 (EDK2's "BINL" path).
+
+Authoritative mode (RFC 2131): addresses from a range, reservations from the machines file, every client
+answered; network-boot clients get their boot file in the same answer, as from any DHCP server configured for
+PXE (no option 60 `PXEClient`, which would send EDK2 to a port 4011 that this mode does not serve).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from typing import Any
+
+from pyroute2.dhcp.enums.dhcp import MessageType
+
+from netboot.dhcp import boot, message
+from netboot.dhcp.leases import Leases
+from netboot.dhcp.message import ZERO, Reply, Request
+from netboot.machines import Machines
+
+SERVER_PORT, CLIENT_PORT, PXE_PORT = 67, 68, 4011
+BROADCAST = "255.255.255.255"
+DISCOVERY_CONTROL_BOOT_FILE = bytes([6, 1, 8, 255])  # PXE option 43: sub-option 6 = 8 (use the boot file), END
+TFTP_SERVER_NAME, BOOTFILE_NAME = 66, 67
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One datagram and where it came in: the local port, the interface, and our address there."""
+
+    data: bytes
+    source: tuple[str, int]
+    port: int
+    ifindex: int
+    server: IPv4Interface | None  # our address on that interface (None: the interface has no IPv4 address)
+
+
+@dataclass(frozen=True)
+class Answer:
+    data: bytes
+    dest: tuple[str, int]
+    ifindex: int  # the interface a broadcast leaves by; 0 to route by destination
+    line: str  # the log line: MAC, client kind, message, address, boot file
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """A request that gets no answer, and why (logged once per machine and reason)."""
+
+    mac: str
+    reason: str
+
+
+@dataclass
+class Responder:
+    offerings: Callable[[], boot.Offerings]
+    machines: Callable[[], Machines]
+    leases: Leases | None = None  # None: proxy mode
+    clock: Callable[[], float] = time.time
+
+    @property
+    def reservations(self) -> dict[str, str]:
+        """MAC -> address, from the machines file's `ip = …` (checked against the pool when it is loaded)."""
+        return {m.mac: m.ip for m in self.machines().machines.values() if m.ip}
+
+    @property
+    def proxy(self) -> bool:
+        return self.leases is None
+
+    def handle(self, arrival: Arrival) -> Answer | Ignored | None:
+        """The answer to one datagram; raises message.Malformed for anything that is not a valid request."""
+        request = message.parse(arrival.data)
+        if arrival.server is None:
+            return Ignored(request.mac, f"interface {arrival.ifindex} has no IPv4 address to answer from")
+        if self.proxy:
+            return self._proxy(request, arrival)
+        if arrival.port != SERVER_PORT:
+            return None
+        return self._authoritative(request, arrival)
+
+    # Proxy mode
+
+    def _proxy(self, request: Request, arrival: Arrival) -> Answer | Ignored | None:
+        if arrival.port == SERVER_PORT and request.type != MessageType.DISCOVER:
+            return None  # the site server's business
+        if arrival.port == PXE_PORT and request.type not in (MessageType.REQUEST, MessageType.INFORM):
+            return None
+        client = boot.classify(request)
+        if not client.firmware:
+            return None  # not booting from the network: never disturb it
+        server = str(arrival.server.ip) if arrival.server else ZERO
+        found = self._boot_file(request, client, server)
+        if isinstance(found, Ignored):
+            return found
+        options: dict[str, Any] = {"server_id": server, "vendor_id": found.vendor_class}
+        if request.uuid is not None:
+            options["pxe_client_id"] = request.uuid
+        if client.firmware == boot.IPXE or (client.firmware == boot.PXE and client.arch == boot.BIOS_ARCH):
+            options["vendor_specific_information"] = DISCOVERY_CONTROL_BOOT_FILE
+        _boot_options(options, request, found)
+        kind = MessageType.OFFER if arrival.port == SERVER_PORT else MessageType.ACK
+        reply = Reply(request, kind, siaddr=found.server, sname=found.server if found.over_tftp else "",
+                      file=found.name, options=options)
+        if arrival.port == PXE_PORT:
+            dest = arrival.source if arrival.source[0] != ZERO else (BROADCAST, CLIENT_PORT)
+            return self._answer(reply, client, dest, arrival.ifindex, request.ciaddr)
+        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, "-")
+
+    def _boot_file(self, request: Request, client: boot.Client, server: str) -> boot.BootFile | Ignored:
+        if self.machines().for_mac(request.mac) is None:
+            return Ignored(request.mac, "not in the machines file, and there is no default profile")
+        found = self.offerings().boot_file(client, server)
+        if isinstance(found, str):
+            return Ignored(request.mac, f"{client.kind}: {found}")
+        return found
+
+    # Authoritative mode
+
+    def _authoritative(self, request: Request, arrival: Arrival) -> Answer | Ignored | None:
+        leases = self.leases
+        assert leases is not None and arrival.server is not None
+        pool = leases.pool
+        relayed = request.giaddr != ZERO
+        if (IPv4Address(request.giaddr) if relayed else arrival.server.ip) not in pool.network:
+            return None  # another subnet's request
+        now = self.clock()
+        leases.prune(now)
+        mac = request.mac
+        reserved = self.reservations
+        kind = request.type
+        if kind == MessageType.DISCOVER:
+            ip = leases.choose(mac, request.requested_ip, now, reserved)
+            if ip is None:
+                return Ignored(mac, f"no free address left in {pool.first}-{pool.last}")
+            return self._lease_reply(request, arrival, MessageType.OFFER, ip)
+        if kind == MessageType.REQUEST:
+            if request.server_id is not None and request.server_id != str(arrival.server.ip):
+                leases.forget_offer(mac)  # it chose another server
+                return None
+            ip = request.requested_ip or (request.ciaddr if request.ciaddr != ZERO else None)
+            if ip is None:
+                return None
+            in_range = pool.first <= IPv4Address(ip) <= pool.last or reserved.get(mac) == ip
+            if not (in_range and leases.free_for(mac, ip, now, reserved)):
+                # Authoritative for its subnet: a client asking for an address it may not have is told at once
+                # rather than left to time out (RFC 2131 §4.3.2, as dnsmasq's dhcp-authoritative).
+                return self._nak(request, arrival, f"{ip} is not available to it")
+            return self._lease_reply(request, arrival, MessageType.ACK, ip)
+        if kind == MessageType.DECLINE:
+            if request.server_id == str(arrival.server.ip) and request.requested_ip:
+                leases.decline(mac, request.requested_ip, now)
+                return Ignored(mac, f"declined {request.requested_ip}: in use by another host; set aside")
+            return None
+        if kind == MessageType.RELEASE:
+            if request.ciaddr != ZERO:
+                leases.release(mac, request.ciaddr, now)
+            return None
+        if kind == MessageType.INFORM:
+            return self._lease_reply(request, arrival, MessageType.ACK, None)
+        return None
+
+    def _lease_reply(self, request: Request, arrival: Arrival, kind: MessageType, ip: str | None) -> Answer:
+        leases = self.leases
+        assert leases is not None and arrival.server is not None
+        pool = leases.pool
+        server = str(arrival.server.ip)
+        options: dict[str, Any] = {"server_id": server}
+        if ip is not None:
+            t = pool.lease_time
+            options.update(lease_time=t, renewal_time=t // 2, rebinding_time=t * 7 // 8)
+        options["subnet_mask"] = str(pool.network.netmask)
+        options["broadcast_address"] = str(pool.network.broadcast_address)
+        if pool.router is not None:
+            options["router"] = [str(pool.router)]
+        if pool.dns:
+            options["name_server"] = [str(d) for d in pool.dns]
+        if pool.domain:
+            options["domain_name"] = pool.domain
+        machine = self.machines().machines.get(request.mac)
+        if machine is not None and machine.hostname:
+            options["host_name"] = machine.hostname
+        client = boot.classify(request)
+        reply = Reply(request, kind, yiaddr=ip or ZERO, options=options)
+        if client.firmware:
+            found_file = self._boot_file(request, client, server)
+            if isinstance(found_file, boot.BootFile):
+                reply.siaddr, reply.file = found_file.server, found_file.name
+                if found_file.vendor_class == boot.HTTP:
+                    options["vendor_id"] = boot.HTTP
+                _boot_options(options, request, found_file)
+        if request.relay_info is not None:
+            options["relay_agent_information"] = request.relay_info
+        if ip is not None and kind == MessageType.ACK:
+            leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""))
+        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-")
+
+    def _nak(self, request: Request, arrival: Arrival, why: str) -> Answer:
+        assert arrival.server is not None
+        reply = Reply(request, MessageType.NAK, options={"server_id": str(arrival.server.ip), "message": why})
+        client = boot.classify(request)
+        return self._answer(reply, client, _destination(request, MessageType.NAK), arrival.ifindex, "-",
+                            note=f" ({why})")
+
+    def _answer(self, reply: Reply, client: boot.Client, dest: tuple[str, int], ifindex: int, address: str,
+                note: str = "") -> Answer:
+        shown = reply.file if not reply.file or "://" in reply.file else f"tftp://{reply.siaddr}/{reply.file}"
+        line = (f"{reply.request.mac} {client.kind} {reply.type.name} address={address} "
+                f"boot={shown or '-'}{note}")
+        return Answer(reply.encode(), dest, ifindex if dest[0] == BROADCAST else 0, line)
+
+
+def _boot_options(options: dict[str, Any], request: Request, found: boot.BootFile) -> None:
+    """Options 66 and 67 too, for firmware that asks for them rather than reading siaddr and file (as dnsmasq)."""
+    if TFTP_SERVER_NAME in request.params and found.over_tftp:
+        options["tftp_server_name"] = found.server
+    if BOOTFILE_NAME in request.params:
+        options["bootfile_name"] = found.name
+
+
+def _destination(request: Request, kind: MessageType) -> tuple[str, int]:
+    """RFC 2131 §4.1: to the relay; a NAK broadcast; to a configured client; else broadcast on the link."""
+    if request.giaddr != ZERO:
+        return request.giaddr, SERVER_PORT
+    if kind != MessageType.NAK and request.ciaddr != ZERO:
+        return request.ciaddr, CLIENT_PORT
+    return BROADCAST, CLIENT_PORT

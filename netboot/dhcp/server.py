@@ -1,0 +1,189 @@
+"""The asyncio side of the DHCP server: sockets on ports 67 (and 4011 in proxy mode), and nothing else.
+
+Every decision is `exchange.Responder`'s. This layer receives with recvmsg() and IP_PKTINFO to learn the
+interface each datagram came in on, gives the responder our address there (from a snapshot of the interfaces,
+refreshed in a thread because pyroute2's calls must not run on this loop), and sends the answer with
+sendmsg() and IP_PKTINFO naming the interface and source address: that is how a broadcast to 255.255.255.255
+leaves by the interface the request came in on, on a machine with several. Malformed datagrams are dropped
+with at most one log line, and fewer under a flood; a request that gets no answer for a reason the operator
+can fix (an unknown MAC, no free address) is logged once per machine and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from netboot.addresses import ipv4_interfaces
+from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
+from netboot.dhcp.leases import check_reservations
+from netboot.dhcp.message import MAX_DATAGRAM, Malformed
+from netboot.machines import Machines
+
+log = logging.getLogger("netboot.dhcp")
+
+_IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # linux/in.h; in the socket module only from Python 3.13
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
+_REFRESH = 10.0  # seconds between looks at the interfaces' addresses
+_QUIET = 10.0  # seconds between log lines about dropped datagrams, and per ignored machine and reason: 600
+_IGNORED_AGAIN = 600.0
+
+Interfaces = dict[int, tuple[str, list[IPv4Interface]]]
+
+
+class DhcpServer:
+    def __init__(self, responder: Responder, interfaces: Interfaces, only: Iterable[str] = (),
+                 prefer: IPv4Network | None = None, snapshot: Callable[[], Interfaces] = ipv4_interfaces) -> None:
+        self.responder = responder
+        self.interfaces = interfaces
+        self.only = frozenset(only)  # interface names to answer on; empty: all
+        self.prefer = prefer  # in authoritative mode, our address in the pool's subnet
+        self._snapshot = snapshot
+        self._sockets: list[socket.socket] = []
+        self._loop = asyncio.get_running_loop()
+        self._refreshed = time.monotonic()
+        self._refreshing: asyncio.Task | None = None
+        self._dropped = 0
+        self._drop_logged = 0.0
+        self._ignored: dict[tuple[str, str], float] = {}
+        self.answered = 0
+        self.ports: list[int] = []
+
+    def listen(self, host: str, port: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
+            sock.setblocking(False)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        self._sockets.append(sock)
+        self.ports.append(sock.getsockname()[1])
+        self._loop.add_reader(sock.fileno(), self._readable, sock, sock.getsockname()[1])
+
+    def _readable(self, sock: socket.socket, port: int) -> None:
+        for _ in range(64):  # a burst at a time, then let the loop breathe
+            try:
+                data, ancdata, _flags, source = sock.recvmsg(MAX_DATAGRAM + 1, socket.CMSG_SPACE(_IN_PKTINFO.size))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. ICMP errors reported on the socket
+                log.debug("dhcp: receive: %s", e)
+                continue
+            ifindex = 0
+            for level, kind, value in ancdata:
+                if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(value) >= _IN_PKTINFO.size:
+                    ifindex = _IN_PKTINFO.unpack_from(value)[0]
+            self._datagram(sock, port, data, source, ifindex)
+
+    def _datagram(self, sock: socket.socket, port: int, data: bytes, source: tuple[str, int], ifindex: int) -> None:
+        name, addresses = self.interfaces.get(ifindex, ("", []))
+        if not name:
+            self._refresh_soon(force=True)  # an interface that appeared since the last look
+        elif self.only and name not in self.only:
+            return
+        self._refresh_soon()
+        server = self._server(addresses, source[0])
+        try:
+            result = self.responder.handle(Arrival(data, source, port, ifindex, server))
+        except Malformed as e:
+            self._drop(source, str(e))
+            return
+        except Exception:  # a bug must not stop the server: log it, answer nothing, carry on
+            log.exception("dhcp: failed to answer a datagram from %s:%d", *source)
+            return
+        if isinstance(result, Ignored):
+            self._ignore(result)
+        elif isinstance(result, Answer):
+            self._send(sock, result, server)
+
+    def _server(self, addresses: list[IPv4Interface], source: str) -> IPv4Interface | None:
+        """Our address on the interface: the one in the pool's subnet, else the client's, else the first."""
+        client = _address(source)
+        for a in addresses:
+            if self.prefer is not None and a.ip in self.prefer:
+                return a
+        for a in addresses:
+            if client is not None and client in a.network:
+                return a
+        return addresses[0] if addresses else None
+
+    def _send(self, sock: socket.socket, answer: Answer, server: IPv4Interface | None) -> None:
+        ancdata = []
+        if answer.ifindex:
+            source = server.ip.packed if server else bytes(4)
+            ancdata = [(socket.IPPROTO_IP, _IP_PKTINFO, _IN_PKTINFO.pack(answer.ifindex, source, bytes(4)))]
+        try:
+            sock.sendmsg([answer.data], ancdata, 0, answer.dest)
+        except OSError as e:
+            log.warning("dhcp: %s: not sent to %s:%d: %s", answer.line, *answer.dest, e.strerror)
+            return
+        self.answered += 1
+        log.info("dhcp: %s", answer.line)
+
+    def _drop(self, source: tuple[str, int], why: str) -> None:
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged < _QUIET:
+            return
+        more = f" (and {self._dropped - 1} more dropped in the last {_QUIET:.0f} s)" if self._dropped > 1 else ""
+        log.warning("dhcp: dropped a datagram from %s:%d: %s%s", source[0], source[1], why, more)
+        self._dropped = 0
+        self._drop_logged = now
+
+    def _ignore(self, ignored: Ignored) -> None:
+        now = time.monotonic()
+        key = (ignored.mac, ignored.reason)
+        if now - self._ignored.get(key, -_IGNORED_AGAIN) < _IGNORED_AGAIN:
+            return
+        if len(self._ignored) > 10_000:  # a flood of made-up MACs must not grow this without bound
+            self._ignored.clear()
+        self._ignored[key] = now
+        log.info("dhcp: %s: not answered: %s", ignored.mac, ignored.reason)
+
+    def _refresh_soon(self, force: bool = False) -> None:
+        if self._refreshing is not None or (not force and time.monotonic() - self._refreshed < _REFRESH):
+            return
+        self._refreshed = time.monotonic()
+
+        async def refresh() -> None:
+            try:
+                self.interfaces = await asyncio.to_thread(self._snapshot)
+            except Exception as e:
+                log.warning("dhcp: cannot read the interfaces' addresses: %s", e)
+            finally:
+                self._refreshing = None
+
+        self._refreshing = self._loop.create_task(refresh())
+
+    def check(self, machines: Machines) -> None:
+        """Refuse a machines file whose reservations this server could not honour (raises NetbootError)."""
+        if self.responder.leases is not None:
+            check_reservations(machines, self.responder.leases.pool)
+
+    def close(self) -> None:
+        if self.responder.leases is not None:
+            self.responder.leases.state.close()
+        for sock in self._sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self._sockets.clear()
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+
+
+def _address(host: str) -> IPv4Address | None:
+    with contextlib.suppress(ValueError):
+        address = IPv4Address(host)
+        if not address.is_unspecified:
+            return address
+    return None

@@ -1,0 +1,272 @@
+"""Every answer the DHCP server gives, as a pure function: datagram in, datagram out, no sockets."""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+from dhcp_support import (
+    ACK,
+    DECLINE,
+    DISCOVER,
+    INFORM,
+    NAK,
+    OFFER,
+    RELEASE,
+    REQUEST,
+    UUID,
+    bios,
+    edk2,
+    http_boot,
+    ip,
+    ipxe,
+    parse_reply,
+    plain,
+)
+
+from netboot.dhcp.boot import Offerings
+from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
+from netboot.dhcp.leases import Leases, Pool, StateFile
+from netboot.machines import Machine, Machines, Profile
+
+SERVER = IPv4Interface("192.0.2.10/24")
+NODE1, NODE2, STRANGER = "52:54:00:00:01:01", "52:54:00:00:01:02", "52:54:00:00:09:09"
+ALL = frozenset({"undionly.kpxe", "ipxe.efi", "snponly.efi"})
+
+
+def fleet(default: bool = True, **extra: Machine) -> Machines:
+    profiles = {"squash": Profile("squash", Path("/out/squash"))}
+    if default:
+        profiles["default"] = Profile("default", Path("/out/direct"))
+    machines = {NODE1: Machine(NODE1, "squash", ip="192.0.2.42", hostname="node1"),
+                NODE2: Machine(NODE2, "squash"), **extra}
+    return Machines(profiles, machines)
+
+
+def responder(machines: Machines, leases: Leases | None = None, **offer) -> Responder:
+    offerings = Offerings(**{"binaries": ALL, "http_port": 8080, "tftp": True, **offer})
+    clock = [1_000_000.0]
+    r = Responder(lambda: offerings, lambda: machines, leases, clock=lambda: clock[0])
+    r.now = clock  # type: ignore[attr-defined]
+    return r
+
+
+def arrive(r: Responder, data: bytes, port: int = 67, source: tuple[str, int] = ("0.0.0.0", 68)):
+    return r.handle(Arrival(data, source, port, 7, SERVER))
+
+
+def answer(r: Responder, data: bytes, **kw):
+    result = arrive(r, data, **kw)
+    assert isinstance(result, Answer), result
+    return parse_reply(result.data), result
+
+
+# Proxy mode
+
+@pytest.mark.parametrize(("datagram", "file", "vendor", "option43"), [
+    (edk2(mac=NODE1), "ipxe.efi", "PXEClient", False),
+    (bios(mac=NODE1), "undionly.kpxe", "PXEClient", True),
+    (ipxe(mac=NODE1), "http://192.0.2.10:8080/boot.ipxe", "PXEClient", True),
+    (ipxe(mac=NODE1, arch=0), "http://192.0.2.10:8080/boot.ipxe", "PXEClient", True),
+    (http_boot(mac=NODE1), "http://192.0.2.10:8080/ipxe.efi", "HTTPClient", False),
+])
+def test_proxy_offer_by_client_kind(datagram: bytes, file: str, vendor: str, option43: bool) -> None:
+    reply, sent = answer(responder(fleet()), datagram)
+    assert reply.type == OFFER and reply.yiaddr == "0.0.0.0"  # never an address
+    assert reply.file == file and reply.siaddr == "192.0.2.10"
+    assert reply.address(54) == "192.0.2.10" and reply.text(60) == vendor
+    assert (43 in reply.options) == option43
+    if option43:
+        assert reply.options[43] == bytes([6, 1, 8, 255])
+    assert sent.dest == ("255.255.255.255", 68) and sent.ifindex == 7
+    assert NODE1 in sent.line and "OFFER" in sent.line and file.rsplit("/", 1)[-1] in sent.line
+
+
+def test_proxy_echoes_the_guid_and_answers_options_66_67_when_asked() -> None:
+    reply, _ = answer(responder(fleet()), edk2(mac=NODE2))
+    assert reply.options[97] == UUID
+    assert reply.text(66) == "192.0.2.10" and reply.text(67) == "ipxe.efi"
+    assert 51 not in reply.options and 1 not in reply.options  # nothing of a lease
+
+
+def test_proxy_never_disturbs_other_clients() -> None:
+    r = responder(fleet())
+    assert arrive(r, plain(mac=NODE1)) is None
+    for kind in (REQUEST, DECLINE, RELEASE, INFORM):
+        assert arrive(r, edk2(kind, mac=NODE1)) is None  # the site server's business
+
+
+def test_proxy_answers_boot_server_discovery_on_4011_to_the_client() -> None:
+    r = responder(fleet())
+    reply, sent = answer(r, edk2(REQUEST, mac=NODE1, ciaddr="192.0.2.150", flags=0), port=4011,
+                         source=("192.0.2.150", 68))
+    assert reply.type == ACK and reply.file == "ipxe.efi" and reply.siaddr == "192.0.2.10"
+    assert reply.yiaddr == "0.0.0.0" and reply.ciaddr == "192.0.2.150"
+    assert reply.text(60) == "PXEClient" and reply.options[97] == UUID
+    assert sent.dest == ("192.0.2.150", 68) and sent.ifindex == 0
+    assert "address=192.0.2.150" in sent.line
+    assert arrive(r, edk2(DISCOVER, mac=NODE1), port=4011) is None
+
+
+def test_proxy_ignores_machines_it_would_not_boot() -> None:
+    r = responder(fleet(default=False))
+    result = arrive(r, edk2(mac=STRANGER))
+    assert isinstance(result, Ignored) and "machines file" in result.reason
+    assert isinstance(answer(r, edk2(mac=NODE2))[1], Answer)
+    assert isinstance(answer(responder(fleet()), edk2(mac=STRANGER))[1], Answer)  # the default profile
+
+
+@pytest.mark.parametrize(("datagram", "offer", "why"), [
+    (bios(), {"tftp": False}, "TFTP on port 69"),
+    (edk2(), {"binaries": frozenset({"undionly.kpxe"})}, "ipxe.efi is not installed"),
+    (http_boot(), {"binaries": frozenset()}, "ipxe.efi is not installed"),
+])
+def test_a_client_that_cannot_be_booted_is_not_answered(datagram: bytes, offer: dict, why: str) -> None:
+    result = arrive(responder(fleet(), **offer), datagram)
+    assert isinstance(result, Ignored) and why in result.reason
+
+
+def test_unknown_architecture_is_not_answered() -> None:
+    from dhcp_support import request
+    arm = request(DISCOVER, options=[(93, b"\x00\x0b"), (60, b"PXEClient:Arch:00011:UNDI:003000")])
+    result = arrive(responder(fleet()), arm)
+    assert isinstance(result, Ignored) and "uefi-arm64-pxe" in result.reason
+
+
+def test_snponly_and_fixed_addresses() -> None:
+    r = responder(fleet(), uefi_binary="snponly.efi", http_host="198.51.100.1", tftp_host="198.51.100.2")
+    assert answer(r, edk2())[0].file == "snponly.efi"
+    assert answer(r, edk2())[0].siaddr == "198.51.100.2"
+    assert answer(r, ipxe())[0].file == "http://198.51.100.1:8080/boot.ipxe"
+
+
+def test_relayed_request_goes_back_to_the_relay() -> None:
+    reply, sent = answer(responder(fleet()), edk2(mac=NODE1, giaddr="192.0.2.1"))
+    assert sent.dest == ("192.0.2.1", 67) and reply.giaddr == "192.0.2.1"
+
+
+def test_no_ipv4_address_on_the_interface() -> None:
+    result = responder(fleet()).handle(Arrival(edk2(), ("0.0.0.0", 68), 67, 3, None))
+    assert isinstance(result, Ignored)
+
+
+# Authoritative mode
+
+@pytest.fixture
+def leases(tmp_path: Path):
+    pool = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.103"), IPv4Network("192.0.2.0/24"),
+                lease_time=600, router=IPv4Address("192.0.2.1"), dns=(IPv4Address("192.0.2.1"),),
+                domain="lab.example", excluded=frozenset({IPv4Address("192.0.2.10"), IPv4Address("192.0.2.1")}))
+    state = StateFile(tmp_path)
+    yield Leases(pool, state)
+    state.close()
+
+
+def dora(r: Responder, datagram, mac: str) -> tuple[str, object]:
+    """DISCOVER, OFFER, REQUEST, ACK; returns the address and the ACK."""
+    offer, _ = answer(r, datagram(DISCOVER, mac=mac))
+    assert offer.type == OFFER, offer
+    ack, _sent = answer(r, datagram(REQUEST, mac=mac, extra=[(50, ip(offer.yiaddr)), (54, ip("192.0.2.10"))]))
+    assert ack.type == ACK and ack.yiaddr == offer.yiaddr
+    return ack.yiaddr, ack
+
+
+def test_authoritative_reserved_machine_and_range(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    address, ack = dora(r, edk2, NODE1)
+    assert address == "192.0.2.42"  # its reservation, outside the range
+    assert ack.text(12) == "node1" and ack.file == "ipxe.efi" and ack.siaddr == "192.0.2.10"
+    assert 60 not in ack.options  # PXEClient would send EDK2 to port 4011
+    assert ack.number(51) == 600 and ack.number(58) == 300 and ack.number(59) == 525
+    assert ack.address(1) == "255.255.255.0" and ack.address(3) == "192.0.2.1" and ack.address(6) == "192.0.2.1"
+    assert ack.text(15) == "lab.example" and ack.address(54) == "192.0.2.10"
+    other, ack2 = dora(r, ipxe, NODE2)
+    assert other == "192.0.2.100" and ack2.file == "http://192.0.2.10:8080/boot.ipxe"
+
+
+def test_authoritative_gives_everyone_an_address_but_boot_files_only_to_machines_it_boots(leases: Leases) -> None:
+    r = responder(fleet(default=False), leases)
+    address, ack = dora(r, plain, STRANGER)
+    assert address == "192.0.2.100" and ack.file == "" and 12 not in ack.options
+    address, ack = dora(r, edk2, "52:54:00:00:09:0a")
+    assert address == "192.0.2.101" and ack.file == ""
+
+
+def test_http_boot_client_is_answered_as_httpclient(leases: Leases) -> None:
+    _, ack = dora(responder(fleet(), leases), http_boot, NODE2)
+    assert ack.text(60) == "HTTPClient" and ack.file == "http://192.0.2.10:8080/ipxe.efi"
+
+
+def test_no_address_is_given_twice_and_the_range_runs_out(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    macs = [f"52:54:00:00:02:{i:02x}" for i in range(5)]
+    offers = [arrive(r, plain(DISCOVER, mac=m)) for m in macs]
+    got = [parse_reply(o.data).yiaddr for o in offers[:4]]
+    assert got == ["192.0.2.100", "192.0.2.101", "192.0.2.102", "192.0.2.103"]  # offers are held
+    assert isinstance(offers[4], Ignored) and "no free address" in offers[4].reason
+    # Another machine asking for an address that is offered to someone else is refused.
+    nak, _ = answer(r, plain(REQUEST, mac=macs[4], extra=[(50, ip("192.0.2.100"))]))
+    assert nak.type == NAK and nak.yiaddr == "0.0.0.0"
+
+
+def test_offer_expires_and_address_comes_back(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    first = parse_reply(arrive(r, plain(mac="52:54:00:00:02:01")).data).yiaddr
+    r.now[0] += 61  # type: ignore[attr-defined]
+    again = parse_reply(arrive(r, plain(mac="52:54:00:00:02:02")).data).yiaddr
+    assert again == first
+
+
+def test_same_address_again_and_renewal(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    address, _ = dora(r, plain, STRANGER)
+    r.now[0] += 10_000  # type: ignore[attr-defined]  (long expired, but never given to anyone else)
+    assert dora(r, plain, STRANGER)[0] == address
+    renew, sent = answer(r, plain(REQUEST, mac=STRANGER, ciaddr=address, flags=0))
+    assert renew.type == ACK and renew.yiaddr == address and sent.dest == (address, 68)
+    inform, sent = answer(r, plain(INFORM, mac=STRANGER, ciaddr=address, flags=0))
+    assert inform.type == ACK and inform.yiaddr == "0.0.0.0" and 51 not in inform.options
+
+
+def test_request_for_another_servers_offer_is_left_alone(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    offer, _ = answer(r, plain(mac=STRANGER))
+    assert arrive(r, plain(REQUEST, mac=STRANGER, extra=[(50, ip(offer.yiaddr)), (54, ip("192.0.2.99"))])) is None
+    assert STRANGER not in leases.offers
+
+
+@pytest.mark.parametrize("wanted", ["198.51.100.7", "192.0.2.42", "192.0.2.10", "192.0.2.150"])
+def test_init_reboot_for_an_address_it_may_not_have_is_nakked(leases: Leases, wanted: str) -> None:
+    reply, _ = answer(responder(fleet(), leases), plain(REQUEST, mac=STRANGER, extra=[(50, ip(wanted))]))
+    assert reply.type == NAK and reply.address(54) == "192.0.2.10"
+
+
+def test_decline_sets_the_address_aside_and_release_keeps_it_for_its_machine(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    address, _ = dora(r, plain, STRANGER)
+    declined = arrive(r, plain(DECLINE, mac=STRANGER, extra=[(50, ip(address)), (54, ip("192.0.2.10"))]))
+    assert isinstance(declined, Ignored) and "declined" in declined.reason
+    assert dora(r, plain, STRANGER)[0] != address
+    second, _ = dora(r, plain, NODE2)
+    arrive(r, plain(RELEASE, mac=NODE2, ciaddr=second, flags=0, extra=[(54, ip("192.0.2.10"))]))
+    assert leases.by_mac[NODE2].expires <= r.now[0]  # type: ignore[attr-defined]
+    assert dora(r, plain, NODE2)[0] == second
+
+
+def test_a_busy_reserved_address_is_not_taken_from_its_holder(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    held, _ = dora(r, plain, STRANGER)
+    # The machines file now reserves that address for NODE2: NODE2 waits, the holder is told on renewal.
+    r.machines = lambda: fleet(**{NODE2: Machine(NODE2, "squash", ip=held)})
+    assert parse_reply(arrive(r, plain(mac=NODE2)).data).yiaddr != held
+    nak, _ = answer(r, plain(REQUEST, mac=STRANGER, ciaddr=held, flags=0))
+    assert nak.type == NAK
+
+
+def test_requests_from_other_subnets_are_not_answered(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    assert r.handle(Arrival(plain(), ("0.0.0.0", 68), 67, 7, IPv4Interface("198.51.100.1/24"))) is None
+    relayed, sent = answer(r, plain(mac=STRANGER, giaddr="192.0.2.1"))
+    assert sent.dest == ("192.0.2.1", 67) and relayed.yiaddr == "192.0.2.100"
+    assert arrive(r, plain(mac=STRANGER, giaddr="198.51.100.1")) is None
