@@ -11,6 +11,7 @@ DEBIAN_PACKAGES += squashfs-tools zstd xz-utils lz4 gzip busybox-static kmod
 DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
 DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
+DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 
 .PHONY: all deps venv test test-quick demo bench lint clean
 all: test

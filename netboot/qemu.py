@@ -96,8 +96,44 @@ def net_argv(
     return argv
 
 
+def lan_argv(
+    tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
+    memory: str = "1024", accel: str = "tcg",
+) -> list[str]:
+    """A VM whose NIC is on a tap device (see netboot.lan), network-booting first, against real DHCP servers.
+
+    BIOS: SeaBIOS boots the NIC's iPXE option ROM (-boot n). UEFI: OVMF, with the NIC first in the boot order
+    (bootindex); with `pxe_rom` OVMF runs iPXE's EFI driver from the same ROM, without it (`romfile=`) EDK2's
+    own PXE client does the first step, as on real UEFI machines. `vars_copy` is a writable copy of OVMF's
+    variable store, needed for UEFI. Run it in the tap's namespace (`Lan.vm`).
+    """
+    nic = f"virtio-net-pci,netdev=n0,mac={mac}"
+    if not pxe_rom:
+        if not uefi:
+            raise ValueError("a BIOS VM boots from the network only through the NIC's option ROM")
+        nic += ",romfile="
+    argv = [
+        *base_argv(memory, accel),
+        "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+    ]
+    if uefi:
+        if vars_copy is None:
+            raise ValueError("UEFI needs a writable copy of the OVMF variables")
+        argv += [
+            "-device", f"{nic},bootindex=1",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+        ]
+    else:
+        argv += ["-device", nic, "-boot", "n"]
+    return argv
+
+
 def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None) -> BootResult:
-    """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID."""
+    """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID.
+
+    `argv` may start with `ip netns exec NS` (netboot.lan): ip execs QEMU in the namespace, so the PID is QEMU's.
+    """
     result = BootResult()
     started = time.monotonic()
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

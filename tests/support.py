@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -67,14 +68,17 @@ def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> 
 
 
 class ServerProcess:
-    """`netboot serve` as a real process on loopback, stopped by its PID."""
+    """`netboot serve` as a real process on loopback, stopped by its PID.
 
-    def __init__(self, *args: str | os.PathLike[str]) -> None:
+    `prefix` goes before the command line, e.g. `ip netns exec NS` to run it in a namespace (exec: same PID).
+    """
+
+    def __init__(self, *args: str | os.PathLike[str], prefix: Sequence[str] = ()) -> None:
         import re
         import time
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netboot", "serve", *map(str, args)], cwd=ROOT,
+            [*prefix, sys.executable, "-m", "netboot", "serve", *map(str, args)], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []

@@ -1,0 +1,91 @@
+"""A LAN in network namespaces for tests: real PXE firmware in QEMU against real DHCP servers and `netboot serve`.
+
+    from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
+
+    def test_x(lan: Lan, outs, tmp_path):
+        server = serve_in(lan.host("netboot", "192.0.2.10/24"), "--dir", outs["squashfs"])
+        ...
+        result = boot_vm(lan, "52:54:00:00:02:01", uefi=True, pxe_rom=False)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import MARKER, ServerProcess, need
+
+from netboot import qemu
+from netboot.lan import Host, Lan
+
+# The DHCP side of README's "DHCP" section (dnsmasq), with netboot serving on 192.0.2.10.
+NETBOOT_ADDRESS = "192.0.2.10"
+DNSMASQ_PXE = (
+    "--dhcp-userclass=set:ipxe,iPXE",
+    "--dhcp-match=set:efi64,option:client-arch,7",
+    "--dhcp-match=set:efi64,option:client-arch,9",
+    f"--dhcp-boot=tag:ipxe,http://{NETBOOT_ADDRESS}:8080/boot.ipxe",
+    f"--dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,{NETBOOT_ADDRESS}",
+    f"--dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,{NETBOOT_ADDRESS}",
+)
+
+
+@pytest.fixture(name="lan")
+def lan_fixture() -> Iterator[Lan]:
+    """`lan`: a fresh LAN; whatever ran in it is killed and its namespaces deleted afterwards, pass or fail.
+
+    Import `lan_fixture` into a test module to use it (its own name keeps the import from clashing with the
+    tests' `lan` parameters).
+    """
+    need("ip")
+    with Lan() as the_lan:
+        yield the_lan
+
+
+lan = lan_fixture  # also importable as `lan`
+
+
+class LanServer(ServerProcess):
+    """`netboot serve` in a host's namespace; `url()` names the host's address."""
+
+    def __init__(self, host: Host, *args: str | os.PathLike[str]) -> None:
+        self.host = host
+        super().__init__(*args, prefix=host.argv([]))
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host.address}:{self.http_port}/{path.lstrip('/')}"
+
+
+def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
+    """Start `netboot serve ARGS` in `host`'s namespace (HTTP on 8080, TFTP on 69 unless ARGS say otherwise).
+
+    Stop it with `.stop()`; the LAN also kills it when it closes.
+    """
+    strs = list(map(str, args))
+    if not any(a == "--http" or a.startswith("--http=") for a in strs):
+        strs += ["--http", "0.0.0.0:8080"]
+    if not any(a in ("--tftp", "--no-tftp") or a.startswith("--tftp=") for a in strs):
+        strs += ["--tftp", "0.0.0.0:69"]
+    return LanServer(host, *strs)
+
+
+def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300) -> qemu.BootResult:
+    """Network-boot a VM on a new tap of `lan` until it powers off; fail if it did not within `timeout`."""
+    need(qemu.qemu_binary())
+    if uefi:
+        assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
+    tap = lan.tap()
+    with tempfile.TemporaryDirectory(prefix="netboot-lan-") as tmp:
+        vars_copy = None
+        if uefi:
+            vars_copy = Path(tmp) / "OVMF_VARS.fd"
+            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
+        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy)
+        result = qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER)
+    firmware = "UEFI" if uefi else "BIOS"
+    assert not result.timed_out, f"the {firmware} VM {mac} did not finish in {timeout} s:\n{result.console[-3000:]}"
+    return result
