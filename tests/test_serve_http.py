@@ -83,7 +83,7 @@ def test_script_for_every_mac_spelling(server: ServerProcess, machines: Path, sp
     lines = script_lines(body)
     gen = lines[1].split()[1].split("/")[3]
     assert lines == [
-        f"echo netboot: {MAC} boots profile squash",
+        f"echo netboot: {MAC} at ${{netX/ip}} boots profile squash",
         f"kernel /machine/52-54-00-12-34-56/{gen}/bzImage initrd=initrd {cmdline} from=squash hostname=node1",
         f"initrd --name initrd /machine/52-54-00-12-34-56/{gen}/initrd",
         "boot",
@@ -101,7 +101,7 @@ def test_boot_ipxe_chains_by_mac(server: ServerProcess) -> None:
 def test_unregistered_mac_gets_the_default_profile(server: ServerProcess, machines: Path) -> None:
     _, _, body = get(server.url("machine/52-54-00-aa-bb-cc/boot.ipxe"))
     lines = script_lines(body)
-    assert lines[0] == "echo netboot: 52:54:00:aa:bb:cc boots profile default"
+    assert lines[0] == "echo netboot: 52:54:00:aa:bb:cc at ${netX/ip} boots profile default"
     assert lines[1].endswith(" from=default")
     assert (machines.parent / "direct-out/cmdline").read_text().strip() in lines[1]
 
@@ -190,7 +190,7 @@ def test_dir_mode_serves_the_directory_at_the_root(outs: dict[str, Path]) -> Non
         for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json"):
             assert get(s.url(name))[2] == (outs["squashfs"] / name).read_bytes(), name
         first = script_lines(get(s.url(f"machine/{MAC}/boot.ipxe"))[2])[0]
-        assert first == f"echo netboot: {MAC} boots profile default"
+        assert first == f"echo netboot: {MAC} at ${{netX/ip}} boots profile default"
     finally:
         s.stop()
 
