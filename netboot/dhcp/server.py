@@ -60,6 +60,8 @@ class DhcpServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            # A rack powered on at once sends its DISCOVERs together; room for them all (capped by rmem_max).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
             sock.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
             sock.setblocking(False)
             sock.bind((host, port))

@@ -1,0 +1,170 @@
+"""`netboot serve --dhcp` as a real process in a namespace LAN, with a real client socket on the other side."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, edk2, ip, parse_reply, plain
+from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
+from support import netboot
+from test_dhcp_message import HOSTILE
+
+from netboot.dhcp.leases import STATE_FILE
+from netboot.lan import Host, Lan
+
+PROBE = Path(__file__).with_name("probe.py")
+NODE1, OTHER = "52:54:00:00:03:01", "52:54:00:00:03:02"
+
+
+def probe(host: Host, *datagrams: bytes, to: str = "255.255.255.255:67", port: int = 68,
+          wait: float = 2.0) -> list[tuple[str, object]]:
+    proc = host.run([sys.executable, PROBE, "--to", to, "--port", str(port), "--wait", str(wait),
+                     *(d.hex() for d in datagrams)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [(line.split()[0], parse_reply(bytes.fromhex(line.split()[1]))) for line in proc.stdout.splitlines()]
+
+
+def wait_for(server: LanServer, text: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in server.log:
+        assert server.proc.poll() is None, f"netboot serve exited:\n{server.log}"
+        assert time.monotonic() < deadline, f"{text!r} not logged:\n{server.log}"
+        time.sleep(0.05)
+
+
+def start(host: Host, *args: str | os.PathLike[str]) -> LanServer:
+    server = serve_in(host, *args)
+    wait_for(server, "dhcp: ")
+    return server
+
+
+def test_proxy_answers_pxe_clients_only_and_on_port_4011(lan: Lan, outs: dict[str, Path]) -> None:
+    server = start(lan.host("netboot", "192.0.2.10/24"), "--dir", outs["direct"], "--dhcp", "proxy")
+    client = lan.host("client", "192.0.2.50/24")
+    replies = probe(client, edk2(mac=NODE1), plain(mac=OTHER))
+    assert len(replies) == 1, replies  # the ordinary client is left to the site's server
+    source, offer = replies[0]
+    assert source == "192.0.2.10:67"
+    assert (offer.type, offer.mac, offer.yiaddr, offer.siaddr, offer.file) == (
+        OFFER, NODE1, "0.0.0.0", "192.0.2.10", "ipxe.efi")
+    assert offer.text(60) == "PXEClient" and offer.address(54) == "192.0.2.10"
+    # Boot server discovery: the client, now configured, asks port 4011 and is answered there.
+    replies = probe(client, edk2(REQUEST, mac=NODE1, ciaddr="192.0.2.50", flags=0), to="192.0.2.10:4011")
+    assert [(s, r.type, r.file) for s, r in replies] == [("192.0.2.10:4011", ACK, "ipxe.efi")]
+    wait_for(server, f"{NODE1} uefi-x64-pxe ACK address=192.0.2.50 boot=tftp://192.0.2.10/ipxe.efi")
+    assert f"dhcp: {NODE1} uefi-x64-pxe OFFER address=- boot=tftp://192.0.2.10/ipxe.efi" in server.log
+    assert OTHER not in server.log
+    server.stop()
+
+
+def test_garbage_does_not_stop_a_live_server(lan: Lan, outs: dict[str, Path]) -> None:
+    server = start(lan.host("netboot", "192.0.2.10/24"), "--dir", outs["direct"], "--dhcp", "proxy")
+    client = lan.host("client", "192.0.2.50/24")
+    rng = random.Random(8)
+    valid = edk2(mac=NODE1)
+    garbage = list(HOSTILE.values())
+    garbage += [rng.randbytes(rng.randrange(0, 700)) for _ in range(200)]
+    garbage += [valid[:cut] + rng.randbytes(rng.randrange(0, 40)) for cut in range(241, len(valid), 3)]
+    garbage = [g for g in garbage if g and len(g) < 1400]  # empty datagrams are legal UDP but carry nothing
+    answered = probe(client, *garbage, wait=1)
+    assert all(r.mac == NODE1 for _, r in answered)  # only what parsed as a request of that machine
+    replies = probe(client, valid)
+    assert [(r.type, r.mac) for _, r in replies] == [(OFFER, NODE1)], server.log[-3000:]
+    assert server.proc.poll() is None
+    dropped = [ln for ln in server.lines if "dhcp: dropped a datagram" in ln]
+    assert 1 <= len(dropped) <= 2, dropped  # one line, then quiet under a flood
+    assert "Traceback" not in server.log
+    server.stop()
+
+
+def machines_file(d: Path, out: Path, node1_ip: str = "192.0.2.42") -> Path:
+    f = d / "machines.toml"
+    f.write_text(f"""
+[profiles.default]
+dir = "{out}"
+[machines."{NODE1}"]
+ip = "{node1_ip}"
+hostname = "node1"
+""")
+    return f
+
+
+def dora(host: Host, mac: str) -> tuple[str, object]:
+    (_, offer), = probe(host, edk2(DISCOVER, mac=mac))
+    assert offer.type == OFFER
+    replies = probe(host, edk2(REQUEST, mac=mac, extra=[(50, ip(offer.yiaddr)), (54, ip("192.0.2.10"))]))
+    (_, ack), = replies
+    assert ack.type == ACK and ack.yiaddr == offer.yiaddr
+    return ack.yiaddr, ack
+
+
+def test_authoritative_reservations_and_leases_across_a_kill(lan: Lan, outs: dict[str, Path],
+                                                              tmp_path: Path) -> None:
+    host = lan.host("netboot", "192.0.2.10/24")
+    f = machines_file(tmp_path, outs["direct"])
+    args = ("--machines", f, "--dhcp", "192.0.2.100-192.0.2.199", "--state-dir", tmp_path / "state",
+            "--dhcp-router", "192.0.2.1", "--dhcp-dns", "192.0.2.1")
+    server = start(host, *args)
+    client = lan.host("client", "192.0.2.50/24")
+    address, ack = dora(client, NODE1)
+    assert address == "192.0.2.42" and ack.text(12) == "node1" and ack.file == "ipxe.efi"
+    assert ack.address(3) == "192.0.2.1" and ack.address(1) == "255.255.255.0"
+    other, _ = dora(client, OTHER)
+    assert other == "192.0.2.100"
+    # A reload whose reservation this server could not honour keeps the previous configuration.
+    machines_file(tmp_path, outs["direct"], node1_ip="198.51.100.1")
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(server, "reload: keeping the previous configuration")
+    assert "198.51.100.1 is not an address of the DHCP subnet 192.0.2.0/24" in server.log
+    # kill -9, then a new server: the same machine gets the same address, from the state file.
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait()
+    machines_file(tmp_path, outs["direct"])
+    state = (tmp_path / "state" / STATE_FILE).read_text()
+    assert OTHER in state and NODE1 in state
+    again = start(host, *args)
+    assert dora(client, OTHER)[0] == other
+    assert dora(client, "52:54:00:00:03:03")[0] == "192.0.2.101"
+    again.stop()
+
+
+def test_corrupt_lease_state_stops_the_start_and_is_left_alone(lan: Lan, outs: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    host = lan.host("netboot", "192.0.2.10/24")
+    (tmp_path / "state").mkdir()
+    state = tmp_path / "state" / STATE_FILE
+    state.write_text('{"format": "netboot-dhcp-leases", "version": 1, "leases": [{"mac": "52:54')
+    proc = host.run([sys.executable, "-m", "netboot", "serve", "--dir", outs["direct"], "--http", "0.0.0.0:0",
+                     "--no-tftp", "--dhcp", "192.0.2.100-192.0.2.199", "--state-dir", tmp_path / "state"],
+                    capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert errors == [f"netboot: error: {state}: corrupt lease state (Unterminated string starting at: line 1 "
+                      "column 68 (char 67)); left as it is: repair or remove it to start"], proc.stderr
+    assert state.read_text().endswith('"mac": "52:54')
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dhcp", "bogus"], "--dhcp 'bogus': expected proxy or a range START-END of IPv4 addresses"),
+    (["--dhcp", "192.0.2.9-192.0.2.1"], "START <= END"),
+    (["--dhcp-router", "192.0.2.1"], "--dhcp-router needs --dhcp"),
+    (["--dhcp-interface", "eth0"], "--dhcp-interface needs --dhcp"),
+    (["--dhcp", "proxy", "--dhcp-dns", "192.0.2.1"], "--dhcp-dns is for --dhcp START-END"),
+    (["--dhcp", "192.0.2.100-192.0.2.110", "--dhcp-router", "gateway"], "--dhcp-router 'gateway' is not an IPv4"),
+    (["--dhcp", "192.0.2.100-192.0.2.110", "--dhcp-lease-time", "5"], "--dhcp-lease-time 5: expected 60"),
+    (["--dhcp", "198.51.100.10-198.51.100.20"],
+     "--dhcp 198.51.100.10-198.51.100.20: no interface has an address in a subnet holding this whole range"),
+    (["--dhcp", "proxy", "--dhcp-interface", "nosuch0"], "--dhcp-interface nosuch0: no such network interface"),
+])
+def test_bad_dhcp_options(outs: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
+    proc = netboot("serve", "--dir", outs["direct"], "--http", "127.0.0.1:0", "--no-tftp", "--state-dir",
+                   tmp_path, *args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("netboot: error: ") and message in last, proc.stderr

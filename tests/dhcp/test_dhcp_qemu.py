@@ -1,0 +1,102 @@
+"""Real firmware through netboot's own DHCP on a namespace LAN: EDK2's PXE client (OVMF, no option ROM) and
+SeaBIOS with QEMU's iPXE ROM, in proxy mode beside Debian's dnsmasq and in authoritative mode alone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ipaddress
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
+from support import assert_booted
+from test_dhcp_live import start, wait_for
+
+from netboot.dhcp.leases import STATE_FILE
+from netboot.lan import Lan
+
+pytestmark = pytest.mark.slow
+
+UEFI_MAC, BIOS_MAC = "52:54:00:00:04:01", "52:54:00:00:04:02"
+RANGE = (ipaddress.IPv4Address("192.0.2.100"), ipaddress.IPv4Address("192.0.2.199"))
+
+
+def fleet(d: Path, out: Path, reserve: bool = False) -> Path:
+    f = d / "machines.toml"
+    f.write_text(f"""
+[profiles.default]
+dir = "{out}"
+[machines."{UEFI_MAC}"]
+hostname = "uefi-node"
+{'ip = "192.0.2.42"' if reserve else ''}
+""")
+    return f
+
+
+def address_used(server_log: str, mac: str) -> str:
+    """The address the machine had when its iPXE fetched its script (the client of that HTTP request)."""
+    found = re.findall(rf"^netboot: (\S+) mac={mac} \S+ http /machine/{mac.replace(':', '-')}/boot.ipxe 200",
+                       server_log, re.M)
+    assert found, server_log
+    return found[-1]
+
+
+def boot_both(lan: Lan) -> tuple:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        uefi = pool.submit(boot_vm, lan, UEFI_MAC, uefi=True, pxe_rom=False)
+        bios = pool.submit(boot_vm, lan, BIOS_MAC, uefi=False)
+        return uefi.result(), bios.result()
+
+
+def test_proxy_mode_beside_the_sites_dhcp_server(lan: Lan, outs: dict[str, Path], system: Path,
+                                                  closure: list[str], tmp_path: Path) -> None:
+    site = lan.host("site", "192.0.2.2/24").dnsmasq(leasefile=tmp_path / "dnsmasq.leases")  # plain leases only
+    server = start(lan.host("netboot", "192.0.2.10/24"), "--machines", fleet(tmp_path, outs["squashfs"]),
+                   "--dhcp", "proxy")
+    uefi, bios = boot_both(lan)
+    for result in (uefi, bios):
+        assert_booted(result, closure, system)
+    # EDK2 booted ipxe.efi from netboot's proxy answer (it asked on port 4011), then iPXE chained to HTTP.
+    assert f"{UEFI_MAC} uefi-x64-pxe OFFER address=- boot=tftp://192.0.2.10/ipxe.efi" in server.log
+    assert re.search(rf"{UEFI_MAC} uefi-x64-pxe ACK address=192\.0\.2\.\d+ boot=tftp://192\.0\.2\.10/ipxe\.efi",
+                     server.log), server.log
+    for mac in (UEFI_MAC, BIOS_MAC):
+        assert re.search(rf"{mac} ipxe-\S+ (OFFER|ACK) address=\S+ boot=http://192\.0\.2\.10:8080/boot\.ipxe",
+                         server.log), server.log
+    # Every address came from the site's server: netboot's answers carry none.
+    leased = site.leases()
+    for mac in (UEFI_MAC, BIOS_MAC):
+        assert RANGE[0] <= ipaddress.IPv4Address(leased[mac]) <= RANGE[1], leased
+        assert address_used(server.log, mac) == leased[mac]
+    assert "yiaddr" not in server.log and "DHCPOFFER" not in server.log
+    assert "DHCPACK" in site.log and "PXEClient" in site.log  # dnsmasq saw and served the PXE clients
+    server.stop()
+
+
+def test_authoritative_mode_alone_with_a_reservation_and_a_restart(lan: Lan, outs: dict[str, Path], system: Path,
+                                                                   closure: list[str], tmp_path: Path) -> None:
+    host = lan.host("netboot", "192.0.2.10/24")
+    args = ("--machines", fleet(tmp_path, outs["squashfs"], reserve=True), "--dhcp", "192.0.2.100-192.0.2.199",
+            "--state-dir", tmp_path / "state")
+    server = start(host, *args)
+    uefi, bios = boot_both(lan)
+    for result in (uefi, bios):
+        assert_booted(result, closure, system)
+    assert address_used(server.log, UEFI_MAC) == "192.0.2.42"  # its reservation
+    other = address_used(server.log, BIOS_MAC)
+    assert RANGE[0] <= ipaddress.IPv4Address(other) <= RANGE[1]
+    assert f"{UEFI_MAC} uefi-x64-pxe ACK address=192.0.2.42 boot=tftp://192.0.2.10/ipxe.efi" in server.log
+    state = json.loads((tmp_path / "state" / STATE_FILE).read_text())
+    assert {x["mac"]: x["ip"] for x in state["leases"]} == {UEFI_MAC: "192.0.2.42", BIOS_MAC: other}
+    # A restart (SIGTERM, then a new process): the same machine gets the same address again.
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=20) == 0
+    again = start(host, *args)
+    result = boot_vm(lan, BIOS_MAC, uefi=False)
+    assert_booted(result, closure, system)
+    assert address_used(again.log, BIOS_MAC) == other
+    wait_for(again, f"{BIOS_MAC} ipxe-bios ACK address={other} ")
+    again.stop()
