@@ -13,7 +13,7 @@ DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 
-.PHONY: all deps venv test test-quick demo bench lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy bench bench-dhcp lint clean
 all: test
 
 deps:
@@ -47,12 +47,20 @@ lint: venv
 demo: deps venv
 	qemu/demo
 
+# The same, booted by UEFI firmware's own PXE client through netboot's proxy DHCP on a namespace LAN (root).
+demo-proxy: deps venv
+	qemu/demo-proxy
+
 # Reference tools for the side-by-side benchmarks.
 BENCH_PACKAGES := nginx wrk curl tftpd-hpa atftp
 
 bench: deps venv
 	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
 	$(PY) bench/run.py
+
+# Only the DHCP comparison (part of make bench): rewrites its section of BENCHMARKS.md.
+bench-dhcp: deps venv
+	$(PY) bench/dhcp_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

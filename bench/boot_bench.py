@@ -3,26 +3,21 @@
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "bench" / "data"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import build  # noqa: E402
 from support import MARKER, ServerProcess  # noqa: E402
 
 from netboot import qemu  # noqa: E402
 
 
 def main(runs: int = 3) -> str:
-    system = Path(subprocess.run([ROOT / "tests/system/build", DATA / "boot-system"], check=True,
-                                 capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    out = DATA / "boot-out"
-    subprocess.run([sys.executable, "-m", "netboot", "build", str(system), "--out", str(out), "-q"], check=True,
-                   cwd=ROOT)
+    out = build.small_out()
     server = ServerProcess("--dir", out, "--http", "127.0.0.1:0", "--tftp", "127.0.0.1:0")
     times: dict[str, list[float]] = {"HTTP": [], "TFTP": []}
     try:

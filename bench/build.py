@@ -46,6 +46,16 @@ def bench_system() -> Path:
     return Path(out.strip().splitlines()[-1])
 
 
+def small_out() -> Path:
+    """The small test system (kernel 8 MB, initrd 11 MB), built into bench/data/boot-out: what the boot and
+    load benchmarks serve."""
+    system = subprocess.run([ROOT / "tests/system/build", DATA / "boot-system"], check=True,
+                            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    out = DATA / "boot-out"
+    subprocess.run([sys.executable, "-m", "netboot", "build", system, "--out", str(out), "-q"], check=True, cwd=ROOT)
+    return out
+
+
 def closure_of(system: Path) -> list[str]:
     """The store paths, sorted as nixpkgs' closureInfo lists them (and as netboot hands them to mksquashfs)."""
     return sorted((system / "closure-paths").read_text().split())

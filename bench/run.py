@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import boot_bench
 import build
+import dhcp_bench
 import http_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,8 @@ def tftp(runs: int) -> str:
 def main() -> None:
     runs = int(os.environ.get("BENCH_RUNS", "3"))
     system = build.bench_system()
-    sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), boot_bench.main(runs)]
+    sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), boot_bench.main(runs),
+                dhcp_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",

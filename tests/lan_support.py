@@ -21,17 +21,7 @@ from support import MARKER, ServerProcess, need
 
 from netboot import qemu
 from netboot.lan import Host, Lan
-
-# The DHCP side of README's "DHCP" section (dnsmasq), with netboot serving on 192.0.2.10.
-NETBOOT_ADDRESS = "192.0.2.10"
-DNSMASQ_PXE = (
-    "--dhcp-userclass=set:ipxe,iPXE",
-    "--dhcp-match=set:efi64,option:client-arch,7",
-    "--dhcp-match=set:efi64,option:client-arch,9",
-    f"--dhcp-boot=tag:ipxe,http://{NETBOOT_ADDRESS}:8080/boot.ipxe",
-    f"--dhcp-boot=tag:!ipxe,tag:efi64,ipxe.efi,,{NETBOOT_ADDRESS}",
-    f"--dhcp-boot=tag:!ipxe,tag:!efi64,undionly.kpxe,,{NETBOOT_ADDRESS}",
-)
+from netboot.lanboot import DNSMASQ_PXE, NETBOOT_ADDRESS  # noqa: F401  (for the tests)
 
 
 @pytest.fixture(name="lan")

@@ -168,3 +168,15 @@ def test_bad_dhcp_options(outs: dict[str, Path], tmp_path: Path, args: list[str]
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("netboot: error: ") and message in last, proc.stderr
+
+
+def test_dhcp_interface_limits_where_it_answers(lan: Lan, outs: dict[str, Path]) -> None:
+    host = lan.host("netboot", "192.0.2.10/24")
+    client = lan.host("client", "192.0.2.50/24")
+    elsewhere = start(host, "--dir", outs["direct"], "--dhcp", "proxy", "--dhcp-interface", "lo")
+    assert probe(client, edk2(mac=NODE1), wait=1) == []
+    elsewhere.stop()
+    here = start(host, "--dir", outs["direct"], "--dhcp", "proxy", "--dhcp-interface", "eth0")
+    assert [r.type for _, r in probe(client, edk2(mac=NODE1))] == [OFFER]
+    assert "dhcp: proxy DHCP on eth0, ports 67 and 4011" in here.log
+    here.stop()
