@@ -65,7 +65,7 @@ def answer(r: Responder, data: bytes, **kw):
 # Proxy mode
 
 @pytest.mark.parametrize(("datagram", "file", "vendor", "option43"), [
-    (edk2(mac=NODE1), "ipxe.efi", "PXEClient", False),
+    (edk2(mac=NODE1), "ipxe.efi", "PXEClient", True),
     (bios(mac=NODE1), "undionly.kpxe", "PXEClient", True),
     (ipxe(mac=NODE1), "http://192.0.2.10:8080/boot.ipxe", "PXEClient", True),
     (ipxe(mac=NODE1, arch=0), "http://192.0.2.10:8080/boot.ipxe", "PXEClient", True),

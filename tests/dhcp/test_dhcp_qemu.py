@@ -59,10 +59,10 @@ def test_proxy_mode_beside_the_sites_dhcp_server(lan: Lan, outs: dict[str, Path]
     uefi, bios = boot_both(lan)
     for result in (uefi, bios):
         assert_booted(result, closure, system)
-    # EDK2 booted ipxe.efi from netboot's proxy answer (it asked on port 4011), then iPXE chained to HTTP.
+    # EDK2 booted ipxe.efi from netboot's proxy offer (told to boot the file named, it did not ask on port
+    # 4011), then iPXE chained to HTTP.
     assert f"{UEFI_MAC} uefi-x64-pxe OFFER address=- boot=tftp://192.0.2.10/ipxe.efi" in server.log
-    assert re.search(rf"{UEFI_MAC} uefi-x64-pxe ACK address=192\.0\.2\.\d+ boot=tftp://192\.0\.2\.10/ipxe\.efi",
-                     server.log), server.log
+    assert f"{UEFI_MAC} uefi-x64-pxe ACK" not in server.log
     for mac in (UEFI_MAC, BIOS_MAC):
         assert re.search(rf"{mac} ipxe-\S+ (OFFER|ACK) address=\S+ boot=http://192\.0\.2\.10:8080/boot\.ipxe",
                          server.log), server.log
