@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -9,6 +11,7 @@ import os
 import shutil
 import stat
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +80,19 @@ def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]
 
 
 def build(opts: BuildOptions) -> dict:
+    """Build `opts.system` into `opts.out`, which is replaced only by a complete build (see outdir.Staging)."""
+    try:
+        return _build(opts)
+    except OSError as e:
+        # What the disk or the system refused (no space, a quota, an I/O error): one line, and the staging
+        # directory and any cache entry being written are already removed.
+        where = f" ({e.filename})" if e.filename else ""
+        hint = ": the output's file system and the cache's need room for the build" if e.errno in (
+            errno.ENOSPC, errno.EDQUOT) else ""
+        raise NetbootError(f"building {opts.out} failed: {e.strerror or e}{where}{hint}") from e
+
+
+def _build(opts: BuildOptions) -> dict:
     started = time.monotonic()
     compressor, level = _check_options(opts)
     packing = Packing(compressor, level, opts.level is not None, source_date_epoch())
@@ -87,7 +103,7 @@ def build(opts: BuildOptions) -> dict:
 
     cache = Cache(opts.cache_dir, opts.cache_max) if opts.cache_dir is not None else Cache(None)
     staging = Staging(opts.out)
-    with staging as work:
+    with staging as work, _explaining_full_disks(work, opts.cache_dir):
         closure = Closure.of(system.toplevel, opts.closure_info)
         stage1 = Stage1.prepare(system, closure) if opts.format == "squashfs" else None  # refuse before packing
         initrd = work / "initrd"
@@ -138,6 +154,23 @@ def build(opts: BuildOptions) -> dict:
         time.monotonic() - started,
     )
     return manifest
+
+
+_NEARLY_FULL = 16 << 20  # less free space than a tool's write buffers: what made it fail
+
+
+@contextlib.contextmanager
+def _explaining_full_disks(*dirs: Path | None) -> Iterator[None]:
+    """A tool that fails on a full disk says so its own way (mksquashfs: "Failed to write to output
+    filesystem"): while its partial output still fills the disk, name the full file system."""
+    try:
+        yield
+    except NetbootError as e:
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                if d is not None and (st := os.statvfs(d)).f_bavail * st.f_frsize < _NEARLY_FULL:
+                    raise NetbootError(f"{e} (No space left on device: the file system of {d} is full)") from e
+        raise
 
 
 def _describe(path: Path) -> dict:

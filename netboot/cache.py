@@ -25,6 +25,25 @@ LAYOUT = 1  # bump whenever the bytes made for the same inputs change
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
 
 
+_HOST = os.uname().nodename.replace("-", "_")
+
+
+def _tmp_prefix() -> str:
+    """Temporary entries are named for the host and process writing them, so a later build can tell the
+    ones of a killed build."""
+    return f".tmp-{_HOST}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def default_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "netboot"
@@ -96,7 +115,7 @@ class Cache:
     def put(self, key: str, suffix: str, make: Callable[[Path], dict], scratch: Path) -> tuple[int, dict]:
         """Make an entry with `make(path) -> metadata` and return it open; without a cache, in `scratch`."""
         where = self.root if self.root is not None else scratch
-        fd_tmp, tmp_name = tempfile.mkstemp(dir=where, prefix=f".tmp-{key}-", suffix=suffix)
+        fd_tmp, tmp_name = tempfile.mkstemp(dir=where, prefix=f"{_tmp_prefix()}{key}-", suffix=suffix)
         os.close(fd_tmp)
         tmp = Path(tmp_name)
         try:
@@ -143,10 +162,13 @@ class Cache:
                 p.unlink(missing_ok=True)
             total -= st.st_size
             removed += 1
-        # Temporary files of builds that were killed a day ago or more.
+        # Temporary files of builds that were killed: of this host's processes that no longer run, and of any
+        # (the cache may be shared) a day old.
         for p in self.root.glob(".tmp-*"):
+            _, host, pid, _ = [*p.name.split("-", 3), "", "", ""][:4]
             with contextlib.suppress(FileNotFoundError):
-                if p.stat().st_mtime < time.time() - 86400:
+                if (host == _HOST and pid.isdigit() and not _alive(int(pid))) or (
+                        p.stat().st_mtime < time.time() - 86400):
                     p.unlink()
         return removed
 

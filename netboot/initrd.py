@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import gzip
 import hashlib
 import io
@@ -34,7 +35,7 @@ from netboot.cpio import NewcWriter, StreamSink, check_size
 from netboot.errors import NetbootError
 from netboot.files import Entry, closure_entries
 from netboot.progress import Progress
-from netboot.run import failed, require
+from netboot.run import dies_with_us, failed, require
 from netboot.squashfs import mksquashfs
 from netboot.stage1 import Stage1
 from netboot.tree import Tree
@@ -59,7 +60,8 @@ def compressed_output(path: Path, packing: Packing, *, append: bool = False) -> 
             yield out.fileno()
             return
         argv[0] = require(argv[0], f"needed for --compress {packing.compressor.name}")
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.PIPE,
+                                preexec_fn=dies_with_us())
         assert proc.stdin is not None and proc.stderr is not None
         try:
             yield proc.stdin.fileno()
@@ -219,13 +221,29 @@ def _append(out: int, fd: int) -> None:
     _copy_range(fd, out, 0, os.fstat(fd).st_size)
 
 
+# copy_file_range refuses some pairs of files that sendfile copies (a cache and an output on different file
+# systems: EXDEV on kernels before 5.3 and again since 5.19 between file systems of different types).
+_NO_COPY_RANGE = (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
 def _copy_range(src: int, out: int, offset: int, size: int) -> None:
     end = offset + size
+    copy = os.copy_file_range
     while offset < end:
-        n = os.copy_file_range(src, out, end - offset, offset)
+        try:
+            n = copy(src, out, end - offset, offset)
+        except OSError as e:
+            if copy is _sendfile or e.errno not in _NO_COPY_RANGE:
+                raise
+            copy = _sendfile
+            continue
         if n == 0:
             raise NetbootError("a cached file changed size while being copied")
         offset += n
+
+
+def _sendfile(src: int, out: int, count: int, offset: int) -> int:
+    return os.sendfile(out, src, offset, count)
 
 
 def write_squashfs(

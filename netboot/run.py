@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import shlex
 import shutil
+import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from netboot.errors import NetbootError
 
 log = logging.getLogger(__name__)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def dies_with_us() -> Callable[[], None]:
+    """A `preexec_fn` that has the kernel kill the child (SIGKILL) when the thread that started it ends, so
+    that a `kill -9` of netboot leaves no mksquashfs, compressor or worker running on. (The subprocess
+    module has no such option; prctl is called through ctypes.)"""
+    parent = os.getpid()
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
 
 
 def require(tool: str, hint: str) -> str:
@@ -32,6 +53,7 @@ def run(argv: Sequence[str], *, what: str, **kwargs) -> subprocess.CompletedProc
     log.debug("running %s", describe(argv))
     kwargs.setdefault("stdout", subprocess.PIPE)
     kwargs.setdefault("stderr", subprocess.PIPE)
+    kwargs.setdefault("preexec_fn", dies_with_us())
     try:
         proc = subprocess.run(list(argv), check=False, **kwargs)
     except OSError as e:

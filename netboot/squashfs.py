@@ -10,7 +10,7 @@ from pathlib import Path
 
 from netboot.closure import REGISTRATION_NAME, Closure
 from netboot.compress import Compressor
-from netboot.run import describe, failed, require, run
+from netboot.run import describe, dies_with_us, failed, require, run
 
 log = logging.getLogger(__name__)
 WHAT = "making the squashfs store image"
@@ -57,7 +57,7 @@ def mksquashfs(
 def _run_showing_progress(argv: list[str]) -> None:
     """Run mksquashfs, passing on its progress bar ("[===/   ] done/total pct") but not its report."""
     log.debug("running %s", describe(argv))
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=dies_with_us()) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         pending = b""
         for chunk in iter(lambda: proc.stdout.read1(65536), b""):  # type: ignore[union-attr]
