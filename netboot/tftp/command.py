@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"concurrent transfers at most (default {d.max_transfers})")
     g.add_argument("--tftp-max-per-source", type=_positive(int), default=d.max_per_source, metavar="N",
                    help=f"concurrent transfers from one address at most (default {d.max_per_source})")
+    g.add_argument("--tftp-max-waiting", type=int, default=d.max_waiting, metavar="N",
+                   help=f"requests over those limits waiting for a transfer to end, at most (default {d.max_waiting})")
     g.add_argument("--tftp-max-blksize", type=int, default=s.max_blksize, metavar="BYTES",
                    help=f"largest block size granted, 8-65464 (default {s.max_blksize}; the MTU caps it too)")
     g.add_argument("--tftp-max-windowsize", type=int, default=s.max_windowsize, metavar="N",
@@ -79,7 +81,8 @@ def config_from_args(args: argparse.Namespace) -> TftpConfig:
             idle_timeout=args.tftp_idle_timeout,
         )
         return TftpConfig(session=session, max_transfers=args.tftp_max_transfers,
-                          max_per_source=args.tftp_max_per_source, use_mtu=not args.tftp_no_mtu,
+                          max_per_source=args.tftp_max_per_source, max_waiting=args.tftp_max_waiting,
+                          use_mtu=not args.tftp_no_mtu,
                           workers=args.tftp_workers)
     except ValueError as e:
         raise NetbootError(str(e)) from None

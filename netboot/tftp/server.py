@@ -42,14 +42,24 @@ _OVERLOAD_LOG_INTERVAL = 10.0
 @dataclass(frozen=True)
 class TftpConfig:
     session: SessionConfig = field(default_factory=SessionConfig)
-    max_transfers: int = 64  # dnsmasq's tftp-max is 50
-    max_per_source: int = 8  # transfers at once from one address
+    # A boot storm on a lossy network has most transfers waiting for a retransmission timer, so the limits
+    # are sized for concurrency (dnsmasq's tftp-max is 50), while one address (a NAT, or a spoofed
+    # flood) gets a share that bounds what it can make the server send.
+    max_transfers: int = 512
+    max_per_source: int = 32  # transfers at once from one address
+    # Requests beyond those limits wait their turn, in order and round robin between addresses, and start
+    # as soon as a transfer ends; at most this many wait, and one not repeated by its client for
+    # `wait_timeout` seconds is forgotten (the client has given up).
+    max_waiting: int = 1024
+    wait_timeout: float = 30.0
     use_mtu: bool = True  # cap blksize to the MTU of the interface a request came in on
     workers: int = 0  # processes that run file transfers on other cores; 0 runs everything in this loop
 
     def __post_init__(self) -> None:
         if self.max_transfers < 1 or self.max_per_source < 1:
             raise ValueError("transfer limits must be at least 1")
+        if self.max_waiting < 0 or self.wait_timeout <= 0:
+            raise ValueError("the waiting queue cannot be negative and its timeout must be positive")
         if self.workers < 0:
             raise ValueError("the number of workers cannot be negative")
 
@@ -64,6 +74,24 @@ def _source(peer: Peer) -> str:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return str(address.ipv4_mapped)
     return str(address)
+
+
+class _Waiting:
+    """A request over the limits: the arguments of `_request`, and when its client last sent it."""
+
+    __slots__ = ("request", "seen")
+
+    def __init__(self, request: tuple[Any, ...], seen: float) -> None:
+        self.request = request
+        self.seen = seen
+
+
+@dataclass
+class _OverloadCounts:
+    queued: int = 0
+    started: int = 0
+    dropped: int = 0
+    stale: int = 0
 
 
 class _LocalTransfer:
@@ -142,7 +170,12 @@ class TftpServer:
         self._per_source: collections.Counter[str] = collections.Counter()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._overloaded = 0
+        # Requests over the limits, per address in arrival order, and the addresses in round-robin order.
+        self._waiting: dict[str, dict[Peer, _Waiting]] = {}
+        self._turns: collections.deque[str] = collections.deque()
+        self._queued = 0
+        self._admitting = False
+        self._overload = _OverloadCounts()
         self._overload_logged = 0.0
         self._closing = False
 
@@ -151,6 +184,11 @@ class TftpServer:
     @property
     def transfers(self) -> int:
         return len(self._transfers)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a transfer to end."""
+        return self._queued
 
     def listen(self, host: str, port: int, interface: str | None = None) -> Peer:
         """Bind one more listening socket; returns its address (with the port chosen when `port` was 0).
@@ -184,6 +222,9 @@ class TftpServer:
             self.loop.remove_reader(sock.fileno())
             sock.close()
         self._listeners.clear()
+        self._waiting.clear()
+        self._turns.clear()
+        self._queued = 0
         for transfer in list(self._transfers.values()):
             transfer.cancel("server shutting down")
 
@@ -243,6 +284,13 @@ class TftpServer:
             # transfer must not start (py3tftp #19). A client that asks for the same file again from the
             # same port right after its final ACK may be taken for one, and retransmits once.
             return
+        source = _source(peer)
+        queue = self._waiting.get(source)
+        if queue is not None and (waiting := queue.get(key)) is not None:
+            # Waiting already: the client repeats its request (or has changed it); it keeps its place.
+            waiting.request = (data, peer, local, ifindex, family)
+            waiting.seen = self.loop.time()
+            return
         try:
             request = packets.parse_request(data)
         except PacketError as e:
@@ -252,12 +300,12 @@ class TftpServer:
             self._refuse(family, local, ifindex, peer, ErrorCode.ACCESS_VIOLATION, "this server is read-only",
                          request.filename)
             return
-        source = _source(peer)
         if len(self._transfers) >= self.config.max_transfers or (
                 self._per_source[source] >= self.config.max_per_source):
-            # Dropped without an answer: the client retransmits its request and gets in when a transfer ends,
-            # instead of failing its boot on an ERROR; and a flood of spoofed requests gets nothing back.
-            self._overload(source)
+            # Queued without an answer, to start when a transfer ends: the client, which retransmits its
+            # request meanwhile, gets its file instead of an ERROR or minutes of timeouts, and a flood of
+            # spoofed requests gets nothing back.
+            self._enqueue(source, key, (data, peer, local, ifindex, family))
             return
         try:
             content = self.resolver(request.filename, peer)
@@ -270,7 +318,7 @@ class TftpServer:
                          request.filename)
             return
         try:
-            sock = self._transfer_socket(family, local, ifindex)
+            sock = self._transfer_socket(family, local, ifindex, peer)
         except OSError as e:
             content.close()
             log.warning("%s %r: cannot open a transfer socket: %s", format_peer(peer), request.filename, e)
@@ -293,7 +341,8 @@ class TftpServer:
         if local is not None:
             local.start()
 
-    def _transfer_socket(self, family: int, local: str, ifindex: int) -> socket.socket:
+    def _transfer_socket(self, family: int, local: str, ifindex: int, peer: Peer) -> socket.socket:
+        """A socket from the address the request was sent to, on a fresh port, connected to the peer."""
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
@@ -302,6 +351,7 @@ class TftpServer:
                 sock.bind((local, 0, 0, scope))
             else:
                 sock.bind((local, 0))
+            sock.connect(peer)
         except OSError:
             sock.close()
             raise
@@ -313,20 +363,97 @@ class TftpServer:
         if filename is not None:
             log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), filename, message, code)
         try:
-            with self._transfer_socket(family, local, ifindex) as sock:
+            with self._transfer_socket(family, local, ifindex, peer) as sock:
                 sock.sendto(packets.build_error(code, message), peer)
         except OSError:
             pass
 
-    def _overload(self, source: str) -> None:
-        self._overloaded += 1
+    # -- waiting requests ----------------------------------------------------------------------------------
+
+    def _enqueue(self, source: str, key: Peer, request: tuple[Any, ...]) -> None:
+        now = self.loop.time()
+        counts = self._overload
+        counts.queued += 1
+        if self._queued >= self.config.max_waiting:
+            self._forget_stale(now)
+        if self._queued >= self.config.max_waiting:
+            # Full: the address with the most requests waiting loses its oldest one, so that a flood from one
+            # address (spoofed or not) cannot shut the others out; if that is this address, the new request
+            # is the one dropped.
+            longest = max(self._waiting, key=lambda s: len(self._waiting[s]), default=None)
+            own = len(self._waiting.get(source, ()))
+            counts.dropped += 1
+            if longest is None or own + 1 > len(self._waiting[longest]):
+                self._log_overload(source)
+                return
+            self._pop_oldest(longest)
+        queue = self._waiting.get(source)
+        if queue is None:
+            queue = self._waiting[source] = {}
+            self._turns.append(source)
+        queue[key] = _Waiting(request, now)
+        self._queued += 1
+        self._log_overload(source)
+
+    def _pop_oldest(self, source: str) -> _Waiting:
+        queue = self._waiting[source]
+        key = next(iter(queue))
+        entry = queue.pop(key)
+        self._queued -= 1
+        if not queue:
+            del self._waiting[source]
+            self._turns.remove(source)
+        return entry
+
+    def _forget_stale(self, now: float) -> None:
+        limit = now - self.config.wait_timeout
+        for source in list(self._waiting):
+            queue = self._waiting[source]
+            for key in [k for k, w in queue.items() if w.seen < limit]:
+                del queue[key]
+                self._queued -= 1
+                self._overload.stale += 1
+            if not queue:
+                del self._waiting[source]
+                self._turns.remove(source)
+
+    def _admit(self) -> None:
+        """Start waiting requests while there is room: one at a time from each address in turn, skipping
+        the addresses at their own limit."""
+        if self._admitting or self._closing:
+            return  # the loop below is running further up the stack, and goes on after this start
+        self._admitting = True
+        try:
+            turns, config = self._turns, self.config
+            skipped = 0
+            while turns and skipped < len(turns) and len(self._transfers) < config.max_transfers:
+                source = turns[0]
+                turns.rotate(-1)
+                if self._per_source[source] >= config.max_per_source:
+                    skipped += 1
+                    continue
+                skipped = 0
+                entry = self._pop_oldest(source)
+                if self.loop.time() - entry.seen > config.wait_timeout:
+                    self._overload.stale += 1  # its client stopped asking long ago: it has given up
+                    continue
+                self._overload.started += 1
+                self._request(*entry.request)
+        finally:
+            self._admitting = False
+
+    def _log_overload(self, source: str) -> None:
         now = time.monotonic()
-        if now - self._overload_logged >= _OVERLOAD_LOG_INTERVAL:
-            log.warning("transfer limits reached (%d in all, %d per address): %d requests dropped, "
-                        "the latest from %s", self.config.max_transfers, self.config.max_per_source,
-                        self._overloaded, source)
-            self._overload_logged = now
-            self._overloaded = 0
+        if now - self._overload_logged < _OVERLOAD_LOG_INTERVAL:
+            return
+        counts = self._overload
+        log.warning("transfer limits reached (%d in all, %d per address): %d requests waiting now; "
+                    "since the last report %d queued, %d started after waiting, %d dropped with the queue "
+                    "full, %d given up by their clients; the latest from %s",
+                    self.config.max_transfers, self.config.max_per_source, self._queued, counts.queued,
+                    counts.started, counts.dropped, counts.stale, source)
+        self._overload_logged = now
+        self._overload = _OverloadCounts()
 
     def _finished(self, transfer: _LocalTransfer | RemoteTransfer, stats: TransferStats) -> None:
         key = transfer.peer[:2]
@@ -344,6 +471,8 @@ class TftpServer:
             log.info("%s", stats.line())
         if isinstance(transfer, RemoteTransfer) and transfer.pending is not None:
             self._request(*transfer.pending)  # the request that superseded it
+        if self._turns:
+            self._admit()
 
 
 async def start_tftp_server(host: str | Iterable[str], port: int, resolver: Resolver,

@@ -7,14 +7,16 @@ due next (None once `finished`).
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import StrEnum
 
 from netboot.tftp import packets
 from netboot.tftp.content import Content
-from netboot.tftp.packets import ACK, ERROR, MAX_BLKSIZE, MIN_BLKSIZE, ErrorCode, Request
+from netboot.tftp.packets import ACK, DATA, ERROR, MAX_BLKSIZE, MIN_BLKSIZE, ErrorCode, Request
 
 MAX_WINDOWSIZE = 65535  # RFC 7440
+_DATA_HEADER = struct.Struct("!HH")
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,37 @@ class Session:
         # Anything else from the peer (a DATA, a repeated request, noise) is ignored: the transfer goes on.
         self.ignored += 1
         return []
+
+    def next_block(self, block: int, now: float) -> bytes | None:
+        """The lock-step fast path (windowsize 1, octet): for the ACK of the block just sent, the next DATA; None
+        for anything else, which `receive()` then handles. Most of a lock-step transfer's datagrams come
+        through here, so it does in a few lines what `_ack` and `_send` do in general."""
+        acked = self._acked
+        sent = acked + 1
+        if self._sent != sent or block != sent & 0xFFFF or self._netascii is not None or self.windowsize != 1:
+            return None
+        last = self._last
+        assert last is not None
+        if sent >= last:
+            return None  # the final ACK: `receive()` finishes the transfer
+        self._acked = sent
+        self._retries = 0
+        self._rto = self._base_rto
+        self._progress = now
+        blksize = self.blksize
+        offset = sent * blksize
+        want = blksize if sent + 1 < last else self.size - offset
+        try:
+            payload = self.content.read(offset, want)
+        except OSError as e:
+            self._finish(now, Outcome.READ_ERROR, str(e))
+            return packets.build_error(ErrorCode.NOT_DEFINED, "read error")
+        if len(payload) != want:
+            self._finish(now, Outcome.READ_ERROR, "file changed size while being sent")
+            return packets.build_error(ErrorCode.NOT_DEFINED, "read error")
+        self._sent = sent + 1
+        self.deadline = now + self._rto
+        return _DATA_HEADER.pack(DATA, (sent + 1) & 0xFFFF) + payload
 
     def expire(self, now: float) -> list[bytes]:
         """The retransmission timer: due at `deadline`, which only a send moves (RFC 1123 §4.2.3.1)."""

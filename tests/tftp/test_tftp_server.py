@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -41,15 +42,18 @@ def test_transfer_comes_from_its_own_port_and_the_address_asked(
 
 
 @EACH
-def test_stranger_gets_error_5_and_the_transfer_goes_on(served: ServerThread, peer: Peer, tftp_root: Path
+def test_a_stranger_is_refused_and_the_transfer_goes_on(served: ServerThread, peer: Peer, tftp_root: Path
                                                         ) -> None:
     peer.request(served.port, "3m.bin")
     first, tid = peer.receive()
     assert isinstance(first, Data) and first.block == 1
     with Peer() as stranger:
-        stranger.send(packets.build_ack(1), tid)
-        error, port = stranger.receive()
-        assert error == Error(5, "unknown transfer ID") and port == tid
+        # The transfer's socket is connected to its peer, as tftpd-hpa's are: the kernel refuses anyone else
+        # (ICMP port unreachable, which a connected client socket sees as ECONNREFUSED).
+        stranger.sock.connect(("127.0.0.1", tid))
+        stranger.sock.send(packets.build_ack(1))
+        with pytest.raises(ConnectionRefusedError):
+            stranger.sock.recv(2048)
     peer.send(packets.build_ack(1), tid)
     second, _ = peer.receive()
     assert isinstance(second, Data) and second.block == 2
@@ -181,7 +185,7 @@ def test_retransmissions_are_bounded_and_the_transfer_dropped(tftp_server: Calla
     assert stats.outcome == "timed out" and stats.retransmissions == 3
 
 
-def test_transfer_limit(tftp_server: Callable[..., ServerThread], tftp_root: Path) -> None:
+def test_transfer_limit_queues_and_starts_when_one_ends(tftp_server: Callable[..., ServerThread]) -> None:
     served = tftp_server(config=TftpConfig(max_transfers=2))
     with Peer() as a, Peer() as b, Peer() as c:
         for p in (a, b, c):
@@ -189,21 +193,100 @@ def test_transfer_limit(tftp_server: Callable[..., ServerThread], tftp_root: Pat
         _, tid = a.receive()
         assert isinstance(b.receive()[0], Data)
         assert c.nothing_within(0.5), "a third transfer started beyond the limit of 2"
+        assert served.call(lambda: served.server.waiting) == 1
         a.send(packets.build_error(0, "TFTP Aborted"), tid)  # one client goes away
         assert served.wait_stats(1)[0].outcome == "aborted by client"
-        # The dropped client retransmits its request, as clients do, and now gets in.
-        assert c.download(served.port, "small.bin") == (tftp_root / "small.bin").read_bytes()
+        # The waiting client gets its first block at once, without having to repeat its request.
+        packet, _ = c.receive()
+        assert isinstance(packet, Data) and packet.block == 1
 
 
 def test_per_source_limit(tftp_server: Callable[..., ServerThread]) -> None:
     served = tftp_server(config=TftpConfig(max_per_source=1))
     with Peer() as first, Peer() as second, Peer("127.0.0.2") as elsewhere:
         first.request(served.port, "3m.bin")
-        assert isinstance(first.receive()[0], Data)
+        _, tid = first.receive()
         second.request(served.port, "3m.bin")
         assert second.nothing_within(0.5), "a second transfer from 127.0.0.1 started beyond the limit of 1"
         elsewhere.sock.sendto(packets.build_request("3m.bin"), ("127.0.0.1", served.port))
         assert isinstance(elsewhere.receive()[0], Data)
+        first.send(packets.build_error(0, "TFTP Aborted"), tid)
+        assert isinstance(second.receive()[0], Data)
+
+
+def _ask(peer: Peer, port: int) -> None:
+    peer.sock.sendto(packets.build_request("3m.bin"), ("127.0.0.1", port))  # the server's address
+
+
+def _abort(peer: Peer, tid: int) -> None:
+    peer.sock.sendto(packets.build_error(0, "TFTP Aborted"), ("127.0.0.1", tid))
+
+
+def _first_block(peer: Peer) -> int:
+    packet, tid = peer.receive()
+    assert isinstance(packet, Data) and packet.block == 1
+    return tid
+
+
+def test_waiting_requests_take_turns_between_addresses(tftp_server: Callable[..., ServerThread]) -> None:
+    # One transfer at a time: three clients behind one address (a NAT) queue before one elsewhere, and the
+    # one elsewhere still gets the second turn, not the fourth.
+    served = tftp_server(config=TftpConfig(max_transfers=1))
+    with Peer("127.0.0.5") as running, Peer() as a1, Peer() as a2, Peer() as a3, Peer("127.0.0.2") as b:
+        _ask(running, served.port)
+        tid = _first_block(running)
+        for p in (a1, a2, a3, b):
+            _ask(p, served.port)
+            time.sleep(0.02)
+        _ask(a2, served.port)  # a retransmission keeps its place and adds nothing
+        assert served.call(lambda: served.server.waiting) == 4
+        order, waiting, current = [], [a1, a2, a3, b], running
+        while waiting:
+            _abort(current, tid)
+            ready, _, _ = select.select([p.sock for p in waiting], [], [], 2)
+            assert len(ready) == 1, "not exactly one waiting request started when a transfer ended"
+            (current,) = [p for p in waiting if p.sock is ready[0]]
+            tid = _first_block(current)
+            assert all(p.nothing_within(0.05) for p in waiting if p is not current)
+            waiting.remove(current)
+            order.append(current)
+        assert order == [a1, b, a2, a3]
+
+
+def test_a_request_its_client_stopped_repeating_is_forgotten(tftp_server: Callable[..., ServerThread]
+                                                              ) -> None:
+    served = tftp_server(config=TftpConfig(max_transfers=1, wait_timeout=0.3))
+    with Peer("127.0.0.5") as running, Peer() as gone, Peer() as patient:
+        _ask(running, served.port)
+        tid = _first_block(running)
+        _ask(gone, served.port)
+        _ask(patient, served.port)
+        for _ in range(3):  # one client keeps retransmitting its request, the other asked once
+            time.sleep(0.2)
+            _ask(patient, served.port)
+        _abort(running, tid)
+        _first_block(patient)
+        assert gone.nothing_within(0.5)
+        assert served.call(lambda: served.server.waiting) == 0
+
+
+def test_a_full_queue_drops_from_the_address_with_most_waiting(tftp_server: Callable[..., ServerThread]
+                                                               ) -> None:
+    served = tftp_server(config=TftpConfig(max_transfers=1, max_waiting=2))
+    with Peer("127.0.0.5") as running, Peer() as flood1, Peer() as flood2, Peer("127.0.0.2") as other, \
+            Peer() as flood3:
+        _ask(running, served.port)
+        tid = _first_block(running)
+        _ask(flood1, served.port)
+        _ask(flood2, served.port)
+        _ask(other, served.port)  # full: 127.0.0.1's oldest request makes room
+        _ask(flood3, served.port)  # 127.0.0.1 would then hold the most: this one is dropped
+        assert served.call(lambda: served.server.waiting) == 2
+        _abort(running, tid)
+        tid = _first_block(flood2)
+        _abort(flood2, tid)
+        _first_block(other)
+        assert flood1.nothing_within(0.3) and flood3.nothing_within(0.1)
 
 
 def test_generated_content_and_resolver_failures(tftp_server: Callable[..., ServerThread], peer: Peer
