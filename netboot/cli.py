@@ -11,6 +11,7 @@ from pathlib import Path
 from netboot import __version__, build, cache, compress
 from netboot.dhcp import command as dhcp_command
 from netboot.errors import NetbootError
+from netboot.http_limits import HttpLimits
 from netboot.tftp import command as tftp_command
 
 
@@ -138,9 +139,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print more")
+    limits = HttpLimits()
+    g = p.add_argument_group("HTTP")
+    g.add_argument("--http-max-connections", type=int, default=limits.max_connections, metavar="N",
+                   help=f"open connections at most; more are closed at once (default {limits.max_connections})")
+    g.add_argument("--http-max-per-address", type=int, default=limits.max_per_address, metavar="N",
+                   help=f"open connections from one client address at most (default {limits.max_per_address})")
+    g.add_argument("--http-idle-timeout", type=float, default=limits.idle_timeout, metavar="SECONDS",
+                   help="close a connection that has not completed a request's headers for this long, from its "
+                        f"start or its last response (default {limits.idle_timeout:g})")
     tftp_command.add_arguments(p)
     dhcp_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
+
+
+def _http_limits(args: argparse.Namespace) -> HttpLimits:
+    try:
+        return HttpLimits(max_connections=args.http_max_connections, max_per_address=args.http_max_per_address,
+                          idle_timeout=args.http_idle_timeout)
+    except ValueError as e:
+        raise NetbootError(str(e)) from None
 
 
 def _run_serve(args: argparse.Namespace) -> int:
@@ -154,6 +172,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         http=serve.Endpoint.parse(args.http, "--http"),
         tftp=None if args.no_tftp else serve.Endpoint.parse(args.tftp, "--tftp"),
         tftp_config=tftp_command.config_from_args(args),
+        http_limits=_http_limits(args),
         dhcp=dhcp_command.config_from_args(args),
         grace=args.grace,
     )

@@ -3,10 +3,17 @@
 aiohttp's FileResponse gives kernels and initrds sendfile(2), Content-Length, Range (206), HEAD, ETag,
 Last-Modified and conditional requests; it is handed the generation's held file through /proc/self/fd, so a
 transfer in progress keeps reading the build it started with.
+
+Limits (`HttpLimits`) keep slow and idle clients from crowding out booting machines: a connection must
+complete each request's headers within the idle timeout (aiohttp's keep-alive timer, which runs from the
+connection's start and from each response's end until the next request is complete), and connections are
+capped in all and per client address, those over a cap being closed at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import os
 import time
@@ -14,12 +21,74 @@ import weakref
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_protocol import RequestHandler
 
+from netboot.http_limits import HttpLimits
 from netboot.namespace import BadRequest, Item, Namespace, NotFound
 
 log = logging.getLogger("netboot.serve")
 
+_REFUSED_LOG_INTERVAL = 10.0
 _TEXT = {"cmdline", "netboot.ipxe"}
+
+
+class _LimitedServer(web.Server):
+    """aiohttp's connection manager, closing at once the connections over `limits`."""
+
+    def __init__(self, limits: HttpLimits, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.limits = limits
+        self._address: dict[RequestHandler, str] = {}
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._refused = 0
+        self._refused_logged = 0.0
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._address)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "?"
+        if len(self._address) >= self.limits.max_connections or (
+                self._per_address[address] >= self.limits.max_per_address):
+            self._refuse(address)
+            handler.force_close()
+            return
+        self._address[handler] = address
+        self._per_address[address] += 1
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        address = self._address.pop(handler, None)
+        if address is not None:
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+        super().connection_lost(handler, exc)
+
+    def _refuse(self, address: str) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= _REFUSED_LOG_INTERVAL:
+            log.warning("http: connection limits reached (%d in all, %d per address): %d connections closed, "
+                        "the latest from %s", self.limits.max_connections, self.limits.max_per_address,
+                        self._refused, address)
+            self._refused_logged = now
+            self._refused = 0
+
+
+class LimitedRunner(web.AppRunner):
+    """An AppRunner whose connections are held to `limits` (see the module's docstring)."""
+
+    def __init__(self, app: web.Application, limits: HttpLimits, **kwargs: object) -> None:
+        super().__init__(app, keepalive_timeout=limits.idle_timeout, **kwargs)  # type: ignore[arg-type]
+        self.limits = limits
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # starts and freezes the application
+        return _LimitedServer(self.limits, made.request_handler, request_factory=made.request_factory,
+                              loop=asyncio.get_running_loop(), **self._kwargs)
 _JSON = {"manifest.json"}
 
 

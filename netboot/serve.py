@@ -17,7 +17,8 @@ from aiohttp import web
 from netboot.addresses import reachable_hosts
 from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.errors import NetbootError
-from netboot.http import make_app
+from netboot.http import LimitedRunner, make_app
+from netboot.http_limits import HttpLimits
 from netboot.machines import Machines
 from netboot.namespace import BadRequest, Namespace, NotFound
 from netboot.tftp.command import parse_listen
@@ -55,6 +56,7 @@ class ServeOptions:
     http: Endpoint = Endpoint("0.0.0.0", 8080)
     tftp: Endpoint | None = Endpoint("0.0.0.0", 69)
     tftp_config: TftpConfig = field(default_factory=TftpConfig)
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
     dhcp: DhcpConfig | None = None
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
@@ -140,7 +142,8 @@ class Server:
                  stats.duration, options, stats.retransmissions)
 
     async def _start_http(self) -> None:
-        self._runner = web.AppRunner(make_app(self.namespace), access_log=None, handle_signals=False)
+        self._runner = LimitedRunner(make_app(self.namespace), self.opts.http_limits, access_log=None,
+                                     handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.opts.http.host, self.opts.http.port, reuse_address=True)
         try:
@@ -232,7 +235,24 @@ def tftp_resolver(namespace: Namespace) -> Resolver:
     return resolve
 
 
+def raise_file_limit(opts: ServeOptions) -> None:
+    """Raise the soft limit on open files toward the hard one, so that the connection and transfer limits, not
+    the process's 1024 descriptors (systemd's default), are what refuses clients."""
+    import resource
+
+    tftp = opts.tftp_config
+    wanted = opts.http_limits.max_connections + 2 * tftp.max_transfers + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning("only %d open files allowed (ulimit -Hn): fewer connections than --http-max-connections "
+                        "may be served", target)
+
+
 async def serve(opts: ServeOptions) -> None:
+    raise_file_limit(opts)
     server = Server(opts)
     try:
         await server.start()
