@@ -13,7 +13,7 @@ DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 
-.PHONY: all deps venv test test-quick demo demo-proxy bench bench-dhcp lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy bench bench-dhcp bench-load lint clean
 all: test
 
 deps:
@@ -61,6 +61,11 @@ bench: deps venv
 # Only the DHCP comparison (part of make bench): rewrites its section of BENCHMARKS.md.
 bench-dhcp: deps venv
 	$(PY) bench/dhcp_bench.py --update
+
+# Only the boot storms, HTTP against nginx and TFTP under packet loss against tftpd-hpa (part of make bench).
+bench-load: deps venv
+	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
+	$(PY) bench/load_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

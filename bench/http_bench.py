@@ -49,21 +49,27 @@ def prepare_out(system: Path) -> Path:
 
 
 class Nginx:
-    def __init__(self, root: Path, port: int) -> None:
-        prefix = DATA / "nginx"
+    """nginx serving `root` on 127.0.0.1:`port`, its files under bench/data/`name`; `locations` go into its
+    server block."""
+
+    def __init__(self, root: Path, port: int, *, name: str = "nginx", locations: str = "",
+                 connections: int = 1024) -> None:
+        prefix = DATA / name
+        self.conf = prefix / "nginx.conf"
         shutil.rmtree(prefix, ignore_errors=True)
         (prefix / "logs").mkdir(parents=True)
-        conf = prefix / "nginx.conf"
+        conf = self.conf
         conf.write_text(f"""
 worker_processes auto;
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/logs/error.log;
-events {{ worker_connections 1024; }}
+events {{ worker_connections {connections}; }}
 http {{
     sendfile on;
     tcp_nopush on;
     access_log off;
+    keepalive_requests 1000;
     types {{ text/plain ipxe; }}
     default_type application/octet-stream;
     client_body_temp_path {prefix}/tmp;
@@ -71,7 +77,7 @@ http {{
     fastcgi_temp_path {prefix}/tmp;
     uwsgi_temp_path {prefix}/tmp;
     scgi_temp_path {prefix}/tmp;
-    server {{ listen 127.0.0.1:{port}; root {root}; }}
+    server {{ listen 127.0.0.1:{port} backlog=4096; root {root}; {locations} }}
 }}
 """)
         self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)], stderr=subprocess.DEVNULL)

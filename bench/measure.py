@@ -67,3 +67,39 @@ def median_run(runs: list[Run]) -> Run:
         max(r.own_rss_mb for r in runs),
         max(r.tree_rss_mb for r in runs),
     )
+
+
+def tree_rss_kb(pid: int) -> int:
+    """The summed resident memory of a process and all its descendants, in KiB."""
+    return sum(_status_kb(p, "VmRSS:") for p in [pid, *_descendants(pid)])
+
+
+class PeakRss:
+    """Samples `tree_rss_kb(pid)` every 50 ms in a thread while the block runs: `with PeakRss(pid) as peak:`,
+    then `peak.mb`."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid = pid
+        self.kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.kb = max(self.kb, tree_rss_kb(self.pid))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.kb = max(self.kb, tree_rss_kb(self.pid))
+
+    @property
+    def mb(self) -> float:
+        return self.kb / 1024

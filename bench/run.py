@@ -15,6 +15,7 @@ import boot_bench
 import build
 import dhcp_bench
 import http_bench
+import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,8 +46,8 @@ def tftp(runs: int) -> str:
 def main() -> None:
     runs = int(os.environ.get("BENCH_RUNS", "3"))
     system = build.bench_system()
-    sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), boot_bench.main(runs),
-                dhcp_bench.main(runs)]
+    sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), load_bench.main([]),
+                boot_bench.main(runs), dhcp_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",

@@ -160,6 +160,28 @@ class Host:
         """Run a command in this host's namespace to completion (subprocess.run's keywords)."""
         return subprocess.run(self.argv(argv), **kw)
 
+    def drop_udp(self, percent: float) -> None:
+        """Lose `percent`% of the UDP datagrams this namespace receives, at random, loopback included (nftables
+        `numgen random` on the input hook; this is how the tests and benchmarks make a lossy network)."""
+        if not 0 <= percent <= 100:
+            raise LanError(f"{percent}: a loss rate is a percentage, 0-100")
+        ruleset = f"""table inet netboot_loss {{
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        meta l4proto udp numgen random mod 10000 < {round(percent * 100)} counter drop
+    }}
+}}
+"""
+        proc = subprocess.run(self.argv(["nft", "-f", "-"]), input=ruleset, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LanError(f"nft in {self.netns} failed (exit status {proc.returncode}): {proc.stderr.strip()}")
+
+    def dropped_udp(self) -> int:
+        """UDP datagrams dropped so far by `drop_udp`."""
+        out = self.run(["nft", "list", "table", "inet", "netboot_loss"], capture_output=True, text=True).stdout
+        m = re.search(r"counter packets (\d+)", out)
+        return int(m.group(1)) if m else 0
+
     def dnsmasq(self, *extra: str, leasefile: Path,
                 range: str = "192.0.2.100,192.0.2.199,255.255.255.0,1h", timeout: float = 10) -> Dnsmasq:
         """Debian's dnsmasq as this LAN's DHCP server on eth0 (no DNS, no /etc/dnsmasq.conf), plus `extra`.

@@ -3,7 +3,8 @@
 
 Prepares its own data under bench/data/tftp, starts both servers on free loopback ports, and measures:
   1. one lock-step curl stream of a ~200 MB file at blksize 1468;
-  2. 50 concurrent curl clients of an 8 MB file at blksize 1468 (total wall time);
+  2. 50 concurrent curl clients of an 8 MB file at blksize 1468 (total wall time), all from one address (as
+     behind a NAT), then each from an address of its own;
   3. atftp with windowsize 16 against the same client lock-step;
   4. the server's resident memory while serving files of growing size.
 Each figure is the median of --runs runs, the servers taking turns. netboot runs twice: with --workers
@@ -145,8 +146,9 @@ def timed(argvs: list[list[str]], cwd: Path) -> float:
     return time.perf_counter() - start
 
 
-def curl(port: int, name: str, out: Path, blksize: int) -> list[str]:
-    return [need("curl"), "-s", "--tftp-blksize", str(blksize), "-o", str(out), f"tftp://127.0.0.1:{port}/{name}"]
+def curl(port: int, name: str, out: Path, blksize: int, source: str = "127.0.0.1") -> list[str]:
+    return [need("curl"), "-s", "--interface", source, "--tftp-blksize", str(blksize), "-o", str(out),
+            f"tftp://127.0.0.1:{port}/{name}"]
 
 
 def atftp(port: int, name: str, out: Path, *options: str) -> list[str]:
@@ -210,8 +212,7 @@ def main() -> int:
     def netboot(name: str, workers: int) -> Server:
         port = free_port()
         return Server(name, [sys.executable, "-m", "netboot.tftp", "--root", str(DATA), "--listen",
-                             f"127.0.0.1:{port}", "--quiet", "--tftp-workers", str(workers),
-                             "--tftp-max-transfers", "256", "--tftp-max-per-source", "256"], port)
+                             f"127.0.0.1:{port}", "--quiet", "--tftp-workers", str(workers)], port)
 
     hpa_port = free_port()
     hpa = Server(HPA, [need("in.tftpd"), "-L", "-a", f"127.0.0.1:{hpa_port}", "-s", str(DATA)], hpa_port)
@@ -236,13 +237,15 @@ def main() -> int:
                     t = timed([curl(server.port, "big.bin", out / "big", 1468)], out)
                     check(out / "big", digests["big.bin"])
                     record(f"1 stream {big_size // MiB} MB blksize 1468", server.name, t)
-                for server in order:
-                    argvs = [curl(server.port, "8m.bin", out / f"c{i}", 1468) for i in range(clients)]
-                    t = timed(argvs, out)
-                    for i in range(clients):
-                        check(out / f"c{i}", digests["8m.bin"])
-                        (out / f"c{i}").unlink()
-                    record(f"{clients} clients x 8 MB blksize 1468", server.name, t)
+                for label, sources in (("from one address", ["127.0.0.1"] * clients),
+                                       (f"from {clients} addresses", [f"127.0.1.{i + 1}" for i in range(clients)])):
+                    for server in order:
+                        argvs = [curl(server.port, "8m.bin", out / f"c{i}", 1468, sources[i]) for i in range(clients)]
+                        t = timed(argvs, out)
+                        for i in range(clients):
+                            check(out / f"c{i}", digests["8m.bin"])
+                            (out / f"c{i}").unlink()
+                        record(f"{clients} clients x 8 MB blksize 1468, {label}", server.name, t)
                 for server in order:
                     for label, options in (("lock-step", ()), ("windowsize 16", ("windowsize 16",)),
                                            ("windowsize 64", ("windowsize 64",))):
@@ -337,10 +340,12 @@ Servers:
 {commands}
 
 tftpd-hpa forks one process per transfer. netboot's workers run the transfers of files; the server process
-keeps requests, limits and logging.
+keeps requests, limits and logging. Both run with their default limits: netboot's 32 transfers at once per
+address queue the other requests of the one-address test, which start as transfers end.
 
-Clients: `curl -s --tftp-blksize 1468 -o OUT tftp://127.0.0.1:PORT/FILE` (curl also asks for tsize and
-timeout), 50 of them started at once for the concurrent test; `atftp --option "blksize 1468"
+Clients: `curl -s --interface ADDR --tftp-blksize 1468 -o OUT tftp://127.0.0.1:PORT/FILE` (curl also asks for
+tsize and timeout), 50 of them started at once for the concurrent tests, from 127.0.0.1 or from 127.0.1.1-50;
+`atftp --option "blksize 1468"
 [--option "windowsize 16"] -g -r FILE -l OUT 127.0.0.1 PORT` (tftpd-hpa does not implement windowsize).
 Memory: the highest resident set of the server and all its processes, sampled every 20 ms while one curl
 fetched a sparse file at blksize 65464.
