@@ -202,19 +202,23 @@ def tftp_storm(host: str, port: int, clients: int, files: list[str], *, blksize:
         started = time.perf_counter()
         for i in range(clients):
             # --connect-timeout 5 makes curl ask for timeout=1 (a lost packet costs a second, as with iPXE
-            # or tftpd-hpa's default) and retransmit its own packets every second.
-            argv = [curl, "-s", "-S", "--connect-timeout", "5", "--interface", sources[i % len(sources)],
+            # or tftpd-hpa's default) and retransmit its own packets every second. --max-time: a client whose
+            # server gave up on it waits for nothing more (curl's own limit is an hour).
+            argv = [curl, "-s", "-S", "--connect-timeout", "5", "--max-time", "120",
+                    "--interface", sources[i % len(sources)],
                     "--tftp-blksize", str(blksize)]
             for name in files:
                 argv += ["-o", f"{tmp}/{i}-{name}", f"tftp://{host}:{port}/{name}"]
             procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        failed = set()
         for i, proc in enumerate(procs):
             _, err = proc.communicate()
             if proc.returncode != 0:
+                failed.add(i)
                 storm.failures.append(f"client {i} ({sources[i % len(sources)]}): curl exit status "
                                       f"{proc.returncode}: {err.strip()}")
         storm.seconds = time.perf_counter() - started
-        for i in range(clients):
+        for i in sorted(set(range(clients)) - failed):  # one failure a client
             for name in files:
                 got = Path(f"{tmp}/{i}-{name}")
                 if not got.exists():

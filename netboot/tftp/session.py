@@ -138,7 +138,11 @@ class Session:
         self.blksize = self.negotiation.blksize
         self.windowsize = self.negotiation.windowsize
         self._base_rto = self.negotiation.timeout or config.timeout
-        self._max_rto = max(self._base_rto, config.max_timeout)
+        # RFC 2349: a negotiated timeout is the interval between retransmissions, kept as it is; without one,
+        # the server's own timeout doubles on each retry. (Under random loss, as in a storm on a lossy
+        # network, doubling left the unluckiest client of 200 waiting seconds longer than the interval it
+        # asked for.)
+        self._max_rto = self._base_rto if self.negotiation.timeout else max(self._base_rto, config.max_timeout)
         self._rto = self._base_rto
         self._netascii = _Netascii(content, self.blksize) if request.mode == "netascii" else None
         self._last: int | None = None if self._netascii else self.size // self.blksize + 1

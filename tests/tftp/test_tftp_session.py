@@ -131,6 +131,9 @@ def test_negotiated_timeout_is_the_retransmission_interval() -> None:
     s.start(0.0)
     assert s.deadline == 3.0
     assert only(s.expire(3.0)) == OptionAck((("timeout", "3"),))
+    assert s.deadline == 6.0  # the interval the client asked for, without backoff
+    assert only(s.expire(6.0)) == OptionAck((("timeout", "3"),))
+    assert s.deadline == 9.0
 
 
 def test_progress_resets_the_backoff() -> None:
