@@ -30,6 +30,7 @@ log = logging.getLogger("netboot.serve")
 
 _REFUSED_LOG_INTERVAL = 10.0
 _TEXT = {"cmdline", "netboot.ipxe"}
+_JSON = {"manifest.json"}
 
 
 class _LimitedServer(web.Server):
@@ -89,7 +90,6 @@ class LimitedRunner(web.AppRunner):
         made = await super()._make_server()  # starts and freezes the application
         return _LimitedServer(self.limits, made.request_handler, request_factory=made.request_factory,
                               loop=asyncio.get_running_loop(), **self._kwargs)
-_JSON = {"manifest.json"}
 
 
 def describe(peer: str, proto: str, item: Item | None, name: str, status: object, nbytes: int, started: float) -> str:

@@ -193,7 +193,8 @@ class Session:
         through here, so it does in a few lines what `_ack` and `_send` do in general."""
         acked = self._acked
         sent = acked + 1
-        if self._sent != sent or block != sent & 0xFFFF or self._netascii is not None or self.windowsize != 1:
+        if self._sent != sent or block != sent & 0xFFFF or self.finished or self._netascii is not None or (
+                self.windowsize != 1):
             return None
         last = self._last
         assert last is not None

@@ -383,3 +383,17 @@ def test_loss_and_duplication_in_both_directions(seed: int, windowsize: int, dro
     # Lock-step: each block costs 1/(1-p) sends with p ~ 2*drop round losses; a window resends up to itself.
     bound = needed * (1.5 if windowsize == 1 else 1 + 2 * drop * windowsize)
     assert data_sent <= bound, f"{data_sent} DATA sent for {needed} blocks"
+
+
+def test_lock_step_fast_path_agrees_with_the_general_path() -> None:
+    data = random.Random(7).randbytes(512 * 5 + 100)
+    fast, slow = session(data), session(data)
+    assert fast.start(0.0) == slow.start(0.0)
+    for block in range(1, 6):
+        datagram = fast.next_block(block, block * 0.1)
+        assert [datagram] == slow.receive(packets.build_ack(block), block * 0.1)
+        assert fast.deadline == slow.deadline and fast.bytes_sent == slow.bytes_sent
+    assert fast.next_block(6, 1.0) is None  # the final ACK is left to receive(), which ends the transfer
+    assert fast.next_block(5, 1.0) is None  # so is a duplicate
+    fast.cancel(1.0, "gone", tell_peer=False)
+    assert fast.next_block(6, 1.0) is None  # and anything after the end
