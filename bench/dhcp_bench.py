@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import build  # noqa: E402
+import report  # noqa: E402
 
 from netboot import lanboot  # noqa: E402
 
@@ -63,16 +64,6 @@ def main(runs: int = 3) -> str:
     return text
 
 
-def update(section: str) -> None:
-    """Replace (or append) this section of BENCHMARKS.md, leaving the others as they were measured."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text()
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-    print(f"updated {path}")
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="UEFI PXE boot through netboot's proxy DHCP against dnsmasq.")
     p.add_argument("--runs", type=int, default=3)
@@ -80,4 +71,4 @@ if __name__ == "__main__":
     args = p.parse_args()
     result = main(args.runs)
     if args.update:
-        update(result)
+        report.update_section(HEADING, result)

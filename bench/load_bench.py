@@ -21,7 +21,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,16 +37,11 @@ import build  # noqa: E402
 import http_bench  # noqa: E402
 import storm  # noqa: E402
 from measure import PeakRss  # noqa: E402
+from report import update_section  # noqa: E402
 
 from netboot.lan import Lan  # noqa: E402
 
 SECTION = "## Load: boot storms"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need(tool: str) -> str:
@@ -55,18 +49,6 @@ def need(tool: str) -> str:
     if path is None:
         sys.exit(f"bench: {tool} not found (make bench installs nginx, curl and tftpd-hpa)")
     return path
-
-
-def wait_http(port: int, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"bench: {proc.args} exited with status {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    sys.exit(f"bench: nothing listens on port {port}")
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -90,13 +72,12 @@ def static_tree(out: Path, port: int) -> Path:
     tree = DATA / "load-static"
     shutil.rmtree(tree, ignore_errors=True)
     tree.mkdir(parents=True)
-    proc = subprocess.Popen(netboot_serve(out, "--http", f"127.0.0.1:{port}", "--no-tftp"), cwd=ROOT)
+    server = http_bench.Netboot(out, port)
     try:
-        wait_http(port, proc)
         for name, path in (("boot.ipxe", "boot.ipxe"), ("machine.ipxe", "machine/52-54-00-00-00-00/boot.ipxe")):
             subprocess.run(["curl", "-sf", "-o", str(tree / name), f"http://127.0.0.1:{port}/{path}"], check=True)
     finally:
-        stop(proc)
+        server.stop()
     for name in ("bzImage", "initrd"):
         shutil.copy(out / name, tree / name)
     return tree
@@ -110,17 +91,15 @@ NGINX_LOCATIONS = r"""
 
 
 def http_rounds(out: Path, runs: int, machines: int) -> dict[str, dict[str, list[float]]]:
-    ours_port, nginx_port = free_port(), free_port()
-    tree = static_tree(out, free_port())
-    ours = subprocess.Popen(netboot_serve(out, "--http", f"127.0.0.1:{ours_port}", "--no-tftp"), cwd=ROOT,
-                            stderr=subprocess.DEVNULL)
+    ours_port, nginx_port = http_bench.free_port(), http_bench.free_port()
+    tree = static_tree(out, http_bench.free_port())
+    ours = http_bench.Netboot(out, ours_port)
     try:
-        wait_http(ours_port, ours)
         nginx = http_bench.Nginx(tree, nginx_port, name="load-nginx", connections=4096, locations=NGINX_LOCATIONS)
     except BaseException:
-        stop(ours)
+        ours.stop()
         raise
-    servers = {"netboot": (ours.pid, ours_port), "nginx": (nginx.proc.pid, nginx_port)}
+    servers = {"netboot": (ours.proc.pid, ours_port), "nginx": (nginx.proc.pid, nginx_port)}
     figures: dict[str, dict[str, list[float]]] = {name: {} for name in servers}
     try:
         for _, port in servers.values():
@@ -142,7 +121,7 @@ def http_rounds(out: Path, runs: int, machines: int) -> dict[str, dict[str, list
                 print(f"  http storm {name:<8} {result.seconds:6.2f} s  script p99 {result.p99_ms():6.1f} ms  "
                       f"peak RSS {peak.mb:6.1f} MB", file=sys.stderr)
     finally:
-        stop(ours)
+        ours.stop()
         nginx.stop()
     return figures
 
@@ -158,7 +137,7 @@ def tftp_rounds(out: Path, runs: int, clients: int, loss: float) -> tuple[dict[s
     figures: dict[str, dict[str, list[float]]] = {"netboot": {}, "tftpd-hpa": {}}
     with Lan("nbload") as lan:
         host = lan.host("storm", "192.0.2.10/24")
-        ours_port, hpa_port, http_port = free_port(), free_port(), free_port()
+        ours_port, hpa_port, http_port = http_bench.free_port(), http_bench.free_port(), http_bench.free_port()
         ours = host.popen(netboot_serve(out, "--tftp", f"127.0.0.1:{ours_port}", "--http", f"127.0.0.1:{http_port}"),
                           cwd=ROOT, stderr=subprocess.PIPE, text=True)
         # netboot's boot.ipxe, fetched over its own TFTP, is what tftpd-hpa serves too.
@@ -270,19 +249,6 @@ Servers: `netboot serve --dir {out.relative_to(ROOT)} -q --http 127.0.0.1:PORT [
 """
 
 
-def update(text: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    current = path.read_text()
-    if SECTION in current:
-        start = current.index(SECTION)
-        end = current.find("\n## ", start + len(SECTION))
-        current = current[:start] + text.rstrip() + "\n" + (current[end:] if end >= 0 else "")
-    else:
-        current = current.rstrip() + "\n\n" + text
-    path.write_text(current)
-    print(f"bench: updated {path.relative_to(ROOT)}", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5)
@@ -300,7 +266,7 @@ def main(argv: list[str] | None = None) -> str:
     text = report(http, tftp, args, out)
     print(text)
     if args.update:
-        update(text)
+        update_section(SECTION, text)
     return text
 
 

@@ -18,7 +18,8 @@ class Run:
     tree_rss_mb: float  # peak of the summed resident memory of it and its children
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, children of all its threads included."""
     found, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -53,7 +54,7 @@ def measure(
     own = tree = 0
     while proc.poll() is None:
         own = max(own, _status_kb(proc.pid, "VmHWM:"))
-        tree = max(tree, sum(_status_kb(p, "VmRSS:") for p in [proc.pid, *_descendants(proc.pid)]))
+        tree = max(tree, sum(_status_kb(p, "VmRSS:") for p in [proc.pid, *descendants(proc.pid)]))
         time.sleep(0.05)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
@@ -71,7 +72,7 @@ def median_run(runs: list[Run]) -> Run:
 
 def tree_rss_kb(pid: int) -> int:
     """The summed resident memory of a process and all its descendants, in KiB."""
-    return sum(_status_kb(p, "VmRSS:") for p in [pid, *_descendants(pid)])
+    return sum(_status_kb(p, "VmRSS:") for p in [pid, *descendants(pid)])
 
 
 class PeakRss:

@@ -44,10 +44,6 @@ class _LimitedServer(web.Server):
         self._refused = 0
         self._refused_logged = 0.0
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._address)
-
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         peer = transport.get_extra_info("peername")

@@ -62,6 +62,20 @@ def start_serve(host: Host, log: Path, *args: str, timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
+def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool, timeout: float = 300,
+            echo: TextIO | None = None) -> qemu.BootResult:
+    """A VM on a new tap of `lan`, network-booted until it powers off or `timeout` passes. UEFI VMs get a fresh
+    copy of OVMF's variable store."""
+    tap = lan.tap()
+    with tempfile.TemporaryDirectory(prefix="netboot-lanvm-") as tmp:
+        vars_copy = None
+        if uefi:
+            vars_copy = Path(tmp) / "OVMF_VARS.fd"
+            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
+        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy)
+        return qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER, echo=echo)
+
+
 def boot(out: Path, *, dhcp: str = "proxy", firmware: str = "uefi-pxe", mac: str = "52:54:00:de:e0:02",
          timeout: float = 300, echo: TextIO | None = None) -> LanBoot:
     uefi = firmware == "uefi-pxe"
@@ -75,13 +89,7 @@ def boot(out: Path, *, dhcp: str = "proxy", firmware: str = "uefi-pxe", mac: str
         if dhcp == "proxy":
             serve_args += ["--dhcp", "proxy"]
         start_serve(server, tmp / "serve.log", *serve_args)
-        tap = lan.tap()
-        vars_copy = None
-        if uefi:
-            vars_copy = tmp / "OVMF_VARS.fd"
-            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
-        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=not uefi, vars_copy=vars_copy)
-        result = qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER, echo=echo)
+        result = boot_vm(lan, mac, uefi=uefi, pxe_rom=not uefi, timeout=timeout, echo=echo)
         return LanBoot(result, (tmp / "serve.log").read_text(), dnsmasq.log)
 
 

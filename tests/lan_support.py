@@ -11,15 +11,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from support import MARKER, ServerProcess, need
+from support import ServerProcess, need
 
-from netboot import qemu
+from netboot import lanboot, qemu
 from netboot.lan import Host, Lan
 from netboot.lanboot import DNSMASQ_PXE, NETBOOT_ADDRESS  # noqa: F401  (for the tests)
 
@@ -68,14 +65,7 @@ def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: fl
     need(qemu.qemu_binary())
     if uefi:
         assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
-    tap = lan.tap()
-    with tempfile.TemporaryDirectory(prefix="netboot-lan-") as tmp:
-        vars_copy = None
-        if uefi:
-            vars_copy = Path(tmp) / "OVMF_VARS.fd"
-            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
-        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy)
-        result = qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER)
+    result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout)
     firmware = "UEFI" if uefi else "BIOS"
     assert not result.timed_out, f"the {firmware} VM {mac} did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result

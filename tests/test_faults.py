@@ -19,20 +19,10 @@ from support import ROOT, ServerProcess, netboot, netboot_ok
 
 from netboot.tftp import packets
 
+sys.path.insert(0, str(ROOT / "bench"))
+from measure import descendants
+
 pytestmark = pytest.mark.slow
-
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-                found += kids
-                todo += kids
-    return found
 
 
 def alive(pid: int) -> bool:
