@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages, one group per purpose (README explains each).
-DEBIAN_PACKAGES := python3-venv
+DEBIAN_PACKAGES := python3-venv gcc python3-dev
 DEBIAN_PACKAGES += squashfs-tools zstd xz-utils lz4 gzip busybox-static kmod
 DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
 DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
@@ -25,7 +25,7 @@ deps:
 	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml hatch_build.py netboot/tftp/_lockstep.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

@@ -219,6 +219,24 @@ class Session:
         self.deadline = now + self._rto
         return _DATA_HEADER.pack(DATA, (sent + 1) & 0xFFFF) + payload
 
+    def lockstep(self) -> tuple[int, int] | None:
+        """(acked, sent) while the next ACK is for `next_block` (the state a native loop may take over,
+        see `advanced`); None otherwise."""
+        if self.finished or self._netascii is not None or self.windowsize != 1 or self._sent != self._acked + 1:
+            return None
+        return self._acked, self._sent
+
+    def advanced(self, acked: int, sent: int, progress: float) -> None:
+        """What a native loop did meanwhile, exactly as `next_block` would have: blocks up to `sent` went out,
+        the last at `progress`."""
+        if sent == self._sent:
+            return
+        self._acked, self._sent = acked, sent
+        self._retries = 0
+        self._rto = self._base_rto
+        self._progress = progress
+        self.deadline = progress + self._rto
+
     def expire(self, now: float) -> list[bytes]:
         """The retransmission timer: due at `deadline`, which only a send moves (RFC 1123 §4.2.3.1)."""
         if self.finished or self.deadline is None or now + 1e-3 < self.deadline:

@@ -77,6 +77,11 @@ class Transfer:
             data = self.sock.recv(_RECV_SIZE)
         except OSError:  # nothing to read after all (EAGAIN), or a queued ICMP error: the timer copes
             return False
+        self.received(data)
+        return True
+
+    def received(self, data: bytes) -> None:
+        """A datagram the peer sent (read from the socket by `readable()`, or by the worker's native loop)."""
         if len(data) == 4 and data[1] == ACK and data[0] == 0:
             datagram = self.session.next_block((data[2] << 8) | data[3], monotonic())
             if datagram is not None:
@@ -84,9 +89,8 @@ class Transfer:
                     self.sock.send(datagram)
                 except OSError:
                     pass  # lost like any UDP loss: the retransmission timer resends it
-                return True
+                return
         self._send(self.session.receive(data, monotonic()))
-        return True
 
     def expire(self) -> None:
         self._send(self.session.expire(monotonic()))

@@ -31,6 +31,13 @@ from netboot.tftp.packets import Request
 from netboot.tftp.session import Session, SessionConfig
 from netboot.tftp.transfer import Transfer, TransferStats, format_peer
 
+try:  # compiled when the package is installed; without a C compiler, the worker runs in Python alone
+    from netboot.tftp import _lockstep  # type: ignore[attr-defined]
+except ImportError:
+    _lockstep = None
+if os.environ.get("NETBOOT_TFTP_PURE_PYTHON"):
+    _lockstep = None  # the tests run the worker both ways
+
 log = logging.getLogger("netboot.tftp")
 
 _MESSAGE_SIZE = 65536
@@ -219,6 +226,9 @@ class _Loop:
         self.misses: dict[Transfer, int] = {}
 
     def run(self) -> None:
+        if _lockstep is not None:
+            self._run_native(_lockstep)
+            return
         by_fd, timers = self.by_fd, self.timers
         while self.running or self.by_fd:
             timeout = max(0.0, timers[0][0] - monotonic()) if timers else -1
@@ -232,14 +242,42 @@ class _Loop:
                         self._poll(transfer)
                 elif fd == self.control.fileno():
                     self._command()
-            now = monotonic()
-            while timers and timers[0][0] <= now:
-                when, _, transfer = heapq.heappop(timers)
-                if self.due.get(transfer) != when:
-                    continue  # superseded by an earlier deadline, or finished
-                del self.due[transfer]
-                transfer.expire()
-                self._after(transfer)
+            self._expire_due()
+
+    def _run_native(self, native: Any) -> None:
+        """The same loop, with the lock-step exchanges in `_lockstep`: Python sees the rest (requests from
+        the server, timers, windows, errors, final ACKs), taking the transfer back from it first."""
+        by_fd, timers, control, epfd = self.by_fd, self.timers, self.control.fileno(), self.epoll.fileno()
+        while self.running or self.by_fd:
+            for fd, data in native.pump(epfd, timers[0][0] if timers else -1.0, len(by_fd) == 1):
+                transfer = by_fd.get(fd)
+                if transfer is not None:
+                    self._take(transfer)
+                    if data is None:
+                        transfer.readable()
+                    else:
+                        transfer.received(data)
+                    self._after(transfer)
+                elif fd == control:
+                    self._command()
+            self._expire_due()
+
+    def _take(self, transfer: Transfer) -> None:
+        """Bring the session up to date with what the native loop did for it, which stops doing it."""
+        if _lockstep is not None and (state := _lockstep.take(transfer.sock.fileno())) is not None:
+            transfer.session.advanced(*state)
+
+    def _expire_due(self) -> None:
+        now = monotonic()
+        timers = self.timers
+        while timers and timers[0][0] <= now:
+            when, _, transfer = heapq.heappop(timers)
+            if self.due.get(transfer) != when:
+                continue  # superseded by an earlier deadline, or finished
+            del self.due[transfer]
+            self._take(transfer)
+            transfer.expire()
+            self._after(transfer)
 
     def _poll(self, transfer: Transfer) -> None:
         """Read the transfer's next datagrams as they come, while they come within the window."""
@@ -259,6 +297,10 @@ class _Loop:
         if session.finished:
             self._end(transfer)
             return
+        if _lockstep is not None and (state := session.lockstep()) is not None:
+            content = session.content
+            assert isinstance(content, FileContent)
+            _lockstep.add(transfer.sock.fileno(), content.fd, session.blksize, session.size, *state)
         deadline = session.deadline
         due = self.due.get(transfer)
         # Lazy timers: every send moves the deadline later, and the entry already in the heap, when it comes
@@ -296,6 +338,7 @@ class _Loop:
         transfer = self.by_tid.get(message[1])
         if transfer is None:
             return  # it ended meanwhile; its stats are on their way
+        self._take(transfer)
         if message[0] == "cancel":
             transfer.cancel(message[2], tell_peer=message[3])
         elif message[0] == "supersede":
@@ -303,6 +346,7 @@ class _Loop:
         self._after(transfer)
 
     def _end(self, transfer: Transfer) -> None:
+        self._take(transfer)
         self.epoll.unregister(transfer.sock.fileno())
         del self.by_fd[transfer.sock.fileno()]
         tid = self.tids.pop(transfer)
@@ -327,6 +371,7 @@ class _Loop:
         self.running = False
         self.epoll.unregister(self.control.fileno())
         for transfer in list(self.by_fd.values()):
+            self._take(transfer)
             transfer.cancel("server shutting down")
             self._end(transfer)
 

@@ -146,11 +146,19 @@ def tftp_server(tftp_root: Path) -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture
-def served(tftp_server: Callable[..., ServerThread], request: pytest.FixtureRequest) -> ServerThread:
+def served(tftp_server: Callable[..., ServerThread], request: pytest.FixtureRequest,
+           monkeypatch: pytest.MonkeyPatch) -> ServerThread:
     """The server with its defaults on 127.0.0.1; transfers in its own event loop, or in as many worker
-    processes as the test's indirect parameter says (see `EACH`)."""
-    return tftp_server(config=TftpConfig(workers=getattr(request, "param", 0)))
+    processes as the test's indirect parameter says (see `EACH`); "python": two workers without their
+    native lock-step loop."""
+    workers = getattr(request, "param", 0)
+    if workers == "python":
+        monkeypatch.setenv("NETBOOT_TFTP_PURE_PYTHON", "1")  # the workers inherit it
+        workers = 2
+    return tftp_server(config=TftpConfig(workers=workers))
 
 
-# Runs a test against the server running transfers in its own loop, then in two worker processes.
-EACH = pytest.mark.parametrize("served", [0, 2], ids=["in-process", "workers"], indirect=True)
+# Runs a test against the server running transfers in its own loop, then in two worker processes (with their
+# native loop, then in Python alone).
+EACH = pytest.mark.parametrize("served", [0, 2, "python"], ids=["in-process", "workers", "workers-python"],
+                               indirect=True)
