@@ -12,8 +12,9 @@ DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
 DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
+DEBIAN_PACKAGES += chromium systemd
 
-.PHONY: all deps venv test test-quick demo demo-proxy bench bench-dhcp bench-load lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load lint clean
 all: test
 
 deps:
@@ -50,6 +51,10 @@ demo: deps venv
 # The same, booted by UEFI firmware's own PXE client through netboot's proxy DHCP on a namespace LAN (root).
 demo-proxy: deps venv
 	qemu/demo-proxy
+
+# The README's picture of the status page, taken by the test that loads it in headless Chromium.
+screenshot: deps venv
+	NETBOOT_SCREENSHOT=$(CURDIR)/docs/status-page.png $(VENV)/bin/pytest -q tests/test_status_boot.py -k page
 
 # Reference tools for the side-by-side benchmarks.
 BENCH_PACKAGES := nginx wrk curl tftpd-hpa atftp

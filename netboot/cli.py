@@ -12,6 +12,7 @@ from netboot import __version__, build, cache, compress
 from netboot.dhcp import command as dhcp_command
 from netboot.errors import NetbootError
 from netboot.http_limits import HttpLimits
+from netboot.status import StatusConfig
 from netboot.tftp import command as tftp_command
 
 
@@ -148,9 +149,37 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--http-idle-timeout", type=float, default=limits.idle_timeout, metavar="SECONDS",
                    help="close a connection that has not completed a request's headers for this long, from its "
                         f"start or its last response (default {limits.idle_timeout:g})")
+    g = p.add_argument_group("status", "what is booting: a page, a JSON API and Prometheus metrics, on a "
+                             "listener of their own that booting machines never see")
+    g.add_argument("--status", default="127.0.0.1:9480", metavar="ADDR:PORT",
+                   help="the status listener's address (default 127.0.0.1:9480; `none`: no listener)")
+    token = g.add_mutually_exclusive_group()
+    token.add_argument("--status-token", metavar="TOKEN", help="require this bearer token on every status route")
+    token.add_argument("--status-token-file", type=Path, metavar="FILE",
+                       help="the token from a file (its first line), kept out of the process list")
+    g.add_argument("--status-public", action="store_true",
+                   help="allow a non-loopback --status address without a token")
     tftp_command.add_arguments(p)
     dhcp_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
+
+
+def _status(args: argparse.Namespace) -> StatusConfig | None:
+    from netboot.serve import Endpoint
+
+    if args.status == "none":
+        return None
+    where = Endpoint.parse(args.status, "--status")
+    token = args.status_token
+    if args.status_token_file is not None:
+        try:
+            lines = args.status_token_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise NetbootError(f"--status-token-file {args.status_token_file}: {getattr(e, 'strerror', e)}") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise NetbootError(f"--status-token-file {args.status_token_file}: the file holds no token")
+    return StatusConfig(where.host, where.port, token, args.status_public)
 
 
 def _http_limits(args: argparse.Namespace) -> HttpLimits:
@@ -174,6 +203,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         tftp_config=tftp_command.config_from_args(args),
         http_limits=_http_limits(args),
         dhcp=dhcp_command.config_from_args(args),
+        status=_status(args),
         grace=args.grace,
     )
     asyncio.run(serve.serve(opts))

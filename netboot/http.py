@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import os
 import time
 import weakref
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -25,6 +27,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from netboot.http_limits import HttpLimits
 from netboot.namespace import BadRequest, Item, Namespace, NotFound
+from netboot.status.record import BootRecord, Served
 
 log = logging.getLogger("netboot.serve")
 
@@ -101,25 +104,60 @@ def describe(peer: str, proto: str, item: Item | None, name: str, status: object
 class _HeldFileResponse(web.FileResponse):
     """FileResponse of a held file: its own descriptor for this transfer, closed when the transfer ends."""
 
-    def __init__(self, item: Item, peer: str, started: float, headers: dict[str, str]) -> None:
+    def __init__(self, item: Item, peer: str, started: float, headers: dict[str, str],
+                 record: BootRecord | None) -> None:
         assert item.file is not None
         self._fd = item.file.reopen()
         self._closer = weakref.finalize(self, os.close, self._fd)  # even if never prepared
-        self._item, self._peer, self._started = item, peer, started
+        self._item, self._peer, self._started, self._record = item, peer, started, record
+        self._stopped_at: int | None = None
         super().__init__(f"/proc/self/fd/{self._fd}", headers=headers)
+
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int
+                        ) -> AbstractStreamWriter:
+        # aiohttp's sendfile step. When the client goes away, asyncio's sendfile has left the file's position
+        # after the last byte the socket took, which tells how far the transfer got.
+        try:
+            return await super()._sendfile(request, fobj, offset, count)  # type: ignore[misc]
+        except BaseException:
+            with contextlib.suppress(OSError, ValueError):
+                self._stopped_at = max(0, fobj.tell() - offset)
+            raise
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return self._payload_writer
+        aborted = True
+        if self._record is not None:
+            self._record.http_in_flight += 1
         try:
-            return await super().prepare(request)
+            writer = await super().prepare(request)
+            aborted = False
+            return writer
         finally:
             self._closer()
-            sent = (self.content_length or 0) if request.method != "HEAD" else 0
-            log.info(describe(self._peer, "http", self._item, "/" + self._item.name, self.status, sent, self._started))
+            item = self._item
+            if aborted:
+                status, sent = "aborted", self._stopped_at or 0
+            else:
+                status, sent = str(self.status), (self.content_length or 0) if request.method != "HEAD" else 0
+            log.info(describe(self._peer, "http", item, "/" + item.name, status, sent, self._started))
+            if self._record is not None:
+                self._record.http_in_flight -= 1
+                self._record.record(Served(self._peer, "http", "/" + item.name, status,
+                                           not aborted and self.status < 400, sent, item.mac, item.profile))
 
 
-def make_app(namespace: Namespace) -> web.Application:
+def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Application:
+    """The boot network's application; each finished request also goes to `record` when given."""
+
+    def refused(peer: str, name: str, status: int, e: Exception, started: float) -> web.Response:
+        log.info(describe(peer, "http", None, "/" + name, status, 0, started))
+        if record is not None:
+            mac, profile = namespace.who(name)
+            record.record(Served(peer, "http", "/" + name, str(status), False, 0, mac, profile))
+        return web.Response(status=status, text=f"{e}\n")
+
     async def handle(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         name = request.match_info["path"]
@@ -127,11 +165,9 @@ def make_app(namespace: Namespace) -> web.Application:
         try:
             item = namespace.lookup(name)
         except BadRequest as e:
-            log.info(describe(peer, "http", None, "/" + name, 400, 0, started))
-            return web.Response(status=400, text=f"{e}\n")
+            return refused(peer, name, 400, e, started)
         except NotFound as e:
-            log.info(describe(peer, "http", None, "/" + name, 404, 0, started))
-            return web.Response(status=404, text=f"{e}\n")
+            return refused(peer, name, 404, e, started)
         if item.data is not None:
             # Scripts change whenever the machines file or a build does: never cached.
             # (aiohttp sends the headers alone, Content-Length included, for HEAD.)
@@ -139,6 +175,8 @@ def make_app(namespace: Namespace) -> web.Application:
                 body=item.data, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
             )
             log.info(describe(peer, "http", item, "/" + name, 200, len(item.data), started))
+            if record is not None:
+                record.record(Served(peer, "http", "/" + name, "200", True, len(item.data), item.mac, item.profile))
             return response
         assert item.file is not None
         basename = name.rsplit("/", 1)[-1]
@@ -149,7 +187,7 @@ def make_app(namespace: Namespace) -> web.Application:
             headers["Content-Type"] = "application/json"
         else:
             headers["Content-Type"] = "application/octet-stream"
-        return _HeldFileResponse(item, peer, started, headers)
+        return _HeldFileResponse(item, peer, started, headers, record)
 
     app = web.Application()
     app.router.add_get("/{path:.*}", handle)

@@ -21,6 +21,7 @@ from netboot.http import LimitedRunner, make_app
 from netboot.http_limits import HttpLimits
 from netboot.machines import Machines
 from netboot.namespace import BadRequest, Namespace, NotFound
+from netboot.status import BootRecord, Live, Served, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
 from netboot.tftp.content import NotFound as TftpNotFound
@@ -58,6 +59,7 @@ class ServeOptions:
     tftp_config: TftpConfig = field(default_factory=TftpConfig)
     http_limits: HttpLimits = field(default_factory=HttpLimits)
     dhcp: DhcpConfig | None = None
+    status: StatusConfig | None = field(default_factory=StatusConfig)
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
 
@@ -69,8 +71,12 @@ class Server:
         self.opts = opts
         machines = Machines.single(opts.out) if opts.out else Machines.load(opts.machines)  # type: ignore[arg-type]
         self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace)
+        self.record = BootRecord(self._build_of)
+        self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
         self._machines_seen = self._machines_stat()
         self._runner: web.AppRunner | None = None
+        self._status: web.AppRunner | None = None
+        self.status_port = 0
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
         self.http_port = 0
@@ -88,11 +94,28 @@ class Server:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     async def start(self) -> None:
+        if self.opts.status is not None:
+            await self._start_status(self.opts.status)
         await self._start_http()
         if self.opts.tftp is not None:
             await self._start_tftp(self.opts.tftp)
         if self.opts.dhcp is not None:
             await self._start_dhcp(self.opts.dhcp)
+
+    def _build_of(self, profile: str) -> tuple[str, str] | None:
+        files = self.namespace.profiles.get(profile)
+        return (files.current.id, files.current.system) if files else None
+
+    def _builds(self) -> dict[str, tuple[str, str]]:
+        return {name: (f.current.id, f.current.system) for name, f in self.namespace.profiles.items()}
+
+    async def _start_status(self, config: StatusConfig) -> None:
+        live = Live(tftp_in_flight=lambda: self._tftp.transfers if self._tftp else 0,
+                    tftp_refused=lambda: self._tftp.refused if self._tftp else 0, builds=self._builds)
+        self._status, self.status_port = await start_status(config, self.record, live)
+        where = Endpoint(config.host, self.status_port).url("http")
+        log.info("status: %s/ (machines page), /api/machines, /api/events, /metrics%s", where,
+                 "; a token is required" if config.token else "")
 
     async def _start_dhcp(self, config: DhcpConfig) -> None:
         self._dhcp = await start_dhcp_server(config, machines=lambda: self.namespace.machines,
@@ -124,7 +147,7 @@ class Server:
         try:
             self._tftp = await start_tftp_server(
                 where.host, where.port, tftp_resolver(self.namespace), self.opts.tftp_config,
-                on_transfer=self._tftp_logged,
+                on_transfer=self._tftp_logged, on_refused=self._tftp_refused,
             )
         except OSError as e:
             raise NetbootError(f"cannot listen for TFTP on {where.url('tftp')}: {e.strerror}") from e
@@ -140,9 +163,18 @@ class Server:
         log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
                  profile or "-", stats.filename.lstrip("/"), stats.outcome, detail, stats.bytes_sent / 1e6,
                  stats.duration, options, stats.retransmissions)
+        self.record.record(Served(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
+                                  stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
+                                  stats.retransmissions))
+
+    def _tftp_refused(self, peer: Peer, filename: str, code: int, message: str) -> None:
+        mac, profile = self.namespace.who(filename)
+        client = str(peer[0])
+        self.record.record(Served(client, "tftp", "/" + filename.lstrip("/"), f"ERROR {code}", False, 0, mac,
+                                  profile))
 
     async def _start_http(self) -> None:
-        self._runner = LimitedRunner(make_app(self.namespace), self.opts.http_limits, access_log=None,
+        self._runner = LimitedRunner(make_app(self.namespace, self.record), self.opts.http_limits, access_log=None,
                                      handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.opts.http.host, self.opts.http.port, reuse_address=True)
@@ -160,14 +192,17 @@ class Server:
         if self.opts.machines is None:
             self.namespace.refresh()
             return
+        self.record.reloads += 1
         try:
             machines = Machines.load(self.opts.machines)
             if self._dhcp is not None:
                 self._dhcp.check(machines)
             self.namespace.reload(machines)
         except NetbootError as e:
+            self.record.reload_failures += 1
             log.error("reload: keeping the previous configuration: %s", e)
             return
+        self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
         log.info("reload: %d profiles, %d machines", len(machines.profiles), len(machines.machines))
 
     async def run(self) -> None:
@@ -197,6 +232,9 @@ class Server:
             await self._tftp.wait_closed()
         if self._runner is not None:
             await self._runner.cleanup()
+        self.record.close()  # ends the status page's live streams
+        if self._status is not None:
+            await self._status.cleanup()
         self.namespace.close()
 
 

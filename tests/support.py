@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -56,6 +57,19 @@ def boot(out: Path, *, timeout: float = 240, append: str = "") -> qemu.BootResul
     return result
 
 
+def netboot_vm(url: str, mac: str, *, uefi: bool = False, timeout: float = 300) -> qemu.BootResult:
+    """A VM with `mac` network-booting `url` through QEMU's iPXE ROM, until the test system's marker."""
+    need(qemu.qemu_binary())
+    with tempfile.TemporaryDirectory() as tmp:
+        vars_copy = None
+        if uefi:
+            vars_copy = Path(tmp) / "vars.fd"
+            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
+        result = qemu.watch(qemu.net_argv(url, mac, uefi=uefi, vars_copy=vars_copy), timeout=timeout, expect=MARKER)
+    assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
+    return result
+
+
 def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> None:
     """The system's init ran and found every closure path, registered, with the right content."""
     console = result.console
@@ -65,6 +79,14 @@ def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> 
     files = len((system / "closure-files.sha256").read_text().splitlines())
     assert ok_lines[0].split() == [MARKER, f"paths={len(closure)}", f"files={files}"]
     assert "NETBOOT-TEST: store writable" in console
+
+
+def write_machines(path: Path, profiles: dict[str, Path], machines: dict[str, str]) -> Path:
+    """A machines file: profiles by name and directory, machines by MAC and profile."""
+    lines = [f'[profiles.{name}]\ndir = "{out}"\n' for name, out in profiles.items()]
+    lines += [f'[machines."{mac}"]\nprofile = "{profile}"\n' for mac, profile in machines.items()]
+    path.write_text("\n".join(lines))
+    return path
 
 
 class ServerProcess:
@@ -77,6 +99,8 @@ class ServerProcess:
         import re
         import time
 
+        if "--status" not in map(str, args):
+            args = (*args, "--status", "127.0.0.1:0")  # not the default port: tests run servers side by side
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "netboot", "serve", *map(str, args)], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -84,6 +108,7 @@ class ServerProcess:
         self.lines: list[str] = []
         self.http_port = 0
         self.tftp_port = 0
+        self.status_port = 0
         deadline = time.monotonic() + 20
         assert self.proc.stderr is not None
         while not self.http_port or ("--no-tftp" not in map(str, args) and not self.tftp_port):
@@ -96,6 +121,8 @@ class ServerProcess:
                 self.http_port = int(m.group(1))
             if m := re.search(r"tftp: serving tftp://\S+:(\d+)/", line):
                 self.tftp_port = int(m.group(1))
+            if m := re.search(r"status: http://\S+:(\d+)/ ", line):
+                self.status_port = int(m.group(1))
         import threading
 
         threading.Thread(target=self._drain, daemon=True).start()

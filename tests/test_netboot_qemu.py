@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
-from support import MARKER, ServerProcess, assert_booted, need
+from support import ServerProcess, assert_booted, need, netboot_vm
 
 from netboot import qemu
 
@@ -43,18 +41,6 @@ append = "hostname=node2"
     server = ServerProcess("--machines", f, "--http", "127.0.0.1:0", "--tftp", "127.0.0.1:0")
     yield server
     server.stop()
-
-
-def netboot_vm(url: str, mac: str, *, uefi: bool = False, timeout: float = 300) -> qemu.BootResult:
-    need(qemu.qemu_binary())
-    with tempfile.TemporaryDirectory() as tmp:
-        vars_copy = None
-        if uefi:
-            vars_copy = Path(tmp) / "vars.fd"
-            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
-        result = qemu.watch(qemu.net_argv(url, mac, uefi=uefi, vars_copy=vars_copy), timeout=timeout, expect=MARKER)
-    assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
-    return result
 
 
 def cmdline_of(result: qemu.BootResult) -> list[str]:

@@ -157,10 +157,13 @@ class TftpServer:
     """A read-only TFTP server. Create with `start_tftp_server()`; `close()` ends it and its transfers."""
 
     def __init__(self, resolver: Resolver, config: TftpConfig | None = None,
-                 on_transfer: Callable[[TransferStats], None] | None = None) -> None:
+                 on_transfer: Callable[[TransferStats], None] | None = None,
+                 on_refused: Callable[[Peer, str, int, str], None] | None = None) -> None:
         self.resolver = resolver
         self.config = config or TftpConfig()
         self.on_transfer = on_transfer
+        self.on_refused = on_refused  # (peer, filename, error code, message) of a request answered with an ERROR
+        self.refused = 0  # requests answered with an ERROR, or dropped from the waiting queue
         self.loop = asyncio.get_running_loop()
         self.addresses: list[Peer] = []
         self._listeners: list[socket.socket] = []
@@ -360,8 +363,11 @@ class TftpServer:
     def _refuse(self, family: int, local: str, ifindex: int, peer: Peer, code: int, message: str,
                 filename: str | None = None) -> None:
         """An ERROR for a request, sent like a transfer's first packet: from a fresh port (RFC 1350 §4)."""
+        self.refused += 1
         if filename is not None:
             log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), filename, message, code)
+            if self.on_refused is not None:
+                self.on_refused(peer, filename, code, message)
         try:
             with self._transfer_socket(family, local, ifindex, peer) as sock:
                 sock.sendto(packets.build_error(code, message), peer)
@@ -383,6 +389,7 @@ class TftpServer:
             longest = max(self._waiting, key=lambda s: len(self._waiting[s]), default=None)
             own = len(self._waiting.get(source, ()))
             counts.dropped += 1
+            self.refused += 1
             if longest is None or own + 1 > len(self._waiting[longest]):
                 self._log_overload(source)
                 return
@@ -477,11 +484,12 @@ class TftpServer:
 
 async def start_tftp_server(host: str | Iterable[str], port: int, resolver: Resolver,
                             config: TftpConfig | None = None, *, interface: str | None = None,
-                            on_transfer: Callable[[TransferStats], None] | None = None) -> TftpServer:
+                            on_transfer: Callable[[TransferStats], None] | None = None,
+                            on_refused: Callable[[Peer, str, int, str], None] | None = None) -> TftpServer:
     """Serve `resolver`'s content over TFTP on `host` (one address or several; "::" is IPv6 and IPv4) and
     `port` (0 picks one: see `server.addresses`), optionally only on network `interface`.
     Returns the running server; `close()` stops it."""
-    server = TftpServer(resolver, config, on_transfer)
+    server = TftpServer(resolver, config, on_transfer, on_refused)
     try:
         if server._pool is not None:
             await server._pool.ready()

@@ -1,0 +1,55 @@
+"""What is booting: the boot record, and the status listener that shows it (page, JSON API, Prometheus).
+
+`record` keeps the events and each machine's state; `metrics` turns them into Prometheus' format; `app` is the
+listener's aiohttp application. `start_status` binds it, refusing to expose it beyond loopback without a token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from netboot.errors import NetbootError
+from netboot.status.app import make_status_app
+from netboot.status.metrics import Live, Metrics
+from netboot.status.record import BootEvent, BootRecord, Served
+
+__all__ = ["BootEvent", "BootRecord", "Live", "Served", "StatusConfig", "start_status"]
+
+log = logging.getLogger("netboot.serve")
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    host: str = "127.0.0.1"
+    port: int = 9480
+    token: str | None = None
+    public: bool = False  # allow a non-loopback address without a token
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not self.token.strip():
+            raise NetbootError("--status-token: the token is empty")
+        if self.token is None and not self.public and not ipaddress.ip_address(self.host).is_loopback:
+            raise NetbootError(f"--status {self.host}: the status listener shows every machine; give it a "
+                               "--status-token (or --status-token-file), or --status-public to expose it anyway")
+
+
+async def start_status(config: StatusConfig, record: BootRecord, live: Live) -> tuple[web.AppRunner, int]:
+    """Bind the listener; returns its runner (to clean up) and port."""
+    runner = web.AppRunner(make_status_app(record, Metrics(record, live), config.token), access_log=None,
+                           handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        raise NetbootError(f"cannot listen for the status page on {host}:{config.port}: {e.strerror} "
+                           "(choose another with --status ADDR:PORT, or --status none)") from e
+    sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+    port = sockets[0].getsockname()[1] if sockets else config.port
+    return runner, port
