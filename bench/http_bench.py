@@ -89,9 +89,10 @@ http {{
 
 
 class Netboot:
-    def __init__(self, out: Path, port: int) -> None:
+    def __init__(self, out: Path, port: int, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netboot", "serve", "--dir", str(out), "--http", f"127.0.0.1:{port}", "--no-tftp"],
+            [sys.executable, "-m", "netboot", "serve", "--dir", str(out), "--http", f"127.0.0.1:{port}", "--no-tftp",
+             *args],
             cwd=ROOT, stderr=subprocess.DEVNULL,
         )
         wait_port(port)

@@ -37,7 +37,7 @@ import build  # noqa: E402
 import http_bench  # noqa: E402
 import storm  # noqa: E402
 from measure import PeakRss  # noqa: E402
-from report import update_section  # noqa: E402
+from report import publish  # noqa: E402
 
 from netboot.lan import Lan  # noqa: E402
 
@@ -264,10 +264,7 @@ def main(argv: list[str] | None = None) -> str:
     print("bench: HTTP storm", file=sys.stderr)
     http = http_rounds(out, args.runs, args.machines)
     text = report(http, tftp, args, out)
-    print(text)
-    if args.update:
-        update_section(SECTION, text)
-    return text
+    return publish(SECTION, text, args.update)
 
 
 if __name__ == "__main__":

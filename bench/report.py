@@ -21,3 +21,11 @@ def update_section(heading: str, text: str) -> None:
         current = current.rstrip("\n") + "\n\n" + text
     BENCHMARKS.write_text(current)
     print(f"bench: updated {BENCHMARKS.name}", file=sys.stderr)
+
+
+def publish(heading: str, text: str, update: bool) -> str:
+    """Print a benchmark's section, and with `update` write it into BENCHMARKS.md; returns it."""
+    print(text)
+    if update:
+        update_section(heading, text)
+    return text

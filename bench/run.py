@@ -16,6 +16,7 @@ import build
 import dhcp_bench
 import http_bench
 import load_bench
+import status_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ def tftp(runs: int) -> str:
 def main() -> None:
     runs = int(os.environ.get("BENCH_RUNS", "3"))
     system = build.bench_system()
-    sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), load_bench.main([]),
+    sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), load_bench.main([]), status_bench.main([]),
                 boot_bench.main(runs), dhcp_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
