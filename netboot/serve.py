@@ -71,8 +71,9 @@ class Server:
         self.opts = opts
         machines = Machines.single(opts.out) if opts.out else Machines.load(opts.machines)  # type: ignore[arg-type]
         self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace)
-        self.record = BootRecord(self._build_of)
-        self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
+        # What the status listener shows; without one, nothing is recorded.
+        self.record = BootRecord(self._build_of) if opts.status is not None else None
+        self._configure_record(machines)
         self._machines_seen = self._machines_stat()
         self._runner: web.AppRunner | None = None
         self._status: web.AppRunner | None = None
@@ -109,7 +110,12 @@ class Server:
     def _builds(self) -> dict[str, tuple[str, str]]:
         return {name: (f.current.id, f.current.system) for name, f in self.namespace.profiles.items()}
 
+    def _configure_record(self, machines: Machines) -> None:
+        if self.record is not None:
+            self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
+
     async def _start_status(self, config: StatusConfig) -> None:
+        assert self.record is not None
         live = Live(tftp_in_flight=lambda: self._tftp.transfers if self._tftp else 0,
                     tftp_refused=lambda: self._tftp.refused if self._tftp else 0, builds=self._builds)
         self._status, self.status_port = await start_status(config, self.record, live)
@@ -163,11 +169,14 @@ class Server:
         log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
                  profile or "-", stats.filename.lstrip("/"), stats.outcome, detail, stats.bytes_sent / 1e6,
                  stats.duration, options, stats.retransmissions)
-        self.record.record(Served(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
-                                  stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
-                                  stats.retransmissions))
+        if self.record is not None:
+            self.record.record(Served(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
+                                      stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
+                                      stats.retransmissions))
 
     def _tftp_refused(self, peer: Peer, filename: str, code: int, message: str) -> None:
+        if self.record is None:
+            return
         mac, profile = self.namespace.who(filename)
         client = str(peer[0])
         self.record.record(Served(client, "tftp", "/" + filename.lstrip("/"), f"ERROR {code}", False, 0, mac,
@@ -192,17 +201,19 @@ class Server:
         if self.opts.machines is None:
             self.namespace.refresh()
             return
-        self.record.reloads += 1
+        if self.record is not None:
+            self.record.reloads += 1
         try:
             machines = Machines.load(self.opts.machines)
             if self._dhcp is not None:
                 self._dhcp.check(machines)
             self.namespace.reload(machines)
         except NetbootError as e:
-            self.record.reload_failures += 1
+            if self.record is not None:
+                self.record.reload_failures += 1
             log.error("reload: keeping the previous configuration: %s", e)
             return
-        self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
+        self._configure_record(machines)
         log.info("reload: %d profiles, %d machines", len(machines.profiles), len(machines.machines))
 
     async def run(self) -> None:
@@ -232,7 +243,8 @@ class Server:
             await self._tftp.wait_closed()
         if self._runner is not None:
             await self._runner.cleanup()
-        self.record.close()  # ends the status page's live streams
+        if self.record is not None:
+            self.record.close()  # ends the status page's live streams
         if self._status is not None:
             await self._status.cleanup()
         self.namespace.close()
