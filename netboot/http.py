@@ -174,9 +174,10 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
             response = web.Response(
                 body=item.data, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
             )
-            log.info(describe(peer, "http", item, "/" + name, 200, len(item.data), started))
+            path = "/" + name
+            log.info(describe(peer, "http", item, path, 200, len(item.data), started))
             if record is not None:
-                record.record(Served(peer, "http", "/" + name, "200", True, len(item.data), item.mac, item.profile))
+                record.record(Served(peer, "http", path, "200", True, len(item.data), item.mac, item.profile))
             return response
         assert item.file is not None
         basename = name.rsplit("/", 1)[-1]

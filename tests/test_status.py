@@ -264,6 +264,7 @@ def test_the_record_stays_bounded() -> None:
         mac = f"02:00:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
         for _ in range(3):
             record.record(Served("192.0.2.1", "http", f"/machine/{hyphens(mac)}/boot.ipxe", "200", True, 10, mac))
+    record.flush()
     assert len(record.machines) == 101 and IDLE_MAC in record.machines
     assert len(record.recent) == 50 and all(len(m.events) <= 5 for m in record.machines.values())
     newest = f"02:00:00:00:{9999 >> 8:02x}:{9999 & 0xFF:02x}"

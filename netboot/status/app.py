@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from netboot.status.metrics import CONTENT_TYPE, Metrics
-from netboot.status.record import STATES, BootRecord, Machine, iso
+from netboot.status.record import STATES, BootRecord, Machine
 
 _KEEPALIVE = 15.0  # seconds between comments on an idle event stream, so that proxies keep it open
 
@@ -32,7 +32,7 @@ _KEEPALIVE = 15.0  # seconds between comments on an idle event stream, so that p
 def _filtered(record: BootRecord, query: Any) -> list[Machine]:
     state, profile = query.get("state") or None, query.get("profile") or None
     return [m for m in record.machines.values()
-            if (state is None or m.state == state) and (profile is None or m.profile == profile)]
+            if (state is None or m.state == state) and (profile is None or m.current_profile == profile)]
 
 
 def _json(data: object) -> web.Response:
@@ -53,6 +53,7 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
 
     @web.middleware
     async def authorize(request: web.Request, handler: Any) -> web.StreamResponse:
+        record.flush()  # what the servers noted, applied before anything is shown
         if token is not None:
             given = request.headers.get("Authorization", "")
             given = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
@@ -64,8 +65,8 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
     async def index(request: web.Request) -> web.Response:
         machines = sorted(_filtered(record, request.query), key=lambda m: m.mac)
         state, profile = request.query.get("state", ""), request.query.get("profile", "")
-        profiles = sorted({m.profile for m in record.machines.values() if m.profile})
-        text = (page.replace("@rows@", "\n".join(_row(m) for m in machines) or _EMPTY)
+        profiles = sorted({p for m in record.machines.values() if (p := m.current_profile)})
+        text = (page.replace("@rows@", "\n".join(_row(m.json(record.systems)) for m in machines) or _EMPTY)
                 .replace("@states@", _options(STATES, state))
                 .replace("@profiles@", _options(profiles, profile))
                 .replace("@count@", str(len(machines)))
@@ -74,7 +75,8 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
         return web.Response(text=text, content_type="text/html", headers={"Cache-Control": "no-store"})
 
     async def machines(request: web.Request) -> web.Response:
-        return _json({"machines": [m.json() for m in sorted(_filtered(record, request.query), key=lambda m: m.mac)]})
+        found = sorted(_filtered(record, request.query), key=lambda m: m.mac)
+        return _json({"machines": [m.json(record.systems) for m in found]})
 
     async def events(request: web.Request) -> web.Response:
         found = record.events_since(_since(request))
@@ -134,18 +136,20 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _row(m: Machine) -> str:
+def _row(m: dict[str, Any]) -> str:
+    """One machine's row, from its JSON entry."""
     e = html.escape
-    last = m.last
+    last = m["last"]
     cells = [
-        f'<td class="mac">{e(m.mac)}</td>',
-        f'<td class="state"><span class="badge {e(m.state)}">{e(m.state)}</span></td>',
-        f"<td>{e(m.profile or '')}</td>",
-        f"<td title=\"{e(m.system or '', quote=True)}\">{e(m.build or '')}</td>",
-        f"<td>{e(m.client or '')}</td>",
-        f"<td>{e(f'{last.protocol} {last.path} {last.status}') if last else ''}</td>",
-        f'<td class="num">{_size(m.bytes)}</td>',
-        f"<td>{iso(m.first_request) or ''}</td>",
-        f"<td>{iso(m.last_request) or ''}</td>",
+        f'<td class="mac">{e(m["mac"])}</td>',
+        f'<td class="state"><span class="badge {e(m["state"])}">{e(m["state"])}</span></td>',
+        f"<td>{e(m['profile'] or '')}</td>",
+        f"<td title=\"{e(m['system'] or '', quote=True)}\">{e(m['build'] or '')}</td>",
+        f"<td>{e(m['client'] or '')}</td>",
+        f"<td>{e(' '.join((last['protocol'], last['path'], last['status']))) if last else ''}</td>",
+        f'<td class="num">{_size(m["bytes"])}</td>',
+        f"<td>{m['first_request'] or ''}</td>",
+        f"<td>{m['last_request'] or ''}</td>",
     ]
-    return f'<tr id="m-{e(m.mac)}" data-state="{e(m.state)}" data-profile="{e(m.profile or "")}">{"".join(cells)}</tr>'
+    return (f'<tr id="m-{e(m["mac"])}" data-state="{e(m["state"])}" data-profile="{e(m["profile"] or "")}">'
+            f'{"".join(cells)}</tr>')

@@ -1,14 +1,16 @@
 """What every machine asked for and got: boot events, each machine's state, and the counters behind /metrics.
 
 `netboot serve` reports each finished request or transfer, HTTP and TFTP alike, as one `Served`; `BootRecord`
-turns it into a numbered `BootEvent`, moves the machine it was for through its states, and keeps counts.
+turns it into a numbered `BootEvent`, adds it to the machine it was for, and keeps counts. Recording is on every
+request's path, so it does the least it can: reports are applied in batches (`flush()`, which every reader
+calls first), and a machine's state, current boot and bytes are worked out from its last events when shown.
 Everything is bounded: a few events per machine, a ring of recent events, and at most `max_machines` machines
 seen without being configured (the least recently active is forgotten first), so a flood of made-up MACs
 cannot grow the process.
 
 A machine's states:
     configured     in the machines file, not seen since netboot started
-    booting        it fetched its script (a new boot), or a file
+    booting        it fetched its script (which starts a new boot) or a file
     handed-over    its initrd was sent whole: the kernel has everything it needs from us
     failed         a transfer was aborted or timed out, or it was answered with an error
     unknown-mac    it asked for its script and no profile matched
@@ -21,15 +23,14 @@ import collections
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 CONFIGURED, BOOTING, HANDED_OVER, FAILED, UNKNOWN_MAC = "configured", "booting", "handed-over", "failed", "unknown-mac"
 STATES = (CONFIGURED, BOOTING, HANDED_OVER, FAILED, UNKNOWN_MAC)
 
 
-@dataclass(frozen=True)
-class Served:
+class Served(NamedTuple):
     """One finished request (HTTP) or transfer (TFTP), as the servers report it."""
 
     client: str
@@ -43,8 +44,9 @@ class Served:
     retransmissions: int = 0
 
 
-@dataclass(frozen=True)
-class BootEvent:
+# Events and reports are tuples, not dataclasses: one is made for every request, and a tuple of plain values
+# costs a fraction of a frozen dataclass to build and is left alone by the garbage collector.
+class BootEvent(NamedTuple):
     seq: int
     time: float  # seconds since the epoch
     client: str
@@ -59,35 +61,60 @@ class BootEvent:
     retransmissions: int
 
     def json(self) -> dict[str, Any]:
-        out = asdict(self)
+        out = self._asdict()
         out["time"] = iso(self.time)
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class Machine:
-    mac: str
-    profile: str | None = None
-    configured: bool = False
-    state: str = CONFIGURED
-    build: str | None = None
-    system: str | None = None
-    client: str | None = None
-    last: BootEvent | None = None
-    bytes: int = 0  # sent in the current boot
-    first_request: float | None = None  # of the current boot
-    last_request: float | None = None
-    events: collections.deque[BootEvent] = field(default_factory=collections.deque)
+    """A machine's last few events; everything else about it is worked out from them when it is shown, so
+    that recording an event is an append."""
 
-    def json(self) -> dict[str, Any]:
-        last = self.last
+    mac: str
+    events: list[BootEvent]  # the last few, oldest first
+    profile: str | None = None  # the machines file's, until it is seen
+    configured: bool = False
+
+    def boot(self) -> list[BootEvent]:
+        """The events of its current boot: from its last script fetched (a boot starts there), or all."""
+        events = self.events
+        for i in range(len(events) - 1, -1, -1):
+            e = events[i]
+            if e.ok and e.path.endswith("/boot.ipxe"):
+                return events[i:]
+        return events
+
+    @property
+    def state(self) -> str:
+        for e in reversed(self.events):
+            if e.status == "size probe":
+                continue  # EDK2 asking a file's size first: not a step of the boot
+            if e.profile is None and e.path.endswith("/boot.ipxe"):
+                return UNKNOWN_MAC
+            if not e.ok:
+                return FAILED
+            if e.path.endswith("/initrd") and e.status in ("200", "complete"):
+                return HANDED_OVER
+            return BOOTING
+        return CONFIGURED
+
+    @property
+    def current_profile(self) -> str | None:
+        """The profile it booted last, or the machines file's."""
+        return next((e.profile for e in reversed(self.events) if e.profile), self.profile)
+
+    def json(self, systems: dict[str, str]) -> dict[str, Any]:
+        last = self.events[-1] if self.events else None
+        boot = self.boot()
         return {
-            "mac": self.mac, "state": self.state, "profile": self.profile, "configured": self.configured,
-            "build": self.build, "system": self.system, "client": self.client,
+            "mac": self.mac, "state": self.state, "profile": self.current_profile, "configured": self.configured,
+            "build": last.build if last else None, "system": systems.get(last.build or "") if last else None,
+            "client": last.client if last else None,
             "last": None if last is None else {"path": last.path, "protocol": last.protocol, "status": last.status,
                                                "ok": last.ok, "bytes": last.bytes},
-            "bytes": self.bytes,
-            "first_request": iso(self.first_request), "last_request": iso(self.last_request),
+            "bytes": sum(e.bytes for e in boot),
+            "first_request": iso(boot[0].time) if boot else None, "last_request": iso(last.time) if last else None,
             "events": [e.json() for e in reversed(self.events)],
         }
 
@@ -98,9 +125,7 @@ def iso(t: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
-def _kind(path: str) -> str:
-    return path.rsplit("/", 1)[-1]
-
+_BATCH = 512  # noted requests applied at once, at most
 
 Builds = Callable[[str], tuple[str, str] | None]  # profile -> (build id, system) of what it serves now
 
@@ -116,6 +141,9 @@ class BootRecord:
         self._seq = 0
         self._unconfigured: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recent first
         self._subscribers: set[asyncio.Queue[BootEvent | None]] = set()
+        self._pending: list[tuple[float, Served]] = []
+        self.systems: dict[str, str] = {}  # build id -> system, for the builds events name
+        self._flush_scheduled = False
         # Counters for /metrics, read at scrape time.
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()  # (protocol, status)
         self.sent: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -139,24 +167,57 @@ class BootRecord:
         for mac, profile in machines.items():
             machine = self.machines.get(mac)
             if machine is None:
-                self.machines[mac] = Machine(mac, profile, configured=True)
+                self.machines[mac] = Machine(mac, [], profile, configured=True)
             else:
                 self._unconfigured.pop(mac, None)
                 machine.configured = True
                 machine.profile = profile
         self._bound()
 
-    def record(self, served: Served) -> BootEvent:
-        now = time.time()
-        found = self.builds(served.profile) if served.profile is not None else None
-        build = found[0] if found is not None else None
-        self._seq += 1
-        event = BootEvent(self._seq, now, served.client, served.protocol, served.path, served.status, served.ok,
-                          served.bytes, served.mac, served.profile, build, served.retransmissions)
-        self.recent.append(event)
-        self._count(served)
-        if served.mac is not None:
-            self._machine_event(event, served, found)
+    def record(self, served: Served) -> None:
+        """Note a finished request. The work happens in `flush()`, a batch at a time: the request path only
+        appends, and the batch runs with the record's data warm in the cache."""
+        self._pending.append((time.time(), served))
+        if len(self._pending) >= _BATCH:
+            self.flush()
+        elif self._subscribers and not self._flush_scheduled:
+            self._flush_scheduled = True  # live readers get each event within a tenth of a second
+            asyncio.get_running_loop().call_later(0.1, self.flush)
+
+    def flush(self) -> None:
+        """Apply the noted requests; every reader calls this first."""
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        builds: dict[str, tuple[str, str] | None] = {}
+        requests, sent, recent, make = self.requests, self.sent, self.recent.append, tuple.__new__
+        systems = self.systems
+        seq = self._seq
+        for now, served in pending:
+            client, protocol, path, status, ok, nbytes, mac, profile, retransmissions = served
+            found = None
+            if profile is not None:
+                found = builds[profile] if profile in builds else builds.setdefault(profile, self.builds(profile))
+            seq += 1
+            # tuple.__new__: what BootEvent(...) does, without its Python-level __new__.
+            event = make(BootEvent, (seq, now, client, protocol, path, status, ok, nbytes, mac, profile,
+                                     found[0] if found is not None else None, retransmissions))
+            recent(event)
+            key = (protocol, status)
+            requests[key] += 1
+            sent[key] += nbytes
+            if protocol == "tftp":
+                self.tftp_retransmissions += retransmissions
+                if status == "timed out":
+                    self.tftp_timeouts += 1
+            if found is not None and found[0] not in systems:
+                systems[found[0]] = found[1]
+            if mac is not None:
+                self._machine_event(event)
+            if self._subscribers:
+                self._publish(event)
+        self._seq = seq
+
+    def _publish(self, event: BootEvent) -> None:
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait(event)
@@ -165,54 +226,27 @@ class BootRecord:
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
                 queue.put_nowait(None)
-        return event
 
-    def _count(self, served: Served) -> None:
-        key = (served.protocol, served.status)
-        self.requests[key] += 1
-        self.sent[key] += served.bytes
-        if served.protocol == "tftp":
-            self.tftp_retransmissions += served.retransmissions
-            if served.status == "timed out":
-                self.tftp_timeouts += 1
-
-    def _machine_event(self, event: BootEvent, served: Served, build: tuple[str, str] | None) -> None:
-        mac = event.mac
-        assert mac is not None
-        machine = self.machines.get(mac)
+    def _machine_event(self, event: BootEvent) -> None:
+        mac, path = event.mac, event.path
+        machine = self.machines.get(mac)  # type: ignore[arg-type]
         if machine is None:
-            machine = self.machines[mac] = Machine(mac)
+            machine = self.machines[mac] = Machine(mac, [])  # type: ignore[index,arg-type]
         if not machine.configured:
-            self._unconfigured[mac] = None
-            self._unconfigured.move_to_end(mac)
-        kind = _kind(served.path)
-        new_boot = served.ok and (kind == "boot.ipxe" or (
-            kind == "bzImage" and machine.state in (HANDED_OVER, FAILED, CONFIGURED, UNKNOWN_MAC)))
-        if new_boot or machine.first_request is None:
-            machine.first_request = event.time
-            machine.bytes = 0
-        if served.profile is None and kind == "boot.ipxe":
-            machine.state = UNKNOWN_MAC
-        elif not served.ok:
-            machine.state = FAILED
-        elif kind == "initrd" and served.status in ("200", "complete"):
-            machine.state = HANDED_OVER
-            self.handed_over[served.profile or "-"] += 1
-        elif served.status != "size probe":
-            machine.state = BOOTING
-        if new_boot and served.profile is not None:
-            self.boots_started[served.profile] += 1
-        machine.profile = served.profile or machine.profile
-        if build is not None:
-            machine.build, machine.system = build
-        machine.client = served.client
-        machine.last = event
-        machine.bytes += served.bytes
-        machine.last_request = event.time
-        machine.events.append(event)
-        if len(machine.events) > self.per_machine:
-            machine.events.popleft()
-        self._bound()
+            unconfigured = self._unconfigured
+            unconfigured[mac] = None  # type: ignore[index]
+            unconfigured.move_to_end(mac)  # type: ignore[arg-type]
+            if len(unconfigured) > self.max_machines:
+                self._bound()
+        events = machine.events
+        events.append(event)
+        if len(events) > self.per_machine:
+            del events[0]
+        if event.ok and event.profile is not None:
+            if path.endswith("/boot.ipxe"):
+                self.boots_started[event.profile] += 1
+            elif path.endswith("/initrd") and event.status in ("200", "complete"):
+                self.handed_over[event.profile] += 1
 
     def _bound(self) -> None:
         """Forget the least recently active machines seen but not configured, beyond `max_machines`."""
@@ -239,6 +273,7 @@ class BootRecord:
 
     def close(self) -> None:
         """Ends every live stream."""
+        self.flush()
         for queue in self._subscribers:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
