@@ -8,10 +8,11 @@ import signal
 import sys
 from pathlib import Path
 
-from netboot import __version__, build, cache, compress
+from netboot import __version__
+from netboot.build import cache, compress, pack
 from netboot.dhcp import command as dhcp_command
 from netboot.errors import NetbootError
-from netboot.http_limits import HttpLimits
+from netboot.serve.http_limits import HttpLimits
 from netboot.status import StatusConfig
 from netboot.tftp import command as tftp_command
 
@@ -41,7 +42,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     p.add_argument("system", metavar="SYSTEM", type=Path, help="the system's top-level directory (e.g. ./result)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (replaced atomically)")
     p.add_argument(
-        "--format", choices=build.FORMATS, default="squashfs",
+        "--format", choices=pack.FORMATS, default="squashfs",
         help="squashfs: store image in the initrd, mounted by a small stage 1 under a writable overlay "
         "(default); direct: every store file in the initrd, rdinit= runs the system's init",
     )
@@ -73,7 +74,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
-    opts = build.BuildOptions(
+    opts = pack.BuildOptions(
         system=args.system,
         out=args.out,
         format=args.format,
@@ -85,7 +86,7 @@ def _run_build(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else (args.cache_dir or cache.default_dir()),
         cache_max=cache.parse_size(args.cache_max),
     )
-    build.build(opts)
+    pack.build(opts)
     return 0
 
 
@@ -165,7 +166,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _status(args: argparse.Namespace) -> StatusConfig | None:
-    from netboot.serve import Endpoint
+    from netboot.serve.server import Endpoint
 
     if args.status == "none":
         return None
@@ -193,20 +194,20 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
 def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from netboot import serve
+    from netboot.serve import server
 
-    opts = serve.ServeOptions(
+    opts = server.ServeOptions(
         out=args.out,
         machines=args.machines,
-        http=serve.Endpoint.parse(args.http, "--http"),
-        tftp=None if args.no_tftp else serve.Endpoint.parse(args.tftp, "--tftp"),
+        http=server.Endpoint.parse(args.http, "--http"),
+        tftp=None if args.no_tftp else server.Endpoint.parse(args.tftp, "--tftp"),
         tftp_config=tftp_command.config_from_args(args),
         http_limits=_http_limits(args),
         dhcp=dhcp_command.config_from_args(args),
         status=_status(args),
         grace=args.grace,
     )
-    asyncio.run(serve.serve(opts))
+    asyncio.run(server.serve(opts))
     return 0
 
 

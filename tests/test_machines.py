@@ -8,8 +8,8 @@ import pytest
 from support import netboot
 
 from netboot.errors import NetbootError
-from netboot.mac import BadMac, normalize
-from netboot.machines import Machines
+from netboot.serve.mac import BadMac, normalize
+from netboot.serve.machines import Machines
 
 
 @pytest.mark.parametrize(

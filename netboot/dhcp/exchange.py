@@ -26,7 +26,7 @@ from pyroute2.dhcp.enums.dhcp import MessageType
 from netboot.dhcp import boot, message
 from netboot.dhcp.leases import Leases
 from netboot.dhcp.message import ZERO, Reply, Request
-from netboot.machines import Machines
+from netboot.serve.machines import Machines
 
 SERVER_PORT, CLIENT_PORT, PXE_PORT = 67, 68, 4011
 BROADCAST = "255.255.255.255"

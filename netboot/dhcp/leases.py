@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from netboot import mac as macs
 from netboot.errors import NetbootError
-from netboot.machines import Machines
+from netboot.serve import mac as macs
+from netboot.serve.machines import Machines
 
 log = logging.getLogger("netboot.dhcp")
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from netboot.addresses import reachable_hosts
 from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.errors import NetbootError
-from netboot.http import LimitedRunner, make_app
-from netboot.http_limits import HttpLimits
-from netboot.machines import Machines
-from netboot.namespace import BadRequest, Namespace, NotFound
+from netboot.serve.addresses import reachable_hosts
+from netboot.serve.http import LimitedRunner, make_app
+from netboot.serve.http_limits import HttpLimits
+from netboot.serve.machines import Machines
+from netboot.serve.namespace import BadRequest, Namespace, NotFound
 from netboot.status import BootRecord, Live, Served, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver

@@ -28,10 +28,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netboot import mac as macs
 from netboot.errors import NetbootError
-from netboot.machines import DEFAULT, Machines, Profile
-from netboot.templates import render
+from netboot.serve import mac as macs
+from netboot.serve.machines import DEFAULT, Machines, Profile
+from netboot.serve.templates import render
 
 log = logging.getLogger("netboot.serve")
 

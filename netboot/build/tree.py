@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from netboot.cpio import NewcWriter
+from netboot.build.cpio import NewcWriter
 
 
 @dataclass(frozen=True)

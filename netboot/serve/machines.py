@@ -18,8 +18,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from netboot import mac as macs
 from netboot.errors import NetbootError
+from netboot.serve import mac as macs
 
 DEFAULT = "default"
 

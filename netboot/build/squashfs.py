@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from netboot.closure import REGISTRATION_NAME, Closure
-from netboot.compress import Compressor
+from netboot.build.closure import REGISTRATION_NAME, Closure
+from netboot.build.compress import Compressor
 from netboot.run import describe, dies_with_us, failed, require, run
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from netboot.closure import Closure
+from netboot.build.closure import Closure
+from netboot.build.modules import ModuleTree, uncompressed_name
+from netboot.build.system import System
+from netboot.build.tree import Tree
 from netboot.errors import NetbootError
-from netboot.modules import ModuleTree, uncompressed_name
-from netboot.system import System
-from netboot.tree import Tree
 
 # What mounting a squashfs file under an overlay takes (what nixpkgs' netboot.nix loads too).
 NEEDED_MODULES = ["loop", "squashfs", "overlay"]
@@ -39,7 +39,7 @@ class Stage1:
     def tree(self) -> Tree:
         """The stage 1 files, by name inside the initrd."""
         t = Tree()
-        t.file(b"init", files("netboot").joinpath("stage1-init.sh").read_bytes(), 0o755)
+        t.file(b"init", files("netboot.build").joinpath("stage1-init.sh").read_bytes(), 0o755)
         t.file(b"bin/busybox", _read(self.busybox), 0o755)
         t.char_device(b"dev/console", 0o600, 5, 1)
         loaded = []

@@ -12,7 +12,7 @@ _PLACEHOLDER = re.compile(r"@([a-z_]+)@")
 
 def template_dir() -> Path:
     installed = Path(str(files("netboot"))) / "ipxe-scripts"
-    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "ipxe-scripts"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[2] / "ipxe-scripts"
 
 
 @functools.cache

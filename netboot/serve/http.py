@@ -25,8 +25,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_protocol import RequestHandler
 
-from netboot.http_limits import HttpLimits
-from netboot.namespace import BadRequest, Item, Namespace, NotFound
+from netboot.serve.http_limits import HttpLimits
+from netboot.serve.namespace import BadRequest, Item, Namespace, NotFound
 from netboot.status.record import BootRecord, Served
 
 log = logging.getLogger("netboot.serve")

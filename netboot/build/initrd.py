@@ -28,17 +28,17 @@ from pathlib import Path
 import zstandard
 
 from netboot import __version__
-from netboot.cache import LAYOUT, Cache, nar_hashes
-from netboot.closure import REGISTRATION_NAME, Closure
-from netboot.compress import Compressor
-from netboot.cpio import NewcWriter, StreamSink, check_size
+from netboot.build.cache import LAYOUT, Cache, nar_hashes
+from netboot.build.closure import REGISTRATION_NAME, Closure
+from netboot.build.compress import Compressor
+from netboot.build.cpio import NewcWriter, StreamSink, check_size
+from netboot.build.files import Entry, closure_entries
+from netboot.build.progress import Progress
+from netboot.build.squashfs import mksquashfs
+from netboot.build.stage1 import Stage1
+from netboot.build.tree import Tree
 from netboot.errors import NetbootError
-from netboot.files import Entry, closure_entries
-from netboot.progress import Progress
 from netboot.run import dies_with_us, failed, require
-from netboot.squashfs import mksquashfs
-from netboot.stage1 import Stage1
-from netboot.tree import Tree
 
 SQUASHFS_NAME = b"nix-store.squashfs"
 

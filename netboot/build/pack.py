@@ -15,17 +15,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from netboot import __version__, compress
-from netboot.cache import DEFAULT_MAX, Cache
-from netboot.closure import Closure
+from netboot import __version__
+from netboot.build import compress
+from netboot.build.cache import DEFAULT_MAX, Cache
+from netboot.build.closure import Closure
+from netboot.build.initrd import Packing, write_direct, write_squashfs
+from netboot.build.outdir import Staging
+from netboot.build.progress import Progress
+from netboot.build.stage1 import Stage1
+from netboot.build.system import System
 from netboot.errors import NetbootError
-from netboot.initrd import Packing, write_direct, write_squashfs
-from netboot.outdir import Staging
-from netboot.progress import Progress
 from netboot.run import require
-from netboot.stage1 import Stage1
-from netboot.system import System
-from netboot.templates import render
+from netboot.serve.templates import render
 
 log = logging.getLogger(__name__)
 
