@@ -10,6 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,14 @@ def tftp_boot(server: ServerProcess, mac: str) -> tuple[int, int]:
     return chain, total
 
 
+def eventually(read: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 30) -> Any:
+    """What `read()` gives once `done` says so, or after `timeout` seconds (for the assertion to show)."""
+    deadline = time.monotonic() + timeout
+    while not done(value := read()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
 def metrics(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     out = {}
     for family in text_string_to_metric_families(get(server, "/metrics").decode()):
@@ -154,10 +163,7 @@ def test_aborted_transfers_are_failed(server: ServerProcess, outs: dict[str, Pat
         s.sendall(f"GET {initrd} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         s.recv(65536)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # RST on close
-    deadline = 30
-    start = time.monotonic()
-    while (machine := by_mac(server)[ABORT_MAC])["state"] != "failed" and time.monotonic() - start < deadline:
-        time.sleep(0.2)
+    machine = eventually(lambda: by_mac(server)[ABORT_MAC], lambda m: m["state"] == "failed")
     assert machine["state"] == "failed", machine
     assert machine["last"]["status"] == "aborted" and machine["last"]["path"] == initrd
     assert 0 <= machine["last"]["bytes"] < (outs["squashfs"] / "initrd").stat().st_size
@@ -171,17 +177,13 @@ def test_aborted_transfers_are_failed(server: ServerProcess, outs: dict[str, Pat
         peer.request(server.tftp_port, initrd.lstrip("/"))
         _, port = peer.receive()
         peer.send(b"\0\5\0\0stop\0", port)
-    start = time.monotonic()
-    while (machine := by_mac(server)[TFTP_MAC])["state"] != "failed" and time.monotonic() - start < deadline:
-        time.sleep(0.2)
+    machine = eventually(lambda: by_mac(server)[TFTP_MAC], lambda m: m["state"] == "failed")
     assert machine["state"] == "failed" and machine["last"]["status"] == "aborted by client", machine
     # A file that does not exist (a build no longer served) is an error sent: failed too.
     proc = subprocess.run(["curl", "-sS", f"tftp://127.0.0.1:{server.tftp_port}/machine/{hyphens(IDLE_MAC)}/0/initrd"],
                           capture_output=True, timeout=60)
     assert proc.returncode != 0
-    start = time.monotonic()
-    while (machine := by_mac(server)[IDLE_MAC])["state"] != "failed" and time.monotonic() - start < deadline:
-        time.sleep(0.2)
+    machine = eventually(lambda: by_mac(server)[IDLE_MAC], lambda m: m["state"] == "failed")
     assert machine["state"] == "failed" and machine["last"]["status"] == "ERROR 1", machine
     assert metrics(server)["netboot_tftp_refused_total", ()] == 1
 
@@ -276,17 +278,13 @@ def test_reloads_are_counted_and_the_machines_follow_the_file(server: ServerProc
     http_boot(server, HTTP_MAC)
     good = machines_file.read_text()
     machines_file.write_text(good + "\n[machines.oops\n")  # a syntax error: refused, the previous one kept
-    deadline = time.monotonic() + 30
-    while metrics(server).get(("netboot_reload_failures_total", ())) != 1 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    m = metrics(server)
+    m = eventually(lambda: metrics(server), lambda m: m.get(("netboot_reload_failures_total", ())) == 1)
     assert m["netboot_reload_failures_total", ()] == 1 and m["netboot_reloads_total", ()] == 1
     assert IDLE_MAC in by_mac(server)
     # Without IDLE_MAC (never seen: gone from the list) and HTTP_MAC (seen: kept, no longer configured).
     write_machines(machines_file, {"squash": outs["squashfs"], "direct": outs["direct"]},
                    {TFTP_MAC: "direct", ABORT_MAC: "squash"})
-    while metrics(server).get(("netboot_reloads_total", ())) != 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
+    eventually(lambda: metrics(server), lambda m: m.get(("netboot_reloads_total", ())) == 2)
     machines = by_mac(server)
     assert IDLE_MAC not in machines and machines[HTTP_MAC]["configured"] is False
     assert machines[HTTP_MAC]["state"] == "handed-over" and machines[TFTP_MAC]["configured"] is True

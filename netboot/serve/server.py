@@ -108,7 +108,7 @@ class Server:
         return (files.current.id, files.current.system) if files else None
 
     def _builds(self) -> dict[str, tuple[str, str]]:
-        return {name: (f.current.id, f.current.system) for name, f in self.namespace.profiles.items()}
+        return {name: build for name in self.namespace.profiles if (build := self._build_of(name))}
 
     def _configure_record(self, machines: Machines) -> None:
         if self.record is not None:

@@ -66,6 +66,16 @@ class BootEvent(NamedTuple):
         return out
 
 
+def is_script(event: BootEvent) -> bool:
+    """A machine's script: fetching it starts a boot."""
+    return event.path.endswith("/boot.ipxe")
+
+
+def hands_over(event: BootEvent) -> bool:
+    """The initrd sent whole: the kernel has everything it needs from us."""
+    return event.ok and event.path.endswith("/initrd") and event.status in ("200", "complete")
+
+
 @dataclass(slots=True)
 class Machine:
     """A machine's last few events; everything else about it is worked out from them when it is shown, so
@@ -81,7 +91,7 @@ class Machine:
         events = self.events
         for i in range(len(events) - 1, -1, -1):
             e = events[i]
-            if e.ok and e.path.endswith("/boot.ipxe"):
+            if e.ok and is_script(e):
                 return events[i:]
         return events
 
@@ -90,11 +100,11 @@ class Machine:
         for e in reversed(self.events):
             if e.status == "size probe":
                 continue  # EDK2 asking a file's size first: not a step of the boot
-            if e.profile is None and e.path.endswith("/boot.ipxe"):
+            if e.profile is None and is_script(e):
                 return UNKNOWN_MAC
             if not e.ok:
                 return FAILED
-            if e.path.endswith("/initrd") and e.status in ("200", "complete"):
+            if hands_over(e):
                 return HANDED_OVER
             return BOOTING
         return CONFIGURED
@@ -228,7 +238,7 @@ class BootRecord:
                 queue.put_nowait(None)
 
     def _machine_event(self, event: BootEvent) -> None:
-        mac, path = event.mac, event.path
+        mac = event.mac
         machine = self.machines.get(mac)  # type: ignore[arg-type]
         if machine is None:
             machine = self.machines[mac] = Machine(mac, [])  # type: ignore[index,arg-type]
@@ -242,10 +252,10 @@ class BootRecord:
         events.append(event)
         if len(events) > self.per_machine:
             del events[0]
-        if event.ok and event.profile is not None:
-            if path.endswith("/boot.ipxe"):
+        if event.profile is not None:
+            if event.ok and is_script(event):
                 self.boots_started[event.profile] += 1
-            elif path.endswith("/initrd") and event.status in ("200", "complete"):
+            elif hands_over(event):
                 self.handed_over[event.profile] += 1
 
     def _bound(self) -> None:
