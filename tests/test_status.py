@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import ServerProcess, need, netboot, write_machines
 
-from netboot.status.record import BootRecord, Served
+from netboot.status.record import BootRecord
 
 HTTP_MAC, TFTP_MAC, ABORT_MAC, IDLE_MAC, STRANGER = (
     "52:54:00:00:0a:01", "52:54:00:00:0a:02", "52:54:00:00:0a:03", "52:54:00:00:0a:04", "52:54:00:00:0f:0f")
@@ -265,10 +265,10 @@ def test_the_record_stays_bounded() -> None:
     for i in range(10_000):
         mac = f"02:00:00:00:{i >> 8:02x}:{i & 0xFF:02x}"
         for _ in range(3):
-            record.record(Served("192.0.2.1", "http", f"/machine/{hyphens(mac)}/boot.ipxe", "200", True, 10, mac))
+            record.record("192.0.2.1", "http", f"/machine/{hyphens(mac)}/boot.ipxe", "200", True, 10, mac, None)
     record.flush()
     assert len(record.machines) == 101 and IDLE_MAC in record.machines
-    assert len(record.recent) == 50 and all(len(m.events) <= 5 for m in record.machines.values())
+    assert len(record.events_since(0)) == 50 and all(len(m.events) <= 5 for m in record.machines.values())
     newest = f"02:00:00:00:{9999 >> 8:02x}:{9999 & 0xFF:02x}"
     assert newest in record.machines  # the least recently active were forgotten, not the newest
 

@@ -27,7 +27,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from netboot.serve.http_limits import HttpLimits
 from netboot.serve.namespace import BadRequest, Item, Namespace, NotFound
-from netboot.status.record import BootRecord, Served
+from netboot.status.record import BootRecord
 
 log = logging.getLogger("netboot.serve")
 
@@ -144,8 +144,8 @@ class _HeldFileResponse(web.FileResponse):
             log.info(describe(self._peer, "http", item, "/" + item.name, status, sent, self._started))
             if self._record is not None:
                 self._record.http_in_flight -= 1
-                self._record.record(Served(self._peer, "http", "/" + item.name, status,
-                                           not aborted and self.status < 400, sent, item.mac, item.profile))
+                self._record.record(self._peer, "http", "/" + item.name, status,
+                                    not aborted and self.status < 400, sent, item.mac, item.profile)
 
 
 def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Application:
@@ -155,7 +155,7 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
         log.info(describe(peer, "http", None, "/" + name, status, 0, started))
         if record is not None:
             mac, profile = namespace.who(name)
-            record.record(Served(peer, "http", "/" + name, str(status), False, 0, mac, profile))
+            record.record(peer, "http", "/" + name, str(status), False, 0, mac, profile)
         return web.Response(status=status, text=f"{e}\n")
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -177,7 +177,7 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
             path = "/" + name
             log.info(describe(peer, "http", item, path, 200, len(item.data), started))
             if record is not None:
-                record.record(Served(peer, "http", path, "200", True, len(item.data), item.mac, item.profile))
+                record.record(peer, "http", path, "200", True, len(item.data), item.mac, item.profile)
             return response
         assert item.file is not None
         basename = name.rsplit("/", 1)[-1]

@@ -21,7 +21,7 @@ from netboot.serve.http import LimitedRunner, make_app
 from netboot.serve.http_limits import HttpLimits
 from netboot.serve.machines import Machines
 from netboot.serve.namespace import BadRequest, Namespace, NotFound
-from netboot.status import BootRecord, Live, Served, StatusConfig, start_status
+from netboot.status import BootRecord, Live, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
 from netboot.tftp.content import NotFound as TftpNotFound
@@ -170,17 +170,16 @@ class Server:
                  profile or "-", stats.filename.lstrip("/"), stats.outcome, detail, stats.bytes_sent / 1e6,
                  stats.duration, options, stats.retransmissions)
         if self.record is not None:
-            self.record.record(Served(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
-                                      stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
-                                      stats.retransmissions))
+            self.record.record(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
+                               stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
+                               stats.retransmissions)
 
     def _tftp_refused(self, peer: Peer, filename: str, code: int, message: str) -> None:
         if self.record is None:
             return
         mac, profile = self.namespace.who(filename)
         client = str(peer[0])
-        self.record.record(Served(client, "tftp", "/" + filename.lstrip("/"), f"ERROR {code}", False, 0, mac,
-                                  profile))
+        self.record.record(client, "tftp", "/" + filename.lstrip("/"), f"ERROR {code}", False, 0, mac, profile)
 
     async def _start_http(self) -> None:
         self._runner = LimitedRunner(make_app(self.namespace, self.record), self.opts.http_limits, access_log=None,

@@ -15,9 +15,9 @@ from aiohttp import web
 from netboot.errors import NetbootError
 from netboot.status.app import make_status_app
 from netboot.status.metrics import Live, Metrics
-from netboot.status.record import BootEvent, BootRecord, Served
+from netboot.status.record import BootEvent, BootRecord
 
-__all__ = ["BootEvent", "BootRecord", "Live", "Served", "StatusConfig", "start_status"]
+__all__ = ["BootEvent", "BootRecord", "Live", "StatusConfig", "start_status"]
 
 log = logging.getLogger("netboot.serve")
 

@@ -70,7 +70,7 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
                 .replace("@states@", _options(STATES, state))
                 .replace("@profiles@", _options(profiles, profile))
                 .replace("@count@", str(len(machines)))
-                .replace("@last@", str(record.recent[-1].seq if record.recent else 0))
+                .replace("@last@", str(record.last_seq))
                 .replace("@token@", html.escape(request.query.get("token", ""), quote=True)))
         return web.Response(text=text, content_type="text/html", headers={"Cache-Control": "no-store"})
 
@@ -80,7 +80,7 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
 
     async def events(request: web.Request) -> web.Response:
         found = record.events_since(_since(request))
-        return _json({"last": record.recent[-1].seq if record.recent else 0, "events": [e.json() for e in found]})
+        return _json({"last": record.last_seq, "events": [e.json() for e in found]})
 
     async def stream(request: web.Request) -> web.StreamResponse:
         since = _since(request)

@@ -1,9 +1,9 @@
 """What every machine asked for and got: boot events, each machine's state, and the counters behind /metrics.
 
-`netboot serve` reports each finished request or transfer, HTTP and TFTP alike, as one `Served`; `BootRecord`
-turns it into a numbered `BootEvent`, adds it to the machine it was for, and keeps counts. Recording is on every
-request's path, so it does the least it can: reports are applied in batches (`flush()`, which every reader
-calls first), and a machine's state, current boot and bytes are worked out from its last events when shown.
+`netboot serve` reports each finished request or transfer, HTTP and TFTP alike, with `BootRecord.record()`;
+the record turns it into a numbered `BootEvent`, adds it to the machine it was for, and keeps counts. Recording
+is on every request's path, so it does the least it can: reports are applied in batches (`flush()`, which every
+reader calls first), and a machine's state, current boot and bytes are worked out from its last events when shown.
 Everything is bounded: a few events per machine, a ring of recent events, and at most `max_machines` machines
 seen without being configured (the least recently active is forgotten first), so a flood of made-up MACs
 cannot grow the process.
@@ -30,23 +30,12 @@ CONFIGURED, BOOTING, HANDED_OVER, FAILED, UNKNOWN_MAC = "configured", "booting",
 STATES = (CONFIGURED, BOOTING, HANDED_OVER, FAILED, UNKNOWN_MAC)
 
 
-class Served(NamedTuple):
-    """One finished request (HTTP) or transfer (TFTP), as the servers report it."""
-
-    client: str
-    protocol: str  # "http" or "tftp"
-    path: str
-    status: str  # the HTTP status code, or the TFTP outcome ("complete", "timed out", "ERROR 1", ...)
-    ok: bool
-    bytes: int  # payload bytes sent
-    mac: str | None = None
-    profile: str | None = None
-    retransmissions: int = 0
-
-
-# Events and reports are tuples, not dataclasses: one is made for every request, and a tuple of plain values
-# costs a fraction of a frozen dataclass to build and is left alone by the garbage collector.
 class BootEvent(NamedTuple):
+    """An event as readers see it. The record keeps each as a plain tuple of these fields: one is made for
+    every request, and a plain tuple of plain values costs a fraction of an object to build, and the garbage
+    collector stops looking at it after its first pass (it never does for a tuple subclass like this one).
+    """
+
     seq: int
     time: float  # seconds since the epoch
     client: str
@@ -82,13 +71,17 @@ class Machine:
     that recording an event is an append."""
 
     mac: str
-    events: list[BootEvent]  # the last few, oldest first
+    events: collections.deque[tuple[Any, ...]]  # the last few, oldest first, each a BootEvent's fields
     profile: str | None = None  # the machines file's, until it is seen
     configured: bool = False
 
+    def history(self) -> list[BootEvent]:
+        """Its last few events, oldest first."""
+        return list(map(BootEvent._make, self.events))
+
     def boot(self) -> list[BootEvent]:
         """The events of its current boot: from its last script fetched (a boot starts there), or all."""
-        events = self.events
+        events = self.history()
         for i in range(len(events) - 1, -1, -1):
             e = events[i]
             if e.ok and is_script(e):
@@ -97,7 +90,7 @@ class Machine:
 
     @property
     def state(self) -> str:
-        for e in reversed(self.events):
+        for e in reversed(self.history()):
             if e.status == "size probe":
                 continue  # EDK2 asking a file's size first: not a step of the boot
             if e.profile is None and is_script(e):
@@ -112,10 +105,11 @@ class Machine:
     @property
     def current_profile(self) -> str | None:
         """The profile it booted last, or the machines file's."""
-        return next((e.profile for e in reversed(self.events) if e.profile), self.profile)
+        return next((e.profile for e in reversed(self.history()) if e.profile), self.profile)
 
     def json(self, systems: dict[str, str]) -> dict[str, Any]:
-        last = self.events[-1] if self.events else None
+        events = self.history()
+        last = events[-1] if events else None
         boot = self.boot()
         return {
             "mac": self.mac, "state": self.state, "profile": self.current_profile, "configured": self.configured,
@@ -125,7 +119,7 @@ class Machine:
                                                "ok": last.ok, "bytes": last.bytes},
             "bytes": sum(e.bytes for e in boot),
             "first_request": iso(boot[0].time) if boot else None, "last_request": iso(last.time) if last else None,
-            "events": [e.json() for e in reversed(self.events)],
+            "events": [e.json() for e in reversed(events)],
         }
 
 
@@ -136,6 +130,7 @@ def iso(t: float | None) -> str | None:
 
 
 _BATCH = 512  # noted requests applied at once, at most
+_now = time.time
 
 Builds = Callable[[str], tuple[str, str] | None]  # profile -> (build id, system) of what it serves now
 
@@ -147,18 +142,18 @@ class BootRecord:
         self.max_machines = max_machines
         self.per_machine = per_machine
         self.machines: dict[str, Machine] = {}
-        self.recent: collections.deque[BootEvent] = collections.deque(maxlen=recent)
+        self._recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=recent)  # BootEvents' fields
         self._seq = 0
         self._unconfigured: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recent first
         self._subscribers: set[asyncio.Queue[BootEvent | None]] = set()
-        self._pending: list[tuple[float, Served]] = []
+        self._pending: list[tuple[Any, ...]] = []  # (time, what record() was given)
         self.systems: dict[str, str] = {}  # build id -> system, for the builds events name
         self._flush_scheduled = False
-        # Counters for /metrics, read at scrape time.
-        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()  # (protocol, status)
-        self.sent: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.boots_started: collections.Counter[str] = collections.Counter()  # profile
-        self.handed_over: collections.Counter[str] = collections.Counter()
+        # Counters for /metrics, read at scrape time. (Plain dicts: adding to a Counter costs twice as much.)
+        self.requests: dict[tuple[str, str], int] = {}  # (protocol, status)
+        self.sent: dict[tuple[str, str], int] = {}
+        self.boots_started: dict[str, int] = {}  # profile
+        self.handed_over: dict[str, int] = {}
         self.tftp_retransmissions = 0
         self.tftp_timeouts = 0
         self.reloads = 0
@@ -177,18 +172,22 @@ class BootRecord:
         for mac, profile in machines.items():
             machine = self.machines.get(mac)
             if machine is None:
-                self.machines[mac] = Machine(mac, [], profile, configured=True)
+                self.machines[mac] = Machine(mac, collections.deque(maxlen=self.per_machine), profile, configured=True)
             else:
                 self._unconfigured.pop(mac, None)
                 machine.configured = True
                 machine.profile = profile
         self._bound()
 
-    def record(self, served: Served) -> None:
-        """Note a finished request. The work happens in `flush()`, a batch at a time: the request path only
-        appends, and the batch runs with the record's data warm in the cache."""
-        self._pending.append((time.time(), served))
-        if len(self._pending) >= _BATCH:
+    def record(self, client: str, protocol: str, path: str, status: str, ok: bool, nbytes: int, mac: str | None,
+               profile: str | None, retransmissions: int = 0) -> None:
+        """Note a finished request (HTTP) or transfer (TFTP): `status` is the HTTP status code or the TFTP outcome
+        ("complete", "timed out", "ERROR 1", ...), `nbytes` the payload bytes sent. This is on every request's
+        path, so it only appends a tuple; `flush()` does the work a batch at a time, with the record's data warm
+        in the cache."""
+        pending = self._pending
+        pending.append((_now(), client, protocol, path, status, ok, nbytes, mac, profile, retransmissions))
+        if len(pending) >= _BATCH:
             self.flush()
         elif self._subscribers and not self._flush_scheduled:
             self._flush_scheduled = True  # live readers get each event within a tenth of a second
@@ -198,34 +197,55 @@ class BootRecord:
         """Apply the noted requests; every reader calls this first."""
         self._flush_scheduled = False
         pending, self._pending = self._pending, []
+        if not pending:
+            return
         builds: dict[str, tuple[str, str] | None] = {}
-        requests, sent, recent, make = self.requests, self.sent, self.recent.append, tuple.__new__
+        requests, sent, machines = self.requests, self.sent, self.machines
+        boots_started, handed_over, unconfigured = self.boots_started, self.handed_over, self._unconfigured
         systems = self.systems
         seq = self._seq
-        for now, served in pending:
-            client, protocol, path, status, ok, nbytes, mac, profile, retransmissions = served
+        events = []
+        # One loop with everything written out in it: this runs for every request served.
+        for now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions in pending:
             found = None
             if profile is not None:
                 found = builds[profile] if profile in builds else builds.setdefault(profile, self.builds(profile))
             seq += 1
-            # tuple.__new__: what BootEvent(...) does, without its Python-level __new__.
-            event = make(BootEvent, (seq, now, client, protocol, path, status, ok, nbytes, mac, profile,
-                                     found[0] if found is not None else None, retransmissions))
-            recent(event)
+            event = (seq, now, client, protocol, path, status, ok, nbytes, mac, profile,
+                     found[0] if found is not None else None, retransmissions)  # a BootEvent's fields
+            events.append(event)
             key = (protocol, status)
-            requests[key] += 1
-            sent[key] += nbytes
+            requests[key] = requests.get(key, 0) + 1
+            sent[key] = sent.get(key, 0) + nbytes
             if protocol == "tftp":
                 self.tftp_retransmissions += retransmissions
                 if status == "timed out":
                     self.tftp_timeouts += 1
             if found is not None and found[0] not in systems:
                 systems[found[0]] = found[1]
-            if mac is not None:
-                self._machine_event(event)
-            if self._subscribers:
-                self._publish(event)
+            if mac is None:
+                continue
+            machine = machines.get(mac)
+            if machine is None:
+                machine = machines[mac] = Machine(mac, collections.deque(maxlen=self.per_machine))
+            if not machine.configured:
+                if mac in unconfigured:
+                    unconfigured.move_to_end(mac)
+                else:
+                    unconfigured[mac] = None
+                    if len(unconfigured) > self.max_machines:
+                        self._bound()
+            machine.events.append(event)
+            if profile is not None and ok:
+                if path.endswith("/boot.ipxe"):  # is_script(event) and hands_over(event), written out
+                    boots_started[profile] = boots_started.get(profile, 0) + 1
+                elif path.endswith("/initrd") and status in ("200", "complete"):
+                    handed_over[profile] = handed_over.get(profile, 0) + 1
         self._seq = seq
+        self._recent.extend(events)
+        if self._subscribers:
+            for event in events:
+                self._publish(BootEvent._make(event))
 
     def _publish(self, event: BootEvent) -> None:
         for queue in list(self._subscribers):
@@ -237,27 +257,6 @@ class BootRecord:
                     queue.get_nowait()
                 queue.put_nowait(None)
 
-    def _machine_event(self, event: BootEvent) -> None:
-        mac = event.mac
-        machine = self.machines.get(mac)  # type: ignore[arg-type]
-        if machine is None:
-            machine = self.machines[mac] = Machine(mac, [])  # type: ignore[index,arg-type]
-        if not machine.configured:
-            unconfigured = self._unconfigured
-            unconfigured[mac] = None  # type: ignore[index]
-            unconfigured.move_to_end(mac)  # type: ignore[arg-type]
-            if len(unconfigured) > self.max_machines:
-                self._bound()
-        events = machine.events
-        events.append(event)
-        if len(events) > self.per_machine:
-            del events[0]
-        if event.profile is not None:
-            if event.ok and is_script(event):
-                self.boots_started[event.profile] += 1
-            elif hands_over(event):
-                self.handed_over[event.profile] += 1
-
     def _bound(self) -> None:
         """Forget the least recently active machines seen but not configured, beyond `max_machines`."""
         while len(self._unconfigured) > self.max_machines:
@@ -266,7 +265,17 @@ class BootRecord:
 
     def events_since(self, since: int = 0) -> list[BootEvent]:
         """The recent events after sequence number `since`, newest first."""
-        return [e for e in reversed(self.recent) if e.seq > since]
+        found = []
+        for e in reversed(self._recent):
+            if e[0] <= since:  # its seq
+                break
+            found.append(BootEvent._make(e))
+        return found
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the newest event (0: none yet)."""
+        return self._seq
 
     def states(self) -> collections.Counter[str]:
         return collections.Counter(m.state for m in self.machines.values())
