@@ -37,7 +37,7 @@ import build  # noqa: E402
 import http_bench  # noqa: E402
 import storm  # noqa: E402
 from measure import PeakRss  # noqa: E402
-from report import publish  # noqa: E402
+from report import arguments, publish  # noqa: E402
 
 from netboot.lan import Lan  # noqa: E402
 
@@ -250,12 +250,10 @@ Servers: `netboot serve --dir {out.relative_to(ROOT)} -q --http 127.0.0.1:PORT [
 
 
 def main(argv: list[str] | None = None) -> str:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", type=int, default=5)
+    p = arguments(__doc__)
     p.add_argument("--machines", type=int, default=1000)
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--loss", type=float, default=2.0)
-    p.add_argument("--update", action="store_true", help="replace this section of BENCHMARKS.md")
     args = p.parse_args(argv)
     need("curl")
     out = build.small_out()

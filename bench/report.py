@@ -3,6 +3,7 @@ as they were measured."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -29,3 +30,11 @@ def publish(heading: str, text: str, update: bool) -> str:
     if update:
         update_section(heading, text)
     return text
+
+
+def arguments(doc: str | None, runs: int = 5) -> argparse.ArgumentParser:
+    """A benchmark's command line: --runs, and --update to write its section of BENCHMARKS.md."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=runs)
+    p.add_argument("--update", action="store_true", help="replace this section of BENCHMARKS.md")
+    return p

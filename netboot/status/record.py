@@ -67,11 +67,11 @@ def hands_over(event: BootEvent) -> bool:
 
 @dataclass(slots=True)
 class Machine:
-    """A machine's last few events; everything else about it is worked out from them when it is shown, so
-    that recording an event is an append."""
+    """A machine as readers see it: its last few events, and everything else worked out from them when it is
+    shown (the record keeps only the events, so that recording one is an append)."""
 
     mac: str
-    events: collections.deque[tuple[Any, ...]]  # the last few, oldest first, each a BootEvent's fields
+    events: list[tuple[Any, ...]]  # the last few, oldest first, each a BootEvent's fields
     profile: str | None = None  # the machines file's, until it is seen
     configured: bool = False
 
@@ -141,7 +141,9 @@ class BootRecord:
         self.builds: Builds = builds or (lambda profile: None)
         self.max_machines = max_machines
         self.per_machine = per_machine
-        self.machines: dict[str, Machine] = {}
+        # Each machine seen: its last events (BootEvents' fields), or its only one.
+        self._events: dict[str, list[tuple[Any, ...]] | tuple[Any, ...]] = {}
+        self._configured: dict[str, str] = {}  # the machines file's MACs and profiles
         self._recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=recent)  # BootEvents' fields
         self._seq = 0
         self._unconfigured: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recent first
@@ -162,22 +164,25 @@ class BootRecord:
 
     def configure(self, machines: dict[str, str]) -> None:
         """The machines file's MACs and profiles (at start and after each reload)."""
-        for mac, machine in list(self.machines.items()):
-            if machine.configured and mac not in machines:
-                if machine.state == CONFIGURED:
-                    del self.machines[mac]  # never seen: nothing to tell about it any more
-                else:
-                    machine.configured = False
-                    self._unconfigured[mac] = None
-        for mac, profile in machines.items():
-            machine = self.machines.get(mac)
-            if machine is None:
-                self.machines[mac] = Machine(mac, collections.deque(maxlen=self.per_machine), profile, configured=True)
-            else:
-                self._unconfigured.pop(mac, None)
-                machine.configured = True
-                machine.profile = profile
+        for mac in self._configured:
+            if mac not in machines and mac in self._events:
+                self._unconfigured[mac] = None  # seen: still shown, until it is the least recent
+        for mac in machines:
+            self._unconfigured.pop(mac, None)
+        self._configured = dict(machines)
         self._bound()
+
+    @property
+    def machines(self) -> dict[str, Machine]:
+        """Every machine seen or configured, by MAC (made when read: the record keeps only their events)."""
+        configured = self._configured
+        found = {mac: Machine(mac, events if type(events) is list else [events], configured.get(mac),
+                              mac in configured)
+                 for mac, events in self._events.items()}
+        for mac, profile in configured.items():
+            if mac not in found:
+                found[mac] = Machine(mac, [], profile, configured=True)
+        return found
 
     def record(self, client: str, protocol: str, path: str, status: str, ok: bool, nbytes: int, mac: str | None,
                profile: str | None, retransmissions: int = 0) -> None:
@@ -200,11 +205,11 @@ class BootRecord:
         if not pending:
             return
         builds: dict[str, tuple[str, str] | None] = {}
-        requests, sent, machines = self.requests, self.sent, self.machines
+        requests, sent, per_mac, configured = self.requests, self.sent, self._events, self._configured
         boots_started, handed_over, unconfigured = self.boots_started, self.handed_over, self._unconfigured
-        systems = self.systems
+        systems, per_machine, max_machines = self.systems, self.per_machine, self.max_machines
         seq = self._seq
-        events = []
+        batch = []
         # One loop with everything written out in it: this runs for every request served.
         for now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions in pending:
             found = None
@@ -213,7 +218,7 @@ class BootRecord:
             seq += 1
             event = (seq, now, client, protocol, path, status, ok, nbytes, mac, profile,
                      found[0] if found is not None else None, retransmissions)  # a BootEvent's fields
-            events.append(event)
+            batch.append(event)
             key = (protocol, status)
             requests[key] = requests.get(key, 0) + 1
             sent[key] = sent.get(key, 0) + nbytes
@@ -225,26 +230,33 @@ class BootRecord:
                 systems[found[0]] = found[1]
             if mac is None:
                 continue
-            machine = machines.get(mac)
-            if machine is None:
-                machine = machines[mac] = Machine(mac, collections.deque(maxlen=self.per_machine))
-            if not machine.configured:
-                if mac in unconfigured:
-                    unconfigured.move_to_end(mac)
-                else:
+            held = per_mac.get(mac)
+            if held is None:
+                # A machine's first event is kept as it is: a flood of made-up MACs then leaves only plain
+                # tuples behind, which the garbage collector soon stops looking at (it never does at a list).
+                per_mac[mac] = event
+                if mac not in configured:
                     unconfigured[mac] = None
-                    if len(unconfigured) > self.max_machines:
-                        self._bound()
-            machine.events.append(event)
+                    if len(unconfigured) > max_machines:  # forget the least recently active
+                        del per_mac[unconfigured.popitem(last=False)[0]]
+            else:
+                if type(held) is tuple:
+                    per_mac[mac] = [held, event]
+                else:
+                    held.append(event)
+                    if len(held) > per_machine:
+                        del held[0]
+                if mac not in configured:
+                    unconfigured.move_to_end(mac)
             if profile is not None and ok:
                 if path.endswith("/boot.ipxe"):  # is_script(event) and hands_over(event), written out
                     boots_started[profile] = boots_started.get(profile, 0) + 1
                 elif path.endswith("/initrd") and status in ("200", "complete"):
                     handed_over[profile] = handed_over.get(profile, 0) + 1
         self._seq = seq
-        self._recent.extend(events)
+        self._recent.extend(batch)
         if self._subscribers:
-            for event in events:
+            for event in batch:
                 self._publish(BootEvent._make(event))
 
     def _publish(self, event: BootEvent) -> None:
@@ -261,7 +273,7 @@ class BootRecord:
         """Forget the least recently active machines seen but not configured, beyond `max_machines`."""
         while len(self._unconfigured) > self.max_machines:
             mac, _ = self._unconfigured.popitem(last=False)
-            del self.machines[mac]
+            del self._events[mac]
 
     def events_since(self, since: int = 0) -> list[BootEvent]:
         """The recent events after sequence number `since`, newest first."""
