@@ -12,9 +12,9 @@ DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
 DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
-DEBIAN_PACKAGES += chromium systemd
+DEBIAN_PACKAGES += chromium systemd nginx
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild lint clean
 all: test
 
 deps:
@@ -76,6 +76,14 @@ bench-load: deps venv
 bench-status: deps venv
 	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
 	$(PY) bench/status_bench.py --update
+
+# Only a Nix profile's new system: from nix-env --set to served, on the 1 GB closure (part of make bench).
+bench-autobuild: deps venv
+	$(PY) bench/autobuild_bench.py --update
+
+# Only the overlays (part of make bench): render and pack per machine, cold and cached, against cpio | zstd.
+bench-overlay: deps venv
+	$(PY) bench/overlay_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

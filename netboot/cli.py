@@ -1,4 +1,4 @@
-"""Command line: `netboot build`, `netboot serve`, `netboot cache`."""
+"""Command line: `netboot build`, `netboot serve`, `netboot cache`, `netboot publish`."""
 
 from __future__ import annotations
 
@@ -113,6 +113,31 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_publish(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "publish",
+        help="copy a build into a content-addressed tree for a mirror, CDN or object store",
+        description=(
+            "Copy the build in OUT (an output directory of netboot build) to DEST/<sha256>/, named by the sha256 "
+            "of its manifest: bzImage, initrd, cmdline, netboot.ipxe, manifest.json, checked against the "
+            "manifest. The directory appears whole (written under a temporary name, then renamed) and is never "
+            "rewritten. Serve DEST with any static server and set base_url in a profile of the machines file: "
+            "its machines then fetch the kernel and initrd from there."
+        ),
+    )
+    p.add_argument("out", metavar="OUT", type=Path, help="an output directory of netboot build")
+    p.add_argument("dest", metavar="DEST", type=Path, help="the content-addressed tree (created if needed)")
+    p.set_defaults(func=_run_publish)
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    from netboot.build.publish import publish
+
+    where, written = publish(args.out, args.dest)
+    print(f"{where}: {'published' if written else 'already published, left as it is'}")
+    return 0
+
+
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
@@ -139,6 +164,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--grace", type=float, default=600, metavar="SECONDS",
         help="how long a replaced build stays available to machines that started booting it (default 600)",
     )
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/netboot"), metavar="DIR",
+                   help="netboot serve's own files: the DHCP leases, and the builds of profiles that name a system "
+                   "(default /var/lib/netboot)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print more")
     limits = HttpLimits()
@@ -206,6 +234,7 @@ def _run_serve(args: argparse.Namespace) -> int:
         dhcp=dhcp_command.config_from_args(args),
         status=_status(args),
         grace=args.grace,
+        state_dir=args.state_dir,
     )
     asyncio.run(server.serve(opts))
     return 0
@@ -218,6 +247,7 @@ def parser() -> argparse.ArgumentParser:
     _add_build(sub)
     _add_serve(sub)
     _add_cache(sub)
+    _add_publish(sub)
     return p
 
 

@@ -139,6 +139,19 @@ _IN_PROCESS: dict[str, Callable[[bytes, int | None], bytes]] = {
 }
 
 
+def compress_bytes(data: bytes, compressor: Compressor, level: int | None) -> bytes:
+    """`data` as one compressed member: in-process where Python can, else through the compressor's command."""
+    if compressor.name in _IN_PROCESS:
+        return _IN_PROCESS[compressor.name](data, level)
+    argv = compressor.stream_argv(level)
+    assert argv is not None  # "none" is in-process
+    require(argv[0], f"needed for {compressor.name} compression")
+    done = subprocess.run(argv, input=data, capture_output=True, check=False)
+    if done.returncode != 0:
+        raise NetbootError(f"{argv[0]} failed: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout
+
+
 @dataclass
 class DirectStats:
     files: int = 0

@@ -35,6 +35,10 @@ mkdir -p /mnt-root/nix/.rw-store/store /mnt-root/nix/.rw-store/work
 mount -t overlay -o lowerdir=/mnt-root/nix/.ro-store,upperdir=/mnt-root/nix/.rw-store/store,workdir=/mnt-root/nix/.rw-store/work \
     overlay /mnt-root/nix/store || fail "cannot mount the overlay on /nix/store"
 [ -e "/mnt-root$init" ] || [ -L "/mnt-root$init" ] || fail "init $init is not in the store image"
+# A machine's overlay (netboot serve, a second initrd) arrives under /netboot-overlay: its files win.
+if [ -d /netboot-overlay ]; then
+    cp -a /netboot-overlay/. /mnt-root/ || fail "cannot copy the overlay into the root"
+fi
 
 for fs in dev proc sys; do
     mkdir -p "/mnt-root/$fs"

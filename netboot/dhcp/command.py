@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from ipaddress import IPv4Address
-from pathlib import Path
 
 from netboot.dhcp import DhcpConfig
 from netboot.dhcp.leases import Pool
@@ -28,8 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dhcp-uefi-binary", choices=UEFI_BINARIES, default="ipxe.efi",
                    help="what UEFI PXE firmware chainloads: ipxe.efi (its own drivers, default) or snponly.efi "
                    "(the firmware's network driver)")
-    g.add_argument("--state-dir", type=Path, default=Path("/var/lib/netboot"), metavar="DIR",
-                   help="where the DHCP leases are kept (default /var/lib/netboot)")
 
 
 def config_from_args(args: argparse.Namespace) -> DhcpConfig | None:

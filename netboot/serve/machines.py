@@ -1,13 +1,19 @@
 """The machines file: profiles (an output directory + kernel parameters) and the MACs that boot them.
 
     [profiles.default]            # for any MAC not listed (optional)
-    dir = "out"                   # relative to this file
+    dir = "out"                   # relative to this file; or instead:
+    # system = "/nix/var/nix/profiles/rack"   # built by netboot serve, rebuilt when it moves (autobuild.py)
+    # format = "squashfs"; compress = "zstd"; level = 10   # its build's options (netboot build's)
     append = "console=ttyS0"
+    overlay = "overlays/rack"     # files each machine gets its own copy of; *.j2 are templates (overlay.py)
+    vars = { domain = "lab" }     # the overlay's template variables for every machine of the profile
+    base_url = "http://mirror/nb" # kernel and initrd from a tree made by netboot publish (publish.py)
     [machines."52:54:00:12:34:56"]
     profile = "rescue"            # default: "default"
     append = "hostname=node1"
     ip = "192.0.2.42"             # reserved address (netboot serve --dhcp START-END)
     hostname = "node1"            # DHCP option 12
+    role = "db"                   # any other key: a template variable of its profile's overlay
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from netboot.errors import NetbootError
 from netboot.serve import mac as macs
@@ -24,11 +31,21 @@ from netboot.serve import mac as macs
 DEFAULT = "default"
 
 
+PROFILE_KEYS = {"dir", "system", "format", "compress", "level", "append", "overlay", "vars", "base_url"}
+BUILD_KEYS = ("format", "compress", "level")  # netboot build's options, for a profile with a system
+MACHINE_KEYS = {"profile", "append", "ip", "hostname"}
+
+
 @dataclass(frozen=True)
 class Profile:
     name: str
     dir: Path
     append: str = ""
+    overlay: Path | None = None  # a directory of files (and *.j2 templates) for each machine
+    vars: dict[str, Any] = field(default_factory=dict)  # the overlay's variables for every machine
+    base_url: str = ""  # where `netboot publish` put this profile's builds: the kernel and initrd come from there
+    system: Path | None = None  # a Nix profile or store path that netboot serve builds into `dir` itself
+    build_args: tuple[str, ...] = ()  # its netboot build options
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,15 @@ class Machine:
     append: str = ""
     ip: str = ""  # reserved IPv4 address, handed out by the authoritative DHCP mode
     hostname: str = ""
+    vars: dict[str, Any] = field(default_factory=dict)  # its table's other keys, for its profile's overlay
+
+
+def template_vars(mac: str, profile: Profile, machine: Machine | None) -> dict[str, Any]:
+    """An overlay's variables for one machine: the profile's vars, then the machine's own keys, then what
+    netboot knows of it (a machine not in the file has no hostname or ip)."""
+    return {**profile.vars, **(machine.vars if machine else {}), "mac": mac,
+            "hostname": machine.hostname if machine else "", "ip": machine.ip if machine else "",
+            "profile": profile.name}
 
 
 @dataclass(frozen=True)
@@ -61,7 +87,8 @@ class Machines:
         return profile, " ".join(x for x in (profile.append, machine.append) if x)
 
     @classmethod
-    def load(cls, path: Path) -> Machines:
+    def load(cls, path: Path, state_dir: Path | None = None) -> Machines:
+        """Read a machines file; profiles with a system get their output directory in `state_dir`."""
         try:
             text = path.read_text()
         except OSError as e:
@@ -82,11 +109,25 @@ class Machines:
             at = where.of(ref)
             if not isinstance(entry, dict):
                 raise NetbootError(f"{at}: {ref} must be a table")
-            _only(entry, {"dir", "append"}, ref, where)
-            if not isinstance(entry.get("dir"), str):
-                raise NetbootError(f"{at}: {ref} needs dir = \"<an output directory of netboot build>\"")
-            directory = _checked_dir(path.parent / entry["dir"], f"{at}: {ref}: dir {entry['dir']!r}")
-            profiles[name] = Profile(name, directory, _append(entry, ref, where, ref))
+            _only(entry, PROFILE_KEYS, ref, where)
+            system, build_args = _system(entry, ref, at)
+            if system is not None:
+                if state_dir is None:
+                    raise NetbootError(f"{at}: {ref}: a system needs a state directory to be built into")
+                directory = (state_dir / "profiles" / name).absolute()
+            elif not isinstance(entry.get("dir"), str):
+                raise NetbootError(f"{at}: {ref} needs dir = \"<an output directory of netboot build>\" or "
+                                   "system = \"<a Nix profile or store path>\"")
+            else:
+                directory = _checked_dir(path.parent / entry["dir"], f"{at}: {ref}: dir {entry['dir']!r}")
+            overlay = _overlay(entry, path.parent, ref, at)
+            variables = entry.get("vars", {})
+            if not isinstance(variables, dict):
+                raise NetbootError(f"{at}: {ref}: vars must be a table of template variables")
+            if "vars" in entry and overlay is None:
+                raise NetbootError(f"{at}: {ref}: vars are for an overlay, and it has none")
+            profiles[name] = Profile(name, directory, _append(entry, ref, where, ref), overlay, variables,
+                                     _base_url(entry, ref, at), system, build_args)
 
         if not profiles:
             raise NetbootError(f"{path}: no [profiles.NAME] defined")
@@ -106,17 +147,22 @@ class Machines:
             spelled[mac] = key
             if not isinstance(entry, dict):
                 raise NetbootError(f"{where.of(key)}: {ref} must be a table")
-            _only(entry, {"profile", "append", "ip", "hostname"}, ref, where)
             profile = entry.get("profile", DEFAULT)
             if profile not in profiles:
                 raise NetbootError(f"{where.of(key)}: {ref}: profile {profile!r} is not defined in [profiles]")
+            if profiles[profile].overlay is None:
+                _only(entry, MACHINE_KEYS, ref, where, f"; other keys are variables of an overlay, and profile "
+                                                        f"{profile!r} has none")
+            elif "mac" in entry:
+                raise NetbootError(f"{where.of(key)}: {ref}: mac is the table's name; it cannot be set here")
             ip = _ip(entry, ref, where, key)
             if ip and ip in reserved:
                 raise NetbootError(f"{where.of(key)}: {ref}: ip {ip} is already reserved for machines.{reserved[ip]!r}")
             if ip:
                 reserved[ip] = key
             hostname = _hostname(entry, ref, where, key)
-            machines[mac] = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname)
+            variables = {k: v for k, v in entry.items() if k not in MACHINE_KEYS}
+            machines[mac] = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname, variables)
         return cls(profiles, machines, path)
 
 
@@ -141,10 +187,71 @@ def _table(data: dict, name: str, where: _Locator) -> dict:
     return value
 
 
-def _only(entry: dict, allowed: set[str], ref: str, where: _Locator) -> None:
+def _only(entry: dict, allowed: set[str], ref: str, where: _Locator, more: str = "") -> None:
     for key in entry:
         if key not in allowed:
-            raise NetbootError(f"{where.of(key)}: {ref}: unknown key {key!r} (expected {', '.join(sorted(allowed))})")
+            raise NetbootError(
+                f"{where.of(key)}: {ref}: unknown key {key!r} (expected {', '.join(sorted(allowed))}{more})"
+            )
+
+
+def _system(entry: dict, ref: str, at: str) -> tuple[Path | None, tuple[str, ...]]:
+    """A profile's system and its build options, checked the way netboot build checks them."""
+    from netboot.build import compress, pack
+
+    value = entry.get("system")
+    if value is None:
+        given = [k for k in BUILD_KEYS if k in entry]
+        if given:
+            raise NetbootError(f"{at}: {ref}: {given[0]} is a build option, for a profile with a system "
+                               "(a dir was built with its own)")
+        return None, ()
+    if "dir" in entry:
+        raise NetbootError(f"{at}: {ref}: give either dir or system, not both")
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise NetbootError(f"{at}: {ref}: system must be the absolute path of a Nix profile or store path")
+    args: list[str] = []
+    fmt = entry.get("format")
+    if fmt is not None:
+        if fmt not in pack.FORMATS:
+            raise NetbootError(f"{at}: {ref}: format {fmt!r} is not one of {', '.join(pack.FORMATS)}")
+        args += ["--format", fmt]
+    name = entry.get("compress")
+    level = entry.get("level")
+    try:
+        if name is not None:
+            if not isinstance(name, str):
+                raise NetbootError("compress must be a compressor's name")
+            args += ["--compress", compress.get(name).name]
+        if level is not None:
+            if not isinstance(level, int) or isinstance(level, bool):
+                raise NetbootError("level must be an integer")
+            compress.get(name or "zstd").check_level(level)
+            args += ["--level", str(level)]
+    except NetbootError as e:
+        raise NetbootError(f"{at}: {ref}: {e}") from None
+    return Path(value), tuple(args)
+
+
+def _base_url(entry: dict, ref: str, at: str) -> str:
+    value = entry.get("base_url", "")
+    if value == "":
+        return ""
+    if (not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/$]+(/\S*)?", value) or "${" in value):
+        raise NetbootError(f"{at}: {ref}: base_url {value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _overlay(entry: dict, base: Path, ref: str, at: str) -> Path | None:
+    value = entry.get("overlay")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise NetbootError(f"{at}: {ref}: overlay must name a directory")
+    directory = base / value
+    if not directory.is_dir():
+        raise NetbootError(f"{at}: {ref}: overlay {value!r} is not a directory")
+    return directory.absolute()
 
 
 def _append(entry: dict, ref: str, where: _Locator, key: str) -> str:

@@ -4,6 +4,7 @@
     machine/<mac>/boot.ipxe            that machine's script (its profile's kernel line plus appends)
     machine/<mac>/<generation>/bzImage the kernel and initrd of the build the script was made from
     machine/<mac>/<generation>/initrd
+    machine/<mac>/<generation>/overlay that machine's overlay, packed for that build (a profile with overlay =)
     profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
     <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
     undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
@@ -19,7 +20,6 @@ match it, for a grace period, while new requests get the new build.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,9 +28,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from netboot.build.publish import manifest_digest
 from netboot.errors import NetbootError
 from netboot.serve import mac as macs
 from netboot.serve.machines import DEFAULT, Machines, Profile
+from netboot.serve.overlay_cache import Broken, Build, Overlays
 from netboot.serve.templates import render
 
 log = logging.getLogger("netboot.serve")
@@ -87,10 +89,16 @@ class Generation:
             manifest = json.loads(manifest_bytes)
             self.cmdline = str(manifest["cmdline"])
             self.system = str(manifest.get("system", "?"))
+            self.format = str(manifest.get("format", "direct"))
+            self.compression = str(manifest.get("compression", "none"))
+            level = manifest.get("level")
+            self.level = int(level) if level is not None else None
         except (ValueError, KeyError, TypeError) as e:
             self.close()
             raise NetbootError(f"{directory}/manifest.json is not a netboot manifest ({e})") from None
-        self.id = hashlib.sha256(manifest_bytes).hexdigest()[:16]
+        self.digest = manifest_digest(manifest_bytes)  # its content address (netboot publish)
+        self.id = self.digest[:16]
+        self.packing = Build(self.id, self.format == "squashfs", self.compression, self.level)  # for overlays
 
     def close(self) -> None:
         for f in self.files.values():
@@ -184,7 +192,13 @@ class Namespace:
         self.machines = machines
         self.profiles: dict[str, ProfileFiles] = {}
         self.binaries: dict[str, HeldFile] = {}
+        self.overlays = Overlays()
         self._adopt(machines)
+        try:
+            self.overlays.apply(machines, strict=True)
+        except BaseException:
+            self.close()
+            raise
         self._refresh_binaries()
 
     def _adopt(self, machines: Machines) -> None:
@@ -212,6 +226,7 @@ class Namespace:
 
     def reload(self, machines: Machines) -> None:
         self._adopt(machines)
+        self.overlays.apply(machines, strict=False)
 
     def refresh(self) -> None:
         for files in self.profiles.values():
@@ -255,16 +270,19 @@ class Namespace:
                 return Item("boot.ipxe", render("boot.ipxe").encode())
             case ["machine", mac_text, "boot.ipxe"]:
                 return self._machine_script(self._mac(mac_text), name)
-            case ["machine", mac_text, gen_id, file] if file in BOOT_FILES:
+            case ["machine", mac_text, gen_id, file] if file in BOOT_FILES or file == "overlay":
                 mac = self._mac(mac_text)
                 found = self.machines.for_mac(mac)
                 if found is None:
                     raise NotFound(f"{mac} has no profile")
-                profile = found[0].name
-                gen = self.profiles[profile].generation(gen_id)
+                profile = found[0]
+                gen = self.profiles[profile.name].generation(gen_id)
                 if gen is None:
-                    raise NotFound(f"build {gen_id} of profile {profile} is no longer served; fetch boot.ipxe again")
-                return Item(name, file=gen.files[file], mac=mac, profile=profile)
+                    raise NotFound(f"build {gen_id} of profile {profile.name} is no longer served; "
+                                   "fetch boot.ipxe again")
+                if file == "overlay":
+                    return Item(name, self._overlay(mac, profile, gen), mac=mac, profile=profile.name)
+                return Item(name, file=gen.files[file], mac=mac, profile=profile.name)
             case ["profile", profile, file] if file in FILES and profile in self.profiles:
                 return Item(name, file=self.profiles[profile].current.files[file], profile=profile)
             case [file] if file in FILES and self.single_dir:
@@ -306,8 +324,33 @@ class Namespace:
         profile, append = found
         gen = self.profiles[profile.name].current
         cmdline = " ".join(x for x in (gen.cmdline, append) if x)
+        base = f"/machine/{macs.hyphenated(mac)}/{gen.id}"
+        overlay = ("", "# no overlay")
+        if profile.overlay is not None:
+            rendered = self.overlays.for_machine(mac, profile, mac in self.machines.machines)
+            if isinstance(rendered, Broken):
+                script = render("broken.ipxe", mac=mac, error=_echoable(rendered.error), retry=str(RETRY_SECONDS),
+                                again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
+                return Item(name, script.encode(), mac=mac, profile=profile.name)
+            # A second initrd: unpacked after the first, so its files win.
+            overlay = (" initrd=overlay", f"initrd --name overlay {base}/overlay")
+        # With base_url, the kernel and initrd come from the mirror, by content address.
+        files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
         script = render(
-            "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline,
-            base=f"/machine/{macs.hyphenated(mac)}/{gen.id}",
+            "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline, files=files,
+            overlay_arg=overlay[0], overlay_initrd=overlay[1],
         )
         return Item(name, script.encode(), mac=mac, profile=profile.name)
+
+    def _overlay(self, mac: str, profile: Profile, gen: Generation) -> bytes:
+        if profile.overlay is None:
+            raise NotFound(f"profile {profile.name} has no overlay")
+        rendered = self.overlays.for_machine(mac, profile, mac in self.machines.machines)
+        if isinstance(rendered, Broken):
+            raise NotFound(f"{mac} has no overlay: {rendered.error}")
+        return self.overlays.packed(rendered, gen.packing)
+
+
+def _echoable(text: str) -> str:
+    """One line that iPXE's echo shows as it is (no ${...} expansion)."""
+    return " ".join(text.replace("$", "").split())

@@ -17,10 +17,12 @@ from aiohttp import web
 from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.errors import NetbootError
 from netboot.serve.addresses import reachable_hosts
+from netboot.serve.autobuild import SystemBuilds
 from netboot.serve.http import LimitedRunner, make_app
 from netboot.serve.http_limits import HttpLimits
 from netboot.serve.machines import Machines
 from netboot.serve.namespace import BadRequest, Namespace, NotFound
+from netboot.serve.overlay import tree_stat
 from netboot.status import BootRecord, Live, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
@@ -62,6 +64,7 @@ class ServeOptions:
     status: StatusConfig | None = field(default_factory=StatusConfig)
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
+    state_dir: Path = Path("/var/lib/netboot")  # builds of profiles with a system (and DHCP leases, in dhcp)
 
 
 class Server:
@@ -69,7 +72,10 @@ class Server:
         if (opts.out is None) == (opts.machines is None):
             raise NetbootError("give either --dir OUT or --machines FILE")
         self.opts = opts
-        machines = Machines.single(opts.out) if opts.out else Machines.load(opts.machines)  # type: ignore[arg-type]
+        machines = (Machines.single(opts.out) if opts.out
+                    else Machines.load(opts.machines, opts.state_dir))  # type: ignore[arg-type]
+        self.builds = SystemBuilds(opts.state_dir)  # profiles that name a system: built here
+        self.builds.prepare(machines)
         self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace)
         # What the status listener shows; without one, nothing is recorded.
         self.record = BootRecord(self._build_of) if opts.status is not None else None
@@ -85,14 +91,16 @@ class Server:
         self._tftp: TftpServer | None = None
         self._dhcp: DhcpServer | None = None
 
-    def _machines_stat(self) -> tuple[int, int, int] | None:
+    def _machines_stat(self) -> tuple[object, ...] | None:
+        """What changes when the machines file or one of its overlay directories is edited."""
         if self.opts.machines is None:
             return None
         try:
             st = os.stat(self.opts.machines)
         except OSError:
             return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        overlays = sorted({str(p.overlay) for p in self.namespace.machines.profiles.values() if p.overlay})
+        return (st.st_ino, st.st_mtime_ns, st.st_size, *(tree_stat(Path(d)) for d in overlays))
 
     async def start(self) -> None:
         if self.opts.status is not None:
@@ -195,7 +203,7 @@ class Server:
         self.http_port = sockets[0].getsockname()[1] if sockets else self.opts.http.port
         await _announce("http", self.opts.http, self.http_port)
 
-    def reload(self) -> None:
+    async def reload(self) -> None:
         """Re-read the machines file now (SIGHUP); a file with an error keeps the previous configuration."""
         if self.opts.machines is None:
             self.namespace.refresh()
@@ -203,7 +211,8 @@ class Server:
         if self.record is not None:
             self.record.reloads += 1
         try:
-            machines = Machines.load(self.opts.machines)
+            machines = Machines.load(self.opts.machines, self.opts.state_dir)
+            await asyncio.to_thread(self.builds.prepare, machines)  # a new profile's system: built first
             if self._dhcp is not None:
                 self._dhcp.check(machines)
             self.namespace.reload(machines)
@@ -224,17 +233,18 @@ class Server:
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reload.wait(), self.opts.poll)
-                seen = self._machines_stat()
-                if self._reload.is_set() or seen != self._machines_seen:
+                if self._reload.is_set() or self._machines_stat() != self._machines_seen:
                     self._reload.clear()
-                    self._machines_seen = seen
-                    self.reload()
+                    await self.reload()
+                    self._machines_seen = self._machines_stat()  # after: a reload may name other overlays
+                self.builds.poll(self.namespace.machines)
                 self.namespace.refresh()
         finally:
             for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
     async def close(self) -> None:
+        await self.builds.close()
         if self._dhcp is not None:
             self._dhcp.close()
         if self._tftp is not None:

@@ -11,7 +11,7 @@ cannot grow the process.
 A machine's states:
     configured     in the machines file, not seen since netboot started
     booting        it fetched its script (which starts a new boot) or a file
-    handed-over    its initrd was sent whole: the kernel has everything it needs from us
+    handed-over    its initrd was sent whole (and then its overlay, if it has one): the kernel has all it needs
     failed         a transfer was aborted or timed out, or it was answered with an error
     unknown-mac    it asked for its script and no profile matched
 """
@@ -61,8 +61,13 @@ def is_script(event: BootEvent) -> bool:
 
 
 def hands_over(event: BootEvent) -> bool:
-    """The initrd sent whole: the kernel has everything it needs from us."""
+    """The initrd sent whole: the kernel has everything it needs from us (but a machine's overlay, which is
+    small and comes last)."""
     return event.ok and event.path.endswith("/initrd") and event.status in ("200", "complete")
+
+
+def is_overlay(event: BootEvent) -> bool:
+    return event.path.endswith("/overlay")
 
 
 @dataclass(slots=True)
@@ -97,7 +102,7 @@ class Machine:
                 return UNKNOWN_MAC
             if not e.ok:
                 return FAILED
-            if hands_over(e):
+            if hands_over(e) or is_overlay(e):
                 return HANDED_OVER
             return BOOTING
         return CONFIGURED

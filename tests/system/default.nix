@@ -67,6 +67,7 @@ let
     echo "NETBOOT-TEST: init reached: \$0"
     echo "NETBOOT-TEST: cmdline: \$(cat /proc/cmdline)"
     echo "NETBOOT-TEST: store mount: \$(grep ' /nix/store ' /proc/mounts || echo none)"
+    echo "NETBOOT-TEST: hostname: \$(cat /etc/hostname 2>/dev/null || echo none)"
     ok=1
     n=0
     [ -s "\$top/closure-paths" ] || { echo "NETBOOT-TEST: no closure list"; ok=0; }

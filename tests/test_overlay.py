@@ -1,0 +1,302 @@
+"""Per-machine overlays: the machines file's keys, rendering, packing, errors, caching and reloads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from initrd_reader import decompress, items
+from support import ServerProcess, netboot
+
+from netboot.build import compress
+from netboot.errors import NetbootError
+from netboot.serve.machines import Machines
+from netboot.serve.namespace import Namespace, NotFound
+from netboot.serve.overlay import OverlayDir, OverlayError, pack
+
+NODE1, NODE2, NODE3 = "52:54:00:00:0a:01", "52:54:00:00:0a:02", "52:54:00:00:0a:03"
+STRANGER = "52:54:00:00:0a:99"
+
+
+def fake_out(d: Path, fmt: str = "squashfs", compression: str = "zstd", level: int | None = 10) -> Path:
+    """An output directory as netboot build leaves it, with stand-ins for the kernel and initrd."""
+    d.mkdir(parents=True)
+    for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe"):
+        (d / name).write_bytes(name.encode())
+    (d / "manifest.json").write_text(json.dumps({"cmdline": "init=/x", "system": f"/nix/store/{fmt}", "format": fmt,
+                                                 "compression": compression, "level": level}))
+    return d
+
+
+def make_overlay(d: Path) -> Path:
+    (d / "etc").mkdir(parents=True)
+    (d / "etc/hostname.j2").write_text("{{ hostname }}\n")
+    (d / "etc/motd.j2").write_text("{{ mac }} {{ profile }} ip={{ ip }} role={{ role }} in {{ domain }}\n")
+    (d / "etc/static.conf").write_text("the same for all\n")
+    (d / "etc/name").symlink_to("hostname")
+    (d / "bin").mkdir()
+    (d / "bin/hello").write_text("#!/bin/sh\necho hello\n")
+    (d / "bin/hello").chmod(0o755)
+    (d / "var/empty").mkdir(parents=True)
+    return d
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Path:
+    fake_out(tmp_path / "squash")
+    fake_out(tmp_path / "direct", "direct", "gzip", 6)
+    make_overlay(tmp_path / "overlay")
+    f = tmp_path / "machines.toml"
+    f.write_text(f"""
+[profiles.default]
+dir = "direct"
+overlay = "overlay"
+vars = {{ domain = "lab", role = "spare" }}
+
+[profiles.squash]
+dir = "squash"
+overlay = "overlay"
+vars = {{ domain = "rack1" }}
+
+[machines."{NODE1}"]
+profile = "squash"
+hostname = "node1"
+ip = "192.0.2.11"
+role = "db"
+
+[machines."{NODE2}"]
+profile = "squash"
+hostname = "node2"
+role = "web"
+
+[machines."{NODE3}"]
+hostname = "node3"
+""")
+    return f
+
+
+def lookup(ns: Namespace, path: str) -> bytes:
+    item = ns.lookup(path)
+    assert item.data is not None
+    return item.data
+
+
+def script(ns: Namespace, mac: str) -> str:
+    return lookup(ns, f"machine/{mac.replace(':', '-')}/boot.ipxe").decode()
+
+
+def overlay_url(text: str) -> str:
+    m = re.search(r"^initrd --name overlay (\S+)$", text, re.M)
+    assert m, text
+    return m.group(1)
+
+
+def overlay_files(ns: Namespace, mac: str, tool: str = "zstd") -> dict[str, tuple[int, bytes | str | None]]:
+    """name -> (mode, content or link target) of the machine's overlay, read back by libarchive."""
+    member = decompress(lookup(ns, overlay_url(script(ns, mac))), tool)
+    found = {}
+    for e in items(member):
+        assert (e.uid, e.gid, e.mtime) == (0, 0, 1)
+        found[e.name] = (e.mode, e.linkpath if e.linkpath else e.data)
+    return found
+
+
+def test_each_machine_gets_its_own_overlay_as_a_second_initrd(fleet: Path) -> None:
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        text = script(ns, NODE1)
+        assert re.search(r"^kernel \S+/bzImage initrd=initrd initrd=overlay init=/x$", text, re.M), text
+        # The overlay is loaded after the main initrd, so its files win.
+        assert text.index("--name initrd") < text.index("--name overlay")
+        files = overlay_files(ns, NODE1)
+        # squashfs format: under netboot-overlay/, where stage 1 copies it from.
+        assert files["netboot-overlay/etc/hostname"][1] == b"node1\n"
+        assert files["netboot-overlay/etc/motd"][1] == f"{NODE1} squash ip=192.0.2.11 role=db in rack1\n".encode()
+        assert files["netboot-overlay/etc/static.conf"][1] == b"the same for all\n"
+        assert files["netboot-overlay/etc/name"][1] == "hostname"
+        assert stat.S_IMODE(files["netboot-overlay/bin/hello"][0]) == 0o755
+        assert stat.S_ISDIR(files["netboot-overlay/var/empty"][0])
+        assert "netboot-overlay/etc/hostname.j2" not in files
+        assert overlay_files(ns, NODE2)["netboot-overlay/etc/hostname"][1] == b"node2\n"
+        # The direct format: at the root, which the kernel unpacks it over; compressed like that build (gzip).
+        direct = overlay_files(ns, NODE3, "gzip")
+        assert direct["etc/hostname"][1] == b"node3\n"
+        assert direct["etc/motd"][1] == f"{NODE3} default ip= role=spare in lab\n".encode()
+        # A machine not in the file, on a default profile with an overlay: rendered when it asks.
+        stranger = overlay_files(ns, STRANGER, "gzip")
+        assert stranger["etc/hostname"][1] == b"\n"
+        assert stranger["etc/motd"][1].startswith(STRANGER.encode())
+    finally:
+        ns.close()
+
+
+def test_overlays_are_reproducible_and_packed_once_per_build_and_content(fleet: Path) -> None:
+    first = Namespace(Machines.load(fleet), single_dir=False)
+    second = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        url = overlay_url(script(first, NODE1))
+        data = lookup(first, url)
+        assert first.overlays.packs == 1
+        assert lookup(first, url) == data and first.overlays.packs == 1  # from the cache
+        assert lookup(second, url) == data  # the same inputs, the same bytes, in another process's worth of state
+        # Another machine's content is packed apart; the same machine under another build too.
+        lookup(first, overlay_url(script(first, NODE2)))
+        assert first.overlays.packs == 2
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.parametrize("name", [c for c in compress.COMPRESSORS])
+def test_every_compressor_packs_what_the_kernel_unpacks(tmp_path: Path, name: str) -> None:
+    overlay = OverlayDir(make_overlay(tmp_path / "overlay"))
+    rendered = overlay.render({"hostname": "n", "mac": "m", "profile": "p", "ip": "", "role": "r", "domain": "d"},
+                              "m")
+    c = compress.get(name)
+    data = pack(rendered, squashfs=False, compressor=c, level=c.default_level)
+    member = data if name == "none" else decompress(data, name)
+    assert member.startswith(b"070701")
+    assert {e.name: e.data for e in items(member)}["etc/hostname"] == b"n\n"
+    if name == "xz":  # the kernel's xz decoder knows CRC32 checks only
+        (tmp_path / "overlay.xz").write_bytes(data)
+        listing = subprocess.run(["xz", "--robot", "-lv", tmp_path / "overlay.xz"], capture_output=True, text=True,
+                                 check=True).stdout
+        assert "\tCRC32\t" in listing, listing
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "error"),
+    [
+        ("rack.j2", "# rack\n\nrack {{ rack }}\n", "rack.j2:3: machine {node}: 'rack' is undefined"),
+        ("bad.j2", "fine\n{% if hostname %}\nno end\n", "bad.j2:2: Unexpected end of template. .*"),
+        ("inc.j2", '{% include "/etc/passwd" %}\n', "inc.j2:1: machine {node}: /etc/passwd"),
+        ("escape.j2", "{{ ''.__class__.__mro__[1].__subclasses__() }}\n", "escape.j2:1: machine {node}: .*unsafe.*"),
+    ],
+)
+def test_template_errors_name_the_file_line_and_machine(fleet: Path, tmp_path: Path, name: str, text: str,
+                                                        error: str) -> None:
+    """An undefined variable, a syntax error (every machine's), an include from outside, a sandbox escape."""
+    (tmp_path / "overlay/etc" / name).write_text(text)
+    with pytest.raises(NetbootError) as e:
+        Namespace(Machines.load(fleet), single_dir=False)
+    where = re.escape(f"{tmp_path}/overlay/etc/")
+    assert re.fullmatch(rf"(profile \w+: )?{where}{error.format(node=NODE1)}", str(e.value), re.S), str(e.value)
+
+
+def test_serve_refuses_to_start_with_a_broken_template(fleet: Path, tmp_path: Path) -> None:
+    (tmp_path / "overlay/etc/rack.j2").write_text("{{ rack }}\n")
+    done = netboot("serve", "--machines", fleet, "--http", "127.0.0.1:0", "--no-tftp", "--status", "none",
+                   timeout=30)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == f"netboot: error: {tmp_path}/overlay/etc/rack.j2:1: machine {NODE1}: 'rack' is undefined"
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../../etc/passwd", "../../outside"])
+def test_a_symlink_out_of_the_overlay_is_refused(fleet: Path, tmp_path: Path, target: str) -> None:
+    (tmp_path / "outside").write_text("secret\n")
+    (tmp_path / "overlay/etc/leak").symlink_to(target)
+    with pytest.raises(OverlayError, match=r"overlay/etc/leak is a symlink out of the overlay directory \(to "):
+        Namespace(Machines.load(fleet), single_dir=False)
+
+
+def test_a_template_may_include_another_of_its_overlay(fleet: Path, tmp_path: Path) -> None:
+    (tmp_path / "overlay/etc/header.j2").write_text("# {{ hostname }}\n")
+    (tmp_path / "overlay/etc/hosts.j2").write_text('{% include "etc/header.j2" %}127.0.0.1 {{ hostname }}\n')
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        assert overlay_files(ns, NODE2)["netboot-overlay/etc/hosts"][1] == b"# node2\n127.0.0.1 node2\n"
+    finally:
+        ns.close()
+
+
+def test_a_reload_with_a_broken_template_keeps_that_machines_previous_overlay(
+        fleet: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        before = overlay_files(ns, NODE1)
+        # Only NODE2 defines `rack`: the template breaks for NODE1 and NODE3 alone.
+        fleet.write_text(fleet.read_text().replace('role = "web"', 'role = "web"\nrack = "r7"'))
+        (tmp_path / "overlay/etc/motd.j2").write_text("{{ hostname }} in {{ rack }}\n")
+        with caplog.at_level(logging.ERROR, logger="netboot.serve"):
+            ns.reload(Machines.load(fleet))
+        errors = [r.getMessage() for r in caplog.records]
+        assert (f"overlay: {tmp_path}/overlay/etc/motd.j2:1: machine {NODE1}: 'rack' is undefined; "
+                "it keeps its previous overlay") in errors, errors
+        assert overlay_files(ns, NODE1) == before
+        assert overlay_files(ns, NODE2)["netboot-overlay/etc/motd"][1] == b"node2 in r7\n"
+    finally:
+        ns.close()
+
+
+def test_a_new_machine_whose_overlay_breaks_is_told_why_and_retries(fleet: Path, tmp_path: Path) -> None:
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        new = "52:54:00:00:0a:04"  # without a hostname, whose first letter the new template wants
+        fleet.write_text(fleet.read_text() + f'\n[machines."{new}"]\nprofile = "squash"\nrole = "spare"\n')
+        (tmp_path / "overlay/etc/initial.j2").write_text("{{ hostname[0] }}\n")
+        ns.reload(Machines.load(fleet))
+        text = script(ns, new)
+        assert f"echo netboot: this machine ({new}) cannot boot: {tmp_path}/overlay/etc/initial.j2:1:" in text
+        assert f"chain --replace --autofree /machine/{new.replace(':', '-')}/boot.ipxe" in text
+        assert "initrd" not in text
+        with pytest.raises(NotFound, match="has no overlay"):
+            ns.lookup(f"machine/{new.replace(':', '-')}/{ns.profiles['squash'].current.id}/overlay")
+        assert overlay_files(ns, NODE1)["netboot-overlay/etc/initial"][1] == b"n\n"  # the others are fine
+    finally:
+        ns.close()
+
+
+@pytest.mark.parametrize(
+    ("profile_extra", "machine_extra", "error"),
+    [
+        ("", 'role = "db"', r"unknown key 'role' \(expected .*; other keys are variables of an overlay, and "
+                            r"profile 'plain' has none\)"),
+        ('vars = { a = 1 }', "", r"profiles.plain: vars are for an overlay, and it has none"),
+        ('overlay = "nowhere"', "", r"profiles.plain: overlay 'nowhere' is not a directory"),
+        ('overlay = 3', "", r"profiles.plain: overlay must name a directory"),
+        ('overlay = "overlay"\nvars = "x"', "", r"profiles.plain: vars must be a table"),
+        ('overlay = "overlay"', 'mac = "x"', r"mac is the table's name; it cannot be set here"),
+    ],
+)
+def test_machines_file_errors(tmp_path: Path, profile_extra: str, machine_extra: str, error: str) -> None:
+    fake_out(tmp_path / "out")
+    make_overlay(tmp_path / "overlay")
+    f = tmp_path / "machines.toml"
+    f.write_text(f'[profiles.plain]\ndir = "out"\n{profile_extra}\n[machines."{NODE1}"]\nprofile = "plain"\n'
+                 f"{machine_extra}\n")
+    with pytest.raises(NetbootError, match=rf"^{f}:\d+: .*{error}"):
+        Machines.load(f)
+
+
+def fetch(server: ServerProcess, path: str) -> bytes:
+    with urllib.request.urlopen(server.url(path), timeout=30) as r:
+        return r.read()
+
+
+def test_serve_renders_again_when_a_template_is_edited(fleet: Path, tmp_path: Path) -> None:
+    server = ServerProcess("--machines", fleet, "--http", "127.0.0.1:0", "--no-tftp")
+    try:
+        text = fetch(server, f"machine/{NODE1.replace(':', '-')}/boot.ipxe").decode()
+        first = decompress(fetch(server, overlay_url(text)), "zstd")
+        (tmp_path / "overlay/etc/hostname.j2").write_text("{{ hostname }}.{{ domain }}\n")
+        os.utime(tmp_path / "overlay/etc/hostname.j2", ns=(0, time.time_ns() + 10**9))
+        deadline = time.monotonic() + 20
+        while True:
+            now = {e.name: e.data for e in items(decompress(fetch(server, overlay_url(text)), "zstd"))}
+            if now["netboot-overlay/etc/hostname"] == b"node1.rack1\n":
+                break
+            assert time.monotonic() < deadline, "the edited template was not rendered again"
+            time.sleep(0.2)
+        assert {e.name: e.data for e in items(first)}["netboot-overlay/etc/hostname"] == b"node1\n"
+        assert f"mac={NODE1} profile=squash http /machine/{NODE1.replace(':', '-')}/" in server.log
+    finally:
+        server.stop()

@@ -1,0 +1,145 @@
+"""`netboot publish` and base_url: a build in a content-addressed tree, served by nginx, booted from there."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support import MARKER, ServerProcess, need, netboot, netboot_ok, netboot_vm
+
+from netboot.build.publish import FILES
+
+NODE = "52:54:00:00:0d:01"
+
+
+def published(dest: Path) -> list[Path]:
+    return sorted(p for p in dest.iterdir())
+
+
+def test_publish_writes_the_build_under_its_manifest_hash(outs: dict[str, Path], tmp_path: Path) -> None:
+    out, dest = outs["squashfs"], tmp_path / "mirror"
+    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    done = netboot_ok("publish", out, dest)
+    assert done.stdout.strip() == f"{dest}/{digest}: published"
+    assert published(dest) == [dest / digest]
+    for name in FILES:
+        assert (dest / digest / name).read_bytes() == (out / name).read_bytes()
+        assert (dest / digest / name).stat().st_mode & 0o777 == 0o444
+    before = {name: (dest / digest / name).stat() for name in FILES}
+    # Again: found, not rewritten.
+    again = netboot_ok("publish", out, dest)
+    assert again.stdout.strip() == f"{dest}/{digest}: already published, left as it is"
+    for name in FILES:
+        st = (dest / digest / name).stat()
+        assert (st.st_ino, st.st_mtime_ns) == (before[name].st_ino, before[name].st_mtime_ns)
+    # Another build lands beside it.
+    netboot_ok("publish", outs["direct"], dest)
+    assert len(published(dest)) == 2
+
+
+def test_an_artifact_that_does_not_match_its_manifest_is_not_published(outs: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(outs["direct"], out, symlinks=False)
+    (out / "cmdline").write_text("tampered\n")
+    done = netboot("publish", out, tmp_path / "mirror")
+    assert done.returncode == 2
+    assert re.fullmatch(rf"netboot: error: {out}/cmdline does not match its manifest \(sha256 [0-9a-f]{{64}}, "
+                        r"the manifest says [0-9a-f]{64}\); build it again\n", done.stderr), done.stderr
+    assert published(tmp_path / "mirror") == []  # nothing half-written
+
+
+def test_publish_refuses_what_is_not_a_build(tmp_path: Path) -> None:
+    done = netboot("publish", tmp_path, tmp_path / "mirror")
+    assert done.returncode == 2
+    assert done.stderr == f"netboot: error: {tmp_path} has no manifest.json; is it an output of netboot build?\n"
+    assert not (tmp_path / "mirror").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Nginx:
+    """Debian's nginx serving `root` on 127.0.0.1:`port`, one process (it stays root, so it can read the test's
+    directories), its access log in `prefix`; stopped by its PID."""
+
+    def __init__(self, root: Path, prefix: Path) -> None:
+        need("nginx")
+        self.port = free_port()
+        self.log = prefix / "access.log"
+        conf = prefix / "nginx.conf"
+        conf.write_text(f"""
+daemon off;
+master_process off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ }}
+http {{
+    access_log {self.log};
+    default_type application/octet-stream;
+    client_body_temp_path {prefix};
+    proxy_temp_path {prefix};
+    fastcgi_temp_path {prefix};
+    uwsgi_temp_path {prefix};
+    scgi_temp_path {prefix};
+    server {{ listen 127.0.0.1:{self.port}; root {root}; }}
+}}
+""")
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"nginx did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_a_machine_boots_its_kernel_and_initrd_from_a_mirror(outs: dict[str, Path], tmp_path: Path) -> None:
+    out, dest = outs["squashfs"], tmp_path / "mirror"
+    netboot_ok("publish", out, dest)
+    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    (tmp_path / "nginx").mkdir()
+    nginx = Nginx(dest, tmp_path / "nginx")
+    try:
+        (tmp_path / "overlay/etc").mkdir(parents=True)
+        (tmp_path / "overlay/etc/hostname.j2").write_text("{{ hostname }}\n")
+        machines = tmp_path / "machines.toml"
+        machines.write_text(f'[profiles.rack]\ndir = "{out}"\noverlay = "overlay"\n'
+                            f'base_url = "http://10.0.2.2:{nginx.port}/"\n\n'
+                            f'[machines."{NODE}"]\nprofile = "rack"\nhostname = "mirrored"\n')
+        server = ServerProcess("--machines", machines, "--http", "127.0.0.1:0", "--no-tftp")
+        try:
+            result = netboot_vm(f"http://10.0.2.2:{server.http_port}/boot.ipxe", NODE)
+            assert any(line.startswith(MARKER) for line in result.lines), result.console[-3000:]
+            assert "NETBOOT-TEST: hostname: mirrored" in result.lines
+            served = [ln for ln in server.log.splitlines() if f"mac={NODE}" in ln]
+            paths = [re.search(r" http (\S+) ", ln).group(1).rsplit("/", 1)[-1] for ln in served]  # type: ignore[union-attr]
+            assert paths == ["boot.ipxe", "overlay"], server.log  # the script and the overlay, nothing else
+        finally:
+            server.stop()
+    finally:
+        nginx.stop()
+    access = nginx.log.read_text()
+    sizes = json.loads((out / "manifest.json").read_text())["artifacts"]
+    for name in ("bzImage", "initrd"):
+        assert re.search(rf'"GET /{digest}/{name} HTTP/1.1" 200 {sizes[name]["size"]} ', access), access
