@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from netboot.errors import NetbootError
@@ -46,8 +47,10 @@ def resolve(profile: Profile) -> Path:
 
 
 class SystemBuilds:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, switched: Callable[[], None] = lambda: None) -> None:
+        """`switched` runs after a background build was put in place (to serve it at once)."""
         self.state_dir = state_dir
+        self.switched = switched
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failed: dict[str, Path] = {}  # profile -> the system whose build failed (not tried again)
         self.builds = 0  # builds run, for tests
@@ -133,6 +136,7 @@ class SystemBuilds:
             self._failed.pop(profile.name, None)
             self._switch(profile.name, out)
             log.info("profile %s: switched to %s", profile.name, system)
+            self.switched()
             self._prune()
         finally:
             del self._tasks[profile.name]

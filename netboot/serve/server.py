@@ -74,7 +74,8 @@ class Server:
         self.opts = opts
         machines = (Machines.single(opts.out) if opts.out
                     else Machines.load(opts.machines, opts.state_dir))  # type: ignore[arg-type]
-        self.builds = SystemBuilds(opts.state_dir)  # profiles that name a system: built here
+        # Profiles that name a system: built here; a new build is served as soon as it is in place.
+        self.builds = SystemBuilds(opts.state_dir, switched=lambda: self.namespace.refresh())
         self.builds.prepare(machines)
         self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace)
         # What the status listener shows; without one, nothing is recorded.
