@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -79,6 +80,13 @@ def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> 
     files = len((system / "closure-files.sha256").read_text().splitlines())
     assert ok_lines[0].split() == [MARKER, f"paths={len(closure)}", f"files={files}"]
     assert "NETBOOT-TEST: store writable" in console
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A loopback port nothing listens on (TCP, or UDP with SOCK_DGRAM)."""
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_machines(path: Path, profiles: dict[str, Path], machines: dict[str, str]) -> Path:

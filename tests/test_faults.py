@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ROOT, ServerProcess, netboot, netboot_ok
+from support import ROOT, ServerProcess, free_port, netboot, netboot_ok
 
 from netboot.tftp import packets
 
@@ -131,12 +131,6 @@ def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path: Path,
 
 
 # -- serving -----------------------------------------------------------------------------------------------
-
-def free_port(kind: int) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_kill_9_of_the_server_during_transfers_and_a_restart(outs: dict[str, Path]) -> None:
     http, tftp = free_port(socket.SOCK_STREAM), free_port(socket.SOCK_DGRAM)

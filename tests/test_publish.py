@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import MARKER, ServerProcess, need, netboot, netboot_ok, netboot_vm
+from support import MARKER, ServerProcess, free_port, need, netboot, netboot_ok, netboot_vm
 
 from netboot.build.publish import FILES
 
@@ -61,12 +61,6 @@ def test_publish_refuses_what_is_not_a_build(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr == f"netboot: error: {tmp_path} has no manifest.json; is it an output of netboot build?\n"
     assert not (tmp_path / "mirror").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Nginx:

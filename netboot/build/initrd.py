@@ -116,7 +116,7 @@ def write_member(dest: Path, packing: Packing, fill: Callable[[NewcWriter], None
         w = NewcWriter(StreamSink(buf), packing.mtime)
         fill(w)
         w.trailer()
-        dest.write_bytes(_IN_PROCESS[packing.compressor.name](buf.getvalue(), packing.level))
+        dest.write_bytes(compress_bytes(buf.getvalue(), packing.compressor, packing.level))
         return
     with _ONE_BIG, compressed_output(dest, packing) as fd:
         w = NewcWriter(fd, packing.mtime)

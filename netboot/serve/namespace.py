@@ -32,6 +32,7 @@ from netboot.build.publish import manifest_digest
 from netboot.errors import NetbootError
 from netboot.serve import mac as macs
 from netboot.serve.machines import DEFAULT, Machines, Profile
+from netboot.serve.overlay import Rendered
 from netboot.serve.overlay_cache import Broken, Build, Overlays
 from netboot.serve.templates import render
 
@@ -327,7 +328,7 @@ class Namespace:
         base = f"/machine/{macs.hyphenated(mac)}/{gen.id}"
         overlay = ("", "# no overlay")
         if profile.overlay is not None:
-            rendered = self.overlays.for_machine(mac, profile, mac in self.machines.machines)
+            rendered = self._rendered(mac, profile)
             if isinstance(rendered, Broken):
                 script = render("broken.ipxe", mac=mac, error=_echoable(rendered.error), retry=str(RETRY_SECONDS),
                                 again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
@@ -342,10 +343,13 @@ class Namespace:
         )
         return Item(name, script.encode(), mac=mac, profile=profile.name)
 
+    def _rendered(self, mac: str, profile: Profile) -> Rendered | Broken:
+        return self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
+
     def _overlay(self, mac: str, profile: Profile, gen: Generation) -> bytes:
         if profile.overlay is None:
             raise NotFound(f"profile {profile.name} has no overlay")
-        rendered = self.overlays.for_machine(mac, profile, mac in self.machines.machines)
+        rendered = self._rendered(mac, profile)
         if isinstance(rendered, Broken):
             raise NotFound(f"{mac} has no overlay: {rendered.error}")
         return self.overlays.packed(rendered, gen.packing)
