@@ -53,7 +53,6 @@ class SystemBuilds:
         self.switched = switched
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failed: dict[str, Path] = {}  # profile -> the system whose build failed (not tried again)
-        self.builds = 0  # builds run, for tests
 
     def link(self, name: str) -> Path:
         return self.state_dir / "profiles" / name
@@ -83,7 +82,6 @@ class SystemBuilds:
             out = self._build_dir(profile, system)
             if not (out / "manifest.json").is_file():
                 log.info("profile %s: building %s", profile.name, system)
-                self.builds += 1
                 done = subprocess.run(self._argv(profile, system, out), capture_output=True, text=True,
                                       check=False)
                 if done.returncode != 0:
@@ -118,7 +116,6 @@ class SystemBuilds:
             if not (out / "manifest.json").is_file():
                 log.info("profile %s: %s is new; building it, serving the previous build meanwhile",
                          profile.name, system)
-                self.builds += 1
                 proc = await asyncio.create_subprocess_exec(*self._argv(profile, system, out),
                                                             stdout=asyncio.subprocess.DEVNULL,
                                                             stderr=asyncio.subprocess.PIPE)
