@@ -7,7 +7,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Debian packages, one group per purpose (README explains each).
 DEBIAN_PACKAGES := python3-venv gcc python3-dev
-DEBIAN_PACKAGES += squashfs-tools zstd xz-utils lz4 gzip busybox-static kmod
+DEBIAN_PACKAGES += squashfs-tools erofs-utils zstd xz-utils lz4 gzip busybox-static kmod
 DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
 DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps

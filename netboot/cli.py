@@ -36,25 +36,40 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         description=(
             "Pack the whole store closure of SYSTEM (a NixOS toplevel or any directory with kernel, init, "
             "kernel-params and kernel-modules) into DIR: bzImage, initrd, cmdline, netboot.ipxe, manifest.json. "
-            "DIR is replaced atomically; a failed build leaves it as it was."
+            "Or, instead of SYSTEM, any root filesystem (--rootfs DIR, or an OCI image archive with --oci) with "
+            "--kernel. DIR is replaced atomically; a failed build leaves it as it was."
         ),
     )
-    p.add_argument("system", metavar="SYSTEM", type=Path, help="the system's top-level directory (e.g. ./result)")
+    p.add_argument("system", metavar="SYSTEM", type=Path, nargs="?",
+                   help="the system's top-level directory (e.g. ./result)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (replaced atomically)")
     p.add_argument(
         "--format", choices=pack.FORMATS, default="squashfs",
         help="squashfs: store image in the initrd, mounted by a small stage 1 under a writable overlay "
-        "(default); direct: every store file in the initrd, rdinit= runs the system's init",
+        "(default); erofs: the same with an erofs image; direct: every store file in the initrd, rdinit= runs "
+        "the system's init",
     )
     p.add_argument(
-        "--compress", choices=list(compress.COMPRESSORS), default="zstd", dest="compression",
-        help="compressor for the initrd and the squashfs image (default zstd)",
+        "--compress", choices=list(compress.COMPRESSORS), dest="compression",
+        help="compressor for the initrd and the squashfs image (default zstd); for erofs, lz4 (the default) "
+        "compresses the image itself, another leaves it uncompressed and compresses its initrd member",
     )
     p.add_argument(
         "--level", type=_level, metavar="N",
-        help="compression level: zstd 1-19 (default 10), xz 0-9 (6), gzip 1-9 (6), lz4 1-12 (9)",
+        help="compression level: zstd 1-19 (default 10), xz 0-9 (6), gzip 1-9 (6), lz4 1-12 (9; for erofs 1, "
+        "and 3 and above is lz4hc)",
     )
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel parameters, after the system's own")
+    p.add_argument("--rootfs", type=Path, metavar="DIR",
+                   help="a root filesystem directory to boot instead of a Nix system (owners and modes kept)")
+    p.add_argument("--oci", type=Path, metavar="IMAGE.tar",
+                   help="an OCI image archive (skopeo's oci-archive, docker save) to boot instead of a Nix system")
+    p.add_argument("--kernel", type=Path, metavar="BZIMAGE", help="the kernel for --rootfs or --oci")
+    p.add_argument("--modules", type=Path, metavar="DIR",
+                   help="its modules, like /lib/modules/<version>: for stage 1, and added to the booted root "
+                   "(default: the root's own)")
+    p.add_argument("--init", default="/sbin/init", metavar="PATH",
+                   help="the init of --rootfs or --oci, in the root (default /sbin/init)")
     p.add_argument(
         "--closure-info", type=Path, metavar="DIR",
         help="a nixpkgs closureInfo output (store-paths, registration) instead of asking nix-store",
@@ -85,6 +100,11 @@ def _run_build(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty() and not args.quiet,
         cache_dir=None if args.no_cache else (args.cache_dir or cache.default_dir()),
         cache_max=cache.parse_size(args.cache_max),
+        rootfs=args.rootfs,
+        oci=args.oci,
+        kernel=args.kernel,
+        modules=args.modules,
+        init=args.init,
     )
     pack.build(opts)
     return 0

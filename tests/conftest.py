@@ -34,5 +34,6 @@ def outs(system: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     base = tmp_path_factory.mktemp("outs")
     netboot_ok("build", system, "--out", base / "squashfs")
     netboot_ok("build", system, "--out", base / "direct", "--format", "direct")
-    return {"squashfs": base / "squashfs", "direct": base / "direct"}
+    netboot_ok("build", system, "--out", base / "erofs", "--format", "erofs")
+    return {"squashfs": base / "squashfs", "direct": base / "direct", "erofs": base / "erofs"}
 

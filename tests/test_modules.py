@@ -21,23 +21,24 @@ def installed_kernel() -> str:
     return versions[-1]
 
 
-@pytest.mark.parametrize("module", ["tcm_loop", "overlay", "loop", "squashfs", "btrfs", "nft_chain_nat", "vhost_net"])
+@pytest.mark.parametrize("module", ["tcm_loop", "overlay", "loop", "squashfs", "erofs", "btrfs", "nft_chain_nat",
+                                    "vhost_net"])
 def test_load_order_matches_modprobe(module: str) -> None:
     need("modprobe")
     version = installed_kernel()
     tree = ModuleTree.load(Path("/"), version)
-    ours = [f"/lib/modules/{version}/{p}" for p in tree.resolve([module], "the test")]
+    resolved = tree.resolve([module], "the test")
+    ours = [f"/lib/modules/{version}/{p}" for p, _ in resolved]
     shown = subprocess.run(
         ["modprobe", "-S", version, "--show-depends", module], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     theirs = list(dict.fromkeys(line.split()[1] for line in shown if line.startswith("insmod ")))
-    # modprobe also loads soft dependencies (modules.softdep, "softdep=" in .modinfo): optional helpers
-    # such as accelerated crc32c, which a stage 1 does not need. Everything else: same modules, same order.
-    assert ours == [p for p in theirs if p in ours]
-    hard = {f"/lib/modules/{version}/{p}" for p in tree.deps[module][1]}
-    soft_only = set(theirs) - set(ours)
-    assert not soft_only & hard
-    assert ours[-1] == theirs[-1] and ours[-1].endswith((f"/{module}.ko", f"/{module.replace('_', '-')}.ko"))
+    # The same modules in the same order, soft dependencies (modules.softdep, through modules.alias) included.
+    assert ours == theirs
+    assert ours[-1].endswith((f"/{module}.ko", f"/{module.replace('_', '-')}.ko"))
+    # Exactly the soft dependencies are optional: what the module and its dependencies need is not.
+    hard = {tree.deps[module][0], *tree.deps[module][1]}
+    assert {p for p, optional in resolved if not optional} == hard
 
 
 def fake_tree(tmp_path: Path) -> Path:
@@ -60,8 +61,20 @@ def fake_tree(tmp_path: Path) -> Path:
 def test_dependencies_first_builtins_skipped(tmp_path: Path) -> None:
     tree = ModuleTree.load(fake_tree(tmp_path), "6.9.0")
     order = tree.resolve(["overlay", "a", "b_c", "d"], "x")
-    assert order == ["kernel/fs/d.ko", "kernel/fs/b-c.ko", "kernel/fs/a.ko.xz"]
+    assert order == [("kernel/fs/d.ko", False), ("kernel/fs/b-c.ko", False), ("kernel/fs/a.ko.xz", False)]
     assert tree.resolve(["overlay"], "x") == []
+
+
+def test_soft_dependencies_come_first_and_optional(tmp_path: Path) -> None:
+    root = fake_tree(tmp_path) / "lib/modules/6.9.0"
+    (root / "modules.softdep").write_text("# comment\nsoftdep d pre: fast-z post: a\n")
+    (root / "modules.alias").write_text("alias fast-z z\nalias fast-z missing_module\n")
+    tree = ModuleTree.load(tmp_path, "6.9.0")
+    # z (the alias's module that exists) before d; a, both d's post soft dependency and wanted, is not optional.
+    assert tree.resolve(["a"], "x") == [("kernel/fs/z.ko.zst", True), ("kernel/fs/d.ko", False),
+                                        ("kernel/fs/b-c.ko", False), ("kernel/fs/a.ko.xz", False)]
+    # Wanted itself, a soft dependency is loaded as required.
+    assert tree.resolve(["z", "d"], "x") == [("kernel/fs/z.ko.zst", False), ("kernel/fs/d.ko", False)]
 
 
 def test_missing_module_is_named(tmp_path: Path) -> None:
@@ -103,5 +116,5 @@ def test_closure_busybox_preferred(system: Path) -> None:
     from netboot.build.closure import Closure
 
     closure = Closure.of(system, None)
-    chosen = find_busybox(closure)
+    chosen = find_busybox([p / "bin" / "busybox" for p in closure.paths])
     assert str(chosen).startswith("/nix/store/") and chosen.name == "busybox"

@@ -161,7 +161,7 @@ def test_every_compressor_packs_what_the_kernel_unpacks(tmp_path: Path, name: st
     rendered = overlay.render({"hostname": "n", "mac": "m", "profile": "p", "ip": "", "role": "r", "domain": "d"},
                               "m")
     c = compress.get(name)
-    data = pack(rendered, squashfs=False, compressor=c, level=c.default_level)
+    data = pack(rendered, stage1=False, compressor=c, level=c.default_level)
     member = data if name == "none" else decompress(data, name)
     assert member.startswith(b"070701")
     assert {e.name: e.data for e in items(member)}["etc/hostname"] == b"n\n"

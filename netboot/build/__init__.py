@@ -1,6 +1,7 @@
 """`netboot build`: a system's closure packed into bzImage, initrd, cmdline, netboot.ipxe and manifest.json.
 
 Data flows one way: `system` (the toplevel) -> `closure` (store paths, registration) -> `files` (sorted walk)
--> `cpio`, `tree`, `initrd`, `squashfs`, `stage1`, `modules`, `compress` -> `outdir` (atomic replacement);
-`pack` orchestrates, `cache` keeps packed store paths between builds.
+-> `cpio`, `tree`, `initrd`, `squashfs`, `erofs`, `stage1`, `modules`, `compress` -> `outdir` (atomic
+replacement); `rootfs` (with `oci` for image archives) packs a system that is not Nix's; `pack` orchestrates,
+`cache` keeps packed store paths between builds.
 """

@@ -1,4 +1,4 @@
-"""Compressors for initrd members and squashfs images, and the kernel's constraints on each.
+"""Compressors for initrd members, squashfs and erofs images, and the kernel's constraints on each.
 
 Streams are compressed by the standard command-line tools in a pipe (they are faster than anything
 in-process and are what the kernel's own scripts use); each choice below keeps the output bootable and
@@ -68,6 +68,20 @@ class Compressor:
                 return ["-comp", "lz4", *(["-Xhc"] if level is not None and level >= 3 else [])]
             case _:
                 return ["-noI", "-noD", "-noF", "-noX"]
+
+
+    def compresses_erofs(self) -> bool:
+        """Whether erofs compresses with this one itself. The kernel's erofs reads lz4 (lzma too, where it was
+        built with it; Debian's is not). With another compressor the image is left uncompressed, and the
+        initrd member holding it is compressed: the kernel unpacks it once, into memory, at boot."""
+        return self.name == "lz4"
+
+    def erofs_args(self, level: int | None) -> list[str]:
+        """mkfs.erofs options for this compressor (erofs-utils 1.5)."""
+        if not self.compresses_erofs():
+            return []
+        # lz4 levels 3 and above are its high-compression mode, lz4hc.
+        return ["-zlz4"] if level is None or level < 3 else [f"-zlz4hc,{level}"]
 
 
 COMPRESSORS: dict[str, Compressor] = {

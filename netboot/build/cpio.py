@@ -5,7 +5,8 @@ tools don't give (Documentation/driver-api/early-userspace/buffer-format.rst, in
 - every entry is written with nlink=1 and its own sequential inode, so hard links can never pair up
   across members (the kernel keys links on (dev, ino) and resets its table at each TRAILER!!!);
 - a file of 4 GiB or more is an error (filesize is a 32-bit field; GNU cpio silently drops such files);
-- fixed owner 0:0 and one fixed mtime, for bit-for-bit reproducible output;
+- owner 0:0 (a root filesystem's entries may name theirs) and one fixed mtime, for bit-for-bit reproducible
+  output;
 - file data goes to the output by sendfile(2) without passing through Python (into a file or a
   compressor's pipe), or in 1 MiB pieces into an in-process compressor, so memory stays flat whatever
   the closure's size.
@@ -83,30 +84,36 @@ class NewcWriter:
         self._buf = bytearray()
         self._ino = 0
 
-    def _header(self, name: bytes, mode: int, size: int, *, nlink: int = 1, rdev: tuple[int, int] = (0, 0)) -> None:
+    def _header(self, name: bytes, mode: int, size: int, *, nlink: int = 1, rdev: tuple[int, int] = (0, 0),
+                owner: tuple[int, int] = (0, 0)) -> None:
         check_size(name, size)
         self._ino += 1
         namesize = len(name) + 1
         self._buf += b"070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X" % (
-            self._ino, mode, 0, 0, nlink, self._mtime, size, 0, 0, rdev[0], rdev[1], namesize, 0,
+            self._ino, mode, owner[0], owner[1], nlink, self._mtime, size, 0, 0, rdev[0], rdev[1], namesize, 0,
         )
         self._buf += name
         self._buf += b"\0"
         self._buf += _pad4(110 + namesize)
 
-    def directory(self, name: bytes, perm: int = 0o755) -> None:
-        self._header(name, stat.S_IFDIR | perm, 0, nlink=2)
+    def directory(self, name: bytes, perm: int = 0o755, owner: tuple[int, int] = (0, 0)) -> None:
+        self._header(name, stat.S_IFDIR | perm, 0, nlink=2, owner=owner)
         self._maybe_flush()
 
-    def symlink(self, name: bytes, target: bytes) -> None:
+    def symlink(self, name: bytes, target: bytes, owner: tuple[int, int] = (0, 0)) -> None:
         # The link target is the entry's data, without a terminating NUL.
-        self._header(name, stat.S_IFLNK | 0o777, len(target))
+        self._header(name, stat.S_IFLNK | 0o777, len(target), owner=owner)
         self._buf += target
         self._buf += _pad4(len(target))
         self._maybe_flush()
 
     def char_device(self, name: bytes, perm: int, major: int, minor: int) -> None:
         self._header(name, stat.S_IFCHR | perm, 0, rdev=(major, minor))
+
+    def special(self, name: bytes, mode: int, rdev: tuple[int, int], owner: tuple[int, int]) -> None:
+        """A device node, FIFO or socket: `mode` holds its type."""
+        self._header(name, mode, 0, rdev=rdev, owner=owner)
+        self._maybe_flush()
 
     def data(self, name: bytes, content: bytes, perm: int = 0o444) -> None:
         """A regular file whose content is in memory."""
@@ -123,9 +130,9 @@ class NewcWriter:
         """The padding after a file of `size` bytes written by the caller."""
         self._buf += _pad4(size)
 
-    def file(self, name: bytes, path: bytes, perm: int, size: int) -> None:
+    def file(self, name: bytes, path: bytes, perm: int, size: int, owner: tuple[int, int] = (0, 0)) -> None:
         """A regular file copied from `path`, whose size was `size` when the closure was walked."""
-        self._header(name, stat.S_IFREG | perm, size)
+        self._header(name, stat.S_IFREG | perm, size, owner=owner)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:

@@ -6,6 +6,8 @@
 - squashfs: an uncompressed member holding nix-store.squashfs, then a compressed member with stage 1.
   The image is already compressed, so compressing it again would only cost time; and the kernel
   recognises an uncompressed member only at a 4-byte aligned offset, which the start of the file is.
+- erofs: likewise with nix-store.erofs, when erofs compresses it (lz4); with any other compressor the image is
+  uncompressed and its member is compressed instead.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import hashlib
 import io
 import lzma
 import os
+import shutil
 import stat
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import zstandard
@@ -30,8 +33,9 @@ import zstandard
 from netboot import __version__
 from netboot.build.cache import LAYOUT, Cache, nar_hashes
 from netboot.build.closure import REGISTRATION_NAME, Closure
-from netboot.build.compress import Compressor
-from netboot.build.cpio import NewcWriter, StreamSink, check_size
+from netboot.build.compress import COMPRESSORS, Compressor
+from netboot.build.cpio import FdSink, NewcWriter, StreamSink, check_size
+from netboot.build.erofs import lay_out_closure, mkfs_erofs
 from netboot.build.files import Entry, closure_entries
 from netboot.build.progress import Progress
 from netboot.build.squashfs import mksquashfs
@@ -41,6 +45,7 @@ from netboot.errors import NetbootError
 from netboot.run import dies_with_us, failed, require
 
 SQUASHFS_NAME = b"nix-store.squashfs"
+EROFS_NAME = b"nix-store.erofs"
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ def write_closure(w: NewcWriter, entries: Sequence[Entry]) -> None:
             w.symlink(e.name, os.readlink(e.path))
 
 
+_NONE = COMPRESSORS["none"]
 SMALL_MEMBER = 4 << 20  # members up to this many bytes of file data are compressed in-process
 
 
@@ -265,13 +271,8 @@ def write_squashfs(
     """The store image member (reused whole from the cache when the closure is unchanged), then stage 1."""
     # mksquashfs writes the image straight into the initrd after room for the cpio header (whose
     # length does not depend on the file size), saving a copy of the whole image.
-    header_len = 110 + len(SQUASHFS_NAME) + 1
-    header_len += -header_len & 3
-    hashes = nar_hashes(closure.registration)
-    cacheable = all(hashes.get(str(p)) for p in closure.paths)
-    key = Cache.key(kind="squashfs-image", layout=LAYOUT, version=__version__,
-                    registration=hashlib.sha256(closure.registration).hexdigest(),
-                    compressor=packing.compressor.name, level=packing.level, mtime=packing.mtime)
+    header_len = _header_len(SQUASHFS_NAME)
+    key, cacheable = _image_key(closure, "squashfs-image", packing)
     found = cache.open(key, ".squashfs") if cacheable else None
     stats = DirectStats()
     if found is not None:
@@ -284,8 +285,7 @@ def write_squashfs(
             finally:
                 os.close(fd)
     else:
-        entries = closure_entries(closure.paths)  # mksquashfs would make unreadable files empty
-        meta = {"files": len(entries), "bytes": sum(e.size for e in entries)}
+        meta = _closure_meta(closure)
         mksquashfs(
             closure, path, scratch, packing.compressor, packing.level, packing.explicit_level, packing.mtime,
             offset=header_len, show_progress=show_progress,
@@ -312,8 +312,104 @@ def write_squashfs(
         f.seek(0, os.SEEK_END)
         w.padding(size)
         w.trailer()
+    _append_stage1(path, stage1, packing)
+    return stats
+
+
+def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, cache: Cache, scratch: Path
+                ) -> DirectStats:
+    """The store image member (reused whole from the cache when the closure is unchanged), then stage 1."""
+    compressor = packing.compressor
+    args = compressor.erofs_args(packing.level)
+    # The image is the same whichever compressor the initrd member then gets, when erofs does not compress.
+    key, cacheable = _image_key(closure, "erofs-image", replace(packing, compressor=_NONE, level=None), args=args)
+    found = cache.open(key, ".erofs") if cacheable else None
+    stats = DirectStats()
+    if found is not None:
+        fd, meta = found
+        stats.reused = len(closure.paths)
+    else:
+        meta = _closure_meta(closure)
+
+        def make(dest: Path) -> dict:
+            root = scratch / "erofs-root"
+            root.mkdir()
+            try:
+                lay_out_closure(closure, root)
+                mkfs_erofs(root, dest, packing.compressor, packing.level, packing.mtime, identity=key,
+                           all_root=True, xattrs=False)
+            finally:
+                _remove_tree(root)
+            return meta
+
+        fd, _ = (cache if cacheable else Cache(None)).put(key, ".erofs", make, scratch)
+        if cacheable:
+            cache.evict({key})
+    stats.files, stats.bytes = meta["files"], meta["bytes"]
+    try:
+        write_image_member(path, EROFS_NAME, fd, packing)
+    finally:
+        os.close(fd)
+    _append_stage1(path, stage1, packing)
+    return stats
+
+
+def write_image_member(path: Path, name: bytes, image: int, packing: Packing) -> None:
+    """`path` made anew with one member: the image file (open at `image`) as `name`.
+
+    Uncompressed when the image compresses itself (the kernel recognises an uncompressed member only at a
+    4-byte aligned offset, which the start of the file is); else compressed like every other member, and the
+    kernel unpacks it into memory at boot.
+    """
+    size = os.fstat(image).st_size
+    check_size(name, size)
+    compressed = name.endswith(b".erofs") and not packing.compressor.compresses_erofs()
+    with contextlib.ExitStack() as stack:
+        if compressed:
+            fd = stack.enter_context(compressed_output(path, packing))
+        else:
+            fd = stack.enter_context(open(path, "wb")).fileno()
+        w = NewcWriter(fd, packing.mtime)
+        w.data_header(name, 0o444, size)
+        w.flush()
+        if compressed:
+            FdSink(fd).copy(image, size, name)
+        else:
+            _append(fd, image)
+        w.padding(size)
+        w.trailer()
+
+
+def _append_stage1(path: Path, stage1: Stage1, packing: Packing) -> None:
     with compressed_output(path, packing, append=True) as fd:
         w = NewcWriter(fd, packing.mtime)
         stage1.tree().write(w)
         w.trailer()
-    return stats
+
+
+def _header_len(name: bytes) -> int:
+    """The length of a newc header for `name`, padded: it does not depend on the file's size."""
+    n = 110 + len(name) + 1
+    return n + (-n & 3)
+
+
+def _image_key(closure: Closure, kind: str, packing: Packing, **more: object) -> tuple[str, bool]:
+    """The cache key of a closure's image, and whether it may be cached (every path's NAR hash is known)."""
+    hashes = nar_hashes(closure.registration)
+    cacheable = all(hashes.get(str(p)) for p in closure.paths)
+    key = Cache.key(kind=kind, layout=LAYOUT, version=__version__,
+                    registration=hashlib.sha256(closure.registration).hexdigest(),
+                    compressor=packing.compressor.name, level=packing.level, mtime=packing.mtime, **more)
+    return key, cacheable
+
+
+def _closure_meta(closure: Closure) -> dict:
+    entries = closure_entries(closure.paths)  # mksquashfs would make unreadable files empty
+    return {"files": len(entries), "bytes": sum(e.size for e in entries)}
+
+
+def _remove_tree(root: Path) -> None:
+    """Remove a laid out image root, whose directories may be read-only."""
+    for d, _, _ in os.walk(root):
+        os.chmod(d, 0o700)
+    shutil.rmtree(root)

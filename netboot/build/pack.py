@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from netboot import __version__
-from netboot.build import compress
+from netboot.build import compress, oci, rootfs
 from netboot.build.cache import DEFAULT_MAX, Cache
 from netboot.build.closure import Closure
-from netboot.build.initrd import Packing, write_direct, write_squashfs
+from netboot.build.initrd import Packing, write_direct, write_erofs, write_squashfs
 from netboot.build.outdir import Staging
 from netboot.build.progress import Progress
 from netboot.build.stage1 import Stage1
@@ -30,22 +30,29 @@ from netboot.serve.templates import render
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("squashfs", "direct")
+FORMATS = ("squashfs", "erofs", "direct")
+IMAGE_FORMATS = ("squashfs", "erofs")  # an image in the initrd, mounted by stage 1
+DEFAULT_COMPRESSION = {"squashfs": "zstd", "erofs": "lz4", "direct": "zstd"}
 LARGE_INITRD = 1 << 30  # firmware and iPXE have failed above this (nixpkgs #73588)
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    system: Path
+    system: Path | None  # a Nix system; else rootfs or oci, with kernel
     out: Path
     format: str = "squashfs"
-    compression: str = "zstd"
+    compression: str | None = None  # None: the format's default (DEFAULT_COMPRESSION)
     level: int | None = None
     append: str = ""
     closure_info: Path | None = None
     progress: bool = False
     cache_dir: Path | None = None  # None: no cache
     cache_max: int = DEFAULT_MAX
+    rootfs: Path | None = None  # a root filesystem directory
+    oci: Path | None = None  # an OCI image archive
+    kernel: Path | None = None  # the bzImage for rootfs or oci
+    modules: Path | None = None  # its modules (/lib/modules/<version>)
+    init: str = "/sbin/init"  # the init of rootfs or oci
 
 
 def source_date_epoch() -> int:
@@ -58,23 +65,35 @@ def source_date_epoch() -> int:
     return int(value)
 
 
-def kernel_cmdline(system: System, fmt: str, append: str) -> str:
-    # squashfs: stage 1 runs first and reads init=; direct: the kernel runs rdinit= from the initrd.
-    key = "init" if fmt == "squashfs" else "rdinit"
-    return " ".join(x for x in (f"{key}={system.init}", system.params, append.strip()) if x)
-
-
 def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]:
     if opts.format not in FORMATS:
         raise NetbootError(f"unknown format {opts.format!r} (choose from {', '.join(FORMATS)})")
-    compressor = compress.get(opts.compression)
+    compressor = compress.get(opts.compression or DEFAULT_COMPRESSION[opts.format])
     level = compressor.check_level(opts.level)
+    if opts.format == "erofs" and compressor.compresses_erofs() and opts.level is None:
+        level = 1  # mkfs.erofs compresses on one core, where lz4hc (levels 3 and above) takes three times longer
     argv = compressor.stream_argv(level)
     if argv is not None:
         require(argv[0], f"needed for --compress {compressor.name}")
     if opts.format == "squashfs":
         compressor.squashfs_args(level, opts.level is not None)
         require("mksquashfs", "install Debian's squashfs-tools, or use --format direct")
+    if opts.format == "erofs":
+        require("mkfs.erofs", "install Debian's erofs-utils, or use --format squashfs or direct")
+    inputs = [flag for flag, given in (("SYSTEM", opts.system), ("--rootfs", opts.rootfs), ("--oci", opts.oci))
+              if given is not None]
+    if len(inputs) != 1:
+        both = f" (not {' and '.join(inputs)})" if inputs else ""
+        raise NetbootError(f"give one of SYSTEM, --rootfs DIR and --oci IMAGE.tar{both}")
+    if opts.system is not None:
+        for flag, given in (("--kernel", opts.kernel), ("--modules", opts.modules)):
+            if given is not None:
+                raise NetbootError(f"{flag} is for --rootfs and --oci; a Nix system brings its own")
+    else:
+        if opts.kernel is None:
+            raise NetbootError(f"{inputs[0]} needs --kernel BZIMAGE")
+        if opts.closure_info is not None:
+            raise NetbootError("--closure-info is for a Nix system")
     if any(c in opts.append for c in "\n\r\0"):
         raise NetbootError("--append must be a single line")
     return compressor, level
@@ -97,46 +116,35 @@ def _build(opts: BuildOptions) -> dict:
     started = time.monotonic()
     compressor, level = _check_options(opts)
     packing = Packing(compressor, level, opts.level is not None, source_date_epoch())
-    system = System.load(opts.system)
-    cmdline = kernel_cmdline(system, opts.format, opts.append)
-    if "${" in cmdline:
-        raise NetbootError("the kernel command line contains '${', which iPXE would expand as a setting")
-
+    system = System.load(opts.system) if opts.system is not None else None
     cache = Cache(opts.cache_dir, opts.cache_max) if opts.cache_dir is not None else Cache(None)
     staging = Staging(opts.out)
     with staging as work, _explaining_full_disks(work, opts.cache_dir):
-        closure = Closure.of(system.toplevel, opts.closure_info)
-        stage1 = Stage1.prepare(system, closure) if opts.format == "squashfs" else None  # refuse before packing
-        initrd = work / "initrd"
         scratch = work / ".scratch"
         scratch.mkdir()
-        if stage1 is not None:
-            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress)
-            log.info("stage 1: busybox from %s, modules %s", stage1.busybox, " ".join(stage1.load_order) or "built in")
+        if system is not None:
+            cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
+            described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel
+            kernel_version, name = system.kernel_version, str(system.toplevel)
         else:
-            progress = Progress("packing", len(closure.paths), enabled=opts.progress)
-            stats = write_direct(initrd, closure, packing, cache, scratch, progress)
-            progress.done()
+            root = _root_system(opts, scratch)
+            cmdline = _cmdline(opts.format, root.init, "", opts.append)
+            described, kernel = _pack_root(opts, root, packing, work, scratch), root.kernel
+            kernel_version, name = root.kernel_version, str(opts.rootfs or opts.oci)
         shutil.rmtree(scratch)
-        reused = f"; {stats.reused} reused from the cache" if cache.enabled else ""
-        log.info("closure: %d store paths, %d files, %.1f MiB%s", len(closure.paths), stats.files,
-                 stats.bytes / 2**20, reused)
-
-        shutil.copyfile(system.kernel, work / "bzImage")
+        shutil.copyfile(kernel, work / "bzImage")
         (work / "cmdline").write_text(cmdline + "\n")
-        (work / "netboot.ipxe").write_text(
-            render("netboot.ipxe", system=str(system.toplevel), format=opts.format, cmdline=cmdline)
-        )
+        (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline))
         manifest = {
             "tool": "netboot",
             "version": __version__,
-            "system": str(system.toplevel),
-            "kernel_version": system.kernel_version,
+            "system": name,
+            "kernel_version": kernel_version,
             "format": opts.format,
             "compression": compressor.name,
             "level": level,
             "cmdline": cmdline,
-            "closure": {"paths": len(closure.paths), "files": stats.files, "bytes": stats.bytes},
+            **described,
             "artifacts": {name: _describe(work / name) for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -155,6 +163,77 @@ def _build(opts: BuildOptions) -> dict:
         time.monotonic() - started,
     )
     return manifest
+
+
+def _cmdline(fmt: str, init: str, params: str, append: str) -> str:
+    # squashfs, erofs: stage 1 runs first and reads init=; direct: the kernel runs rdinit= from the initrd.
+    key = "init" if fmt in IMAGE_FORMATS else "rdinit"
+    cmdline = " ".join(x for x in (f"{key}={init}", params, append.strip()) if x)
+    if "${" in cmdline:
+        raise NetbootError("the kernel command line contains '${', which iPXE would expand as a setting")
+    return cmdline
+
+
+def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache, work: Path, scratch: Path
+              ) -> dict:
+    """A Nix system's initrd: its closure, in the format asked; what the manifest says of it."""
+    closure = Closure.of(system.toplevel, opts.closure_info)
+    # Refused before packing: an image format without the modules to mount it.
+    stage1 = Stage1.prepare(system, closure, opts.format) if opts.format in IMAGE_FORMATS else None
+    initrd = work / "initrd"
+    if stage1 is not None:
+        if opts.format == "erofs":
+            stats = write_erofs(initrd, closure, stage1, packing, cache, scratch)
+        else:
+            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress)
+        _log_stage1(stage1)
+    else:
+        progress = Progress("packing", len(closure.paths), enabled=opts.progress)
+        stats = write_direct(initrd, closure, packing, cache, scratch, progress)
+        progress.done()
+    reused = f"; {stats.reused} reused from the cache" if cache.enabled else ""
+    log.info("closure: %d store paths, %d files, %.1f MiB%s", len(closure.paths), stats.files,
+             stats.bytes / 2**20, reused)
+    return {"input": {"kind": "nix"},
+            "closure": {"paths": len(closure.paths), "files": stats.files, "bytes": stats.bytes}}
+
+
+def _root_system(opts: BuildOptions, scratch: Path) -> rootfs.RootSystem:
+    assert opts.kernel is not None
+    if opts.oci is not None:
+        unpacked = scratch / "oci-root"
+        unpacked.mkdir()
+        keep_owners = os.geteuid() == 0
+        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners)
+        if not keep_owners:
+            log.warning("warning: not root: every file of %s is root's in the build, and device nodes are left "
+                        "out", opts.oci)
+        described = {"kind": "oci", "archive": str(opts.oci), "digest": image.digest, "layers": image.layers}
+        return rootfs.RootSystem.load(unpacked, opts.kernel, opts.init, opts.modules, input=described,
+                                      all_root=not keep_owners)
+    assert opts.rootfs is not None
+    return rootfs.RootSystem.load(opts.rootfs, opts.kernel, opts.init, opts.modules,
+                                  input={"kind": "rootfs", "path": str(opts.rootfs)})
+
+
+def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, work: Path, scratch: Path) -> dict:
+    """Any other system's initrd: its root filesystem, in the format asked; what the manifest says of it."""
+    initrd = work / "initrd"
+    if opts.format in IMAGE_FORMATS:
+        stage1 = root.stage1(opts.format)
+        rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
+        _log_stage1(stage1)
+        files, nbytes = rootfs.count(root.root)
+    else:
+        files, nbytes = rootfs.write_direct(initrd, root, packing)
+    log.info("root filesystem: %d files, %.1f MiB%s", files, nbytes / 2**20,
+             f"; modules {root.modules.version} added" if root.add_modules and root.modules else "")
+    return {"input": root.input, "root": {"files": files, "bytes": nbytes}}
+
+
+def _log_stage1(stage1: Stage1) -> None:
+    log.info("stage 1: busybox from %s, modules %s", stage1.busybox,
+             " ".join(p for p, _ in stage1.load_order) or "built in")
 
 
 _NEARLY_FULL = 16 << 20  # less free space than a tool's write buffers: what made it fail

@@ -33,14 +33,28 @@ def mksquashfs(
     The root holds one entry per store path and `nix-path-registration`, as nixpkgs' netboot.nix makes it, so
     that it can be mounted at /nix/.ro-store under the /nix/store overlay.
     """
-    binary = require("mksquashfs", "install Debian's squashfs-tools")
     registration = workdir / REGISTRATION_NAME
     registration.write_bytes(closure.registration)
     registration.chmod(0o444)
+    # A store's files are all root's, and hold no extended attributes nor (in a NAR) hard links.
+    _mksquashfs([*map(str, closure.paths), str(registration)],
+                ["-keep-as-directory", "-no-hardlinks", "-all-root", "-no-xattrs"],
+                image, compressor, level, explicit_level, mtime, offset, show_progress)
+
+
+def mksquashfs_root(root: Path, image: Path, compressor: Compressor, level: int | None, explicit_level: bool,
+                    mtime: int, *, all_root: bool, offset: int = 0, show_progress: bool = False) -> None:
+    """Write a squashfs whose root is the directory `root`: owners, modes, hard links, devices and extended
+    attributes as they are there (owners all root's with `all_root`)."""
+    _mksquashfs([str(root)], ["-all-root"] if all_root else [], image, compressor, level, explicit_level, mtime,
+                offset, show_progress)
+
+
+def _mksquashfs(sources: list[str], options: list[str], image: Path, compressor: Compressor, level: int | None,
+                explicit_level: bool, mtime: int, offset: int, show_progress: bool) -> None:
+    binary = require("mksquashfs", "install Debian's squashfs-tools")
     argv = [
-        binary, *map(str, closure.paths), str(registration), str(image),
-        "-noappend", "-no-recovery", "-offset", str(offset),
-        "-keep-as-directory", "-no-hardlinks", "-all-root", "-no-xattrs", "-no-exports",
+        binary, *sources, str(image), "-noappend", "-no-recovery", "-offset", str(offset), "-no-exports", *options,
         "-b", "1M", *compressor.squashfs_args(level, explicit_level),
         # mksquashfs caches up to a quarter of RAM by default (~1 GB for a 1 GB closure); 256M keeps the
         # build under 300 MB in all and measured no slower (BENCHMARKS.md).

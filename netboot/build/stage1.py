@@ -1,4 +1,4 @@
-"""The small stage 1 of the squashfs format: static busybox, the modules it needs, and its init script."""
+"""The small stage 1 of the squashfs and erofs formats: static busybox, the modules it needs, and its init script."""
 
 from __future__ import annotations
 
@@ -14,8 +14,12 @@ from netboot.build.system import System
 from netboot.build.tree import Tree
 from netboot.errors import NetbootError
 
-# What mounting a squashfs file under an overlay takes (what nixpkgs' netboot.nix loads too).
-NEEDED_MODULES = ["loop", "squashfs", "overlay"]
+
+# What mounting an image file under an overlay takes (for squashfs, what nixpkgs' netboot.nix loads too).
+def needed_modules(fstype: str) -> list[str]:
+    return ["loop", fstype, "overlay"]
+
+
 HOST_BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 
 
@@ -23,18 +27,21 @@ HOST_BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
 class Stage1:
     busybox: Path
     modules: ModuleTree
-    load_order: tuple[str, ...]  # module paths relative to the module tree, dependencies first
+    load_order: tuple[tuple[str, bool], ...]  # (path relative to the module tree, optional), dependencies first
 
     @classmethod
-    def prepare(cls, system: System, closure: Closure) -> Stage1:
+    def prepare(cls, system: System, closure: Closure, fstype: str) -> Stage1:
         if system.modules is None:
             raise NetbootError(
-                f"system {system.toplevel} has no kernel-modules; the squashfs format needs "
-                f"{', '.join(NEEDED_MODULES)} (or use --format direct)"
+                f"system {system.toplevel} has no kernel-modules; the {fstype} format needs "
+                f"{', '.join(needed_modules(fstype))} (or use --format direct)"
             )
-        tree = ModuleTree.load(system.modules, system.kernel_version)
-        order = tree.resolve(NEEDED_MODULES, "the squashfs format")
-        return cls(find_busybox(closure), tree, tuple(order))
+        return cls.of(ModuleTree.load(system.modules, system.kernel_version), fstype,
+                      find_busybox([p / "bin" / "busybox" for p in closure.paths]))
+
+    @classmethod
+    def of(cls, modules: ModuleTree, fstype: str, busybox: Path) -> Stage1:
+        return cls(busybox, modules, tuple(modules.resolve(needed_modules(fstype), f"the {fstype} format")))
 
     def tree(self) -> Tree:
         """The stage 1 files, by name inside the initrd."""
@@ -43,20 +50,19 @@ class Stage1:
         t.file(b"bin/busybox", _read(self.busybox), 0o755)
         t.char_device(b"dev/console", 0o600, 5, 1)
         loaded = []
-        for relpath in self.load_order:
+        for relpath, optional in self.load_order:
             name = os.fsencode(f"lib/modules/{self.modules.version}/{uncompressed_name(relpath)}")
             t.file(name, self.modules.read_uncompressed(relpath), 0o444)
-            loaded.append(name)
+            loaded.append(b"optional " + name if optional else name)
         t.file(b"etc/netboot-modules", b"".join(n + b"\n" for n in loaded), 0o444)
         for mountpoint in (b"proc", b"sys", b"mnt-root"):
             t.directory(mountpoint)
         return t
 
 
-def find_busybox(closure: Closure) -> Path:
+def find_busybox(candidates: list[Path]) -> Path:
     """A static busybox: the system's own when it has one, else Debian's busybox-static."""
-    for path in closure.paths:
-        candidate = path / "bin" / "busybox"
+    for candidate in candidates:
         if candidate.is_file() and is_static_elf(candidate):
             return candidate
     if HOST_BUSYBOX.is_file() and is_static_elf(HOST_BUSYBOX):

@@ -54,6 +54,16 @@ class System:
         )
 
 
+def is_bzimage(path: Path) -> bool:
+    """Whether `path` starts like an x86 Linux kernel image: "HdrS" at 0x202 (Documentation/arch/x86/boot.rst)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(0x206)
+    except OSError as e:
+        raise NetbootError(f"cannot read kernel {path}: {e.strerror}") from e
+    return head[0x202:0x206] == b"HdrS"
+
+
 def bzimage_version(path: Path) -> str | None:
     """The kernel release (`uname -r`) from a bzImage's setup header, or None if it isn't one.
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from netboot.build.pack import IMAGE_FORMATS
 from netboot.build.publish import manifest_digest
 from netboot.errors import NetbootError
 from netboot.serve import mac as macs
@@ -99,7 +100,7 @@ class Generation:
             raise NetbootError(f"{directory}/manifest.json is not a netboot manifest ({e})") from None
         self.digest = manifest_digest(manifest_bytes)  # its content address (netboot publish)
         self.id = self.digest[:16]
-        self.packing = Build(self.id, self.format == "squashfs", self.compression, self.level)  # for overlays
+        self.packing = Build(self.id, self.format in IMAGE_FORMATS, self.compression, self.level)  # for overlays
 
     def close(self) -> None:
         for f in self.files.values():

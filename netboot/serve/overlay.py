@@ -4,8 +4,8 @@ A profile's `overlay = "DIR"` names the directory. Files ending in `.j2` are Jin
 machine (the file loses `.j2`); every other file, directory and symlink is taken as it is. A machine's overlay is
 packed as one small newc cpio, compressed like its build's initrd, and its script loads it after the main initrd:
 - direct format: the kernel unpacks it over the root, so its files replace the image's;
-- squashfs format: its files arrive under /netboot-overlay/ (beside stage 1's own), and stage 1 copies them into
-  the booted root before switching to it.
+- squashfs and erofs formats: its files arrive under /netboot-overlay/ (beside stage 1's own), and stage 1 copies
+  them into the booted root before switching to it.
 
 The directory is read into memory once per (re)load, so rendering never touches the disk: a template can include
 only another template of the same overlay, and a symlink that leads out of the directory is refused. Templates
@@ -33,7 +33,7 @@ from netboot.build.initrd import compress_bytes
 from netboot.errors import NetbootError
 
 TEMPLATE_SUFFIX = ".j2"
-SQUASHFS_PREFIX = "netboot-overlay"  # where stage 1 looks for the overlay (stage1-init.sh)
+STAGE1_PREFIX = "netboot-overlay"  # where stage 1 looks for the overlay (stage1-init.sh)
 MTIME = 1  # every entry's mtime, as in the Nix store: the same inputs give the same bytes
 MAX_BYTES = 16 << 20  # an overlay is a handful of configuration files, not a second image
 
@@ -209,14 +209,14 @@ def _digest(entries: list[Entry]) -> str:
     return h.hexdigest()
 
 
-def pack(rendered: Rendered, *, squashfs: bool, compressor: Compressor, level: int | None) -> bytes:
+def pack(rendered: Rendered, *, stage1: bool, compressor: Compressor, level: int | None) -> bytes:
     """The overlay as one compressed newc member: the same entries and options give the same bytes."""
     buf = io.BytesIO()
     w = NewcWriter(StreamSink(buf), MTIME)
     prefix = ""
-    if squashfs:
-        prefix = SQUASHFS_PREFIX + "/"
-        w.directory(SQUASHFS_PREFIX.encode(), 0o755)
+    if stage1:
+        prefix = STAGE1_PREFIX + "/"
+        w.directory(STAGE1_PREFIX.encode(), 0o755)
     for e in rendered.entries:
         name = (prefix + e.name).encode()
         match e.kind:

@@ -36,7 +36,7 @@ class Build:
     """What packing depends on besides the content: the build's id, format and compression."""
 
     id: str
-    squashfs: bool
+    stage1: bool  # an image format: stage 1 copies the overlay into the root
     compression: str
     level: int | None
 
@@ -129,7 +129,7 @@ class Overlays:
         if data is not None:
             self._packed.move_to_end(key)
             return data
-        data = pack(rendered, squashfs=build.squashfs, compressor=compress.get(build.compression), level=build.level)
+        data = pack(rendered, stage1=build.stage1, compressor=compress.get(build.compression), level=build.level)
         self.packs += 1
         self._packed[key] = data
         self._packed_bytes += len(data)

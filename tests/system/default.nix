@@ -33,7 +33,8 @@ let
     cp ${bzImage} $out/bzImage
   '';
 
-  # What the squashfs format needs (loop, squashfs, overlay) plus a module with a chain of dependencies.
+  # What the squashfs and erofs formats need (loop, squashfs, erofs and its soft dependency crc32c, overlay)
+  # plus a module with a chain of dependencies.
   modules = mk "linux-${kernelVersion}-modules" {
     hash = builtins.hashFile "sha256" "${hostModules}/modules.dep";
     inherit moduleCompression;
@@ -43,7 +44,9 @@ let
     mkdir -p $dst
     for m in kernel/drivers/block/loop.ko kernel/fs/squashfs/squashfs.ko kernel/fs/overlayfs/overlay.ko \
              kernel/fs/isofs/isofs.ko \
-             $(grep '^kernel/drivers/target/loopback/tcm_loop.ko:' $src/modules.dep | tr -d :); do
+             $(grep '^kernel/drivers/target/loopback/tcm_loop.ko:' $src/modules.dep | tr -d :) \
+             $(grep '^kernel/fs/erofs/erofs.ko:' $src/modules.dep | tr -d :) \
+             kernel/crypto/crc32c_generic.ko kernel/arch/x86/crypto/crc32c-intel.ko; do
       mkdir -p $dst/$(dirname $m)
       case $moduleCompression in
         xz) xz --check=crc32 -c $src/$m > $dst/$m.xz ;;
