@@ -273,6 +273,25 @@ def test_the_record_stays_bounded() -> None:
     assert newest in record.machines  # the least recently active were forgotten, not the newest
 
 
+def test_a_machine_active_again_outlives_one_that_was_not() -> None:
+    """Beyond max_machines the least recently active goes: B, though A came first, as A asked again."""
+    a, b, c, d = (f"02:00:00:00:00:0{i}" for i in range(1, 5))
+    record = BootRecord(max_machines=2)
+    for mac in (a, b, a, c):
+        record.record("192.0.2.1", "http", f"/machine/{hyphens(mac)}/boot.ipxe", "200", True, 10, mac, None)
+    record.flush()
+    assert set(record.machines) == {a, c}
+    # A machine that keeps asking outlives a flood of others that ask once.
+    record = BootRecord(max_machines=100)
+    for i in range(2_000):
+        for mac in (d, f"02:00:00:01:{i >> 8:02x}:{i & 0xFF:02x}"):
+            record.record("192.0.2.1", "http", f"/machine/{hyphens(mac)}/boot.ipxe", "200", True, 10, mac, None)
+        if i % 7 == 0:
+            record.flush()
+    record.flush()
+    assert d in record.machines and len(record.machines) == 100
+
+
 def test_reloads_are_counted_and_the_machines_follow_the_file(server: ServerProcess, machines_file: Path,
                                                               outs: dict[str, Path]) -> None:
     http_boot(server, HTTP_MAC)

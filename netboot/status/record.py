@@ -5,7 +5,7 @@ the record turns it into a numbered `BootEvent`, adds it to the machine it was f
 is on every request's path, so it does the least it can: reports are applied in batches (`flush()`, which every
 reader calls first), and a machine's state, current boot and bytes are worked out from its last events when shown.
 Everything is bounded: a few events per machine, a ring of recent events, and at most `max_machines` machines
-seen without being configured (the least recently active is forgotten first), so a flood of made-up MACs
+seen without being configured (the least recently active first, near enough), so a flood of made-up MACs
 cannot grow the process.
 
 A machine's states:
@@ -135,6 +135,7 @@ def iso(t: float | None) -> str | None:
 
 
 _BATCH = 512  # noted requests applied at once, at most
+_UNKNOWN = object()
 _now = time.time
 
 Builds = Callable[[str], tuple[str, str] | None]  # profile -> (build id, system) of what it serves now
@@ -151,18 +152,16 @@ class BootRecord:
         self._configured: dict[str, str] = {}  # the machines file's MACs and profiles
         self._recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=recent)  # BootEvents' fields
         self._seq = 0
-        self._unconfigured: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recent first
+        # Machines seen but not configured, in the order they joined the queue, with the seq they joined at.
+        self._unconfigured: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._subscribers: set[asyncio.Queue[BootEvent | None]] = set()
         self._pending: list[tuple[Any, ...]] = []  # (time, what record() was given)
         self.systems: dict[str, str] = {}  # build id -> system, for the builds events name
         self._flush_scheduled = False
         # Counters for /metrics, read at scrape time. (Plain dicts: adding to a Counter costs twice as much.)
-        self.requests: dict[tuple[str, str], int] = {}  # (protocol, status)
-        self.sent: dict[tuple[str, str], int] = {}
-        self.boots_started: dict[str, int] = {}  # profile
-        self.handed_over: dict[str, int] = {}
+        self._counts: dict[str, dict[str, list[int]]] = {}  # protocol -> status -> [requests, bytes sent]
+        self._per_profile: dict[str, list[int]] = {}  # profile -> [boots started, handed over]
         self.tftp_retransmissions = 0
-        self.tftp_timeouts = 0
         self.reloads = 0
         self.reload_failures = 0
         self.http_in_flight = 0
@@ -171,7 +170,7 @@ class BootRecord:
         """The machines file's MACs and profiles (at start and after each reload)."""
         for mac in self._configured:
             if mac not in machines and mac in self._events:
-                self._unconfigured[mac] = None  # seen: still shown, until it is the least recent
+                self._unconfigured[mac] = self._seq  # seen: still shown, until it is the least recent
         for mac in machines:
             self._unconfigured.pop(mac, None)
         self._configured = dict(machines)
@@ -209,30 +208,49 @@ class BootRecord:
         pending, self._pending = self._pending, []
         if not pending:
             return
-        builds: dict[str, tuple[str, str] | None] = {}
-        requests, sent, per_mac, configured = self.requests, self.sent, self._events, self._configured
-        boots_started, handed_over, unconfigured = self.boots_started, self.handed_over, self._unconfigured
-        systems, per_machine, max_machines = self.systems, self.per_machine, self.max_machines
+        builds: dict[str, str | None] = {}  # profile -> its build id, asked once a batch
+        counts, per_mac, configured, per_profile = self._counts, self._events, self._configured, self._per_profile
+        unconfigured, per_machine, max_machines = self._unconfigured, self.per_machine, self.max_machines
         seq = self._seq
         batch = []
+        # What the last event counted in: most requests of a batch are alike, and their strings the same objects.
+        last_protocol = last_status = last_profile = None
+        count = [0, 0]
+        build = profiled = None
         # One loop with everything written out in it: this runs for every request served.
         for now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions in pending:
-            found = None
-            if profile is not None:
-                found = builds[profile] if profile in builds else builds.setdefault(profile, self.builds(profile))
+            if profile is not last_profile:
+                last_profile = profile
+                if profile is None:
+                    build = profiled = None
+                else:
+                    build = builds[profile] if profile in builds else builds.setdefault(profile,
+                                                                                       self._build_of(profile))
+                    profiled = per_profile.get(profile)
+                    if profiled is None:
+                        profiled = per_profile[profile] = [0, 0]
             seq += 1
-            event = (seq, now, client, protocol, path, status, ok, nbytes, mac, profile,
-                     found[0] if found is not None else None, retransmissions)  # a BootEvent's fields
+            event = (seq, now, client, protocol, path, status, ok, nbytes, mac, profile, build,
+                     retransmissions)  # a BootEvent's fields
             batch.append(event)
-            key = (protocol, status)
-            requests[key] = requests.get(key, 0) + 1
-            sent[key] = sent.get(key, 0) + nbytes
-            if protocol == "tftp":
+            if status is not last_status or protocol is not last_protocol:
+                last_status, last_protocol = status, protocol
+                by_status = counts.get(protocol)
+                if by_status is None:
+                    by_status = counts[protocol] = {}
+                count = by_status.get(status)
+                if count is None:
+                    count = by_status[status] = [0, 0]
+            count[0] += 1
+            count[1] += nbytes
+            if retransmissions:
                 self.tftp_retransmissions += retransmissions
-                if status == "timed out":
-                    self.tftp_timeouts += 1
-            if found is not None and found[0] not in systems:
-                systems[found[0]] = found[1]
+            if ok and profiled is not None:
+                # is_script(event) and hands_over(event), written out (a slice is cheaper than endswith()).
+                if path[-10:] == "/boot.ipxe":
+                    profiled[0] += 1
+                elif path[-7:] == "/initrd" and status in ("200", "complete"):
+                    profiled[1] += 1
             if mac is None:
                 continue
             held = per_mac.get(mac)
@@ -241,28 +259,52 @@ class BootRecord:
                 # tuples behind, which the garbage collector soon stops looking at (it never does at a list).
                 per_mac[mac] = event
                 if mac not in configured:
-                    unconfigured[mac] = None
-                    if len(unconfigured) > max_machines:  # forget the least recently active
-                        del per_mac[unconfigured.popitem(last=False)[0]]
+                    unconfigured[mac] = seq
+                    if len(unconfigured) > max_machines:
+                        self._forget_one(seq)
+            elif type(held) is tuple:
+                per_mac[mac] = [held, event]
             else:
-                if type(held) is tuple:
-                    per_mac[mac] = [held, event]
-                else:
-                    held.append(event)
-                    if len(held) > per_machine:
-                        del held[0]
-                if mac not in configured:
-                    unconfigured.move_to_end(mac)
-            if profile is not None and ok:
-                if path.endswith("/boot.ipxe"):  # is_script(event) and hands_over(event), written out
-                    boots_started[profile] = boots_started.get(profile, 0) + 1
-                elif path.endswith("/initrd") and status in ("200", "complete"):
-                    handed_over[profile] = handed_over.get(profile, 0) + 1
+                held.append(event)
+                if len(held) > per_machine:
+                    del held[0]
         self._seq = seq
         self._recent.extend(batch)
         if self._subscribers:
             for event in batch:
                 self._publish(BootEvent._make(event))
+
+    def _build_of(self, profile: str) -> str | None:
+        """The build id `profile` serves now (noting its system, for the machines' entries)."""
+        found = self.builds(profile)
+        if found is None:
+            return None
+        self.systems.setdefault(found[0], found[1])
+        return found[0]
+
+    @property
+    def requests(self) -> dict[tuple[str, str], int]:
+        """Requests and transfers that ended, by (protocol, status)."""
+        return {(p, s): c[0] for p, by_status in self._counts.items() for s, c in by_status.items()}
+
+    @property
+    def sent(self) -> dict[tuple[str, str], int]:
+        """Payload bytes sent, by (protocol, status)."""
+        return {(p, s): c[1] for p, by_status in self._counts.items() for s, c in by_status.items()}
+
+    @property
+    def boots_started(self) -> dict[str, int]:
+        """Boots started (a machine fetched its script), by profile."""
+        return {profile: n[0] for profile, n in self._per_profile.items() if n[0]}
+
+    @property
+    def handed_over(self) -> dict[str, int]:
+        """Boots whose initrd was sent whole, by profile."""
+        return {profile: n[1] for profile, n in self._per_profile.items() if n[1]}
+
+    @property
+    def tftp_timeouts(self) -> int:
+        return self.requests.get(("tftp", "timed out"), 0)
 
     def _publish(self, event: BootEvent) -> None:
         for queue in list(self._subscribers):
@@ -277,8 +319,22 @@ class BootRecord:
     def _bound(self) -> None:
         """Forget the least recently active machines seen but not configured, beyond `max_machines`."""
         while len(self._unconfigured) > self.max_machines:
-            mac, _ = self._unconfigured.popitem(last=False)
-            del self._events[mac]
+            self._forget_one(self._seq)
+
+    def _forget_one(self, seq: int) -> None:
+        """Forget the machine seen but not configured that was least recently active, as a CLOCK does it:
+        machines queue in the order they joined; the first is forgotten unless it was active since it joined,
+        in which case it joins again at the back. Nothing to do on each request, and it forgets what a strict
+        least-recently-used order would, but for machines that last asked between two turns of the queue."""
+        unconfigured, per_mac = self._unconfigured, self._events
+        while True:
+            mac, joined = unconfigured.popitem(last=False)
+            held = per_mac[mac]
+            last = held[0] if type(held) is tuple else held[-1][0]  # its last event's seq
+            if last <= joined:
+                del per_mac[mac]
+                return
+            unconfigured[mac] = seq
 
     def events_since(self, since: int = 0) -> list[BootEvent]:
         """The recent events after sequence number `since`, newest first."""
