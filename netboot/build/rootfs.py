@@ -81,8 +81,8 @@ class RootSystem:
                 f"the {fstype} format needs the kernel's loop, {fstype} and overlay modules: give --modules DIR, "
                 f"or a root with lib/modules/{self.kernel_version or '<version>'} (or use --format direct)"
             )
-        candidates = [self.root / p for p in ("bin/busybox", "usr/bin/busybox", "sbin/busybox")]
-        return Stage1.of(self.modules, fstype, find_busybox([c for c in candidates if _inside(self.root, c)]))
+        found = (resolve_in_root(self.root, p) for p in ("/bin/busybox", "/usr/bin/busybox", "/sbin/busybox"))
+        return Stage1.of(self.modules, fstype, find_busybox([self.root / p for p in found if p]))
 
     def modules_destination(self) -> bytes:
         """Where the modules go in the root, its symlinks resolved (/lib is often a link to usr/lib)."""
@@ -118,12 +118,6 @@ def resolve_in_root(root: Path, path: str) -> str | None:
             return None
         resolved.append(name)
     return "/".join(resolved)
-
-
-def _inside(root: Path, path: Path) -> bool:
-    """Whether `path` (in the root) is a file there, its symlinks resolved inside the root."""
-    found = resolve_in_root(root, "/" + str(path.relative_to(root)))
-    return found is not None and (root / found).is_file()
 
 
 def write_direct(path: Path, system: RootSystem, packing: Packing) -> tuple[int, int]:

@@ -226,7 +226,7 @@ def _system(entry: dict, ref: str, at: str) -> tuple[Path | None, tuple[str, ...
         if level is not None:
             if not isinstance(level, int) or isinstance(level, bool):
                 raise NetbootError("level must be an integer")
-            compress.get(name or "zstd").check_level(level)
+            compress.get(name or pack.DEFAULT_COMPRESSION[fmt or "squashfs"]).check_level(level)
             args += ["--level", str(level)]
     except NetbootError as e:
         raise NetbootError(f"{at}: {ref}: {e}") from None
