@@ -14,7 +14,7 @@ DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 DEBIAN_PACKAGES += chromium systemd nginx
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats lint clean
 all: test
 
 deps:
@@ -84,6 +84,11 @@ bench-autobuild: deps venv
 # Only the overlays (part of make bench): render and pack per machine, cold and cached, against cpio | zstd.
 bench-overlay: deps venv
 	$(PY) bench/overlay_bench.py --update
+
+# Only the image formats on the 1 GB closure (part of make bench): erofs, squashfs and direct, cold builds against
+# bare mkfs.erofs, and QEMU boots (software emulation) to init and to the store read.
+bench-formats: deps venv
+	$(PY) bench/format_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

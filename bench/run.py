@@ -15,6 +15,7 @@ import autobuild_bench
 import boot_bench
 import build
 import dhcp_bench
+import format_bench
 import http_bench
 import load_bench
 import overlay_bench
@@ -50,7 +51,7 @@ def main() -> None:
     runs = int(os.environ.get("BENCH_RUNS", "3"))
     system = build.bench_system()
     sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), load_bench.main([]), status_bench.main([]),
-                overlay_bench.main([]), autobuild_bench.main([]),
+                overlay_bench.main([]), autobuild_bench.main([]), format_bench.main([]),
                 boot_bench.main(runs), dhcp_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",

@@ -38,6 +38,8 @@ class BootResult:
     panicked: bool = False
     elapsed: float = 0.0
     lines: list[str] = field(default_factory=list)
+    # For each text of watch()'s `marks` the console showed: seconds from QEMU's start to its first appearance.
+    seen_at: dict[str, float] = field(default_factory=dict)
 
 
 def qemu_binary() -> str:
@@ -129,10 +131,13 @@ def lan_argv(
     return argv
 
 
-def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None) -> BootResult:
+def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None,
+          marks: Sequence[str] = ()) -> BootResult:
     """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID.
 
     `argv` may start with `ip netns exec NS` (netboot.lan): ip execs QEMU in the namespace, so the PID is QEMU's.
+    For each text in `marks`, the time from QEMU's start to when the console first showed it goes into
+    `seen_at` (read as it arrives, so to within the pipe's latency).
     """
     result = BootResult()
     started = time.monotonic()
@@ -160,6 +165,9 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
                 result.panicked = True
             if expect is not None and expect.encode() in buf:
                 result.expected_seen = True
+            for mark in marks:
+                if mark not in result.seen_at and mark.encode() in buf:
+                    result.seen_at[mark] = time.monotonic() - started
     finally:
         if proc.poll() is None:
             proc.kill()
