@@ -10,11 +10,13 @@ same from one machine to the next, as a NAR has no hard links.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import os
 import shutil
 import stat
+import threading
 import uuid
 from pathlib import Path
 
@@ -43,34 +45,44 @@ def mkfs_erofs(source: Path, image: Path, compressor: Compressor, level: int | N
     run(argv, what=WHAT)
 
 
-def lay_out_closure(closure: Closure, dest: Path) -> None:
+def lay_out_closure(closure: Closure, dest: Path) -> tuple[int, int]:
     """The image's root for a closure, in `dest` (empty): one directory per store path, and the registration
-    (the same root as the squashfs format's)."""
+    (the same root as the squashfs format's); returns the closure's (files and directories, bytes).
+
+    Store paths are laid out side by side on a thread each: the work is system calls, which run in parallel.
+    """
     linker = _Linker()
-    for path in closure.paths:
-        linker.tree(os.fsencode(path), os.fsencode(dest / path.name))
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        counts = list(pool.map(lambda p: linker.tree(os.fsencode(p), os.fsencode(dest / p.name)), closure.paths))
     registration = dest / REGISTRATION_NAME
     registration.write_bytes(closure.registration)
     registration.chmod(0o444)
     linker.finish()
+    return sum(n for n, _ in counts), sum(b for _, b in counts)
 
 
 class _Linker:
     def __init__(self) -> None:
         self.seen: set[tuple[int, int]] = set()
+        self.seen_lock = threading.Lock()
         self.can_link = True
-        self.directories: list[tuple[bytes, int]] = []  # made writable; their modes are set at the end
+        self.directories: list[list[tuple[bytes, int]]] = []  # made writable; their modes are set at the end
 
-    def tree(self, src: bytes, dst: bytes) -> None:
+    def tree(self, src: bytes, dst: bytes) -> tuple[int, int]:
+        """Lay out `src` at `dst`; (files and directories, bytes)."""
         st = _lstat(src)
         if not stat.S_ISDIR(st.st_mode):
             self.entry(src, dst, st)
-            return
+            return 1, st.st_size if stat.S_ISREG(st.st_mode) else 0
+        entries, nbytes = 0, 0
+        directories: list[tuple[bytes, int]] = []
+        self.directories.append(directories)
         stack = [(src, dst, st)]
         while stack:
             src_dir, dst_dir, st = stack.pop()
             os.mkdir(dst_dir, 0o700)
-            self.directories.append((dst_dir, stat.S_IMODE(st.st_mode)))
+            directories.append((dst_dir, stat.S_IMODE(st.st_mode)))
+            entries += 1
             try:
                 with os.scandir(src_dir) as it:
                     children = [(d.name, d.stat(follow_symlinks=False)) for d in it]
@@ -81,14 +93,18 @@ class _Linker:
                     stack.append((os.path.join(src_dir, name), os.path.join(dst_dir, name), child))
                 else:
                     self.entry(os.path.join(src_dir, name), os.path.join(dst_dir, name), child)
+                    entries += 1
+                    nbytes += child.st_size if stat.S_ISREG(child.st_mode) else 0
+        return entries, nbytes
 
     def entry(self, src: bytes, dst: bytes, st: os.stat_result) -> None:
         if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(src), dst)
         elif stat.S_ISREG(st.st_mode):
             inode = (st.st_dev, st.st_ino)
-            first = inode not in self.seen
-            self.seen.add(inode)
+            with self.seen_lock:  # two threads linking one inode would make mkfs.erofs a hard link
+                first = inode not in self.seen
+                self.seen.add(inode)
             if first and self.can_link:
                 try:
                     os.link(src, dst, follow_symlinks=False)
@@ -102,8 +118,9 @@ class _Linker:
             raise NetbootError(f"{os.fsdecode(src)} is not a regular file, directory or symlink")
 
     def finish(self) -> None:
-        for path, mode in reversed(self.directories):  # children first: a read-only parent stays enterable
-            os.chmod(path, mode)
+        for directories in self.directories:
+            for path, mode in reversed(directories):  # children first: a read-only parent stays enterable
+                os.chmod(path, mode)
 
 
 def _copy(src: bytes, dst: bytes, st: os.stat_result) -> None:
@@ -114,6 +131,14 @@ def _copy(src: bytes, dst: bytes, st: os.stat_result) -> None:
             os.unlink(dst)
         raise NetbootError(f"cannot read {os.fsdecode(src)}: {e.strerror}") from e
     os.chmod(dst, stat.S_IMODE(st.st_mode))
+
+
+def remove_tree(root: Path) -> None:
+    """Remove a laid out image root, whose directories may be read-only; what is gone already is no error."""
+    for d, _, _ in os.walk(root):
+        with contextlib.suppress(OSError):
+            os.chmod(d, 0o700)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _lstat(path: bytes) -> os.stat_result:

@@ -20,7 +20,6 @@ import hashlib
 import io
 import lzma
 import os
-import shutil
 import stat
 import subprocess
 import threading
@@ -35,7 +34,7 @@ from netboot.build.cache import LAYOUT, Cache, nar_hashes
 from netboot.build.closure import REGISTRATION_NAME, Closure
 from netboot.build.compress import COMPRESSORS, Compressor
 from netboot.build.cpio import FdSink, NewcWriter, StreamSink, check_size
-from netboot.build.erofs import lay_out_closure, mkfs_erofs
+from netboot.build.erofs import lay_out_closure, mkfs_erofs, remove_tree
 from netboot.build.files import Entry, closure_entries
 from netboot.build.progress import Progress
 from netboot.build.squashfs import mksquashfs
@@ -329,20 +328,21 @@ def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, 
         fd, meta = found
         stats.reused = len(closure.paths)
     else:
-        meta = _closure_meta(closure)
 
         def make(dest: Path) -> dict:
+            # The laid out root stays in the scratch directory, removed while the build finishes (pack.py).
             root = scratch / "erofs-root"
             root.mkdir()
             try:
-                lay_out_closure(closure, root)
+                files, nbytes = lay_out_closure(closure, root)
                 mkfs_erofs(root, dest, packing.compressor, packing.level, packing.mtime, identity=key,
                            all_root=True, xattrs=False)
-            finally:
-                _remove_tree(root)
-            return meta
+            except BaseException:
+                remove_tree(root)
+                raise
+            return {"files": files, "bytes": nbytes}
 
-        fd, _ = (cache if cacheable else Cache(None)).put(key, ".erofs", make, scratch)
+        fd, meta = (cache if cacheable else Cache(None)).put(key, ".erofs", make, scratch)
         if cacheable:
             cache.evict({key})
     stats.files, stats.bytes = meta["files"], meta["bytes"]
@@ -406,10 +406,3 @@ def _image_key(closure: Closure, kind: str, packing: Packing, **more: object) ->
 def _closure_meta(closure: Closure) -> dict:
     entries = closure_entries(closure.paths)  # mksquashfs would make unreadable files empty
     return {"files": len(entries), "bytes": sum(e.size for e in entries)}
-
-
-def _remove_tree(root: Path) -> None:
-    """Remove a laid out image root, whose directories may be read-only."""
-    for d, _, _ in os.walk(root):
-        os.chmod(d, 0o700)
-    shutil.rmtree(root)

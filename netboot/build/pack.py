@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from netboot import __version__
 from netboot.build import compress, oci, rootfs
 from netboot.build.cache import DEFAULT_MAX, Cache
 from netboot.build.closure import Closure
+from netboot.build.erofs import remove_tree
 from netboot.build.initrd import Packing, write_direct, write_erofs, write_squashfs
 from netboot.build.outdir import Staging
 from netboot.build.progress import Progress
@@ -131,23 +133,14 @@ def _build(opts: BuildOptions) -> dict:
             cmdline = _cmdline(opts.format, root.init, "", opts.append)
             described, kernel = _pack_root(opts, root, packing, work, scratch), root.kernel
             kernel_version, name = root.kernel_version, str(opts.rootfs or opts.oci)
-        shutil.rmtree(scratch)
-        shutil.copyfile(kernel, work / "bzImage")
-        (work / "cmdline").write_text(cmdline + "\n")
-        (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline))
-        manifest = {
-            "tool": "netboot",
-            "version": __version__,
-            "system": name,
-            "kernel_version": kernel_version,
-            "format": opts.format,
-            "compression": compressor.name,
-            "level": level,
-            "cmdline": cmdline,
-            **described,
-            "artifacts": {name: _describe(work / name) for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
-        }
-        (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # The scratch directory (an erofs image's laid out root: tens of thousands of entries) goes while the
+        # rest is written and the initrd hashed.
+        remover = threading.Thread(target=remove_tree, args=(scratch,), name="netboot-scratch")
+        remover.start()
+        try:
+            manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described)
+        finally:
+            remover.join()
         for f in work.iterdir():
             f.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
         initrd_size = manifest["artifacts"]["initrd"]["size"]
@@ -162,6 +155,28 @@ def _build(opts: BuildOptions) -> dict:
         opts.out, initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
         time.monotonic() - started,
     )
+    return manifest
+
+
+def _finish(opts: BuildOptions, work: Path, kernel: Path, cmdline: str, name: str, kernel_version: str | None,
+            compressor: compress.Compressor, level: int | None, described: dict) -> dict:
+    """The kernel, the command line, the iPXE script and the manifest, beside the initrd."""
+    shutil.copyfile(kernel, work / "bzImage")
+    (work / "cmdline").write_text(cmdline + "\n")
+    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline))
+    manifest = {
+        "tool": "netboot",
+        "version": __version__,
+        "system": name,
+        "kernel_version": kernel_version,
+        "format": opts.format,
+        "compression": compressor.name,
+        "level": level,
+        "cmdline": cmdline,
+        **described,
+        "artifacts": {f: _describe(work / f) for f in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 
