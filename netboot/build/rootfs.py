@@ -230,4 +230,5 @@ def _lstat(path: bytes) -> os.stat_result:
 
 def _identity(system: RootSystem) -> str:
     """What the erofs UUID is derived from: the OCI image's digest, else the root's path and the kernel."""
-    return hashlib.sha256(json.dumps([system.input, system.kernel_version], sort_keys=True).encode()).hexdigest()
+    source = system.input.get("digest") or system.input.get("path")
+    return hashlib.sha256(json.dumps([source, system.kernel_version]).encode()).hexdigest()

@@ -14,13 +14,12 @@ from netboot.build.system import System
 from netboot.build.tree import Tree
 from netboot.errors import NetbootError
 
-
-# What mounting an image file under an overlay takes (for squashfs, what nixpkgs' netboot.nix loads too).
-def needed_modules(fstype: str) -> list[str]:
-    return ["loop", fstype, "overlay"]
-
-
 HOST_BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+
+
+def needed_modules(fstype: str) -> list[str]:
+    """What mounting an image file under an overlay takes (for squashfs, what nixpkgs' netboot.nix loads too)."""
+    return ["loop", fstype, "overlay"]
 
 
 @dataclass(frozen=True)
