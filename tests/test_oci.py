@@ -387,7 +387,7 @@ def test_refused(tmp_path: Path, case: str) -> None:
 
 
 def test_layer_tar_is_what_tarfile_reads(tmp_path: Path) -> None:
-    # The helper's layers are plain POSIX tars: tarfile lists what was put in, in order.
+    # ocimake's layers are plain POSIX tars: tarfile lists what was put in, in order.
     data = layer_tar([directory("d"), file("d/f", b"x", 0o600), whiteout("d/g"), opaque("d")])
     path = tmp_path / "layer.tar"
     path.write_bytes(data)
