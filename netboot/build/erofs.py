@@ -22,6 +22,7 @@ from pathlib import Path
 
 from netboot.build.closure import REGISTRATION_NAME, Closure
 from netboot.build.compress import Compressor
+from netboot.build.files import lstat
 from netboot.errors import NetbootError
 from netboot.run import require, run
 
@@ -70,7 +71,7 @@ class _Linker:
 
     def tree(self, src: bytes, dst: bytes) -> tuple[int, int]:
         """Lay out `src` at `dst`; (files and directories, bytes)."""
-        st = _lstat(src)
+        st = lstat(src)
         if not stat.S_ISDIR(st.st_mode):
             self.entry(src, dst, st)
             return 1, st.st_size if stat.S_ISREG(st.st_mode) else 0
@@ -139,10 +140,3 @@ def remove_tree(root: Path) -> None:
         with contextlib.suppress(OSError):
             os.chmod(d, 0o700)
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _lstat(path: bytes) -> os.stat_result:
-    try:
-        return os.lstat(path)
-    except OSError as e:
-        raise NetbootError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from e

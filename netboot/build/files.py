@@ -22,7 +22,8 @@ class Entry:
         return self.path.lstrip(b"/")
 
 
-def _lstat(path: bytes) -> os.stat_result:
+def lstat(path: bytes) -> os.stat_result:
+    """os.lstat, its failure a NetbootError naming the path."""
     try:
         return os.lstat(path)
     except OSError as e:
@@ -31,7 +32,7 @@ def _lstat(path: bytes) -> os.stat_result:
 
 def walk(top: bytes) -> Iterator[Entry]:
     """`top` and everything below it, depth first, children sorted by name, without following symlinks."""
-    stack = [(top, _lstat(top))]
+    stack = [(top, lstat(top))]
     while stack:
         path, st = stack.pop()
         mode = st.st_mode

@@ -311,7 +311,7 @@ def write_squashfs(
         f.seek(0, os.SEEK_END)
         w.padding(size)
         w.trailer()
-    _append_stage1(path, stage1, packing)
+    append_stage1(path, stage1, packing)
     return stats
 
 
@@ -350,7 +350,7 @@ def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, 
         write_image_member(path, EROFS_NAME, fd, packing)
     finally:
         os.close(fd)
-    _append_stage1(path, stage1, packing)
+    append_stage1(path, stage1, packing)
     return stats
 
 
@@ -380,7 +380,8 @@ def write_image_member(path: Path, name: bytes, image: int, packing: Packing) ->
         w.trailer()
 
 
-def _append_stage1(path: Path, stage1: Stage1, packing: Packing) -> None:
+def append_stage1(path: Path, stage1: Stage1, packing: Packing) -> None:
+    """Stage 1 as one compressed member at the end of `path`."""
     with compressed_output(path, packing, append=True) as fd:
         w = NewcWriter(fd, packing.mtime)
         stage1.tree().write(w)

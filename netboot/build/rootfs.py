@@ -19,7 +19,8 @@ from pathlib import Path
 
 from netboot.build.cpio import NewcWriter
 from netboot.build.erofs import mkfs_erofs
-from netboot.build.initrd import Packing, compressed_output, write_image_member
+from netboot.build.files import lstat
+from netboot.build.initrd import Packing, append_stage1, compressed_output, write_image_member
 from netboot.build.modules import ModuleTree, version_dir
 from netboot.build.squashfs import mksquashfs_root
 from netboot.build.stage1 import Stage1, find_busybox
@@ -150,10 +151,7 @@ def write_image(path: Path, system: RootSystem, fstype: str, packing: Packing, s
     finally:
         os.close(fd)
     image.unlink()
-    with compressed_output(path, packing, append=True) as out:
-        w = NewcWriter(out, packing.mtime)
-        stage1.tree().write(w)
-        w.trailer()
+    append_stage1(path, stage1, packing)
     if system.add_modules:
         _append_modules(path, system, packing, STAGE1_PREFIX.encode() + b"/")
 
@@ -208,7 +206,7 @@ def count(root: Path) -> tuple[int, int]:
 
 def _walk(top: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
     """(path, path relative to `top`, lstat) of `top` and everything below it, children sorted by name."""
-    stack = [(top, b"", _lstat(top))]
+    stack = [(top, b"", lstat(top))]
     while stack:
         path, rel, st = stack.pop()
         yield path, rel, st
@@ -219,13 +217,6 @@ def _walk(top: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
             except OSError as e:
                 raise NetbootError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from e
             stack.extend((p, rel + b"/" + n if rel else n, s) for n, p, s in reversed(children))
-
-
-def _lstat(path: bytes) -> os.stat_result:
-    try:
-        return os.lstat(path)
-    except OSError as e:
-        raise NetbootError(f"cannot read {os.fsdecode(path)}: {e.strerror}") from e
 
 
 def _identity(system: RootSystem) -> str:
