@@ -42,7 +42,7 @@ test-quick: deps venv
 	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check netboot tests bench
+	$(VENV)/bin/ruff check netboot devtools tests bench
 
 # Build the demo system with Nix, pack it, serve it, and network-boot a QEMU VM from it.
 demo: deps venv

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import build  # noqa: E402
 from support import MARKER, ServerProcess  # noqa: E402
 
-from netboot import qemu  # noqa: E402
+from devtools import qemu  # noqa: E402
 
 
 def main(runs: int = 3) -> str:

@@ -1,6 +1,6 @@
 """Network boot through real UEFI firmware with netboot's proxy DHCP, against dnsmasq doing the DHCP side.
 
-On a LAN in network namespaces (netboot.lanboot): OVMF with the NIC's option ROM disabled, so EDK2's own PXE
+On a LAN in network namespaces (devtools.lanboot): OVMF with the NIC's option ROM disabled, so EDK2's own PXE
 client takes the first step; EDK2 PXE -> ipxe.efi over TFTP -> boot.ipxe over HTTP -> kernel + initrd -> init.
 Both runs have dnsmasq as the site's DHCP server handing out the address and `netboot serve` serving TFTP and
 HTTP; they differ only in who hands out the boot files: `netboot serve --dhcp proxy`, or dnsmasq itself
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import build  # noqa: E402
 import report  # noqa: E402
 
-from netboot import lanboot  # noqa: E402
+from devtools import lanboot  # noqa: E402
 
 HEADING = "## DHCP: UEFI PXE boot on a LAN"
 
@@ -46,7 +46,7 @@ def main(runs: int = 3) -> str:
         f"From QEMU's start to the test system's marker (it has reached its init and checked its whole store), "
         f"OVMF with EDK2's own PXE client (`romfile=`), software emulation: EDK2 PXE -> `ipxe.efi` over TFTP -> "
         f"`boot.ipxe` over HTTP -> kernel and initrd -> init, on a LAN in network namespaces (bench/dhcp_bench.py, "
-        f"netboot.lanboot). dnsmasq is the site's DHCP server in both; the boot files come from `netboot serve "
+        f"devtools.lanboot). dnsmasq is the site's DHCP server in both; the boot files come from `netboot serve "
         f"--dhcp proxy` or from dnsmasq itself (README's configuration). Squashfs format, initrd "
         f"{(out / 'initrd').stat().st_size / 1e6:.1f} MB. Median of {runs} interleaved runs each.",
         "",
@@ -56,7 +56,7 @@ def main(runs: int = 3) -> str:
         f"**{proxy / ref:.2f}x** |",
         f"| dnsmasq (DHCP and PXE) | {', '.join(f'{t:.1f}' for t in times['dnsmasq'])} s | {ref:.1f} s | 1 |",
         "",
-        "Command: `python -m netboot.lanboot OUT --dhcp proxy|dnsmasq --firmware uefi-pxe` (`make bench-dhcp`).",
+        "Command: `python -m devtools.lanboot OUT --dhcp proxy|dnsmasq --firmware uefi-pxe` (`make bench-dhcp`).",
         "",
     ]
     text = "\n".join(lines)

@@ -35,8 +35,8 @@ import build  # noqa: E402
 from measure import Run, measure, median_run  # noqa: E402
 from report import arguments, publish  # noqa: E402
 
-from netboot import qemu  # noqa: E402
-from netboot.build.closure import REGISTRATION_NAME  # noqa: E402
+from devtools import qemu  # noqa: E402
+from netboot.image.closure import REGISTRATION_NAME  # noqa: E402
 
 SECTION = "## Image formats"
 WORK = build.DATA / "formats"
@@ -109,7 +109,7 @@ def remove(root: Path) -> None:
 
 
 def mkfs_argv(root: Path, image: Path) -> list[str]:
-    """Bare mkfs.erofs with the options netboot's erofs format passes (netboot/build/erofs.py) for lz4."""
+    """Bare mkfs.erofs with the options netboot's erofs format passes (netboot/image/erofs.py) for lz4."""
     return ["mkfs.erofs", "--quiet", "-zlz4", f"-T{REF_MTIME}", f"-U{REF_UUID}", "--all-root", "-x-1",
             str(image), str(root)]
 

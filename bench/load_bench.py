@@ -39,7 +39,7 @@ import storm  # noqa: E402
 from measure import PeakRss  # noqa: E402
 from report import arguments, publish  # noqa: E402
 
-from netboot.lan import Lan  # noqa: E402
+from devtools.lan import Lan  # noqa: E402
 
 SECTION = "## Load: boot storms"
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(HERE.parent))
 import build  # noqa: E402
 from report import arguments, publish  # noqa: E402
 
-from netboot.serve.machines import Machines  # noqa: E402
-from netboot.serve.namespace import Namespace  # noqa: E402
+from netboot.core.machines import Machines  # noqa: E402
+from netboot.server.namespace import Namespace  # noqa: E402
 
 SECTION = "## Overlays"
 MACHINES = 2000

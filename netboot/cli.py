@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from netboot import __version__
-from netboot.build import cache, compress, pack
+from netboot.core import compress
+from netboot.core.errors import NetbootError
 from netboot.dhcp import command as dhcp_command
-from netboot.errors import NetbootError
-from netboot.serve.http_limits import HttpLimits
+from netboot.image import cache, pack
+from netboot.server.http_limits import HttpLimits
 from netboot.status import StatusConfig
 from netboot.tftp import command as tftp_command
 
@@ -151,7 +152,7 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from netboot.build.publish import publish
+    from netboot.image.publish import publish
 
     where, written = publish(args.out, args.dest)
     print(f"{where}: {'published' if written else 'already published, left as it is'}")
@@ -214,7 +215,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _status(args: argparse.Namespace) -> StatusConfig | None:
-    from netboot.serve.server import Endpoint
+    from netboot.server.server import Endpoint
 
     if args.status == "none":
         return None
@@ -242,7 +243,7 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
 def _run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from netboot.serve import server
+    from netboot.server import server
 
     opts = server.ServeOptions(
         out=args.out,

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import pytest
 from support import ServerProcess, need
 
-from netboot import lanboot, qemu
-from netboot.lan import Host, Lan
-from netboot.lanboot import DNSMASQ_PXE, NETBOOT_ADDRESS  # noqa: F401  (for the tests)
+from devtools import lanboot, qemu
+from devtools.lan import Host, Lan
+from devtools.lanboot import DNSMASQ_PXE, NETBOOT_ADDRESS  # noqa: F401  (for the tests)
 
 
 @pytest.fixture(name="lan")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from netboot import qemu
+from devtools import qemu
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "NETBOOT-TEST-OK"

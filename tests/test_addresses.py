@@ -8,7 +8,7 @@ import subprocess
 
 from support import need
 
-from netboot.serve.addresses import reachable_hosts
+from netboot.core.addresses import reachable_hosts
 
 
 def ip_addr() -> list[str]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from support import ServerProcess, build_system, need, netboot
 
-from netboot.errors import NetbootError
-from netboot.serve.machines import Machines
+from netboot.core.errors import NetbootError
+from netboot.core.machines import Machines
 
 NODE = "52:54:00:00:0e:01"
 

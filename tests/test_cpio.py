@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from initrd_reader import cpio_extract, items, newc_headers
 
-from netboot.build.cpio import NewcWriter
-from netboot.build.tree import Tree
-from netboot.errors import NetbootError
+from netboot.core.errors import NetbootError
+from netboot.image.cpio import NewcWriter
+from netboot.image.tree import Tree
 
 
 def write(path: Path, fill, mtime: int = 1) -> bytes:

@@ -1,4 +1,4 @@
-"""The LAN in network namespaces (netboot.lan), and real PXE firmware booting through it: Debian's dnsmasq as the
+"""The LAN in network namespaces (devtools.lan), and real PXE firmware booting through it: Debian's dnsmasq as the
 site's DHCP server doing the PXE side as README's "DHCP" section configures it, `netboot serve` doing TFTP and HTTP.
 """
 
@@ -15,8 +15,8 @@ import pytest
 from lan_support import DNSMASQ_PXE, NETBOOT_ADDRESS, boot_vm, lan_fixture, serve_in  # noqa: F401  (`lan`)
 from support import assert_booted, need
 
-from netboot import lan as lan_module
-from netboot.lan import Lan, LanError, leases
+from devtools import lan as lan_module
+from devtools.lan import Lan, LanError, leases
 
 UEFI_MAC, BIOS_MAC = "52:54:00:00:02:01", "52:54:00:00:02:02"
 

@@ -16,7 +16,7 @@ import pytest
 from lan_support import lan_fixture  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import ROOT, ServerProcess, need
 
-from netboot.lan import Lan
+from devtools.lan import Lan
 
 sys.path.insert(0, str(ROOT / "bench"))
 

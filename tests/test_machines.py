@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from support import netboot
 
-from netboot.errors import NetbootError
-from netboot.serve.mac import BadMac, normalize
-from netboot.serve.machines import Machines
+from netboot.core.errors import NetbootError
+from netboot.core.mac import BadMac, normalize
+from netboot.core.machines import Machines
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from support import need
 
-from netboot.build.modules import ModuleTree, module_name
-from netboot.build.stage1 import find_busybox, is_static_elf
-from netboot.errors import NetbootError
+from netboot.core.errors import NetbootError
+from netboot.image.modules import ModuleTree, module_name
+from netboot.image.stage1 import find_busybox, is_static_elf
 
 
 def installed_kernel() -> str:
@@ -113,7 +113,7 @@ def test_static_busybox_detection(tmp_path: Path) -> None:
 
 
 def test_closure_busybox_preferred(system: Path) -> None:
-    from netboot.build.closure import Closure
+    from netboot.image.closure import Closure
 
     closure = Closure.of(system, None)
     chosen = find_busybox([p / "bin" / "busybox" for p in closure.paths])

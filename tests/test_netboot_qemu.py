@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from support import ServerProcess, assert_booted, need, netboot_vm
 
-from netboot import qemu
+from devtools import qemu
 
 pytestmark = pytest.mark.slow
 

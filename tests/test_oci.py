@@ -31,8 +31,8 @@ from ocimake import (
     write_members,
 )
 
-from netboot.build.oci import OciImage, unpack
-from netboot.errors import NetbootError
+from netboot.core.errors import NetbootError
+from netboot.image.oci import OciImage, unpack
 
 DIR = "dir"
 
@@ -197,7 +197,7 @@ def test_devices_made_when_owners_are_kept(tmp_path: Path) -> None:
 
 
 def test_devices_skipped_with_a_warning_otherwise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="netboot.build.oci"):
+    with caplog.at_level(logging.WARNING, logger="netboot.image.oci"):
         dest = unpacked(tmp_path, DEVICES, keep_owners=False)
     assert listing(dest) == {"dev": DIR, "dev/initctl": "prw-------"}  # a FIFO needs no root
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

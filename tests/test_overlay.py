@@ -16,11 +16,11 @@ import pytest
 from initrd_reader import decompress, items
 from support import ServerProcess, netboot
 
-from netboot.build import compress
-from netboot.errors import NetbootError
-from netboot.serve.machines import Machines
-from netboot.serve.namespace import Namespace, NotFound
-from netboot.serve.overlay import OverlayDir, OverlayError, pack
+from netboot.core import compress
+from netboot.core.errors import NetbootError
+from netboot.core.machines import Machines
+from netboot.server.namespace import Namespace, NotFound
+from netboot.server.overlay import OverlayDir, OverlayError, pack
 
 NODE1, NODE2, NODE3 = "52:54:00:00:0a:01", "52:54:00:00:0a:02", "52:54:00:00:0a:03"
 STRANGER = "52:54:00:00:0a:99"

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
+from netboot.core.addresses import ipv4_interfaces
+from netboot.core.errors import NetbootError
+from netboot.core.machines import Machines
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.exchange import PXE_PORT, SERVER_PORT, Responder
 from netboot.dhcp.leases import Leases, Pool, StateFile, check_reservations, network_of
 from netboot.dhcp.server import DhcpServer
-from netboot.errors import NetbootError
-from netboot.serve.addresses import ipv4_interfaces
-from netboot.serve.machines import Machines
 
 __all__ = ["DhcpConfig", "DhcpServer", "Offerings", "start_dhcp_server"]
 

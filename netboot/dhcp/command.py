@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from ipaddress import IPv4Address
 
+from netboot.core.errors import NetbootError
 from netboot.dhcp import DhcpConfig
 from netboot.dhcp.leases import Pool
-from netboot.errors import NetbootError
 
 UEFI_BINARIES = ("ipxe.efi", "snponly.efi")
 

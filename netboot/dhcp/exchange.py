@@ -23,10 +23,10 @@ from typing import Any
 
 from pyroute2.dhcp.enums.dhcp import MessageType
 
+from netboot.core.machines import Machines
 from netboot.dhcp import boot, message
 from netboot.dhcp.leases import Leases
 from netboot.dhcp.message import ZERO, Reply, Request
-from netboot.serve.machines import Machines
 
 SERVER_PORT, CLIENT_PORT, PXE_PORT = 67, 68, 4011
 BROADCAST = "255.255.255.255"

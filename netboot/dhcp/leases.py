@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from netboot.errors import NetbootError
-from netboot.serve import mac as macs
-from netboot.serve.machines import Machines
+from netboot.core import mac as macs
+from netboot.core.errors import NetbootError
+from netboot.core.machines import Machines
 
 log = logging.getLogger("netboot.dhcp")
 

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
+from netboot.core.addresses import ipv4_interfaces
+from netboot.core.machines import Machines
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.leases import check_reservations
 from netboot.dhcp.message import MAX_DATAGRAM, Malformed
-from netboot.serve.addresses import ipv4_interfaces
-from netboot.serve.machines import Machines
 
 log = logging.getLogger("netboot.dhcp")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from netboot.errors import NetbootError
+from netboot.core.errors import NetbootError
 from netboot.status.app import make_status_app
 from netboot.status.metrics import Live, Metrics
 from netboot.status.record import BootEvent, BootRecord

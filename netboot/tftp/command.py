@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from netboot.errors import NetbootError
+from netboot.core.errors import NetbootError
 from netboot.tftp.content import FileSystemResolver
 from netboot.tftp.server import TftpConfig, start_tftp_server
 from netboot.tftp.session import SessionConfig

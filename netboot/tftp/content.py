@@ -12,7 +12,7 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
-from netboot.errors import NetbootError
+from netboot.core.errors import NetbootError
 
 Peer = tuple[Any, ...]  # a socket address: (host, port) or (host, port, flowinfo, scope_id)
 

@@ -25,7 +25,7 @@ from time import monotonic
 from typing import Any
 
 import netboot
-from netboot.run import dies_with_us
+from netboot.core.run import dies_with_us
 from netboot.tftp.content import FileContent, Peer
 from netboot.tftp.packets import Request
 from netboot.tftp.session import Session, SessionConfig

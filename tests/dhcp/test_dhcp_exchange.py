@@ -25,10 +25,10 @@ from dhcp_support import (
     plain,
 )
 
+from netboot.core.machines import Machine, Machines, Profile
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.leases import Leases, Pool, StateFile
-from netboot.serve.machines import Machine, Machines, Profile
 
 SERVER = IPv4Interface("192.0.2.10/24")
 NODE1, NODE2, STRANGER = "52:54:00:00:01:01", "52:54:00:00:01:02", "52:54:00:00:09:09"

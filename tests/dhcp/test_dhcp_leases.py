@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from netboot.core.errors import NetbootError
 from netboot.dhcp.leases import STATE_FILE, Leases, Pool, StateFile
-from netboot.errors import NetbootError
 
 POOL = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.109"), IPv4Network("192.0.2.0/24"),
             excluded=frozenset({IPv4Address("192.0.2.100")}))

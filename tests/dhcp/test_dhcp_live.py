@@ -15,8 +15,8 @@ from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fix
 from support import netboot
 from test_dhcp_message import HOSTILE
 
+from devtools.lan import Host, Lan
 from netboot.dhcp.leases import STATE_FILE
-from netboot.lan import Host, Lan
 
 PROBE = Path(__file__).with_name("probe.py")
 NODE1, OTHER = "52:54:00:00:03:01", "52:54:00:00:03:02"

@@ -15,8 +15,8 @@ from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixtu
 from support import assert_booted
 from test_dhcp_live import start, wait_for
 
+from devtools.lan import Lan
 from netboot.dhcp.leases import STATE_FILE
-from netboot.lan import Lan
 
 pytestmark = pytest.mark.slow
 

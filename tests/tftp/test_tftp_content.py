@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netboot.errors import NetbootError
+from netboot.core.errors import NetbootError
 from netboot.tftp import AccessDenied, FileSystemResolver, NotFound
 from netboot.tftp.content import normalize_name
 

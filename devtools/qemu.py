@@ -1,0 +1,249 @@
+"""Boot netboot artifacts in QEMU and watch the serial console.
+
+`python -m devtools.qemu OUT` boots an out DIR with -kernel/-initrd/-append (qemu/boot-dir);
+`python -m devtools.qemu net --url URL --mac MAC [--uefi]` network-boots through QEMU's iPXE (qemu/netboot).
+Software emulation (TCG) is the default: it works everywhere, while KVM is opt-in (--accel kvm) because a
+/dev/kvm that opens is not always one that runs guests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+# The kernel's "Run /init as init process", and stage 1's last word before it execs the system's init;
+# the kernel's "Failed to execute" takes it back.
+_REACHED = re.compile(rb"netboot stage 1: starting (\S+)|Run (\S+) as init process|Failed to execute (\S+)")
+_PANIC = re.compile(rb"Kernel panic|netboot stage 1: .*cannot")
+
+
+@dataclass
+class BootResult:
+    console: str = ""
+    init_reached: str | None = None  # the init= / rdinit= program the console shows being started
+    expected_seen: bool = False
+    exit_status: int | None = None
+    timed_out: bool = False
+    panicked: bool = False
+    elapsed: float = 0.0
+    lines: list[str] = field(default_factory=list)
+    # For each text of watch()'s `marks` the console showed: seconds from QEMU's start to its first appearance.
+    seen_at: dict[str, float] = field(default_factory=dict)
+
+
+def qemu_binary() -> str:
+    return os.environ.get("NETBOOT_QEMU", "qemu-system-x86_64")
+
+
+def base_argv(memory: str, accel: str) -> list[str]:
+    return [
+        qemu_binary(), "-machine", f"q35,accel={accel}", "-m", memory, "-smp", "1",
+        "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+    ]
+
+
+def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str = "tcg") -> list[str]:
+    cmdline = (out / "cmdline").read_text().strip()
+    if "console=" not in cmdline:
+        cmdline += " console=ttyS0,115200"
+    if cmdline.startswith("rdinit="):
+        # Nothing runs before the system's init in the direct format; the kernel's own
+        # "Run … as init process" (KERN_INFO) is what shows that it was started.
+        cmdline += " loglevel=7"
+    if append:
+        cmdline += " " + append
+    return [
+        *base_argv(memory, accel),
+        "-kernel", str(out / "bzImage"), "-initrd", str(out / "initrd"), "-append", cmdline,
+    ]
+
+
+OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
+OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+
+def net_argv(
+    url: str, mac: str, *, uefi: bool = False, vars_copy: Path | None = None, memory: str = "1024", accel: str = "tcg"
+) -> list[str]:
+    """Network boot through QEMU's own iPXE ROM on user networking; 10.0.2.2 is the host's loopback.
+
+    BIOS boots the NIC's iPXE option ROM (-boot n); UEFI boots OVMF, which finds iPXE's EFI driver in the
+    same ROM. `vars_copy` is a writable copy of OVMF's variable store, needed for UEFI.
+    """
+    argv = [
+        *base_argv(memory, accel),
+        "-netdev", f"user,id=net0,bootfile={url}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={mac}",
+    ]
+    if uefi:
+        if vars_copy is None:
+            raise ValueError("UEFI needs a writable copy of the OVMF variables")
+        argv += [
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+        ]
+    else:
+        argv += ["-boot", "n"]
+    return argv
+
+
+def lan_argv(
+    tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
+    memory: str = "1024", accel: str = "tcg",
+) -> list[str]:
+    """A VM whose NIC is on a tap device (see devtools.lan), network-booting first, against real DHCP servers.
+
+    BIOS: SeaBIOS boots the NIC's iPXE option ROM (-boot n). UEFI: OVMF, with the NIC first in the boot order
+    (bootindex); with `pxe_rom` OVMF runs iPXE's EFI driver from the same ROM, without it (`romfile=`) EDK2's
+    own PXE client does the first step, as on real UEFI machines. `vars_copy` is a writable copy of OVMF's
+    variable store, needed for UEFI. Run it in the tap's namespace (`Lan.vm`).
+    """
+    nic = f"virtio-net-pci,netdev=n0,mac={mac}"
+    if not pxe_rom:
+        if not uefi:
+            raise ValueError("a BIOS VM boots from the network only through the NIC's option ROM")
+        nic += ",romfile="
+    argv = [
+        *base_argv(memory, accel),
+        "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+    ]
+    if uefi:
+        if vars_copy is None:
+            raise ValueError("UEFI needs a writable copy of the OVMF variables")
+        argv += [
+            "-device", f"{nic},bootindex=1",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,file={vars_copy}",
+        ]
+    else:
+        argv += ["-device", nic, "-boot", "n"]
+    return argv
+
+
+def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None,
+          marks: Sequence[str] = ()) -> BootResult:
+    """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID.
+
+    `argv` may start with `ip netns exec NS` (devtools.lan): ip execs QEMU in the namespace, so the PID is QEMU's.
+    For each text in `marks`, the time from QEMU's start to when the console first showed it goes into
+    `seen_at` (read as it arrives, so to within the pipe's latency).
+    """
+    result = BootResult()
+    started = time.monotonic()
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    buf = b""
+    try:
+        fd = proc.stdout.fileno()
+        while True:
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                result.timed_out = True
+                break
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            if echo is not None:
+                echo.write(chunk.decode(errors="replace"))
+                echo.flush()
+            buf += chunk
+            if _PANIC.search(buf):
+                result.panicked = True
+            if expect is not None and expect.encode() in buf:
+                result.expected_seen = True
+            for mark in marks:
+                if mark not in result.seen_at and mark.encode() in buf:
+                    result.seen_at[mark] = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        result.exit_status = proc.wait()
+        result.elapsed = time.monotonic() - started
+    for m in _REACHED.finditer(buf):
+        started_init = m.group(1) or m.group(2)
+        result.init_reached = started_init.decode(errors="replace") if started_init else None
+    result.console = buf.decode(errors="replace").replace("\r\n", "\n")
+    result.lines = result.console.splitlines()
+    return result
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", default="1024", help="guest memory in MiB (default 1024)")
+    p.add_argument("--accel", default=os.environ.get("NETBOOT_QEMU_ACCEL", "tcg"), help="tcg (default) or kvm")
+    p.add_argument("--timeout", type=float, default=180, help="seconds before the VM is stopped (default 180)")
+    p.add_argument("--expect", help="also require this text on the console (e.g. a marker the system prints)")
+    p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")
+
+
+def _report(prog: str, result: BootResult, args: argparse.Namespace) -> int:
+    ok = result.init_reached is not None and not result.panicked and (args.expect is None or result.expected_seen)
+    what = f"init reached: {result.init_reached}" if result.init_reached else "init NOT reached"
+    if args.expect is not None:
+        what += f"; {args.expect!r} {'seen' if result.expected_seen else 'NOT seen'}"
+    if result.timed_out:
+        what += f"; stopped after {args.timeout:.0f} s"
+    print(f"\n{prog}: {'OK' if ok else 'FAILED'}: {what} ({result.elapsed:.1f} s)", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="qemu/boot-dir",
+        description="Boot a `netboot build` output directory in QEMU (-kernel/-initrd/-append) on a serial "
+        "console and report whether the system's init was reached.",
+    )
+    p.add_argument("out", type=Path, metavar="DIR", help="an output directory of `netboot build`")
+    p.add_argument("--append", default="", help="extra kernel parameters for this boot")
+    _common(p)
+    args = p.parse_args(argv)
+    for name in ("bzImage", "initrd", "cmdline"):
+        if not (args.out / name).is_file():
+            print(f"boot-dir: error: {args.out} has no {name}; is it an output of netboot build?", file=sys.stderr)
+            return 2
+    result = watch(
+        direct_argv(args.out, append=args.append, memory=args.memory, accel=args.accel),
+        timeout=args.timeout, expect=args.expect, echo=None if args.quiet else sys.stdout,
+    )
+    return _report("boot-dir", result, args)
+
+
+def net_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="qemu/netboot",
+        description="Network-boot a QEMU VM through QEMU's own iPXE ROM on user networking against a running "
+        "`netboot serve`, print its serial console, and report whether the system's init was reached. "
+        "From the VM, 10.0.2.2 is this machine's loopback.",
+    )
+    p.add_argument("--url", default="http://10.0.2.2:8080/boot.ipxe",
+                   help="the boot file: http://10.0.2.2:PORT/boot.ipxe or tftp://10.0.2.2:PORT/boot.ipxe")
+    p.add_argument("--mac", default="52:54:00:12:34:56", help="the VM's MAC address (default 52:54:00:12:34:56)")
+    p.add_argument("--uefi", action="store_true", help="boot UEFI firmware (OVMF) instead of BIOS")
+    _common(p)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="netboot-qemu-") as tmp:
+        vars_copy = None
+        if args.uefi:
+            vars_copy = Path(tmp) / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, vars_copy)
+        argv_ = net_argv(args.url, args.mac, uefi=args.uefi, vars_copy=vars_copy, memory=args.memory,
+                         accel=args.accel)
+        result = watch(argv_, timeout=args.timeout, expect=args.expect, echo=None if args.quiet else sys.stdout)
+    return _report("netboot", result, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(net_main(sys.argv[2:]) if sys.argv[1:2] == ["net"] else main())

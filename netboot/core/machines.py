@@ -1,0 +1,295 @@
+"""The machines file: profiles (an output directory + kernel parameters) and the MACs that boot them.
+
+    [profiles.default]            # for any MAC not listed (optional)
+    dir = "out"                   # relative to this file; or instead:
+    # system = "/nix/var/nix/profiles/rack"   # built by netboot serve, rebuilt when it moves (autobuild.py)
+    # format = "squashfs"; compress = "zstd"; level = 10   # its build's options (netboot build's)
+    append = "console=ttyS0"
+    overlay = "overlays/rack"     # files each machine gets its own copy of; *.j2 are templates (overlay.py)
+    vars = { domain = "lab" }     # the overlay's template variables for every machine of the profile
+    base_url = "http://mirror/nb" # kernel and initrd from a tree made by netboot publish (publish.py)
+    [machines."52:54:00:12:34:56"]
+    profile = "rescue"            # default: "default"
+    append = "hostname=node1"
+    ip = "192.0.2.42"             # reserved address (netboot serve --dhcp START-END)
+    hostname = "node1"            # DHCP option 12
+    role = "db"                   # any other key: a template variable of its profile's overlay
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netboot.core import mac as macs
+from netboot.core.errors import NetbootError
+
+DEFAULT = "default"
+
+
+PROFILE_KEYS = {"dir", "system", "format", "compress", "level", "append", "overlay", "vars", "base_url"}
+BUILD_KEYS = ("format", "compress", "level")  # netboot build's options, for a profile with a system
+MACHINE_KEYS = {"profile", "append", "ip", "hostname"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    dir: Path
+    append: str = ""
+    overlay: Path | None = None  # a directory of files (and *.j2 templates) for each machine
+    vars: dict[str, Any] = field(default_factory=dict)  # the overlay's variables for every machine
+    base_url: str = ""  # where `netboot publish` put this profile's builds: the kernel and initrd come from there
+    system: Path | None = None  # a Nix profile or store path that netboot serve builds into `dir` itself
+    build_args: tuple[str, ...] = ()  # its netboot build options
+
+
+@dataclass(frozen=True)
+class Machine:
+    mac: str  # normalized
+    profile: str
+    append: str = ""
+    ip: str = ""  # reserved IPv4 address, handed out by the authoritative DHCP mode
+    hostname: str = ""
+    vars: dict[str, Any] = field(default_factory=dict)  # its table's other keys, for its profile's overlay
+
+
+def template_vars(mac: str, profile: Profile, machine: Machine | None) -> dict[str, Any]:
+    """An overlay's variables for one machine: the profile's vars, then the machine's own keys, then what
+    netboot knows of it (a machine not in the file has no hostname or ip)."""
+    return {**profile.vars, **(machine.vars if machine else {}), "mac": mac,
+            "hostname": machine.hostname if machine else "", "ip": machine.ip if machine else "",
+            "profile": profile.name}
+
+
+@dataclass(frozen=True)
+class Machines:
+    profiles: dict[str, Profile]
+    machines: dict[str, Machine] = field(default_factory=dict)
+    source: Path | None = None
+
+    @classmethod
+    def single(cls, out: Path) -> Machines:
+        """`--dir OUT`: every machine boots OUT."""
+        return cls({DEFAULT: Profile(DEFAULT, _checked_dir(out, f"--dir {out}"))})
+
+    def for_mac(self, mac: str) -> tuple[Profile, str] | None:
+        """The profile a machine boots and its full extra kernel parameters, or None if it has none."""
+        machine = self.machines.get(mac)
+        if machine is None:
+            profile = self.profiles.get(DEFAULT)
+            return (profile, profile.append) if profile else None
+        profile = self.profiles[machine.profile]
+        return profile, " ".join(x for x in (profile.append, machine.append) if x)
+
+    @classmethod
+    def load(cls, path: Path, state_dir: Path | None = None) -> Machines:
+        """Read a machines file; profiles with a system get their output directory in `state_dir`."""
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise NetbootError(f"cannot read machines file {path}: {e.strerror}") from e
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise NetbootError(f"{path}: invalid TOML: {e}") from None
+        where = _Locator(path, text)
+        unknown = set(data) - {"profiles", "machines"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise NetbootError(f"{where.of(key)}: unknown section {key!r} (expected profiles and machines)")
+
+        profiles: dict[str, Profile] = {}
+        for name, entry in _table(data, "profiles", where).items():
+            ref = f"profiles.{name}"
+            at = where.of(ref)
+            if not isinstance(entry, dict):
+                raise NetbootError(f"{at}: {ref} must be a table")
+            _only(entry, PROFILE_KEYS, ref, where)
+            system, build_args = _system(entry, ref, at)
+            if system is not None:
+                if state_dir is None:
+                    raise NetbootError(f"{at}: {ref}: a system needs a state directory to be built into")
+                directory = (state_dir / "profiles" / name).absolute()
+            elif not isinstance(entry.get("dir"), str):
+                raise NetbootError(f"{at}: {ref} needs dir = \"<an output directory of netboot build>\" or "
+                                   "system = \"<a Nix profile or store path>\"")
+            else:
+                directory = _checked_dir(path.parent / entry["dir"], f"{at}: {ref}: dir {entry['dir']!r}")
+            overlay = _overlay(entry, path.parent, ref, at)
+            variables = entry.get("vars", {})
+            if not isinstance(variables, dict):
+                raise NetbootError(f"{at}: {ref}: vars must be a table of template variables")
+            if "vars" in entry and overlay is None:
+                raise NetbootError(f"{at}: {ref}: vars are for an overlay, and it has none")
+            profiles[name] = Profile(name, directory, _append(entry, ref, where, ref), overlay, variables,
+                                     _base_url(entry, ref, at), system, build_args)
+
+        if not profiles:
+            raise NetbootError(f"{path}: no [profiles.NAME] defined")
+        machines: dict[str, Machine] = {}
+        spelled: dict[str, str] = {}
+        reserved: dict[str, str] = {}
+        for key, entry in _table(data, "machines", where).items():
+            ref = f"machines.{key!r}"
+            try:
+                mac = macs.normalize(key)
+            except macs.BadMac as e:
+                raise NetbootError(f"{where.of(key)}: {ref}: {e}") from None
+            if mac in spelled:
+                raise NetbootError(
+                    f"{where.of(key)}: {ref} is the same machine as machines.{spelled[mac]!r} ({mac})"
+                )
+            spelled[mac] = key
+            if not isinstance(entry, dict):
+                raise NetbootError(f"{where.of(key)}: {ref} must be a table")
+            profile = entry.get("profile", DEFAULT)
+            if profile not in profiles:
+                raise NetbootError(f"{where.of(key)}: {ref}: profile {profile!r} is not defined in [profiles]")
+            if profiles[profile].overlay is None:
+                _only(entry, MACHINE_KEYS, ref, where, f"; other keys are variables of an overlay, and profile "
+                                                        f"{profile!r} has none")
+            elif "mac" in entry:
+                raise NetbootError(f"{where.of(key)}: {ref}: mac is the table's name; it cannot be set here")
+            ip = _ip(entry, ref, where, key)
+            if ip and ip in reserved:
+                raise NetbootError(f"{where.of(key)}: {ref}: ip {ip} is already reserved for machines.{reserved[ip]!r}")
+            if ip:
+                reserved[ip] = key
+            hostname = _hostname(entry, ref, where, key)
+            variables = {k: v for k, v in entry.items() if k not in MACHINE_KEYS}
+            machines[mac] = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname, variables)
+        return cls(profiles, machines, path)
+
+
+class _Locator:
+    """Line numbers for messages: tomllib reports them only for syntax errors, so look for the key's text."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self.lines = text.splitlines()
+
+    def of(self, key: str) -> str:
+        for i, line in enumerate(self.lines, 1):
+            if key in line and not line.lstrip().startswith("#"):
+                return f"{self.path}:{i}"
+        return str(self.path)
+
+
+def _table(data: dict, name: str, where: _Locator) -> dict:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        raise NetbootError(f"{where.of(name)}: {name} must be a table")
+    return value
+
+
+def _only(entry: dict, allowed: set[str], ref: str, where: _Locator, more: str = "") -> None:
+    for key in entry:
+        if key not in allowed:
+            raise NetbootError(
+                f"{where.of(key)}: {ref}: unknown key {key!r} (expected {', '.join(sorted(allowed))}{more})"
+            )
+
+
+def _system(entry: dict, ref: str, at: str) -> tuple[Path | None, tuple[str, ...]]:
+    """A profile's system and its build options, checked the way netboot build checks them."""
+    from netboot.core import compress
+    from netboot.image import pack
+
+    value = entry.get("system")
+    if value is None:
+        given = [k for k in BUILD_KEYS if k in entry]
+        if given:
+            raise NetbootError(f"{at}: {ref}: {given[0]} is a build option, for a profile with a system "
+                               "(a dir was built with its own)")
+        return None, ()
+    if "dir" in entry:
+        raise NetbootError(f"{at}: {ref}: give either dir or system, not both")
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise NetbootError(f"{at}: {ref}: system must be the absolute path of a Nix profile or store path")
+    args: list[str] = []
+    fmt = entry.get("format")
+    if fmt is not None:
+        if fmt not in pack.FORMATS:
+            raise NetbootError(f"{at}: {ref}: format {fmt!r} is not one of {', '.join(pack.FORMATS)}")
+        args += ["--format", fmt]
+    name = entry.get("compress")
+    level = entry.get("level")
+    try:
+        if name is not None:
+            if not isinstance(name, str):
+                raise NetbootError("compress must be a compressor's name")
+            args += ["--compress", compress.get(name).name]
+        if level is not None:
+            if not isinstance(level, int) or isinstance(level, bool):
+                raise NetbootError("level must be an integer")
+            compress.get(name or pack.DEFAULT_COMPRESSION[fmt or "squashfs"]).check_level(level)
+            args += ["--level", str(level)]
+    except NetbootError as e:
+        raise NetbootError(f"{at}: {ref}: {e}") from None
+    return Path(value), tuple(args)
+
+
+def _base_url(entry: dict, ref: str, at: str) -> str:
+    value = entry.get("base_url", "")
+    if value == "":
+        return ""
+    if (not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/$]+(/\S*)?", value) or "${" in value):
+        raise NetbootError(f"{at}: {ref}: base_url {value!r} is not an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _overlay(entry: dict, base: Path, ref: str, at: str) -> Path | None:
+    value = entry.get("overlay")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise NetbootError(f"{at}: {ref}: overlay must name a directory")
+    directory = base / value
+    if not directory.is_dir():
+        raise NetbootError(f"{at}: {ref}: overlay {value!r} is not a directory")
+    return directory.absolute()
+
+
+def _append(entry: dict, ref: str, where: _Locator, key: str) -> str:
+    value = entry.get("append", "")
+    if not isinstance(value, str) or any(c in value for c in "\n\r\0") or "${" in value:
+        raise NetbootError(f"{where.of(key)}: {ref}: append must be one line of kernel parameters")
+    return value.strip()
+
+
+def _ip(entry: dict, ref: str, where: _Locator, key: str) -> str:
+    value = entry.get("ip", "")
+    if value == "":
+        return ""
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise NetbootError(f"{where.of(key)}: {ref}: ip {value!r} is not an IPv4 address") from None
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _hostname(entry: dict, ref: str, where: _Locator, key: str) -> str:
+    """RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens."""
+    value = entry.get("hostname", "")
+    if value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > 253 or not all(_LABEL.fullmatch(x) for x in value.split(".")):
+        raise NetbootError(f"{where.of(key)}: {ref}: hostname {value!r} is not a valid host name")
+    return value
+
+
+def _checked_dir(directory: Path, what: str) -> Path:
+    if not (directory / "manifest.json").is_file():
+        if not directory.is_dir():
+            raise NetbootError(f"{what} does not exist")
+        raise NetbootError(f"{what} has no manifest.json; is it an output of netboot build?")
+    return directory.absolute()

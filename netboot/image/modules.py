@@ -1,0 +1,138 @@
+"""Kernel modules a stage 1 must load, resolved from the system's own modules.dep and modules.builtin."""
+
+from __future__ import annotations
+
+import gzip
+import lzma
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from netboot.core.errors import NetbootError
+from netboot.core.run import require, run
+
+_SUFFIX = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
+
+
+def module_name(relpath: str) -> str:
+    """`kernel/fs/overlayfs/overlay.ko.xz` → `overlay`; dashes and underscores are the same to the kernel."""
+    return _SUFFIX.sub("", relpath.rsplit("/", 1)[-1]).replace("-", "_")
+
+
+@dataclass(frozen=True)
+class ModuleTree:
+    root: Path  # …/lib/modules/<version>
+    version: str
+    deps: dict[str, tuple[str, tuple[str, ...]]]  # name → (relative path, transitive dependencies' paths)
+    builtin: frozenset[str]
+    softdeps: dict[str, tuple[str, ...]]  # name → what modprobe loads before it ("pre:"), names or aliases
+    aliases: dict[str, tuple[str, ...]]  # alias → module names
+
+    @classmethod
+    def load(cls, kernel_modules: Path, version: str | None) -> ModuleTree:
+        """The modules under `kernel_modules`/lib/modules (a NixOS system's kernel-modules) for `version`."""
+        return cls.at(version_dir(kernel_modules / "lib" / "modules", version, f"{kernel_modules} has no "
+                                  "lib/modules/<version>/modules.dep"))
+
+    @classmethod
+    def at(cls, root: Path) -> ModuleTree:
+        """The modules of one kernel version: `root` is like /lib/modules/<version>."""
+        chosen = root.name
+        deps: dict[str, tuple[str, tuple[str, ...]]] = {}
+        for line in _read_lines(root / "modules.dep"):
+            target, _, rest = line.partition(":")
+            if target:
+                deps[module_name(target)] = (target, tuple(rest.split()))
+        builtin_file = root / "modules.builtin"
+        builtin = frozenset(module_name(x) for x in _read_lines(builtin_file)) if builtin_file.exists() else frozenset()
+        softdeps: dict[str, tuple[str, ...]] = {}
+        for line in _optional_lines(root / "modules.softdep"):  # "softdep libcrc32c pre: crc32c post: ..."
+            words = line.split()
+            if len(words) > 2 and words[0] == "softdep":
+                pre = words[2:words.index("post:")] if "post:" in words else words[2:]
+                # depmod writes a line per "softdep=" of a module; modprobe (kmod 30) heeds the first.
+                softdeps.setdefault(words[1].replace("-", "_"), tuple(w for w in pre if w != "pre:"))
+        aliases: dict[str, list[str]] = {}
+        for line in _optional_lines(root / "modules.alias"):  # "alias crc32c crc32c_generic"
+            words = line.split()
+            if len(words) == 3 and words[0] == "alias":
+                aliases.setdefault(words[1], []).append(words[2].replace("-", "_"))
+        return cls(root, chosen, deps, builtin, softdeps, {k: tuple(v) for k, v in aliases.items()})
+
+    def resolve(self, wanted: list[str], purpose: str) -> list[tuple[str, bool]]:
+        """The modules to insmod, dependencies first, as (relative path, optional); built-in modules need
+        nothing. A module's soft dependencies come before it, optional: modprobe loads them when it can
+        (libcrc32c wants crc32c, which may be crc32c_intel, a module that refuses a CPU without SSE 4.2)."""
+        order: dict[str, bool] = {}  # in load order
+        seen: set[str] = set()
+
+        def add(name: str, optional: bool) -> None:
+            target, dependencies = self.deps[name]
+            # depmod lists every transitive dependency, each before the ones it depends on;
+            # modprobe loads them from the last to the first, then the module itself.
+            for path in (*reversed(dependencies), target):
+                if path not in seen:
+                    seen.add(path)
+                    for soft in self.softdeps.get(module_name(path), ()):
+                        for candidate in self.aliases.get(soft, (soft.replace("-", "_"),)):
+                            if candidate in self.deps and candidate not in self.builtin:
+                                add(candidate, True)
+                order[path] = order.get(path, True) and optional
+
+        for name in (w.replace("-", "_") for w in wanted):
+            if name in self.builtin:
+                continue
+            if name not in self.deps:
+                raise NetbootError(
+                    f"kernel {self.version} has no module {name!r}, built in or loadable (needed by {purpose})"
+                )
+            add(name, False)
+        return list(order.items())
+
+    def read_uncompressed(self, relpath: str) -> bytes:
+        """A module's ELF bytes; busybox insmod cannot load .ko.xz / .ko.zst / .ko.gz, so they are unpacked here."""
+        path = self.root / relpath if not relpath.startswith("/") else Path(relpath)
+        try:
+            if relpath.endswith(".xz"):
+                return lzma.decompress(path.read_bytes())
+            if relpath.endswith(".gz"):
+                return gzip.decompress(path.read_bytes())
+            if relpath.endswith(".zst"):
+                zstd = require("zstd", "needed to unpack .ko.zst modules")
+                return run([zstd, "-q", "-d", "-c", str(path)], what=f"unpacking {path.name}").stdout
+            return path.read_bytes()
+        except OSError as e:
+            raise NetbootError(f"cannot read module {path}: {e.strerror}") from e
+        except (lzma.LZMAError, gzip.BadGzipFile, EOFError) as e:
+            raise NetbootError(f"module {path} is corrupt: {e}") from e
+
+
+def version_dir(base: Path, version: str | None, missing: str) -> Path:
+    """The directory of `base` (like /lib/modules) for the kernel `version`, or its only one."""
+    try:
+        versions = sorted(p.name for p in base.iterdir() if (p / "modules.dep").is_file())
+    except OSError:
+        versions = []
+    if not versions:
+        raise NetbootError(missing)
+    if version in versions:
+        return base / version
+    if len(versions) == 1:
+        return base / versions[0]
+    raise NetbootError(f"{base} holds modules for {', '.join(versions)} but the kernel is "
+                       f"{version or 'of unknown version'}")
+
+
+def uncompressed_name(relpath: str) -> str:
+    return _SUFFIX.sub(".ko", relpath)
+
+
+def _optional_lines(path: Path) -> list[str]:
+    return _read_lines(path) if path.exists() else []
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="surrogateescape").splitlines()
+    except OSError as e:
+        raise NetbootError(f"cannot read {path}: {e.strerror}") from e

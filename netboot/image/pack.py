@@ -1,0 +1,275 @@
+"""`netboot build`: a system closure → bzImage, initrd, cmdline, netboot.ipxe and manifest.json."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from netboot import __version__
+from netboot.core import compress
+from netboot.core.errors import NetbootError
+from netboot.core.ipxe_scripts import render
+from netboot.core.run import require
+from netboot.image import oci, rootfs
+from netboot.image.cache import DEFAULT_MAX, Cache
+from netboot.image.closure import Closure
+from netboot.image.erofs import remove_tree
+from netboot.image.initrd import Packing, write_direct, write_erofs, write_squashfs
+from netboot.image.outdir import Staging
+from netboot.image.progress import Progress
+from netboot.image.stage1 import Stage1
+from netboot.image.system import System
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("squashfs", "erofs", "direct")
+IMAGE_FORMATS = ("squashfs", "erofs")  # an image in the initrd, mounted by stage 1
+DEFAULT_COMPRESSION = {"squashfs": "zstd", "erofs": "lz4", "direct": "zstd"}
+LARGE_INITRD = 1 << 30  # firmware and iPXE have failed above this (nixpkgs #73588)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    system: Path | None  # a Nix system; else rootfs or oci, with kernel
+    out: Path
+    format: str = "squashfs"
+    compression: str | None = None  # None: the format's default (DEFAULT_COMPRESSION)
+    level: int | None = None
+    append: str = ""
+    closure_info: Path | None = None
+    progress: bool = False
+    cache_dir: Path | None = None  # None: no cache
+    cache_max: int = DEFAULT_MAX
+    rootfs: Path | None = None  # a root filesystem directory
+    oci: Path | None = None  # an OCI image archive
+    kernel: Path | None = None  # the bzImage for rootfs or oci
+    modules: Path | None = None  # its modules (/lib/modules/<version>)
+    init: str = "/sbin/init"  # the init of rootfs or oci
+
+
+def source_date_epoch() -> int:
+    """SOURCE_DATE_EPOCH when set (reproducible-builds.org), else 1 like every file in a Nix store."""
+    value = os.environ.get("SOURCE_DATE_EPOCH", "")
+    if not value:
+        return 1
+    if not value.isdigit() or int(value) > 0xFFFFFFFF:
+        raise NetbootError(f"SOURCE_DATE_EPOCH={value!r} is not a time the initramfs can hold (0 to 2^32-1)")
+    return int(value)
+
+
+def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]:
+    if opts.format not in FORMATS:
+        raise NetbootError(f"unknown format {opts.format!r} (choose from {', '.join(FORMATS)})")
+    compressor = compress.get(opts.compression or DEFAULT_COMPRESSION[opts.format])
+    level = compressor.check_level(opts.level)
+    if opts.format == "erofs" and compressor.compresses_erofs() and opts.level is None:
+        level = 1  # mkfs.erofs compresses on one core, where lz4hc (levels 3 and above) takes three times longer
+    argv = compressor.stream_argv(level)
+    if argv is not None:
+        require(argv[0], f"needed for --compress {compressor.name}")
+    if opts.format == "squashfs":
+        compressor.squashfs_args(level, opts.level is not None)
+        require("mksquashfs", "install Debian's squashfs-tools, or use --format direct")
+    if opts.format == "erofs":
+        require("mkfs.erofs", "install Debian's erofs-utils, or use --format squashfs or direct")
+    inputs = [flag for flag, given in (("SYSTEM", opts.system), ("--rootfs", opts.rootfs), ("--oci", opts.oci))
+              if given is not None]
+    if len(inputs) != 1:
+        both = f" (not {' and '.join(inputs)})" if inputs else ""
+        raise NetbootError(f"give one of SYSTEM, --rootfs DIR and --oci IMAGE.tar{both}")
+    if opts.system is not None:
+        for flag, given in (("--kernel", opts.kernel), ("--modules", opts.modules)):
+            if given is not None:
+                raise NetbootError(f"{flag} is for --rootfs and --oci; a Nix system brings its own")
+    else:
+        if opts.kernel is None:
+            raise NetbootError(f"{inputs[0]} needs --kernel BZIMAGE")
+        if opts.closure_info is not None:
+            raise NetbootError("--closure-info is for a Nix system")
+    if any(c in opts.append for c in "\n\r\0"):
+        raise NetbootError("--append must be a single line")
+    return compressor, level
+
+
+def build(opts: BuildOptions) -> dict:
+    """Build `opts.system` into `opts.out`, which is replaced only by a complete build (see outdir.Staging)."""
+    try:
+        return _build(opts)
+    except OSError as e:
+        # What the disk or the system refused (no space, a quota, an I/O error): one line, and the staging
+        # directory and any cache entry being written are already removed.
+        where = f" ({e.filename})" if e.filename else ""
+        hint = ": the output's file system and the cache's need room for the build" if e.errno in (
+            errno.ENOSPC, errno.EDQUOT) else ""
+        raise NetbootError(f"building {opts.out} failed: {e.strerror or e}{where}{hint}") from e
+
+
+def _build(opts: BuildOptions) -> dict:
+    started = time.monotonic()
+    compressor, level = _check_options(opts)
+    packing = Packing(compressor, level, opts.level is not None, source_date_epoch())
+    system = System.load(opts.system) if opts.system is not None else None
+    cache = Cache(opts.cache_dir, opts.cache_max) if opts.cache_dir is not None else Cache(None)
+    staging = Staging(opts.out)
+    with staging as work, _explaining_full_disks(work, opts.cache_dir):
+        scratch = work / ".scratch"
+        scratch.mkdir()
+        if system is not None:
+            cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
+            described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel
+            kernel_version, name = system.kernel_version, str(system.toplevel)
+        else:
+            root = _root_system(opts, scratch)
+            cmdline = _cmdline(opts.format, root.init, "", opts.append)
+            described, kernel = _pack_root(opts, root, packing, work, scratch), root.kernel
+            kernel_version, name = root.kernel_version, str(opts.rootfs or opts.oci)
+        # The scratch directory (an erofs image's laid out root: tens of thousands of entries) goes while the
+        # rest is written and the initrd hashed.
+        remover = threading.Thread(target=remove_tree, args=(scratch,), name="netboot-scratch")
+        remover.start()
+        try:
+            manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described)
+        finally:
+            remover.join()
+        for f in work.iterdir():
+            f.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
+        initrd_size = manifest["artifacts"]["initrd"]["size"]
+        if initrd_size > LARGE_INITRD:
+            log.warning(
+                "warning: the initrd is %.2f GiB; some firmware and iPXE fail to load initrds above 1 GiB",
+                initrd_size / 2**30,
+            )
+        staging.commit()
+    log.info(
+        "built %s: initrd %.1f MiB (%s%s) in %.1f s",
+        opts.out, initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
+        time.monotonic() - started,
+    )
+    return manifest
+
+
+def _finish(opts: BuildOptions, work: Path, kernel: Path, cmdline: str, name: str, kernel_version: str | None,
+            compressor: compress.Compressor, level: int | None, described: dict) -> dict:
+    """The kernel, the command line, the iPXE script and the manifest, beside the initrd."""
+    shutil.copyfile(kernel, work / "bzImage")
+    (work / "cmdline").write_text(cmdline + "\n")
+    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline))
+    manifest = {
+        "tool": "netboot",
+        "version": __version__,
+        "system": name,
+        "kernel_version": kernel_version,
+        "format": opts.format,
+        "compression": compressor.name,
+        "level": level,
+        "cmdline": cmdline,
+        **described,
+        "artifacts": {f: _describe(work / f) for f in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def _cmdline(fmt: str, init: str, params: str, append: str) -> str:
+    # squashfs, erofs: stage 1 runs first and reads init=; direct: the kernel runs rdinit= from the initrd.
+    key = "init" if fmt in IMAGE_FORMATS else "rdinit"
+    cmdline = " ".join(x for x in (f"{key}={init}", params, append.strip()) if x)
+    if "${" in cmdline:
+        raise NetbootError("the kernel command line contains '${', which iPXE would expand as a setting")
+    return cmdline
+
+
+def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache, work: Path, scratch: Path
+              ) -> dict:
+    """A Nix system's initrd: its closure, in the format asked; what the manifest says of it."""
+    closure = Closure.of(system.toplevel, opts.closure_info)
+    # Refused before packing: an image format without the modules to mount it.
+    stage1 = Stage1.prepare(system, closure, opts.format) if opts.format in IMAGE_FORMATS else None
+    initrd = work / "initrd"
+    if stage1 is not None:
+        if opts.format == "erofs":
+            stats = write_erofs(initrd, closure, stage1, packing, cache, scratch)
+        else:
+            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress)
+        _log_stage1(stage1)
+    else:
+        progress = Progress("packing", len(closure.paths), enabled=opts.progress)
+        stats = write_direct(initrd, closure, packing, cache, scratch, progress)
+        progress.done()
+    reused = f"; {stats.reused} reused from the cache" if cache.enabled else ""
+    log.info("closure: %d store paths, %d files, %.1f MiB%s", len(closure.paths), stats.files,
+             stats.bytes / 2**20, reused)
+    return {"input": {"kind": "nix"},
+            "closure": {"paths": len(closure.paths), "files": stats.files, "bytes": stats.bytes}}
+
+
+def _root_system(opts: BuildOptions, scratch: Path) -> rootfs.RootSystem:
+    assert opts.kernel is not None
+    if opts.oci is not None:
+        unpacked = scratch / "oci-root"
+        unpacked.mkdir()
+        keep_owners = os.geteuid() == 0
+        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners)
+        if not keep_owners:
+            log.warning("warning: not root: every file of %s is root's in the build, and device nodes are left "
+                        "out", opts.oci)
+        described = {"kind": "oci", "archive": str(opts.oci), "digest": image.digest, "layers": image.layers}
+        return rootfs.RootSystem.load(unpacked, opts.kernel, opts.init, opts.modules, input=described,
+                                      all_root=not keep_owners)
+    assert opts.rootfs is not None
+    return rootfs.RootSystem.load(opts.rootfs, opts.kernel, opts.init, opts.modules,
+                                  input={"kind": "rootfs", "path": str(opts.rootfs)})
+
+
+def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, work: Path, scratch: Path) -> dict:
+    """Any other system's initrd: its root filesystem, in the format asked; what the manifest says of it."""
+    initrd = work / "initrd"
+    if opts.format in IMAGE_FORMATS:
+        stage1 = root.stage1(opts.format)
+        rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
+        _log_stage1(stage1)
+        files, nbytes = rootfs.count(root.root)
+    else:
+        files, nbytes = rootfs.write_direct(initrd, root, packing)
+    log.info("root filesystem: %d files, %.1f MiB%s", files, nbytes / 2**20,
+             f"; modules {root.modules.version} added" if root.add_modules and root.modules else "")
+    return {"input": root.input, "root": {"files": files, "bytes": nbytes}}
+
+
+def _log_stage1(stage1: Stage1) -> None:
+    log.info("stage 1: busybox from %s, modules %s", stage1.busybox,
+             " ".join(p for p, _ in stage1.load_order) or "built in")
+
+
+_NEARLY_FULL = 16 << 20  # less free space than a tool's write buffers: what made it fail
+
+
+@contextlib.contextmanager
+def _explaining_full_disks(*dirs: Path | None) -> Iterator[None]:
+    """A tool that fails on a full disk says so its own way (mksquashfs: "Failed to write to output
+    filesystem"): while its partial output still fills the disk, name the full file system."""
+    try:
+        yield
+    except NetbootError as e:
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                if d is not None and (st := os.statvfs(d)).f_bavail * st.f_frsize < _NEARLY_FULL:
+                    raise NetbootError(f"{e} (No space left on device: the file system of {d} is full)") from e
+        raise
+
+
+def _describe(path: Path) -> dict:
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": digest}

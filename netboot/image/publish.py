@@ -1,0 +1,101 @@
+"""`netboot publish`: a build's artifacts in a content-addressed tree that any static server, CDN or object store
+can serve as it is.
+
+    DEST/<sha256 of manifest.json>/bzImage, initrd, cmdline, netboot.ipxe, manifest.json
+
+The manifest records every other artifact's sha256, so its own hash names the whole build. A build's directory
+is written under a temporary name, its files checked against the manifest and synced, then renamed into place
+in one step; it is never rewritten (publishing the same build again finds it and changes nothing), so caches in
+front of the tree may keep its files forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from netboot.core.errors import NetbootError
+
+FILES = ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json")
+_CHUNK = 1 << 20
+
+
+def manifest_digest(manifest_bytes: bytes) -> str:
+    """The content address of a build: the sha256 of its manifest."""
+    return hashlib.sha256(manifest_bytes).hexdigest()
+
+
+def publish(out: Path, dest: Path) -> tuple[Path, bool]:
+    """Publish the build in `out` under `dest`; returns its directory there, and whether it was written now
+    (False: it was already there)."""
+    try:
+        manifest_bytes = (out / "manifest.json").read_bytes()
+    except FileNotFoundError:
+        raise NetbootError(f"{out} has no manifest.json; is it an output of netboot build?") from None
+    except OSError as e:
+        raise NetbootError(f"cannot read {out}/manifest.json: {e.strerror}") from None
+    try:
+        artifacts = json.loads(manifest_bytes)["artifacts"]
+        expected = {name: str(artifacts[name]["sha256"]) for name in FILES if name != "manifest.json"}
+    except (ValueError, KeyError, TypeError) as e:
+        raise NetbootError(f"{out}/manifest.json is not a netboot manifest ({e})") from None
+    final = dest / manifest_digest(manifest_bytes)
+    if final.is_dir():
+        return final, False
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name[:16]}.", dir=dest))
+    except OSError as e:
+        raise NetbootError(f"cannot write into {dest}: {e.strerror}") from None
+    try:
+        for name in FILES:
+            digest = _copy(out / name, staging / name)
+            if name in expected and digest != expected[name]:
+                raise NetbootError(f"{out}/{name} does not match its manifest (sha256 {digest}, the manifest says "
+                                   f"{expected[name]}); build it again")
+        os.chmod(staging, 0o755)
+        _sync(staging)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if final.is_dir():  # published by someone else meanwhile: the same bytes, by their name
+                shutil.rmtree(staging)
+                return final, False
+            raise
+        _sync(dest)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise NetbootError(f"cannot publish into {dest}: {e.strerror}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final, True
+
+
+def _copy(src: Path, dst: Path) -> str:
+    """Copy a file, synced, returning the sha256 of the bytes written."""
+    h = hashlib.sha256()
+    try:
+        fin = open(src, "rb")  # noqa: SIM115 (closed below, with the output)
+    except OSError as e:
+        raise NetbootError(f"cannot read {src}: {e.strerror}") from None
+    with fin, open(dst, "xb") as fout:
+        while chunk := fin.read(_CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fchmod(fout.fileno(), 0o444)
+        os.fsync(fout.fileno())
+    return h.hexdigest()
+
+
+def _sync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,195 @@
+"""The HTTP side of `netboot serve` (aiohttp): scripts rendered per request, files by sendfile.
+
+aiohttp's FileResponse gives kernels and initrds sendfile(2), Content-Length, Range (206), HEAD, ETag,
+Last-Modified and conditional requests; it is handed the generation's held file through /proc/self/fd, so a
+transfer in progress keeps reading the build it started with.
+
+Limits (`HttpLimits`) keep slow and idle clients from crowding out booting machines: a connection must
+complete each request's headers within the idle timeout (aiohttp's keep-alive timer, which runs from the
+connection's start and from each response's end until the next request is complete), and connections are
+capped in all and per client address, those over a cap being closed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+import weakref
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.web_protocol import RequestHandler
+
+from netboot.server.http_limits import HttpLimits
+from netboot.server.namespace import BadRequest, Item, Namespace, NotFound
+from netboot.status.record import BootRecord
+
+log = logging.getLogger("netboot.serve")
+
+_REFUSED_LOG_INTERVAL = 10.0
+_TEXT = {"cmdline", "netboot.ipxe"}
+_JSON = {"manifest.json"}
+
+
+class _LimitedServer(web.Server):
+    """aiohttp's connection manager, closing at once the connections over `limits`."""
+
+    def __init__(self, limits: HttpLimits, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.limits = limits
+        self._address: dict[RequestHandler, str] = {}
+        self._per_address: collections.Counter[str] = collections.Counter()
+        self._refused = 0
+        self._refused_logged = 0.0
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        peer = transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "?"
+        if len(self._address) >= self.limits.max_connections or (
+                self._per_address[address] >= self.limits.max_per_address):
+            self._refuse(address)
+            handler.force_close()
+            return
+        self._address[handler] = address
+        self._per_address[address] += 1
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        address = self._address.pop(handler, None)
+        if address is not None:
+            self._per_address[address] -= 1
+            if self._per_address[address] <= 0:
+                del self._per_address[address]
+        super().connection_lost(handler, exc)
+
+    def _refuse(self, address: str) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= _REFUSED_LOG_INTERVAL:
+            log.warning("http: connection limits reached (%d in all, %d per address): %d connections closed, "
+                        "the latest from %s", self.limits.max_connections, self.limits.max_per_address,
+                        self._refused, address)
+            self._refused_logged = now
+            self._refused = 0
+
+
+class LimitedRunner(web.AppRunner):
+    """An AppRunner whose connections are held to `limits` (see the module's docstring)."""
+
+    def __init__(self, app: web.Application, limits: HttpLimits, **kwargs: object) -> None:
+        super().__init__(app, keepalive_timeout=limits.idle_timeout, **kwargs)  # type: ignore[arg-type]
+        self.limits = limits
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # starts and freezes the application
+        return _LimitedServer(self.limits, made.request_handler, request_factory=made.request_factory,
+                              loop=asyncio.get_running_loop(), **self._kwargs)
+
+
+def describe(peer: str, proto: str, item: Item | None, name: str, status: object, nbytes: int, started: float) -> str:
+    """The one log line per boot step: client, MAC, profile, protocol, file, outcome."""
+    mac = item.mac if item and item.mac else "-"
+    profile = item.profile if item and item.profile else "-"
+    return (
+        f"{peer} mac={mac} profile={profile} {proto} {name} {status} "
+        f"{nbytes / 1e6:.1f} MB {time.monotonic() - started:.2f}s"
+    )
+
+
+class _HeldFileResponse(web.FileResponse):
+    """FileResponse of a held file: its own descriptor for this transfer, closed when the transfer ends."""
+
+    def __init__(self, item: Item, peer: str, started: float, headers: dict[str, str],
+                 record: BootRecord | None) -> None:
+        assert item.file is not None
+        self._fd = item.file.reopen()
+        self._closer = weakref.finalize(self, os.close, self._fd)  # even if never prepared
+        self._item, self._peer, self._started, self._record = item, peer, started, record
+        self._stopped_at: int | None = None
+        super().__init__(f"/proc/self/fd/{self._fd}", headers=headers)
+
+    async def _sendfile(self, request: web.BaseRequest, fobj: Any, offset: int, count: int
+                        ) -> AbstractStreamWriter:
+        # aiohttp's sendfile step. When the client goes away, asyncio's sendfile has left the file's position
+        # after the last byte the socket took, which tells how far the transfer got.
+        try:
+            return await super()._sendfile(request, fobj, offset, count)  # type: ignore[misc]
+        except BaseException:
+            with contextlib.suppress(OSError, ValueError):
+                self._stopped_at = max(0, fobj.tell() - offset)
+            raise
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return self._payload_writer
+        aborted = True
+        if self._record is not None:
+            self._record.http_in_flight += 1
+        try:
+            writer = await super().prepare(request)
+            aborted = False
+            return writer
+        finally:
+            self._closer()
+            item = self._item
+            if aborted:
+                status, sent = "aborted", self._stopped_at or 0
+            else:
+                status, sent = str(self.status), (self.content_length or 0) if request.method != "HEAD" else 0
+            log.info(describe(self._peer, "http", item, "/" + item.name, status, sent, self._started))
+            if self._record is not None:
+                self._record.http_in_flight -= 1
+                self._record.record(self._peer, "http", "/" + item.name, status,
+                                    not aborted and self.status < 400, sent, item.mac, item.profile)
+
+
+def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Application:
+    """The boot network's application; each finished request also goes to `record` when given."""
+
+    def refused(peer: str, name: str, status: int, e: Exception, started: float) -> web.Response:
+        log.info(describe(peer, "http", None, "/" + name, status, 0, started))
+        if record is not None:
+            mac, profile = namespace.who(name)
+            record.record(peer, "http", "/" + name, str(status), False, 0, mac, profile)
+        return web.Response(status=status, text=f"{e}\n")
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        name = request.match_info["path"]
+        peer = request.remote or "?"
+        try:
+            item = namespace.lookup(name)
+        except BadRequest as e:
+            return refused(peer, name, 400, e, started)
+        except NotFound as e:
+            return refused(peer, name, 404, e, started)
+        if item.data is not None:
+            # Scripts change whenever the machines file or a build does: never cached.
+            # (aiohttp sends the headers alone, Content-Length included, for HEAD.)
+            response = web.Response(
+                body=item.data, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
+            )
+            path = "/" + name
+            log.info(describe(peer, "http", item, path, 200, len(item.data), started))
+            if record is not None:
+                record.record(peer, "http", path, "200", True, len(item.data), item.mac, item.profile)
+            return response
+        assert item.file is not None
+        basename = name.rsplit("/", 1)[-1]
+        headers = {}
+        if basename in _TEXT:
+            headers["Content-Type"] = "text/plain; charset=utf-8"
+        elif basename in _JSON:
+            headers["Content-Type"] = "application/json"
+        else:
+            headers["Content-Type"] = "application/octet-stream"
+        return _HeldFileResponse(item, peer, started, headers, record)
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", handle)
+    return app

@@ -1,0 +1,361 @@
+"""The served namespace: one set of names, resolved the same way for HTTP and TFTP.
+
+    boot.ipxe                          chains to the machine's own script by ${mac:hexhyp}
+    machine/<mac>/boot.ipxe            that machine's script (its profile's kernel line plus appends)
+    machine/<mac>/<generation>/bzImage the kernel and initrd of the build the script was made from
+    machine/<mac>/<generation>/initrd
+    machine/<mac>/<generation>/overlay that machine's overlay, packed for that build (a profile with overlay =)
+    profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
+    <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
+    undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
+
+Only these names exist, so no request can reach anything else: there is no path to traverse. Scripts refer to
+files by absolute path (/machine/…), which iPXE resolves against the URL the script came from, so a machine
+that started over TFTP stays on TFTP and one that started over HTTP stays on HTTP.
+
+A build replaces an output directory atomically; each profile's files are held open per generation (a hash of
+its manifest) so that a machine that got its script before a rebuild still boots the kernel and initrd that
+match it, for a grace period, while new requests get the new build.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from netboot.core import mac as macs
+from netboot.core.errors import NetbootError
+from netboot.core.ipxe_scripts import render
+from netboot.core.machines import DEFAULT, Machines, Profile
+from netboot.image.pack import IMAGE_FORMATS
+from netboot.image.publish import manifest_digest
+from netboot.server.overlay import Rendered
+from netboot.server.overlay_cache import Broken, Build, Overlays
+
+log = logging.getLogger("netboot.serve")
+
+FILES = ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json")
+BOOT_FILES = ("bzImage", "initrd")
+IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
+IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
+ALLOWED_ROOTS = (Path("/nix/store"),)  # output directories may hold symlinks into the store
+RETRY_SECONDS = 30
+
+
+class NotFound(NetbootError):
+    pass
+
+
+class BadRequest(NetbootError):
+    pass
+
+
+@dataclass
+class HeldFile:
+    fd: int
+    size: int
+    mtime: float
+
+    def reopen(self) -> int:
+        """A descriptor of this very file for one transfer; the caller closes it."""
+        return os.dup(self.fd)
+
+
+class Generation:
+    """One build of an output directory, with its files held open."""
+
+    def __init__(self, directory: Path) -> None:
+        self.files: dict[str, HeldFile] = {}
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise NetbootError(f"cannot open {directory}: {e.strerror}") from e
+        try:
+            # Everything is opened relative to one directory descriptor, so a rebuild that swaps the
+            # directory mid-way cannot mix two builds.
+            real_dir = Path(os.readlink(f"/proc/self/fd/{dir_fd}"))
+            for name in FILES:
+                self.files[name] = _open_in(dir_fd, name, real_dir, directory)
+            manifest_bytes = os.pread(self.files["manifest.json"].fd, 1 << 20, 0)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(dir_fd)
+        try:
+            manifest = json.loads(manifest_bytes)
+            self.cmdline = str(manifest["cmdline"])
+            self.system = str(manifest.get("system", "?"))
+            self.format = str(manifest.get("format", "direct"))
+            self.compression = str(manifest.get("compression", "none"))
+            level = manifest.get("level")
+            self.level = int(level) if level is not None else None
+        except (ValueError, KeyError, TypeError) as e:
+            self.close()
+            raise NetbootError(f"{directory}/manifest.json is not a netboot manifest ({e})") from None
+        self.digest = manifest_digest(manifest_bytes)  # its content address (netboot publish)
+        self.id = self.digest[:16]
+        self.packing = Build(self.id, self.format in IMAGE_FORMATS, self.compression, self.level)  # for overlays
+
+    def close(self) -> None:
+        for f in self.files.values():
+            os.close(f.fd)
+        self.files.clear()
+
+
+def _open_in(dir_fd: int, name: str, real_dir: Path, shown: Path) -> HeldFile:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError as e:
+        raise NetbootError(f"cannot open {shown}/{name}: {e.strerror}") from e
+    target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+    st = os.fstat(fd)
+    inside = target.is_relative_to(real_dir) or any(target.is_relative_to(r) for r in ALLOWED_ROOTS)
+    if not inside or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NetbootError(f"{shown}/{name} is not a regular file inside {shown} or the Nix store")
+    return HeldFile(fd, st.st_size, st.st_mtime)
+
+
+def manifest_key(directory: Path) -> tuple[int, int, int] | None:
+    """What changes when a build replaces the directory: its manifest's inode, mtime and size."""
+    try:
+        st = os.stat(directory / "manifest.json")
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+@dataclass
+class ProfileFiles:
+    """A profile's current generation and the ones it replaced, kept until their grace period ends."""
+
+    profile: Profile
+    current: Generation
+    retired: list[tuple[Generation, float]] = field(default_factory=list)
+    seen: tuple[int, int, int] = (0, 0, 0)
+
+    def generation(self, gen_id: str) -> Generation | None:
+        if self.current.id == gen_id:
+            return self.current
+        return next((g for g, _ in self.retired if g.id == gen_id), None)
+
+    def refresh(self, grace: float) -> None:
+        """Pick up a rebuilt directory: the new build for new requests, the old one kept for `grace` seconds."""
+        key = manifest_key(self.profile.dir)
+        if key is None or key == self.seen:
+            return  # unchanged, or mid-swap or removed: keep serving what we hold
+        self.seen = key  # a broken build is reported once, not at every look
+        try:
+            new = Generation(self.profile.dir)
+        except NetbootError as e:
+            log.error("profile %s: keeping the previous build: %s", self.profile.name, e)
+            return
+        if new.id == self.current.id:
+            new.close()
+            return
+        log.info("profile %s: now serving %s (generation %s)", self.profile.name, new.system, new.id)
+        self.retired.append((self.current, time.monotonic() + grace))
+        self.current = new
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for gen, until in [r for r in self.retired if r[1] <= now]:
+            self.retired.remove((gen, until))
+            gen.close()
+
+    def close(self) -> None:
+        self.current.close()
+        for gen, _ in self.retired:
+            gen.close()
+        self.retired.clear()
+
+
+@dataclass
+class Item:
+    """What a name resolved to: a rendered script or a file, and who it was for (for the log line)."""
+
+    name: str
+    data: bytes | None = None
+    file: HeldFile | None = None
+    mac: str | None = None
+    profile: str | None = None
+
+
+class Namespace:
+    def __init__(self, machines: Machines, *, single_dir: bool, grace: float = 600.0) -> None:
+        self.single_dir = single_dir
+        self.grace = grace
+        self.machines = machines
+        self.profiles: dict[str, ProfileFiles] = {}
+        self.binaries: dict[str, HeldFile] = {}
+        self.overlays = Overlays()
+        self._adopt(machines)
+        try:
+            self.overlays.apply(machines, strict=True)
+        except BaseException:
+            self.close()
+            raise
+        self._refresh_binaries()
+
+    def _adopt(self, machines: Machines) -> None:
+        """Open every profile's files before switching to `machines`; on error nothing changes."""
+        opened: dict[str, ProfileFiles] = {}
+        try:
+            for name, profile in machines.profiles.items():
+                old = self.profiles.get(name)
+                if old is not None and old.profile.dir == profile.dir:
+                    old.profile = profile
+                    opened[name] = old
+                else:
+                    seen = manifest_key(profile.dir) or (0, 0, 0)  # before opening: a rebuild meanwhile is seen
+                    opened[name] = ProfileFiles(profile, Generation(profile.dir), seen=seen)
+        except BaseException:
+            for name, files in opened.items():
+                if self.profiles.get(name) is not files:
+                    files.close()
+            raise
+        for name, files in self.profiles.items():
+            if opened.get(name) is not files:
+                files.close()
+        self.profiles = opened
+        self.machines = machines
+
+    def reload(self, machines: Machines) -> None:
+        self._adopt(machines)
+        self.overlays.apply(machines, strict=False)
+
+    def refresh(self) -> None:
+        for files in self.profiles.values():
+            files.refresh(self.grace)
+            files.expire()
+        self._refresh_binaries()
+
+    def _refresh_binaries(self) -> None:
+        """Hold Debian's iPXE binaries open like a generation; reopen one when a package upgrade replaced it."""
+        for name in IPXE_BINARIES:
+            held = self.binaries.get(name)
+            try:
+                st = os.stat(IPXE_DIR / name)
+            except OSError:
+                if held is not None:
+                    os.close(self.binaries.pop(name).fd)
+                continue
+            if held is not None and (st.st_size, st.st_mtime) == (held.size, held.mtime):
+                continue
+            try:
+                fd = os.open(IPXE_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            if held is not None:
+                os.close(held.fd)
+            st = os.fstat(fd)
+            self.binaries[name] = HeldFile(fd, st.st_size, st.st_mtime)
+
+    def close(self) -> None:
+        for files in self.profiles.values():
+            files.close()
+        self.profiles.clear()
+        for held in self.binaries.values():
+            os.close(held.fd)
+        self.binaries.clear()
+
+    def lookup(self, name: str) -> Item:
+        parts = name.lstrip("/").split("/")
+        match parts:
+            case ["boot.ipxe"]:
+                return Item("boot.ipxe", render("boot.ipxe").encode())
+            case ["machine", mac_text, "boot.ipxe"]:
+                return self._machine_script(self._mac(mac_text), name)
+            case ["machine", mac_text, gen_id, file] if file in BOOT_FILES or file == "overlay":
+                mac = self._mac(mac_text)
+                found = self.machines.for_mac(mac)
+                if found is None:
+                    raise NotFound(f"{mac} has no profile")
+                profile = found[0]
+                gen = self.profiles[profile.name].generation(gen_id)
+                if gen is None:
+                    raise NotFound(f"build {gen_id} of profile {profile.name} is no longer served; "
+                                   "fetch boot.ipxe again")
+                if file == "overlay":
+                    return Item(name, self._overlay(mac, profile, gen), mac=mac, profile=profile.name)
+                return Item(name, file=gen.files[file], mac=mac, profile=profile.name)
+            case ["profile", profile, file] if file in FILES and profile in self.profiles:
+                return Item(name, file=self.profiles[profile].current.files[file], profile=profile)
+            case [file] if file in FILES and self.single_dir:
+                return Item(name, file=self.profiles[DEFAULT].current.files[file], profile=DEFAULT)
+            case [file] if file in self.binaries:
+                return Item(name, file=self.binaries[file])
+        raise NotFound(f"no such file: {name}")
+
+    def who(self, name: str) -> tuple[str | None, str | None]:
+        """The MAC and profile a name is for, for log lines; never raises."""
+        parts = name.lstrip("/").split("/")
+        if len(parts) >= 3 and parts[0] == "machine":
+            try:
+                mac = macs.normalize(parts[1])
+            except macs.BadMac:
+                return None, None
+            found = self.machines.for_mac(mac)
+            return mac, found[0].name if found else None
+        if len(parts) == 3 and parts[0] == "profile":
+            return None, parts[1]
+        if len(parts) == 1 and parts[0] in FILES and self.single_dir:
+            return None, DEFAULT
+        return None, None
+
+    @staticmethod
+    def _mac(text: str) -> str:
+        try:
+            return macs.normalize(text)
+        except macs.BadMac as e:
+            raise BadRequest(str(e)) from None
+
+    def _machine_script(self, mac: str, name: str) -> Item:
+        found = self.machines.for_mac(mac)
+        if found is None:
+            where = str(self.machines.source) if self.machines.source else "the machines file"
+            script = render("unknown.ipxe", mac=mac, machines=where, retry=str(RETRY_SECONDS),
+                            again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
+            return Item(name, script.encode(), mac=mac)
+        profile, append = found
+        gen = self.profiles[profile.name].current
+        cmdline = " ".join(x for x in (gen.cmdline, append) if x)
+        base = f"/machine/{macs.hyphenated(mac)}/{gen.id}"
+        overlay = ("", "# no overlay")
+        if profile.overlay is not None:
+            rendered = self._rendered(mac, profile)
+            if isinstance(rendered, Broken):
+                script = render("broken.ipxe", mac=mac, error=_echoable(rendered.error), retry=str(RETRY_SECONDS),
+                                again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
+                return Item(name, script.encode(), mac=mac, profile=profile.name)
+            # A second initrd: unpacked after the first, so its files win.
+            overlay = (" initrd=overlay", f"initrd --name overlay {base}/overlay")
+        # With base_url, the kernel and initrd come from the mirror, by content address.
+        files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
+        script = render(
+            "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline, files=files,
+            overlay_arg=overlay[0], overlay_initrd=overlay[1],
+        )
+        return Item(name, script.encode(), mac=mac, profile=profile.name)
+
+    def _rendered(self, mac: str, profile: Profile) -> Rendered | Broken:
+        return self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
+
+    def _overlay(self, mac: str, profile: Profile, gen: Generation) -> bytes:
+        if profile.overlay is None:
+            raise NotFound(f"profile {profile.name} has no overlay")
+        rendered = self._rendered(mac, profile)
+        if isinstance(rendered, Broken):
+            raise NotFound(f"{mac} has no overlay: {rendered.error}")
+        return self.overlays.packed(rendered, gen.packing)
+
+
+def _echoable(text: str) -> str:
+    """One line that iPXE's echo shows as it is (no ${...} expansion)."""
+    return " ".join(text.replace("$", "").split())

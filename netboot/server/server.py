@@ -1,0 +1,322 @@
+"""`netboot serve`: one asyncio process answering HTTP and TFTP from one namespace, reloading as things change."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from netboot.core.addresses import reachable_hosts
+from netboot.core.errors import NetbootError
+from netboot.core.machines import Machines
+from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
+from netboot.server.autobuild import SystemBuilds
+from netboot.server.http import LimitedRunner, make_app
+from netboot.server.http_limits import HttpLimits
+from netboot.server.namespace import BadRequest, Namespace, NotFound
+from netboot.server.overlay import tree_stat
+from netboot.status import BootRecord, Live, StatusConfig, start_status
+from netboot.tftp.command import parse_listen
+from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
+from netboot.tftp.content import NotFound as TftpNotFound
+from netboot.tftp.server import TftpConfig, TftpServer, TransferStats, start_tftp_server
+
+log = logging.getLogger("netboot.serve")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str, what: str) -> Endpoint:
+        """'0.0.0.0:8080', '[::]:69', '[::1]:8080', ':69' (all addresses); a port of 0 picks a free one."""
+        try:
+            host, port = parse_listen(text)
+            ipaddress.ip_address(host)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise NetbootError(f"{what}: {e}") from None
+        return cls(host, port)
+
+    def url(self, scheme: str, port: int | None = None) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{port if port is not None else self.port}"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    out: Path | None = None
+    machines: Path | None = None
+    http: Endpoint = Endpoint("0.0.0.0", 8080)
+    tftp: Endpoint | None = Endpoint("0.0.0.0", 69)
+    tftp_config: TftpConfig = field(default_factory=TftpConfig)
+    http_limits: HttpLimits = field(default_factory=HttpLimits)
+    dhcp: DhcpConfig | None = None
+    status: StatusConfig | None = field(default_factory=StatusConfig)
+    grace: float = 600.0  # how long the files of a replaced build stay available
+    poll: float = 1.0  # how often output directories and the machines file are checked for changes
+    state_dir: Path = Path("/var/lib/netboot")  # builds of profiles with a system (and DHCP leases, in dhcp)
+
+
+class Server:
+    def __init__(self, opts: ServeOptions) -> None:
+        if (opts.out is None) == (opts.machines is None):
+            raise NetbootError("give either --dir OUT or --machines FILE")
+        self.opts = opts
+        machines = (Machines.single(opts.out) if opts.out
+                    else Machines.load(opts.machines, opts.state_dir))  # type: ignore[arg-type]
+        # Profiles that name a system: built here; a new build is served as soon as it is in place.
+        self.builds = SystemBuilds(opts.state_dir, switched=lambda: self.namespace.refresh())
+        self.builds.prepare(machines)
+        self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace)
+        # What the status listener shows; without one, nothing is recorded.
+        self.record = BootRecord(self._build_of) if opts.status is not None else None
+        self._configure_record(machines)
+        self._machines_seen = self._machines_stat()
+        self._runner: web.AppRunner | None = None
+        self._status: web.AppRunner | None = None
+        self.status_port = 0
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self.http_port = 0
+        self.tftp_port = 0
+        self._tftp: TftpServer | None = None
+        self._dhcp: DhcpServer | None = None
+
+    def _machines_stat(self) -> tuple[object, ...] | None:
+        """What changes when the machines file or one of its overlay directories is edited."""
+        if self.opts.machines is None:
+            return None
+        try:
+            st = os.stat(self.opts.machines)
+        except OSError:
+            return None
+        overlays = sorted({str(p.overlay) for p in self.namespace.machines.profiles.values() if p.overlay})
+        return (st.st_ino, st.st_mtime_ns, st.st_size, *(tree_stat(Path(d)) for d in overlays))
+
+    async def start(self) -> None:
+        if self.opts.status is not None:
+            await self._start_status(self.opts.status)
+        await self._start_http()
+        if self.opts.tftp is not None:
+            await self._start_tftp(self.opts.tftp)
+        if self.opts.dhcp is not None:
+            await self._start_dhcp(self.opts.dhcp)
+
+    def _build_of(self, profile: str) -> tuple[str, str] | None:
+        files = self.namespace.profiles.get(profile)
+        return (files.current.id, files.current.system) if files else None
+
+    def _builds(self) -> dict[str, tuple[str, str]]:
+        return {name: build for name in self.namespace.profiles if (build := self._build_of(name))}
+
+    def _configure_record(self, machines: Machines) -> None:
+        if self.record is not None:
+            self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
+
+    async def _start_status(self, config: StatusConfig) -> None:
+        assert self.record is not None
+        live = Live(tftp_in_flight=lambda: self._tftp.transfers if self._tftp else 0,
+                    tftp_refused=lambda: self._tftp.refused if self._tftp else 0, builds=self._builds)
+        self._status, self.status_port = await start_status(config, self.record, live)
+        where = Endpoint(config.host, self.status_port).url("http")
+        log.info("status: %s/ (machines page), /api/machines, /api/events, /metrics%s", where,
+                 "; a token is required" if config.token else "")
+
+    async def _start_dhcp(self, config: DhcpConfig) -> None:
+        self._dhcp = await start_dhcp_server(config, machines=lambda: self.namespace.machines,
+                                             offerings=self._offerings)
+        where = ", ".join(config.interfaces) or "every interface"
+        log.info("dhcp: %s on %s, port%s %s", "proxy DHCP" if config.proxy else f"DHCP server for {config.mode}",
+                 where, "s" * (len(self._dhcp.ports) > 1), " and ".join(map(str, self._dhcp.ports)))
+        if not config.proxy:
+            log.info("dhcp: leases in %s", config.state_dir)
+        offer = self._offerings()
+        if not offer.tftp:
+            log.warning("dhcp: TFTP is not served on port 69, so PXE ROMs get no answer; iPXE and UEFI HTTP "
+                        "boot clients still do")
+        missing = {"undionly.kpxe", config.uefi_binary} - offer.binaries
+        if missing:
+            log.warning("dhcp: %s not installed (Debian's ipxe package): PXE ROMs that need it get no answer",
+                        " and ".join(sorted(missing)))
+
+    def _offerings(self) -> Offerings:
+        assert self.opts.dhcp is not None
+        http, tftp = self.opts.http.host, self.opts.tftp.host if self.opts.tftp else None
+        return Offerings(
+            binaries=frozenset(self.namespace.binaries), http_port=self.http_port, tftp=self.tftp_port == 69,
+            uefi_binary=self.opts.dhcp.uefi_binary,
+            http_host=http if _specific_ipv4(http) else None, tftp_host=tftp if _specific_ipv4(tftp) else None,
+        )
+
+    async def _start_tftp(self, where: Endpoint) -> None:
+        try:
+            self._tftp = await start_tftp_server(
+                where.host, where.port, tftp_resolver(self.namespace), self.opts.tftp_config,
+                on_transfer=self._tftp_logged, on_refused=self._tftp_refused,
+            )
+        except OSError as e:
+            raise NetbootError(f"cannot listen for TFTP on {where.url('tftp')}: {e.strerror}") from e
+        self.tftp_port = self._tftp.addresses[0][1]
+        await _announce("tftp", where, self.tftp_port)
+
+    def _tftp_logged(self, stats: TransferStats) -> None:
+        """The HTTP side's line, plus what TFTP adds: options, retransmissions, why a transfer ended."""
+        mac, profile = self.namespace.who(stats.filename)
+        client = stats.peer.rsplit(":", 1)[0].strip("[]")
+        options = " ".join(f"{k}={v}" for k, v in stats.options) or "no options"
+        detail = f" ({stats.detail})" if stats.detail else ""
+        log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
+                 profile or "-", stats.filename.lstrip("/"), stats.outcome, detail, stats.bytes_sent / 1e6,
+                 stats.duration, options, stats.retransmissions)
+        if self.record is not None:
+            self.record.record(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
+                               stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
+                               stats.retransmissions)
+
+    def _tftp_refused(self, peer: Peer, filename: str, code: int, message: str) -> None:
+        if self.record is None:
+            return
+        mac, profile = self.namespace.who(filename)
+        client = str(peer[0])
+        self.record.record(client, "tftp", "/" + filename.lstrip("/"), f"ERROR {code}", False, 0, mac, profile)
+
+    async def _start_http(self) -> None:
+        self._runner = LimitedRunner(make_app(self.namespace, self.record), self.opts.http_limits, access_log=None,
+                                     handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.opts.http.host, self.opts.http.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            await self._runner.cleanup()
+            raise NetbootError(f"cannot listen for HTTP on {self.opts.http.url('http')}: {e.strerror}") from e
+        sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.opts.http.port
+        await _announce("http", self.opts.http, self.http_port)
+
+    async def reload(self) -> None:
+        """Re-read the machines file now (SIGHUP); a file with an error keeps the previous configuration."""
+        if self.opts.machines is None:
+            self.namespace.refresh()
+            return
+        if self.record is not None:
+            self.record.reloads += 1
+        try:
+            machines = Machines.load(self.opts.machines, self.opts.state_dir)
+            await asyncio.to_thread(self.builds.prepare, machines)  # a new profile's system: built first
+            if self._dhcp is not None:
+                self._dhcp.check(machines)
+            self.namespace.reload(machines)
+        except NetbootError as e:
+            if self.record is not None:
+                self.record.reload_failures += 1
+            log.error("reload: keeping the previous configuration: %s", e)
+            return
+        self._configure_record(machines)
+        log.info("reload: %d profiles, %d machines", len(machines.profiles), len(machines.machines))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self._reload.set)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reload.wait(), self.opts.poll)
+                if self._reload.is_set() or self._machines_stat() != self._machines_seen:
+                    self._reload.clear()
+                    await self.reload()
+                    self._machines_seen = self._machines_stat()  # after: a reload may name other overlays
+                self.builds.poll(self.namespace.machines)
+                self.namespace.refresh()
+        finally:
+            for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    async def close(self) -> None:
+        await self.builds.close()
+        if self._dhcp is not None:
+            self._dhcp.close()
+        if self._tftp is not None:
+            self._tftp.close()
+            await self._tftp.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self.record is not None:
+            self.record.close()  # ends the status page's live streams
+        if self._status is not None:
+            await self._status.cleanup()
+        self.namespace.close()
+
+
+async def _announce(scheme: str, where: Endpoint, port: int) -> None:
+    """Log the URL of boot.ipxe, and for a wildcard address the URL on each interface (what DHCP should hand out)."""
+    log.info("%s: serving %s/boot.ipxe", scheme, where.url(scheme, port))
+    if where.host in ("0.0.0.0", "::"):
+        # pyroute2's synchronous API runs its own event loop, so not on this one.
+        for host in await asyncio.to_thread(reachable_hosts, where.host):
+            log.info("%s:   reachable as %s/boot.ipxe", scheme, Endpoint(host, port).url(scheme))
+
+
+def _specific_ipv4(host: str | None) -> bool:
+    """An IPv4 address to name in boot files, rather than a wildcard (then: our address on the interface)."""
+    try:
+        return host is not None and ipaddress.ip_address(host).version == 4 and host != "0.0.0.0"
+    except ValueError:
+        return False
+
+
+def tftp_resolver(namespace: Namespace) -> Resolver:
+    """The namespace as TFTP content: the same names, the same answers as over HTTP."""
+
+    def resolve(name: str, peer: Peer) -> Content:
+        try:
+            item = namespace.lookup(name)
+        except BadRequest as e:
+            raise ContentError(str(e)) from None  # ERROR 0: see the message
+        except NotFound as e:
+            raise TftpNotFound(str(e)) from None
+        if item.data is not None:
+            return BytesContent(item.data)
+        assert item.file is not None
+        return FileContent(item.file.reopen(), item.file.size)
+
+    return resolve
+
+
+def raise_file_limit(opts: ServeOptions) -> None:
+    """Raise the soft limit on open files toward the hard one, so that the connection and transfer limits, not
+    the process's 1024 descriptors (systemd's default), are what refuses clients."""
+    import resource
+
+    tftp = opts.tftp_config
+    wanted = opts.http_limits.max_connections + 2 * tftp.max_transfers + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        if target < wanted:
+            log.warning("only %d open files allowed (ulimit -Hn): fewer connections than --http-max-connections "
+                        "may be served", target)
+
+
+async def serve(opts: ServeOptions) -> None:
+    raise_file_limit(opts)
+    server = Server(opts)
+    try:
+        await server.start()
+        await server.run()
+    finally:
+        await server.close()
+    log.info("stopped")
