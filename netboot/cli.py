@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from netboot import __version__
-from netboot.core import compress
+from netboot.core import artifacts, compress
 from netboot.core.errors import NetbootError
 from netboot.dhcp import command as dhcp_command
 from netboot.image import cache, pack
@@ -45,7 +45,7 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="the system's top-level directory (e.g. ./result)")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (replaced atomically)")
     p.add_argument(
-        "--format", choices=pack.FORMATS, default="squashfs",
+        "--format", choices=artifacts.FORMATS, default="squashfs",
         help="squashfs: store image in the initrd, mounted by a small stage 1 under a writable overlay "
         "(default); erofs: the same with an erofs image; direct: every store file in the initrd, rdinit= runs "
         "the system's init",

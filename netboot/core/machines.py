@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netboot.core import artifacts, compress
 from netboot.core import mac as macs
 from netboot.core.errors import NetbootError
 
@@ -197,9 +198,6 @@ def _only(entry: dict, allowed: set[str], ref: str, where: _Locator, more: str =
 
 def _system(entry: dict, ref: str, at: str) -> tuple[Path | None, tuple[str, ...]]:
     """A profile's system and its build options, checked the way netboot build checks them."""
-    from netboot.core import compress
-    from netboot.image import pack
-
     value = entry.get("system")
     if value is None:
         given = [k for k in BUILD_KEYS if k in entry]
@@ -214,8 +212,8 @@ def _system(entry: dict, ref: str, at: str) -> tuple[Path | None, tuple[str, ...
     args: list[str] = []
     fmt = entry.get("format")
     if fmt is not None:
-        if fmt not in pack.FORMATS:
-            raise NetbootError(f"{at}: {ref}: format {fmt!r} is not one of {', '.join(pack.FORMATS)}")
+        if fmt not in artifacts.FORMATS:
+            raise NetbootError(f"{at}: {ref}: format {fmt!r} is not one of {', '.join(artifacts.FORMATS)}")
         args += ["--format", fmt]
     name = entry.get("compress")
     level = entry.get("level")
@@ -227,7 +225,7 @@ def _system(entry: dict, ref: str, at: str) -> tuple[Path | None, tuple[str, ...
         if level is not None:
             if not isinstance(level, int) or isinstance(level, bool):
                 raise NetbootError("level must be an integer")
-            compress.get(name or pack.DEFAULT_COMPRESSION[fmt or "squashfs"]).check_level(level)
+            compress.get(name or artifacts.DEFAULT_COMPRESSION[fmt or "squashfs"]).check_level(level)
             args += ["--level", str(level)]
     except NetbootError as e:
         raise NetbootError(f"{at}: {ref}: {e}") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from netboot import __version__
 from netboot.core import compress
+from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
 from netboot.core.run import require
@@ -33,9 +34,6 @@ from netboot.image.system import System
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("squashfs", "erofs", "direct")
-IMAGE_FORMATS = ("squashfs", "erofs")  # an image in the initrd, mounted by stage 1
-DEFAULT_COMPRESSION = {"squashfs": "zstd", "erofs": "lz4", "direct": "zstd"}
 LARGE_INITRD = 1 << 30  # firmware and iPXE have failed above this (nixpkgs #73588)
 
 

@@ -18,9 +18,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from netboot.core.artifacts import FILES
 from netboot.core.errors import NetbootError
 
-FILES = ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json")
 _CHUNK = 1 << 20
 
 

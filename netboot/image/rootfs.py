@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from netboot.core.artifacts import STAGE1_PREFIX
 from netboot.core.errors import NetbootError
 from netboot.image.cpio import NewcWriter
 from netboot.image.erofs import mkfs_erofs
@@ -27,7 +28,6 @@ from netboot.image.squashfs import mksquashfs_root
 from netboot.image.stage1 import Stage1, find_busybox
 from netboot.image.system import bzimage_version, is_bzimage
 from netboot.image.tree import Tree
-from netboot.server.overlay import STAGE1_PREFIX
 
 _MAX_LINKS = 40  # symlinks followed while resolving a path inside the root, as the kernel allows
 

@@ -29,17 +29,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from netboot.core import mac as macs
+from netboot.core.artifacts import FILES, IMAGE_FORMATS
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
 from netboot.core.machines import DEFAULT, Machines, Profile
-from netboot.image.pack import IMAGE_FORMATS
 from netboot.image.publish import manifest_digest
 from netboot.server.overlay import Rendered
 from netboot.server.overlay_cache import Broken, Build, Overlays
 
 log = logging.getLogger("netboot.serve")
 
-FILES = ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json")
 BOOT_FILES = ("bzImage", "initrd")
 IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")

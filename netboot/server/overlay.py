@@ -27,13 +27,13 @@ from typing import Any
 import jinja2
 import jinja2.sandbox
 
+from netboot.core.artifacts import STAGE1_PREFIX
 from netboot.core.compress import Compressor
 from netboot.core.errors import NetbootError
 from netboot.image.cpio import NewcWriter, StreamSink
 from netboot.image.initrd import compress_bytes
 
 TEMPLATE_SUFFIX = ".j2"
-STAGE1_PREFIX = "netboot-overlay"  # where stage 1 looks for the overlay (stage1-init.sh)
 MTIME = 1  # every entry's mtime, as in the Nix store: the same inputs give the same bytes
 MAX_BYTES = 16 << 20  # an overlay is a handful of configuration files, not a second image
 
