@@ -35,6 +35,17 @@ def dies_with_us() -> Callable[[], None]:
     return preexec
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists; one of another user counts (kill(2) says EPERM, not ESRCH)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def require(tool: str, hint: str) -> str:
     """Path of `tool` on PATH, or a NetbootError saying what to install."""
     path = shutil.which(tool)

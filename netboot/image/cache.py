@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from netboot.core.errors import NetbootError
+from netboot.core.run import pid_alive
 
 DEFAULT_MAX = 5 << 30
 LAYOUT = 1  # bump whenever the bytes made for the same inputs change
@@ -32,16 +33,6 @@ def _tmp_prefix() -> str:
     """Temporary entries are named for the host and process writing them, so a later build can tell the
     ones of a killed build."""
     return f".tmp-{_HOST}-{os.getpid()}-"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def default_dir() -> Path:
@@ -167,7 +158,7 @@ class Cache:
         for p in self.root.glob(".tmp-*"):
             _, host, pid, _ = [*p.name.split("-", 3), "", "", ""][:4]
             with contextlib.suppress(FileNotFoundError):
-                if (host == _HOST and pid.isdigit() and not _alive(int(pid))) or (
+                if (host == _HOST and pid.isdigit() and not pid_alive(int(pid))) or (
                         p.stat().st_mtime < time.time() - 86400):
                     p.unlink()
         return removed

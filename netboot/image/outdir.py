@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from netboot.core.errors import NetbootError
+from netboot.core.run import pid_alive
 
 MARKER = "manifest.json"  # what makes a directory a netboot output that may be replaced
 _RENAME_EXCHANGE = 2
@@ -85,12 +85,5 @@ class Staging:
         """Remove what a killed build left behind (its pid is in the name and no longer runs)."""
         for p in self.out.parent.glob(f"{self._prefix}*"):
             pid = p.name[len(self._prefix) :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, 0)
-        return True
-    return False
