@@ -14,7 +14,6 @@ capabilities, SELinux labels) are not applied, and mtimes are left as they fall:
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -30,6 +29,7 @@ from typing import IO, Any, NamedTuple, TypeVar
 
 import zstandard
 
+from netboot.core.beneath import DIRECTORY, Outside, components, open_dir
 from netboot.core.errors import NetbootError
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOB_NAME = re.compile(r"blobs/sha256/([0-9a-f]{64})")
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _T = TypeVar("_T")
 
 
@@ -291,23 +290,6 @@ def _apply_layer(tree: _Tree, blob: IO[bytes], digest: str | None, where: str) -
     hashing.check(digest, where)
 
 
-def _components(name: str) -> list[str] | None:
-    """`name` as components below the root: a leading "/" dropped as tar does, "." and ".." resolved by name.
-
-    None if ".." leaves the root. Resolving ".." by name never steps through a symlink; parents are then
-    opened one real directory at a time.
-    """
-    parts: list[str] = []
-    for part in name.split("/"):
-        if part == "..":
-            if not parts:
-                return None
-            parts.pop()
-        elif part not in ("", "."):
-            parts.append(part)
-    return parts
-
-
 class _Refused(Exception):
     """An entry the tree will not take; the caller names the archive, layer and entry."""
 
@@ -317,7 +299,7 @@ class _Tree:
 
     def __init__(self, dest: Path, keep_owners: bool) -> None:
         try:
-            self.root = os.open(dest, _DIR)
+            self.root = os.open(dest, DIRECTORY)
         except OSError as e:
             raise NetbootError(f"cannot open {dest}: {e.strerror}") from e
         self.keep_owners = keep_owners
@@ -336,7 +318,7 @@ class _Tree:
         self._layer_paths.clear()
 
     def apply(self, member: tarfile.TarInfo, layer: tarfile.TarFile) -> None:
-        parts = _components(member.name)
+        parts = components(member.name)
         if parts is None:
             raise _Refused("its name leaves the root")
         if (member.ischr() or member.isblk()) and not self.keep_owners:
@@ -419,7 +401,7 @@ class _Tree:
         self._dir_modes[path] = stat.S_IMODE(member.mode)
 
     def _hardlink(self, fd: int, name: str, parts: list[str], member: tarfile.TarInfo) -> None:
-        target = _components(member.linkname)
+        target = components(member.linkname)
         if target is None:
             raise _Refused(f"its hard link target {member.linkname} leaves the root")
         if not target:
@@ -461,7 +443,7 @@ class _Tree:
             self._remove(fd, name)
             return
         try:
-            sub = os.open(name, _DIR, dir_fd=fd)
+            sub = os.open(name, DIRECTORY, dir_fd=fd)
         except OSError:
             return  # the current layer's own file or symlink
         try:
@@ -483,31 +465,14 @@ class _Tree:
 
     def _open(self, parts: list[str], *, create: bool) -> int | None:
         """A new descriptor of the directory `parts`, walked one real directory at a time; None if missing."""
-        fd = os.dup(self.root)
-        for i, part in enumerate(parts):
-            try:
-                child = self._step(fd, part, "/".join(parts[: i + 1]), create)
-            finally:
-                os.close(fd)
-            if child is None:
-                return None
-            fd = child
-        return fd
-
-    def _step(self, fd: int, name: str, path: str, create: bool) -> int | None:
         try:
-            return os.open(name, _DIR, dir_fd=fd)
-        except FileNotFoundError:
-            if not create:
-                return None
-        except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            if stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode):
-                raise _Refused(f"goes through the symlink {path}") from None
-            raise _Refused(f"goes through {path}, which is not a directory") from None
+            return open_dir(self.root, parts, make=self._make if create else None)
+        except Outside as e:
+            raise _Refused(str(e)) from None
+
+    def _make(self, fd: int, name: str, path: str) -> int:
         os.mkdir(name, 0o755, dir_fd=fd)  # a parent the layer does not list, as tar makes it
-        child = os.open(name, _DIR, dir_fd=fd)
+        child = os.open(name, DIRECTORY, dir_fd=fd)
         os.fchmod(child, 0o755)  # whatever the umask
         self._dir_modes.pop(path, None)  # a directory of that name removed earlier had its own
         return child

@@ -20,16 +20,17 @@ match it, for a grace period, while new requests get the new build.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from netboot.core import mac as macs
 from netboot.core.artifacts import FILES, IMAGE_FORMATS
+from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
 from netboot.core.machines import DEFAULT, Machines, Profile
@@ -70,22 +71,27 @@ class Generation:
 
     def __init__(self, directory: Path) -> None:
         self.files: dict[str, HeldFile] = {}
+        real_dir = os.path.realpath(directory)
         try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            dir_fd = os.open(real_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise NetbootError(f"cannot open {directory}: {e.strerror}") from e
+        roots = [Root(real_dir, dir_fd)]
         try:
+            for store in ALLOWED_ROOTS:
+                with contextlib.suppress(OSError):  # no store here: no link may lead into one
+                    roots.append(Root(str(store), os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)))
             # Everything is opened relative to one directory descriptor, so a rebuild that swaps the
             # directory mid-way cannot mix two builds.
-            real_dir = Path(os.readlink(f"/proc/self/fd/{dir_fd}"))
             for name in FILES:
-                self.files[name] = _open_in(dir_fd, name, real_dir, directory)
+                self.files[name] = _open_in(dir_fd, name, roots, directory)
             manifest_bytes = os.pread(self.files["manifest.json"].fd, 1 << 20, 0)
         except BaseException:
             self.close()
             raise
         finally:
-            os.close(dir_fd)
+            for root in roots:
+                os.close(root.fd)
         try:
             manifest = json.loads(manifest_bytes)
             self.cmdline = str(manifest["cmdline"])
@@ -107,17 +113,14 @@ class Generation:
         self.files.clear()
 
 
-def _open_in(dir_fd: int, name: str, real_dir: Path, shown: Path) -> HeldFile:
+def _open_in(dir_fd: int, name: str, roots: list[Root], shown: Path) -> HeldFile:
+    """`name` in the output directory: a regular file, or a symlink to one in the directory or the Nix store."""
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd, st = open_file(dir_fd, name, links=roots)
+    except (Outside, NotRegular):
+        raise NetbootError(f"{shown}/{name} is not a regular file inside {shown} or the Nix store") from None
     except OSError as e:
         raise NetbootError(f"cannot open {shown}/{name}: {e.strerror}") from e
-    target = Path(os.readlink(f"/proc/self/fd/{fd}"))
-    st = os.fstat(fd)
-    inside = target.is_relative_to(real_dir) or any(target.is_relative_to(r) for r in ALLOWED_ROOTS)
-    if not inside or not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise NetbootError(f"{shown}/{name} is not a regular file inside {shown} or the Nix store")
     return HeldFile(fd, st.st_size, st.st_mtime)
 
 

@@ -28,6 +28,7 @@ import jinja2
 import jinja2.sandbox
 
 from netboot.core.artifacts import STAGE1_PREFIX
+from netboot.core.beneath import NotRegular, Outside, components, open_file
 from netboot.core.compress import Compressor
 from netboot.core.errors import NetbootError
 from netboot.image.cpio import NewcWriter, StreamSink
@@ -145,12 +146,12 @@ def _read(root: Path) -> tuple[Entry, ...]:
                 entries.append(Entry(rel, "dir", mode, b""))
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(path)
-                if os.path.isabs(target) or not _inside(root, here / target):
+                if os.path.isabs(target) or components(f"{Path(rel).parent.as_posix()}/{target}") is None:
                     raise OverlayError(f"{path} is a symlink out of the overlay directory (to {target}); "
                                        "an overlay may link only within itself")
                 entries.append(Entry(rel, "link", 0o777, os.fsencode(target)))
             elif stat.S_ISREG(st.st_mode):
-                data = _read_file(path)
+                data = _read_file(root, rel)
                 total += len(data)
                 if total > MAX_BYTES:
                     raise OverlayError(f"overlay {root} holds more than {MAX_BYTES >> 20} MiB; "
@@ -187,18 +188,16 @@ def _walk_error(e: OSError) -> None:
     raise OverlayError(f"{e.filename}: {e.strerror}")
 
 
-def _read_file(path: Path) -> bytes:
+def _read_file(root: Path, rel: str) -> bytes:
+    """A file of the overlay, opened beneath it: a directory swapped for a symlink since the walk leads nowhere."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd, _ = open_file(root, rel)
+    except (Outside, NotRegular) as e:
+        raise OverlayError(f"overlay {root}: {e}") from None
     except OSError as e:
-        raise OverlayError(f"{path}: {e.strerror}") from None
+        raise OverlayError(f"{root / rel}: {e.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         return f.read()
-
-
-def _inside(root: Path, target: Path) -> bool:
-    """Whether `target`, a link's destination, stays in `root` (by its text: links are never followed)."""
-    return Path(os.path.abspath(target)).is_relative_to(os.path.abspath(root))
 
 
 def _digest(entries: list[Entry]) -> str:

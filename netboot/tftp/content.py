@@ -7,11 +7,12 @@ server turns into ERROR 1 or ERROR 2.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import stat
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
+from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
 
 Peer = tuple[Any, ...]  # a socket address: (host, port) or (host, port, flowinfo, scope_id)
@@ -110,43 +111,37 @@ def normalize_name(name: str) -> str:
     return "/".join(parts)
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
-
-
 class FileSystemResolver:
-    """Regular files below `root`. A symlink is followed only when its real target lies inside the root or
-    inside one of `allowed_roots` (an out/ directory of store symlinks needs allowed_roots=["/nix/store"])."""
+    """Regular files below `root`, opened through core.beneath. A symlink is followed when it stays inside the
+    root (a relative one) or leads into the root or one of `allowed_roots` (an absolute one): an out/ directory
+    of store symlinks needs allowed_roots=["/nix/store"]."""
 
     def __init__(self, root: str | os.PathLike[str],
                  allowed_roots: Iterable[str | os.PathLike[str]] = ()) -> None:
         self.root = os.path.realpath(root)
         if not os.path.isdir(self.root):
             raise NetbootError(f"TFTP root {os.fspath(root)!r} is not a directory")
-        self.allowed_roots = (self.root, *(os.path.realpath(r) for r in allowed_roots))
-
-    def locate(self, name: str) -> str:
-        """The real path `name` refers to, checked to lie inside the allowed roots."""
-        real = os.path.realpath(os.path.join(self.root, normalize_name(name)))
-        if not any(_inside(real, r) for r in self.allowed_roots):
-            raise AccessDenied("outside the served directory")
-        return real
+        # Each root as link targets may spell it: as given, and its real path.
+        self.allowed_roots = tuple(dict.fromkeys(
+            spelling for r in (root, *allowed_roots) for spelling in (os.path.abspath(r), os.path.realpath(r))))
 
     def __call__(self, name: str, peer: Peer) -> FileContent:
-        path = self.locate(name)
+        relative = normalize_name(name)
+        roots: list[Root] = []
         try:
-            # Open the checked real path without following a symlink swapped in since, and with O_NONBLOCK so
-            # that a FIFO cannot stall the server; fstat then decides on the object actually opened.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+            for path in self.allowed_roots:
+                with contextlib.suppress(OSError):  # a root that is gone is no place to link to
+                    roots.append(Root(path, os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)))
+            fd, st = open_file(self.root, relative, links=roots)
         except FileNotFoundError:
             raise NotFound("file not found") from None
+        except Outside:
+            raise AccessDenied("outside the served directory") from None
+        except NotRegular:
+            raise AccessDenied("not a regular file") from None
         except OSError as e:
             raise AccessDenied(e.strerror or "cannot open") from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise AccessDenied("not a regular file")
-        except BaseException:
-            os.close(fd)
-            raise
+        finally:
+            for r in roots:
+                os.close(r.fd)
         return FileContent(fd, st.st_size)
