@@ -1,7 +1,8 @@
 """`netboot serve`: one asyncio process answering HTTP and TFTP (and DHCP, with --dhcp) from one namespace.
 
-`server` is the process and its reloads; `machines` reads the machines file (`mac` spells MACs); `namespace`
-resolves every name a machine can ask for, with `templates` rendering its scripts; `http` is the aiohttp side
-(`http_limits` its caps); `addresses` finds the interfaces' addresses. The protocols live beside this package:
-`netboot.tftp`, `netboot.dhcp`, and `netboot.status` shows what is booting.
+`server` is the process and its reloads; `namespace` resolves every name a machine can ask for (its scripts
+rendered from `netboot.core.ipxe_scripts`; `overlay` and `overlay_cache` a profile's per-machine files;
+`autobuild` builds the profiles that name a system); `http` is the aiohttp side (`http_limits` its caps). It
+composes the parts below it: `netboot.core` (the machines file), `netboot.image`, the protocols `netboot.tftp`
+and `netboot.dhcp`, and `netboot.status`; none of them imports it.
 """
