@@ -34,12 +34,15 @@ $(VENV)/.installed: pyproject.toml hatch_build.py netboot/tftp/_lockstep.c
 
 venv: $(VENV)/.installed
 
+# Two at a time on two cores (pytest-xdist; a VM under software emulation keeps one core busy); work is handed
+# out as workers free up, and what the tests share (the test system, its builds) is made once (tests/support.py).
+TEST_WORKERS ?= auto
 test: deps venv
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
-# Everything but QEMU boots and large packing: for quick iterations.
+# No QEMU boots, nothing that needs root, no large packing: for quick iterations.
 test-quick: deps venv
-	$(VENV)/bin/pytest -m 'not slow' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal -m 'not vm and not root and not slow' $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check netboot devtools tests bench

@@ -2,8 +2,9 @@
 
 `python -m devtools.qemu OUT` boots an out DIR with -kernel/-initrd/-append (qemu/boot-dir);
 `python -m devtools.qemu net --url URL --mac MAC [--uefi]` network-boots through QEMU's iPXE (qemu/netboot).
-Software emulation (TCG) is the default: it works everywhere, while KVM is opt-in (--accel kvm) because a
-/dev/kvm that opens is not always one that runs guests.
+Software emulation (TCG) is the default: it works everywhere, while KVM is opt-in (--accel kvm, or
+NETBOOT_QEMU_ACCEL=kvm) because a /dev/kvm that opens is not always one that runs guests; `kvm_works` tells
+by booting a kernel.
 """
 
 from __future__ import annotations
@@ -46,14 +47,32 @@ def qemu_binary() -> str:
     return os.environ.get("NETBOOT_QEMU", "qemu-system-x86_64")
 
 
-def base_argv(memory: str, accel: str) -> list[str]:
+def default_accel() -> str:
+    return os.environ.get("NETBOOT_QEMU_ACCEL") or "tcg"
+
+
+def kvm_works(kernel: Path, timeout: float = 10) -> tuple[bool, str]:
+    """Whether KVM runs guests here, and why not: `kernel` booted without a root file system must get as far as
+    its panic for want of one (a few seconds under KVM) before `timeout`. A /dev/kvm that opens, and even runs
+    a few instructions, may still hang a kernel for good, so nothing less than a kernel's boot tells."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False, "no usable /dev/kvm"
+    argv = [*base_argv("256", "kvm"), "-kernel", str(kernel), "-append", "console=ttyS0 panic=-1 loglevel=4"]
+    result = watch(argv, timeout=timeout, expect="Kernel panic")
+    if result.expected_seen:
+        return True, f"a kernel booted in {result.elapsed:.1f} s"
+    last = result.lines[-1] if result.lines else "nothing on the console"
+    return False, f"a kernel did not boot in {timeout:g} s ({last})"
+
+
+def base_argv(memory: str, accel: str | None = None) -> list[str]:
     return [
-        qemu_binary(), "-machine", f"q35,accel={accel}", "-m", memory, "-smp", "1",
+        qemu_binary(), "-machine", f"q35,accel={accel or default_accel()}", "-m", memory, "-smp", "1",
         "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
     ]
 
 
-def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str = "tcg") -> list[str]:
+def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str | None = None) -> list[str]:
     cmdline = (out / "cmdline").read_text().strip()
     if "console=" not in cmdline:
         cmdline += " console=ttyS0,115200"
@@ -74,7 +93,8 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 def net_argv(
-    url: str, mac: str, *, uefi: bool = False, vars_copy: Path | None = None, memory: str = "1024", accel: str = "tcg"
+    url: str, mac: str, *, uefi: bool = False, vars_copy: Path | None = None, memory: str = "1024",
+    accel: str | None = None,
 ) -> list[str]:
     """Network boot through QEMU's own iPXE ROM on user networking; 10.0.2.2 is the host's loopback.
 
@@ -100,7 +120,7 @@ def net_argv(
 
 def lan_argv(
     tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
-    memory: str = "1024", accel: str = "tcg",
+    memory: str = "1024", accel: str | None = None,
 ) -> list[str]:
     """A VM whose NIC is on a tap device (see devtools.lan), network-booting first, against real DHCP servers.
 
@@ -183,7 +203,7 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="1024", help="guest memory in MiB (default 1024)")
-    p.add_argument("--accel", default=os.environ.get("NETBOOT_QEMU_ACCEL", "tcg"), help="tcg (default) or kvm")
+    p.add_argument("--accel", default=default_accel(), help="tcg (default) or kvm")
     p.add_argument("--timeout", type=float, default=180, help="seconds before the VM is stopped (default 180)")
     p.add_argument("--expect", help="also require this text on the console (e.g. a marker the system prints)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the console")

@@ -1,4 +1,10 @@
-"""Shared fixtures: real systems built with Nix, built outputs, a private build cache."""
+"""Shared fixtures: real systems built with Nix, built outputs, a private build cache; the suite's markers.
+
+Markers come from where a test lives and what it uses, so that a new test gets them without a line:
+`vm` (boots QEMU: everything in tests/vm/, and the few boots marked where their subject lives), `root` (network
+namespaces, mounts, other users: tests/load/ and every test on a namespace LAN), `nix` (builds a system with
+Nix: every test of the `system`, `closure` or `outs` fixtures). `make test-quick` runs neither VMs nor root.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +12,44 @@ import os
 from pathlib import Path
 
 import pytest
-from support import build_system, netboot_ok
+import support
+from support import build_system, built, memoized
+
+TESTS = Path(__file__).resolve().parent
+FOLDER_MARKS = {"vm": ("vm",), "load": ("root",)}
+FIXTURE_MARKS = {
+    "lan": ("root",),
+    "root": ("root",),  # image/test_rootfs.py's root filesystem: device nodes, files of other owners
+    "system": ("nix",), "closure": ("nix",), "outs": ("nix",),
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        folder = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        marks = {*FOLDER_MARKS.get(folder, ())}
+        for fixture in getattr(item, "fixturenames", ()):
+            marks.update(FIXTURE_MARKS.get(fixture, ()))
+        for mark in sorted(marks):
+            item.add_marker(mark)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every netboot the tests run keeps its build cache in a directory of this test session."""
+    """Every netboot the tests run keeps its build cache in a directory of this test session (of this worker,
+    with pytest-xdist); `support.memoized` keeps what the workers share beside the workers' directories."""
+    base = tmp_path_factory.getbasetemp()
+    support.SHARED[:] = [base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base]
     path = tmp_path_factory.mktemp("xdg-cache")
     os.environ["XDG_CACHE_HOME"] = str(path)
     return path / "netboot"
 
 
 @pytest.fixture(scope="session")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def system() -> Path:
     """The test system: kernel, modules, busybox, an init that checks the whole closure."""
-    return build_system(tmp_path_factory.mktemp("system") / "result")
+    made = memoized("system", lambda path: (path / "path").write_text(str(build_system(path / "result"))))
+    return Path((made / "path").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -29,11 +58,6 @@ def closure(system: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def outs(system: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The test system built once in each format."""
-    base = tmp_path_factory.mktemp("outs")
-    netboot_ok("build", system, "--out", base / "squashfs")
-    netboot_ok("build", system, "--out", base / "direct", "--format", "direct")
-    netboot_ok("build", system, "--out", base / "erofs", "--format", "erofs")
-    return {"squashfs": base / "squashfs", "direct": base / "direct", "erofs": base / "erofs"}
-
+def outs(system: Path) -> dict[str, Path]:
+    """The test system built once in each format (once for the whole session, whatever the workers)."""
+    return {fmt: built(system, "--format", fmt) for fmt in ("squashfs", "direct", "erofs")}

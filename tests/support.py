@@ -2,21 +2,52 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import io
+import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from devtools import qemu
+from netboot.cli import main as netboot_main
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "NETBOOT-TEST-OK"
+SHARED: list[Path] = []  # the directory every worker of this test session shares (set by conftest)
+
+
+def memoized(name: str, make: Callable[[Path], object]) -> Path:
+    """A directory that `make(path)` fills once per test session, whichever worker asks first; the others wait
+    for it (a file lock) and read it. What is in it must only be read."""
+    base = SHARED[0] / "memo"
+    base.mkdir(exist_ok=True)
+    path = base / name
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / ".done").exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            make(path)
+            (path / ".done").touch()
+    return path
+
+
+def built(*args: str | os.PathLike[str]) -> Path:
+    """The output directory of `netboot build ARGS --out DIR`, built once per test session for these ARGS
+    (a system is a store path: the same path, the same input). Only to be read; copy it to change it."""
+    key = hashlib.sha256("\0".join(map(str, args)).encode()).hexdigest()[:20]
+    return memoized(f"build-{key}", lambda path: netboot_ok("build", *args, "--out", path / "out")) / "out"
 
 
 def need(tool: str) -> str:
@@ -28,7 +59,7 @@ def need(tool: str) -> str:
 
 
 def netboot(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    """The real command line, as a user runs it."""
+    """The real command line, as a user runs it: a process of its own (`cli()` runs it in this one)."""
     return subprocess.run(
         [sys.executable, "-m", "netboot", *map(str, args)],
         capture_output=True, text=True, env=env, cwd=ROOT, **kw,
@@ -41,6 +72,51 @@ def netboot_ok(*args: str | os.PathLike[str], **kw) -> subprocess.CompletedProce
     return proc
 
 
+class _Expired(Exception):
+    pass
+
+
+def _expire(signum: int, frame: object) -> None:
+    raise _Expired
+
+
+def cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess:
+    """`netboot ARGS` run in this process (`netboot.cli.main`), with what it printed and logged: for the error
+    paths, which end before anything starts. `env`, if given, replaces the environment for the call; after
+    `timeout` seconds the call is interrupted and the test fails (a server that started instead of refusing)."""
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    saved_env, saved_level, saved_handlers = dict(os.environ), root.level, root.handlers[:]
+    saved_term, saved_alarm = signal.getsignal(signal.SIGTERM), signal.signal(signal.SIGALRM, _expire)
+    for h in saved_handlers:  # pytest's: without them, main's logging.basicConfig logs to `err` as it would
+        root.removeHandler(h)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = netboot_main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help, --version and usage errors
+                code = e.code if isinstance(e.code, int) else 1
+    except _Expired:
+        pytest.fail(f"netboot {' '.join(map(str, args))} still ran after {timeout} s:\n{err.getvalue()[-3000:]}")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, saved_alarm)
+        signal.signal(signal.SIGTERM, saved_term)
+        for h in root.handlers[:]:
+            root.removeHandler(h)
+        for h in saved_handlers:
+            root.addHandler(h)
+        root.setLevel(saved_level)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess(["netboot", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 def build_system(link: Path, *nix_args: str) -> Path:
     need("nix-build")
     proc = subprocess.run(
@@ -50,9 +126,27 @@ def build_system(link: Path, *nix_args: str) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def vm_accel() -> str:
+    """KVM where it works, else software emulation: found out once per test session (a kernel booted under
+    KVM, which hangs on some machines whose /dev/kvm opens) and handed to every QEMU the tests start, through
+    NETBOOT_QEMU_ACCEL. Set NETBOOT_QEMU_ACCEL to choose."""
+    if not os.environ.get("NETBOOT_QEMU_ACCEL"):
+        def probe(path: Path) -> None:
+            kernels = sorted(Path("/boot").glob("vmlinuz-*"))  # Debian's linux-image-amd64 (make test installs it)
+            works, why = qemu.kvm_works(kernels[-1]) if kernels else (False, "no kernel in /boot")
+            (path / "accel").write_text("kvm" if works else "tcg")
+            (path / "why").write_text(why)
+
+        found = memoized("accel", probe)
+        os.environ["NETBOOT_QEMU_ACCEL"] = (found / "accel").read_text()
+        print(f"\nQEMU: {os.environ['NETBOOT_QEMU_ACCEL']} ({(found / 'why').read_text()})", file=sys.stderr)
+    return os.environ["NETBOOT_QEMU_ACCEL"]
+
+
 def boot(out: Path, *, timeout: float = 240, append: str = "") -> qemu.BootResult:
     """Boot an output directory in QEMU and return what the console showed."""
     need(qemu.qemu_binary())
+    vm_accel()
     result = qemu.watch(qemu.direct_argv(out, append=append), timeout=timeout, expect=MARKER)
     assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result
@@ -61,6 +155,7 @@ def boot(out: Path, *, timeout: float = 240, append: str = "") -> qemu.BootResul
 def netboot_vm(url: str, mac: str, *, uefi: bool = False, timeout: float = 300) -> qemu.BootResult:
     """A VM with `mac` network-booting `url` through QEMU's iPXE ROM, until the test system's marker."""
     need(qemu.qemu_binary())
+    vm_accel()
     with tempfile.TemporaryDirectory() as tmp:
         vars_copy = None
         if uefi:
@@ -109,6 +204,8 @@ class ServerProcess:
 
         if "--status" not in map(str, args):
             args = (*args, "--status", "127.0.0.1:0")  # not the default port: tests run servers side by side
+        if not {"--tftp-workers", "--no-tftp"} & set(map(str, args)):
+            args = (*args, "--tftp-workers", "0")  # transfers in the server's own loop, unless workers are tested
         self.proc = subprocess.Popen(
             [*prefix, sys.executable, "-m", "netboot", "serve", *map(str, args)], cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -146,6 +243,15 @@ class ServerProcess:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.http_port}/{path.lstrip('/')}"
+
+    def logged(self, text: str, timeout: float = 20) -> bool:
+        """Whether the server logs `text` within `timeout` (its log is read as it comes, after the answer)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while text not in self.log and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return text in self.log
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -105,6 +105,7 @@ def test_missing_store_path(tmp_path: Path, previous: Path) -> None:
     expect_error(previous, ["build", top, "--out", previous, "--closure-info", info], f"store path {gone} is missing")
 
 
+@pytest.mark.root
 def test_unreadable_store_path(tmp_path: Path) -> None:
     """Run as an unprivileged user (root reads everything) on a store path it may not read."""
     need("setpriv")

@@ -116,7 +116,7 @@ def test_erofs_bad_input(system: Path, tmp_path: Path) -> None:
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 @pytest.mark.parametrize("level", [None, 12])
 def test_erofs_boots(system: Path, closure: list[str], tmp_path: Path, level: int | None) -> None:
     """lz4 and lz4hc: what erofs-utils offers that the kernel reads (Debian's has no erofs lzma)."""
@@ -128,14 +128,14 @@ def test_erofs_boots(system: Path, closure: list[str], tmp_path: Path, level: in
     assert "lowerdir=/mnt-root/nix/.ro-store" in mount
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 def test_erofs_uncompressed_image_boots(system: Path, closure: list[str], tmp_path: Path) -> None:
     out = tmp_path / "out"
     netboot_ok("build", system, "--out", out, "--format", "erofs", "--compress", "zstd")
     assert_booted(boot(out), closure, system)
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 def test_erofs_network_boot(outs: dict[str, Path], system: Path, closure: list[str]) -> None:
     server = ServerProcess("--dir", outs["erofs"], "--http", "127.0.0.1:0", "--no-tftp")
     try:

@@ -107,7 +107,7 @@ http {{
             self.proc.wait(timeout=20)
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 def test_a_machine_boots_its_kernel_and_initrd_from_a_mirror(outs: dict[str, Path], tmp_path: Path) -> None:
     out, dest = outs["squashfs"], tmp_path / "mirror"
     netboot_ok("publish", out, dest)

@@ -77,7 +77,7 @@ def report(result_lines: list[str]) -> dict[str, str]:
                 if ln.startswith("ROOTFS-TEST: "))
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 @pytest.mark.parametrize("fmt", ["direct", "squashfs", "erofs"])
 def test_rootfs_boots(root: Path, system: Path, tmp_path: Path, fmt: str) -> None:
     out = tmp_path / "out"
@@ -94,7 +94,7 @@ def test_rootfs_boots(root: Path, system: Path, tmp_path: Path, fmt: str) -> Non
     assert seen["marker"] == "rootfs"
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 @pytest.mark.parametrize("fmt", ["direct", "erofs"])
 def test_oci_boots_with_whiteouts(system: Path, tmp_path: Path, fmt: str) -> None:
     archive = make_oci(tmp_path / "image.tar")
@@ -190,7 +190,7 @@ def test_bad_input(root: Path, system: Path, tmp_path: Path, case: str) -> None:
     assert not out.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.vm
 def test_rootfs_network_boot(root: Path, system: Path, tmp_path: Path) -> None:
     """`netboot serve` serves a root filesystem's build like any other; UEFI over TFTP, with stage 1."""
     out = tmp_path / "out"

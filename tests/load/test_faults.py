@@ -22,8 +22,6 @@ from netboot.tftp import packets
 sys.path.insert(0, str(ROOT / "bench"))
 from measure import descendants
 
-pytestmark = pytest.mark.slow
-
 
 def alive(pid: int) -> bool:
     """Running (a zombie that its parent has not reaped yet counts as gone)."""

@@ -22,8 +22,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import storm
 
-pytestmark = pytest.mark.slow
-
 
 def expected_digests(out: Path) -> dict[str, str]:
     manifest = json.loads((out / "manifest.json").read_text())

@@ -42,7 +42,7 @@ def test_initrd_over_tftp(server: ServerProcess, outs: dict[str, Path], blksize:
     got = curl_tftp(server.tftp_port, f"machine/{MAC}/{gen}/initrd", "--tftp-blksize", blksize)
     assert got.returncode == 0, got.stderr
     assert got.stdout == (outs["squashfs"] / "initrd").read_bytes()
-    assert f"mac=52:54:00:12:34:56 profile=default tftp /machine/{MAC}/{gen}/initrd complete" in server.log
+    assert server.logged(f"mac=52:54:00:12:34:56 profile=default tftp /machine/{MAC}/{gen}/initrd complete"), server.log
 
 
 def test_tftp_hpa_gets_the_kernel(server: ServerProcess, outs: dict[str, Path], tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_tftp_hpa_gets_the_kernel(server: ServerProcess, outs: dict[str, Path], 
 def test_invalid_mac_is_an_error_with_a_message(server: ServerProcess) -> None:
     got = curl_tftp(server.tftp_port, "machine/52-54-00/boot.ipxe")
     assert got.returncode != 0 and got.stdout == b""
-    assert "refused, invalid MAC address '52-54-00' (ERROR 0)" in server.log
+    assert server.logged("refused, invalid MAC address '52-54-00' (ERROR 0)"), server.log
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from support import ROOT, assert_booted, boot, build_system, netboot_ok
 
-pytestmark = pytest.mark.slow
-
 
 def test_squashfs_boots_with_overlay_store(system: Path, closure: list[str], tmp_path: Path) -> None:
     out = tmp_path / "out"

@@ -10,15 +10,12 @@ import re
 import signal
 from pathlib import Path
 
-import pytest
 from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import assert_booted
 from test_dhcp_live import start, wait_for
 
 from devtools.lan import Lan
 from netboot.dhcp.leases import STATE_FILE
-
-pytestmark = pytest.mark.slow
 
 UEFI_MAC, BIOS_MAC = "52:54:00:00:04:01", "52:54:00:00:04:02"
 RANGE = (ipaddress.IPv4Address("192.0.2.100"), ipaddress.IPv4Address("192.0.2.199"))

@@ -10,8 +10,6 @@ from support import ServerProcess, assert_booted, need, netboot_vm
 
 from devtools import qemu
 
-pytestmark = pytest.mark.slow
-
 NODE1, NODE2, STRANGER = "52:54:00:00:01:01", "52:54:00:00:01:02", "52:54:00:00:09:09"
 
 

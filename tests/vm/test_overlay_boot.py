@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from support import MARKER, ServerProcess, netboot_vm
 
-pytestmark = pytest.mark.slow
-
 SQUASH1, SQUASH2, DIRECT = "52:54:00:00:0c:01", "52:54:00:00:0c:02", "52:54:00:00:0c:03"
 HOSTNAMES = {SQUASH1: "rack1-node1", SQUASH2: "rack1-node2", DIRECT: "bench-node3"}
 

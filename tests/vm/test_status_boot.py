@@ -17,8 +17,6 @@ from browser import Browser
 from prometheus_client.parser import text_string_to_metric_families
 from support import MARKER, ServerProcess, netboot_vm, write_machines
 
-pytestmark = pytest.mark.slow
-
 HTTP_VM, TFTP_VM, LATE = "52:54:00:00:0b:01", "52:54:00:00:0b:02", "52:54:00:00:0b:03"
 
 
