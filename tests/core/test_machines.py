@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import netboot
+from support import cli
 
 from netboot.core.errors import NetbootError
 from netboot.core.mac import BadMac, normalize
@@ -144,6 +144,6 @@ def test_bad_files(tmp_path: Path, text: str, message: str) -> None:
         Machines.load(f)
     assert message in str(e.value)
     # The command refuses to start with that one line and exit status 2.
-    proc = netboot("serve", "--machines", f, "--http", "127.0.0.1:0", "--no-tftp", timeout=30)
+    proc = cli("serve", "--machines", f, "--http", "127.0.0.1:0", "--no-tftp", timeout=30)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"netboot: error: {e.value}"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, edk2, ip, parse_reply, plain
 from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
-from support import netboot
+from support import cli
 from test_dhcp_message import HOSTILE
 
 from devtools.lan import Host, Lan
@@ -163,8 +163,8 @@ def test_corrupt_lease_state_stops_the_start_and_is_left_alone(lan: Lan, outs: d
     (["--dhcp", "proxy", "--dhcp-interface", "nosuch0"], "--dhcp-interface nosuch0: no such network interface"),
 ])
 def test_bad_dhcp_options(outs: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
-    proc = netboot("serve", "--dir", outs["direct"], "--http", "127.0.0.1:0", "--no-tftp", "--state-dir",
-                   tmp_path, *args, timeout=60)
+    proc = cli("serve", "--dir", outs["direct"], "--http", "127.0.0.1:0", "--no-tftp", "--status", "none",
+               "--state-dir", tmp_path, *args, timeout=60)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("netboot: error: ") and message in last, proc.stderr

@@ -1,4 +1,7 @@
-"""Every bad input: a one-line error naming the problem, exit status 2, and the output directory untouched."""
+"""Every bad input: a one-line error naming the problem, exit status 2, and the output directory untouched.
+
+The command runs in the test's process (support.cli); a few run it as its own process, for the exit status and
+the entry point as a user meets them."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fakestore import closure_info, make_system, store_path
-from support import ROOT, need, netboot, netboot_ok
+from support import ROOT, cli, need, netboot, netboot_ok
 
 
 def snapshot(d: Path) -> dict[str, bytes] | None:
@@ -20,13 +23,14 @@ def snapshot(d: Path) -> dict[str, bytes] | None:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture
-def previous(tmp_path: Path) -> Path:
-    """An output directory from an earlier successful build, which no failed build may touch."""
-    store = tmp_path / "prev-store"
-    top = make_system(store)
-    out = tmp_path / "out"
-    netboot_ok("build", top, "--out", out, "--format", "direct", "--closure-info", closure_info(tmp_path, [top]))
+@pytest.fixture(scope="module")
+def previous(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An output directory from an earlier successful build, which no failed build may touch (each test checks
+    it is as it was)."""
+    base = tmp_path_factory.mktemp("previous")
+    top = make_system(base / "prev-store")
+    out = base / "out"
+    netboot_ok("build", top, "--out", out, "--format", "direct", "--closure-info", closure_info(base, [top]))
     return out
 
 
@@ -34,7 +38,7 @@ def expect_error(
     out: Path, args: list, fragment: str, env: dict[str, str] | None = None, run: Callable | None = None
 ) -> None:
     before = snapshot(out)
-    proc = (run or netboot)(*args, env=env)
+    proc = (run or cli)(*args, env=env)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1, f"expected one line, got:\n{proc.stderr}"
@@ -46,7 +50,7 @@ def expect_error(
 
 
 def test_system_missing(tmp_path: Path, previous: Path) -> None:
-    expect_error(previous, ["build", tmp_path / "nope", "--out", previous], "does not exist")
+    expect_error(previous, ["build", tmp_path / "nope", "--out", previous], "does not exist", run=netboot)
 
 
 def test_system_not_a_directory(tmp_path: Path, previous: Path) -> None:
@@ -141,7 +145,8 @@ def test_unreadable_store_path(tmp_path: Path) -> None:
 
 
 def test_unknown_compression(system: Path, previous: Path) -> None:
-    expect_error(previous, ["build", system, "--out", previous, "--compress", "bzip9"], "invalid choice: 'bzip9'")
+    args = ["build", system, "--out", previous, "--compress", "bzip9"]
+    expect_error(previous, args, "invalid choice: 'bzip9'", run=netboot)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import ROOT, build_system, netboot, netboot_ok
+from support import ROOT, build_system, cli, netboot_ok
 
 
 def reused(stderr: str) -> int:
@@ -127,7 +127,7 @@ def test_entry_without_metadata_is_made_again(system: Path, closure: list[str], 
 def test_unwritable_cache_is_an_error(system: Path, tmp_path: Path) -> None:
     f = tmp_path / "file"
     f.write_text("x")
-    proc = netboot("build", system, "--out", tmp_path / "out", "--cache-dir", f / "cache")
+    proc = cli("build", system, "--out", tmp_path / "out", "--cache-dir", f / "cache")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"netboot: error: cache directory {f}/cache is not writable: Not a directory"
@@ -136,5 +136,5 @@ def test_unwritable_cache_is_an_error(system: Path, tmp_path: Path) -> None:
 
 
 def test_bad_cache_max(system: Path, tmp_path: Path) -> None:
-    proc = netboot("build", system, "--out", tmp_path / "out", "--cache-max", "lots")
+    proc = cli("build", system, "--out", tmp_path / "out", "--cache-max", "lots")
     assert (proc.returncode, proc.stderr.strip()) == (2, "netboot: error: invalid size 'lots' (like 500M or 5G)")

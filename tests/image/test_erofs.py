@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from initrd_reader import decompress, items, split
-from support import ServerProcess, assert_booted, boot, need, netboot, netboot_ok, netboot_vm
+from support import ServerProcess, assert_booted, boot, cli, need, netboot_ok, netboot_vm
 
 
 def image_of(out: Path, tmp_path: Path, compression: str = "lz4") -> tuple[Path, bytes]:
@@ -103,7 +103,7 @@ def test_erofs_reproducible_and_cached(system: Path, tmp_path: Path) -> None:
 
 
 def test_erofs_bad_input(system: Path, tmp_path: Path) -> None:
-    bad = netboot("build", system, "--out", tmp_path / "o", "--format", "erofs", "--level", "13")
+    bad = cli("build", system, "--out", tmp_path / "o", "--format", "erofs", "--level", "13")
     assert bad.returncode == 2 and "--level 13 is out of range for lz4 (1-12)" in bad.stderr
     assert not (tmp_path / "o").exists()
     # Without mkfs.erofs on PATH: named, with what to install.
@@ -111,7 +111,7 @@ def test_erofs_bad_input(system: Path, tmp_path: Path) -> None:
     bin_dir.mkdir()
     for tool in ("nix-store", "lz4"):
         (bin_dir / tool).symlink_to(need(tool))
-    bad = netboot("build", system, "--out", tmp_path / "o", "--format", "erofs", env={"PATH": str(bin_dir)})
+    bad = cli("build", system, "--out", tmp_path / "o", "--format", "erofs", env={"PATH": str(bin_dir)})
     assert bad.returncode == 2 and "mkfs.erofs not found on PATH (install Debian's erofs-utils" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
 

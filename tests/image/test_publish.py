@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import MARKER, ServerProcess, free_port, need, netboot, netboot_ok, netboot_vm
+from support import MARKER, ServerProcess, cli, free_port, need, netboot_ok, netboot_vm
 
 from netboot.image.publish import FILES
 
@@ -49,7 +49,7 @@ def test_an_artifact_that_does_not_match_its_manifest_is_not_published(outs: dic
     out = tmp_path / "out"
     shutil.copytree(outs["direct"], out, symlinks=False)
     (out / "cmdline").write_text("tampered\n")
-    done = netboot("publish", out, tmp_path / "mirror")
+    done = cli("publish", out, tmp_path / "mirror")
     assert done.returncode == 2
     assert re.fullmatch(rf"netboot: error: {out}/cmdline does not match its manifest \(sha256 [0-9a-f]{{64}}, "
                         r"the manifest says [0-9a-f]{64}\); build it again\n", done.stderr), done.stderr
@@ -57,7 +57,7 @@ def test_an_artifact_that_does_not_match_its_manifest_is_not_published(outs: dic
 
 
 def test_publish_refuses_what_is_not_a_build(tmp_path: Path) -> None:
-    done = netboot("publish", tmp_path, tmp_path / "mirror")
+    done = cli("publish", tmp_path, tmp_path / "mirror")
     assert done.returncode == 2
     assert done.stderr == f"netboot: error: {tmp_path} has no manifest.json; is it an output of netboot build?\n"
     assert not (tmp_path / "mirror").exists()

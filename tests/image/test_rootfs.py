@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from ocimake import directory, file, oci_archive, symlink, whiteout
-from support import ServerProcess, boot, netboot, netboot_ok, netboot_vm
+from support import ServerProcess, boot, cli, netboot_ok, netboot_vm
 
 # The root's init (reached through an absolute symlink, resolved inside the root): says what it sees.
 INIT = b"""#!/bin/sh
@@ -126,7 +126,7 @@ def test_rootfs_reproducible_and_described(root: Path, system: Path, tmp_path: P
 
 def test_rootfs_direct_needs_no_modules(root: Path, system: Path, tmp_path: Path) -> None:
     netboot_ok("build", "--rootfs", root, "--kernel", system / "kernel", "--format", "direct", "--out", tmp_path / "o")
-    bad = netboot("build", "--rootfs", root, "--kernel", system / "kernel", "--out", tmp_path / "p")
+    bad = cli("build", "--rootfs", root, "--kernel", system / "kernel", "--out", tmp_path / "p")
     assert bad.returncode == 2, bad.stderr
     assert "the squashfs format needs the kernel's loop, squashfs and overlay modules: give --modules DIR" in bad.stderr
     assert not (tmp_path / "p").exists()
@@ -183,7 +183,7 @@ def test_bad_input(root: Path, system: Path, tmp_path: Path, case: str) -> None:
         case _:
             args, expected = ["--rootfs", tmp_path / "nowhere", *kernel], "does not exist"
     out = tmp_path / "out"
-    done = netboot("build", *args, "--format", "direct", "--out", out)
+    done = cli("build", *args, "--format", "direct", "--out", out)
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr

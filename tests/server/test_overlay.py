@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from initrd_reader import decompress, items
-from support import ServerProcess, netboot
+from support import ServerProcess, cli
 
 from netboot.core import compress
 from netboot.core.errors import NetbootError
@@ -193,8 +193,7 @@ def test_template_errors_name_the_file_line_and_machine(fleet: Path, tmp_path: P
 
 def test_serve_refuses_to_start_with_a_broken_template(fleet: Path, tmp_path: Path) -> None:
     (tmp_path / "overlay/etc/rack.j2").write_text("{{ rack }}\n")
-    done = netboot("serve", "--machines", fleet, "--http", "127.0.0.1:0", "--no-tftp", "--status", "none",
-                   timeout=30)
+    done = cli("serve", "--machines", fleet, "--http", "127.0.0.1:0", "--no-tftp", "--status", "none", timeout=30)
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert lines[-1] == f"netboot: error: {tmp_path}/overlay/etc/rack.j2:1: machine {NODE1}: 'rack' is undefined"

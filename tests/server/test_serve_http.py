@@ -41,11 +41,10 @@ def raw_get(port: int, path: str) -> tuple[int, bytes]:
     return status, data.split(b"\r\n\r\n", 1)[1]
 
 
-@pytest.fixture
-def machines(tmp_path: Path, outs: dict[str, Path]) -> Path:
-    shutil.copytree(outs["squashfs"], tmp_path / "squashfs-out")
-    shutil.copytree(outs["direct"], tmp_path / "direct-out")
-    f = tmp_path / "machines.toml"
+def machines_file(d: Path, outs: dict[str, Path]) -> Path:
+    shutil.copytree(outs["squashfs"], d / "squashfs-out")
+    shutil.copytree(outs["direct"], d / "direct-out")
+    f = d / "machines.toml"
     f.write_text(f"""
 [profiles.default]
 dir = "direct-out"
@@ -62,9 +61,28 @@ append = "hostname=node1"
     return f
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
+def machines(outs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return machines_file(tmp_path_factory.mktemp("serve-http"), outs)
+
+
+@pytest.fixture(scope="module")
 def server(machines: Path):
+    """One server for the tests that only read from it."""
     s = ServerProcess("--machines", machines, "--http", "127.0.0.1:0", "--no-tftp")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def own_machines(outs: dict[str, Path], tmp_path: Path) -> Path:
+    return machines_file(tmp_path, outs)
+
+
+@pytest.fixture
+def own_server(own_machines: Path):
+    """A server of the test's own, for the tests that rebuild or edit what it serves."""
+    s = ServerProcess("--machines", own_machines, "--http", "127.0.0.1:0", "--no-tftp")
     yield s
     s.stop()
 
@@ -90,7 +108,7 @@ def test_script_for_every_mac_spelling(server: ServerProcess, machines: Path, sp
     ]
     # The files the script names are this profile's.
     assert get(server.url(f"machine/{spelling}/{gen}/initrd"))[2] == (out / "initrd").read_bytes()
-    assert f"127.0.0.1 mac={MAC} profile=squash http /machine/{spelling}/boot.ipxe 200" in server.log
+    assert server.logged(f"127.0.0.1 mac={MAC} profile=squash http /machine/{spelling}/boot.ipxe 200"), server.log
 
 
 def test_boot_ipxe_chains_by_mac(server: ServerProcess) -> None:
@@ -208,12 +226,12 @@ def wait_for(predicate, what: str, timeout: float = 20) -> None:
         time.sleep(0.2)
 
 
-def test_rebuild_while_a_transfer_is_in_progress(server: ServerProcess, machines: Path, system: Path) -> None:
-    out = machines.parent / "squashfs-out"
+def test_rebuild_while_a_transfer_is_in_progress(own_server: ServerProcess, own_machines: Path, system: Path) -> None:
+    out = own_machines.parent / "squashfs-out"
     old_initrd = (out / "initrd").read_bytes()
-    old_script = script_lines(get(server.url(f"machine/{MAC}/boot.ipxe"))[2])
+    old_script = script_lines(get(own_server.url(f"machine/{MAC}/boot.ipxe"))[2])
     old_gen = old_script[1].split()[1].split("/")[3]
-    conn, response = slow_download(server.http_port, f"/machine/{MAC.replace(':', '-')}/{old_gen}/initrd")
+    conn, response = slow_download(own_server.http_port, f"/machine/{MAC.replace(':', '-')}/{old_gen}/initrd")
     first = response.read(4096)  # the transfer has started
 
     netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", "gzip", "--append", "rebuilt")
@@ -221,38 +239,38 @@ def test_rebuild_while_a_transfer_is_in_progress(server: ServerProcess, machines
     assert new_initrd != old_initrd
 
     def new_script() -> bool:
-        return "rebuilt" in get(server.url(f"machine/{MAC}/boot.ipxe"))[2].decode()
+        return "rebuilt" in get(own_server.url(f"machine/{MAC}/boot.ipxe"))[2].decode()
 
     wait_for(new_script, "the server to pick up the rebuild")
     rest = response.read()
     conn.close()
     assert first + rest == old_initrd  # the transfer in progress finished from the old files
-    lines = script_lines(get(server.url(f"machine/{MAC}/boot.ipxe"))[2])
+    lines = script_lines(get(own_server.url(f"machine/{MAC}/boot.ipxe"))[2])
     new_gen = lines[1].split()[1].split("/")[3]
     assert new_gen != old_gen and lines[1].split()[3].startswith("rdinit=")
-    assert get(server.url(f"machine/{MAC}/{new_gen}/initrd"))[2] == new_initrd
+    assert get(own_server.url(f"machine/{MAC}/{new_gen}/initrd"))[2] == new_initrd
     # A machine that fetched its script before the rebuild still gets the matching initrd (grace period).
-    assert get(server.url(f"machine/{MAC}/{old_gen}/initrd"))[2] == old_initrd
-    assert get(server.url("profile/squash/initrd"))[2] == new_initrd
-    assert "profile squash: now serving" in server.log
+    assert get(own_server.url(f"machine/{MAC}/{old_gen}/initrd"))[2] == old_initrd
+    assert get(own_server.url("profile/squash/initrd"))[2] == new_initrd
+    assert "profile squash: now serving" in own_server.log
 
 
-def test_machines_file_reload(server: ServerProcess, machines: Path) -> None:
+def test_machines_file_reload(own_server: ServerProcess, own_machines: Path) -> None:
     other = "52:54:00:00:00:02"
-    assert "profile default" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode()
-    machines.write_text(machines.read_text() + f'\n[machines."{other}"]\nprofile = "squash"\n')
-    wait_for(lambda: "profile squash" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode(), "file reload")
+    assert "profile default" in get(own_server.url(f"machine/{other}/boot.ipxe"))[2].decode()
+    own_machines.write_text(own_machines.read_text() + f'\n[machines."{other}"]\nprofile = "squash"\n')
+    wait_for(lambda: "profile squash" in get(own_server.url(f"machine/{other}/boot.ipxe"))[2].decode(), "file reload")
 
     # A broken file is refused and the previous configuration stays.
-    good = machines.read_text()
-    machines.write_text(good + "\n[machines.broken\n")
-    wait_for(lambda: "keeping the previous configuration" in server.log, "the reload error")
-    assert "profile squash" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode()
+    good = own_machines.read_text()
+    own_machines.write_text(good + "\n[machines.broken\n")
+    wait_for(lambda: "keeping the previous configuration" in own_server.log, "the reload error")
+    assert "profile squash" in get(own_server.url(f"machine/{other}/boot.ipxe"))[2].decode()
 
     # SIGHUP reloads at once, whatever the file's timestamps say.
-    machines.write_text(good.replace(f'[machines."{other}"]\nprofile = "squash"\n', ""))
-    os.kill(server.proc.pid, signal.SIGHUP)
-    wait_for(lambda: "profile default" in get(server.url(f"machine/{other}/boot.ipxe"))[2].decode(), "SIGHUP")
+    own_machines.write_text(good.replace(f'[machines."{other}"]\nprofile = "squash"\n', ""))
+    os.kill(own_server.proc.pid, signal.SIGHUP)
+    wait_for(lambda: "profile default" in get(own_server.url(f"machine/{other}/boot.ipxe"))[2].decode(), "SIGHUP")
 
 
 def test_initrd_checksum_matches_manifest(server: ServerProcess, machines: Path) -> None:
@@ -271,18 +289,18 @@ def test_debian_ipxe_binaries_are_served(server: ServerProcess, name: str) -> No
     assert (status, body) == (200, path.read_bytes())
 
 
-def test_a_broken_rebuild_keeps_the_previous_build(server: ServerProcess, machines: Path) -> None:
-    out = machines.parent / "squashfs-out"
+def test_a_broken_rebuild_keeps_the_previous_build(own_server: ServerProcess, own_machines: Path) -> None:
+    out = own_machines.parent / "squashfs-out"
     initrd = (out / "initrd").read_bytes()
-    broken = machines.parent / "broken"
+    broken = own_machines.parent / "broken"
     shutil.copytree(out, broken)
     (broken / "initrd").unlink()
     (broken / "initrd").symlink_to("/etc/passwd")
     (broken / "manifest.json").write_text((out / "manifest.json").read_text().replace('"cmdline"', '"cmdline" '))
-    os.rename(out, machines.parent / "old")
+    os.rename(out, own_machines.parent / "old")
     os.rename(broken, out)
-    wait_for(lambda: "keeping the previous build" in server.log, "the rebuild to be refused")
+    wait_for(lambda: "keeping the previous build" in own_server.log, "the rebuild to be refused")
     time.sleep(2.5)  # more looks at the directory: reported once, not at each
-    assert server.log.count("keeping the previous build") == 1
-    assert f"{out}/initrd is not a regular file inside {out} or the Nix store" in server.log
-    assert get(server.url("profile/squash/initrd"))[2] == initrd
+    assert own_server.log.count("keeping the previous build") == 1
+    assert f"{out}/initrd is not a regular file inside {out} or the Nix store" in own_server.log
+    assert get(own_server.url("profile/squash/initrd"))[2] == initrd

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import ServerProcess, need, netboot, write_machines
+from support import ServerProcess, cli, need, write_machines
 
 from netboot.status.record import BootRecord
 
@@ -233,19 +233,19 @@ def test_a_token_guards_every_route(machines_file: Path, tmp_path: Path) -> None
 
 def test_status_listener_errors(machines_file: Path, tmp_path: Path) -> None:
     args = ("serve", "--machines", machines_file, "--http", "127.0.0.1:0", "--no-tftp")
-    public = netboot(*args, "--status", "0.0.0.0:0", timeout=30)
+    public = cli(*args, "--status", "0.0.0.0:0", timeout=30)
     assert public.returncode != 0 and "--status-token" in public.stderr and "--status-public" in public.stderr
     assert len(public.stderr.strip().splitlines()) == 1, public.stderr
     empty = tmp_path / "empty"
     empty.write_text("\n")
-    no_token = netboot(*args, "--status-token-file", empty, timeout=30)
+    no_token = cli(*args, "--status-token-file", empty, timeout=30)
     assert no_token.returncode != 0 and "holds no token" in no_token.stderr
-    bad = netboot(*args, "--status", "localhost:x", timeout=30)
+    bad = cli(*args, "--status", "localhost:x", timeout=30)
     assert bad.returncode != 0 and "--status" in bad.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        busy = netboot(*args, "--status", f"127.0.0.1:{taken.getsockname()[1]}", timeout=30)
+        busy = cli(*args, "--status", f"127.0.0.1:{taken.getsockname()[1]}", timeout=30)
     assert busy.returncode != 0 and "cannot listen for the status page" in busy.stderr
 
 
