@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from initrd_reader import decompress, items, split
-from support import ServerProcess, assert_booted, boot, cli, need, netboot_ok, netboot_vm
+from support import ServerProcess, assert_booted, boot, built, cli, need, netboot_ok, netboot_vm
 
 
 def image_of(out: Path, tmp_path: Path, compression: str = "lz4") -> tuple[Path, bytes]:
@@ -35,8 +35,7 @@ def nid(image: Path, path: str) -> int:
 
 def test_erofs_image_holds_the_closure(system: Path, closure: list[str], tmp_path: Path) -> None:
     need("fsck.erofs")
-    out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--format", "erofs")
+    out = built(system, "--format", "erofs")
     assert (out / "cmdline").read_text().startswith(f"init={system}/init ")
     image, stage1_member = image_of(out, tmp_path)
     # lz4 compressed: the image is smaller than the files it holds.
@@ -70,8 +69,7 @@ def test_erofs_image_holds_the_closure(system: Path, closure: list[str], tmp_pat
 @pytest.mark.parametrize("compression", ["zstd", "none"])
 def test_erofs_uncompressed_image_in_a_compressed_member(system: Path, tmp_path: Path, compression: str) -> None:
     need("fsck.erofs")
-    out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--format", "erofs", "--compress", compression)
+    out = built(system, "--format", "erofs", "--compress", compression)
     if compression == "zstd":
         assert (out / "initrd").read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
     image, _ = image_of(out, tmp_path, compression if compression != "none" else "lz4")
@@ -118,21 +116,17 @@ def test_erofs_bad_input(system: Path, tmp_path: Path) -> None:
 
 @pytest.mark.vm
 @pytest.mark.parametrize("level", [None, 12])
-def test_erofs_boots(system: Path, closure: list[str], tmp_path: Path, level: int | None) -> None:
+def test_erofs_boots(system: Path, closure: list[str], level: int | None) -> None:
     """lz4 and lz4hc: what erofs-utils offers that the kernel reads (Debian's has no erofs lzma)."""
-    out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--format", "erofs", *(["--level", str(level)] if level else []))
-    result = boot(out)
+    result = boot(built(system, "--format", "erofs", *(["--level", str(level)] if level else [])))
     assert_booted(result, closure, system)
     mount = next(ln for ln in result.lines if ln.startswith("NETBOOT-TEST: store mount:"))
     assert "lowerdir=/mnt-root/nix/.ro-store" in mount
 
 
 @pytest.mark.vm
-def test_erofs_uncompressed_image_boots(system: Path, closure: list[str], tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--format", "erofs", "--compress", "zstd")
-    assert_booted(boot(out), closure, system)
+def test_erofs_uncompressed_image_boots(system: Path, closure: list[str]) -> None:
+    assert_booted(boot(built(system, "--format", "erofs", "--compress", "zstd")), closure, system)
 
 
 @pytest.mark.vm

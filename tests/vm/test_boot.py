@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT, assert_booted, boot, build_system, netboot_ok
+from support import ROOT, assert_booted, boot, build_system, built, netboot_ok
 
 
 def test_squashfs_boots_with_overlay_store(system: Path, closure: list[str], tmp_path: Path) -> None:
@@ -23,11 +23,8 @@ def test_squashfs_boots_with_overlay_store(system: Path, closure: list[str], tmp
 
 
 @pytest.mark.parametrize("compression", ["zstd", "xz", "gzip", "lz4"])
-def test_direct_boots_each_compression(
-    system: Path, closure: list[str], tmp_path: Path, compression: str
-) -> None:
-    out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", compression)
+def test_direct_boots_each_compression(system: Path, closure: list[str], compression: str) -> None:
+    out = built(system, "--format", "direct", "--compress", compression)
     result = boot(out)
     assert_booted(result, closure, system)
     # No stage 1: the store is the initramfs itself, not a separate mount.
@@ -36,10 +33,8 @@ def test_direct_boots_each_compression(
 
 
 @pytest.mark.parametrize("compression", ["xz", "gzip"])
-def test_squashfs_boots_other_compressors(system: Path, closure: list[str], tmp_path: Path, compression: str) -> None:
-    out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--compress", compression)
-    assert_booted(boot(out), closure, system)
+def test_squashfs_boots_other_compressors(system: Path, closure: list[str], compression: str) -> None:
+    assert_booted(boot(built(system, "--format", "squashfs", "--compress", compression)), closure, system)
 
 
 @pytest.mark.parametrize("module_compression", ["xz", "zst"])
@@ -53,9 +48,8 @@ def test_stage1_loads_compressed_modules(tmp_path: Path, module_compression: str
     assert_booted(boot(out), closure, system)
 
 
-def test_boot_dir_script_reports_reached_and_failed_inits(system: Path, tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", "lz4")
+def test_boot_dir_script_reports_reached_and_failed_inits(system: Path) -> None:
+    out = built(system, "--format", "direct", "--compress", "lz4")
     ok = subprocess.run(
         [ROOT / "qemu/boot-dir", out, "-q", "--expect", "NETBOOT-TEST-OK"], capture_output=True, text=True, timeout=300
     )
