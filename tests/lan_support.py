@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from support import ServerProcess, need
+from support import ServerProcess, need, vm_accel
 
 from devtools import lanboot, qemu
 from devtools.lan import Host, Lan
@@ -63,6 +63,7 @@ def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300) -> qemu.BootResult:
     """Network-boot a VM on a new tap of `lan` until it powers off; fail if it did not within `timeout`."""
     need(qemu.qemu_binary())
+    vm_accel()
     if uefi:
         assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
     result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout)

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT, assert_booted, boot, build_system, built, netboot_ok
+from support import ROOT, assert_booted, boot, build_system, built, netboot_ok, vm_accel
 
 
 def test_squashfs_boots_with_overlay_store(system: Path, closure: list[str], tmp_path: Path) -> None:
@@ -50,6 +50,7 @@ def test_stage1_loads_compressed_modules(tmp_path: Path, module_compression: str
 
 def test_boot_dir_script_reports_reached_and_failed_inits(system: Path) -> None:
     out = built(system, "--format", "direct", "--compress", "lz4")
+    vm_accel()  # the script's QEMU takes it from the environment
     ok = subprocess.run(
         [ROOT / "qemu/boot-dir", out, "-q", "--expect", "NETBOOT-TEST-OK"], capture_output=True, text=True, timeout=300
     )
