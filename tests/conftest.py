@@ -60,4 +60,7 @@ def closure(system: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def outs(system: Path) -> dict[str, Path]:
     """The test system built once in each format (once for the whole session, whatever the workers)."""
-    return {fmt: built(system, "--format", fmt) for fmt in ("squashfs", "direct", "erofs")}
+    formats = ["squashfs", "direct", "erofs"]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    first = worker % len(formats)  # workers start on different builds, not all waiting for the same one
+    return {fmt: built(system, "--format", fmt) for fmt in formats[first:] + formats[:first]}
