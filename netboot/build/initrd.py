@@ -34,9 +34,10 @@ from netboot.build.cache import LAYOUT, Cache, nar_hashes
 from netboot.build.closure import REGISTRATION_NAME, Closure
 from netboot.build.compress import COMPRESSORS, Compressor
 from netboot.build.cpio import FdSink, NewcWriter, StreamSink, check_size
-from netboot.build.erofs import lay_out_closure, mkfs_erofs, remove_tree
+from netboot.build.erofs import lay_out_closure, mkfs_erofs
 from netboot.build.files import Entry, closure_entries
 from netboot.build.progress import Progress
+from netboot.build.remove import remove_tree
 from netboot.build.squashfs import mksquashfs
 from netboot.build.stage1 import Stage1
 from netboot.build.tree import Tree
@@ -338,7 +339,8 @@ def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, 
                 mkfs_erofs(root, dest, packing.compressor, packing.level, packing.mtime, identity=key,
                            all_root=True, xattrs=False)
             except BaseException:
-                remove_tree(root)
+                with contextlib.suppress(OSError):  # the staging directory's removal tries again
+                    remove_tree(root)
                 raise
             return {"files": files, "bytes": nbytes}
 

@@ -16,15 +16,16 @@ The builds of the last few systems stay on disk, so a rollback to one of them is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from netboot.build.remove import remove_tree
 from netboot.errors import NetbootError
 from netboot.serve.machines import Machines, Profile
 
@@ -156,7 +157,8 @@ class SystemBuilds:
         builds = sorted((p for p in (self.state_dir / "builds").iterdir() if p not in serving and p.is_dir()),
                         key=lambda p: p.stat().st_mtime, reverse=True)
         for old in builds[KEEP:]:
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # tried again at the next prune
+                remove_tree(old)
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):
