@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT, assert_booted, boot, build_system, netboot_ok
+from support import ROOT, assert_booted, boot, build_system, need, netboot_ok
+
+from netboot import qemu
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +73,20 @@ def test_boot_dir_script_reports_reached_and_failed_inits(system: Path, tmp_path
     )
     assert bad.returncode == 1, bad.stderr
     assert "FAILED: init NOT reached" in bad.stderr
+
+
+def test_rescue_shell_on_the_console_when_a_module_fails(system: Path, tmp_path: Path) -> None:
+    """module_blacklist= makes the kernel refuse loop (EPERM): stage 1's rescue shell must answer on the serial
+    console, its input the console rather than the module list it was reading."""
+    need(qemu.qemu_binary())
+    out = tmp_path / "out"
+    netboot_ok("build", system, "--out", out)
+    result = qemu.watch(qemu.direct_argv(out, append="module_blacklist=loop"), timeout=240, answers=[
+        ("here is a shell", "echo RESCUE-$((6 * 7))\n"),  # the shell, not the echo of what is typed, prints 42
+        ("RESCUE-42", "poweroff -f\n"),
+    ])
+    console = result.console
+    assert not result.timed_out, console[-3000:]
+    assert re.search(r"netboot stage 1: cannot load module /lib/modules/\S+/loop\.ko", console), console[-3000:]
+    assert re.search(r"^RESCUE-42$", console, re.MULTILINE), console[-3000:]
+    assert "Kernel panic" not in console and "not syncing" not in console

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import lzma
 import re
 import zlib
@@ -15,6 +16,8 @@ from typing import IO
 import zstandard
 
 from netboot.errors import NetbootError
+
+log = logging.getLogger(__name__)
 
 _SUFFIX = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
 # A module tree may come from an untrusted image: what is read of it is bounded. A distribution kernel's
@@ -39,7 +42,7 @@ class ModuleTree:
     deps: dict[str, tuple[str, tuple[str, ...]]]  # name → (relative path, transitive dependencies' paths)
     builtin: frozenset[str]
     softdeps: dict[str, tuple[str, ...]]  # name → what modprobe loads before it ("pre:"), names or aliases
-    aliases: dict[str, tuple[str, ...]]  # alias → module names
+    aliases: dict[str, tuple[str, ...]]  # alias → module names, loadable or built in
     locate: Locate  # as named by default; for a tree inside a root filesystem, looked up inside it (rootfs.py)
 
     @classmethod
@@ -71,6 +74,12 @@ class ModuleTree:
             words = line.split()
             if len(words) == 3 and words[0] == "alias":
                 aliases.setdefault(words[1], []).append(words[2].replace("-", "_"))
+        # Built-in modules' aliases are in modules.builtin.modinfo (kbuild, Linux 5.2+): "name.alias=value\0".
+        for record in _text(root, locate, "modules.builtin.modinfo").split("\0"):
+            name, _, field = record.partition(".")
+            key, _, value = field.partition("=")
+            if key == "alias" and value:
+                aliases.setdefault(value, []).append(name.replace("-", "_"))
         return cls(root, chosen, deps, builtin, softdeps, {k: tuple(v) for k, v in aliases.items()}, locate)
 
     def resolve(self, wanted: list[str], purpose: str) -> list[tuple[str, bool]]:
@@ -79,6 +88,7 @@ class ModuleTree:
         (libcrc32c wants crc32c, which may be crc32c_intel, a module that refuses a CPU without SSE 4.2)."""
         order: dict[str, bool] = {}  # in load order
         seen: set[str] = set()
+        missing: dict[tuple[str, str], None] = {}  # (module, soft dependency) that the kernel has in no form
 
         def add(name: str, optional: bool) -> None:
             target, dependencies = self.deps[name]
@@ -88,7 +98,10 @@ class ModuleTree:
                 if path not in seen:
                     seen.add(path)
                     for soft in self.softdeps.get(module_name(path), ()):
-                        for candidate in self.aliases.get(soft, (soft.replace("-", "_"),)):
+                        candidates = self.aliases.get(soft, (soft.replace("-", "_"),))
+                        if not any(c in self.deps or c in self.builtin for c in candidates):
+                            missing[module_name(path), soft] = None
+                        for candidate in candidates:
                             if candidate in self.deps and candidate not in self.builtin:
                                 add(candidate, True)
                 order[path] = order.get(path, True) and optional
@@ -101,6 +114,10 @@ class ModuleTree:
                     f"kernel {self.version} has no module {name!r}, built in or loadable (needed by {purpose})"
                 )
             add(name, False)
+        for module, soft in missing:
+            # libcrc32c → crc32c: without any crc32c, erofs fails to mount (its checksums need it).
+            log.warning("warning: module %s needs %s loaded first (a soft dependency), which kernel %s has neither "
+                        "as a module nor built in: %s may not boot", module, soft, self.version, purpose)
         return list(order.items())
 
     def read_uncompressed(self, relpath: str) -> bytes:
