@@ -10,7 +10,7 @@ from pathlib import Path
 
 from netboot import __version__
 from netboot.build import cache, compress, pack
-from netboot.build.limits import DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_NAME, ImageLimits
+from netboot.build.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_NAME, ImageLimits
 from netboot.dhcp import command as dhcp_command
 from netboot.errors import NetbootError
 from netboot.serve.http_limits import HttpLimits
@@ -78,9 +78,9 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    "(default: the root's own)")
     p.add_argument("--init", default="/sbin/init", metavar="PATH",
                    help="the init of --rootfs or --oci, in the root (default /sbin/init)")
-    p.add_argument("--max-image-bytes", default="16G", metavar="SIZE",
+    p.add_argument("--max-image-bytes", default=f"{DEFAULT_MAX_BYTES >> 30}G", metavar="SIZE",
                    help="refuse an --oci image whose layers unpack to more than SIZE (their tar streams, "
-                   "decompressed), or a --rootfs whose files hold more (default 16G)")
+                   f"decompressed), or a --rootfs whose files hold more (default {DEFAULT_MAX_BYTES >> 30}G)")
     p.add_argument("--max-image-entries", type=_count, default=DEFAULT_MAX_ENTRIES, metavar="N",
                    help="refuse an --oci image or a --rootfs of more than N files, directories, links and nodes "
                    f"(an image's: in all its layers; default {DEFAULT_MAX_ENTRIES:,}). Names longer than "
