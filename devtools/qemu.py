@@ -10,6 +10,7 @@ by booting a kernel.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import select
@@ -152,18 +153,23 @@ def lan_argv(
 
 
 def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None,
-          marks: Sequence[str] = ()) -> BootResult:
+          marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = ()) -> BootResult:
     """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID.
 
     `argv` may start with `ip netns exec NS` (devtools.lan): ip execs QEMU in the namespace, so the PID is QEMU's.
     For each text in `marks`, the time from QEMU's start to when the console first showed it goes into
-    `seen_at` (read as it arrives, so to within the pipe's latency).
+    `seen_at` (read as it arrives, so to within the pipe's latency). `answers` drive the console (the serial
+    port is QEMU's stdin): each (text, keys), in turn, types `keys` once the console shows `text` after what
+    the previous answer waited for.
     """
     result = BootResult()
     started = time.monotonic()
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stdin = subprocess.PIPE if answers else subprocess.DEVNULL
+    proc = subprocess.Popen(list(argv), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     buf = b""
+    pending = list(answers)
+    answered_to = 0  # where in `buf` the next answer's text is looked for
     try:
         fd = proc.stdout.fileno()
         while True:
@@ -188,7 +194,16 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
             for mark in marks:
                 if mark not in result.seen_at and mark.encode() in buf:
                     result.seen_at[mark] = time.monotonic() - started
+            while pending and (at := buf.find(pending[0][0].encode(), answered_to)) >= 0:
+                assert proc.stdin is not None
+                answered_to = at + len(pending[0][0])
+                with contextlib.suppress(BrokenPipeError):  # QEMU has exited: its end is read below
+                    proc.stdin.write(pending.pop(0)[1].encode())
+                    proc.stdin.flush()
     finally:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
         if proc.poll() is None:
             proc.kill()
         result.exit_status = proc.wait()

@@ -13,6 +13,7 @@ from netboot.core import artifacts, compress
 from netboot.core.errors import NetbootError
 from netboot.dhcp import command as dhcp_command
 from netboot.image import cache, pack
+from netboot.image.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_NAME, ImageLimits
 from netboot.server.http_limits import HttpLimits
 from netboot.status import StatusConfig
 from netboot.tftp import command as tftp_command
@@ -28,6 +29,13 @@ def _level(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid level {text!r}: expected an integer") from None
+
+
+def _count(text: str) -> int:
+    try:
+        return int(text.replace(",", "").replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected an integer") from None
 
 
 def _add_build(sub: argparse._SubParsersAction) -> None:
@@ -71,6 +79,13 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    "(default: the root's own)")
     p.add_argument("--init", default="/sbin/init", metavar="PATH",
                    help="the init of --rootfs or --oci, in the root (default /sbin/init)")
+    p.add_argument("--max-image-bytes", default=f"{DEFAULT_MAX_BYTES >> 30}G", metavar="SIZE",
+                   help="refuse an --oci image whose layers unpack to more than SIZE (their tar streams, "
+                   f"decompressed), or a --rootfs whose files hold more (default {DEFAULT_MAX_BYTES >> 30}G)")
+    p.add_argument("--max-image-entries", type=_count, default=DEFAULT_MAX_ENTRIES, metavar="N",
+                   help="refuse an --oci image or a --rootfs of more than N files, directories, links and nodes "
+                   f"(an image's: in all its layers; default {DEFAULT_MAX_ENTRIES:,}). Names longer than "
+                   f"{MAX_NAME:,} bytes or deeper than {MAX_DEPTH} directories are refused always")
     p.add_argument(
         "--closure-info", type=Path, metavar="DIR",
         help="a nixpkgs closureInfo output (store-paths, registration) instead of asking nix-store",
@@ -106,6 +121,7 @@ def _run_build(args: argparse.Namespace) -> int:
         kernel=args.kernel,
         modules=args.modules,
         init=args.init,
+        limits=ImageLimits(cache.parse_size(args.max_image_bytes), args.max_image_entries),
     )
     pack.build(opts)
     return 0

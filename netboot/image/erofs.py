@@ -133,10 +133,3 @@ def _copy(src: bytes, dst: bytes, st: os.stat_result) -> None:
         raise NetbootError(f"cannot read {os.fsdecode(src)}: {e.strerror}") from e
     os.chmod(dst, stat.S_IMODE(st.st_mode))
 
-
-def remove_tree(root: Path) -> None:
-    """Remove a laid out image root, whose directories may be read-only; what is gone already is no error."""
-    for d, _, _ in os.walk(root):
-        with contextlib.suppress(OSError):
-            os.chmod(d, 0o700)
-    shutil.rmtree(root, ignore_errors=True)

@@ -32,11 +32,12 @@ import zstandard
 from netboot import __version__
 from netboot.core.compress import COMPRESSORS, Compressor
 from netboot.core.errors import NetbootError
+from netboot.core.remove import remove_tree
 from netboot.core.run import dies_with_us, failed, require
 from netboot.image.cache import LAYOUT, Cache, nar_hashes
 from netboot.image.closure import REGISTRATION_NAME, Closure
 from netboot.image.cpio import FdSink, NewcWriter, StreamSink, check_size
-from netboot.image.erofs import lay_out_closure, mkfs_erofs, remove_tree
+from netboot.image.erofs import lay_out_closure, mkfs_erofs
 from netboot.image.files import Entry, closure_entries
 from netboot.image.progress import Progress
 from netboot.image.squashfs import mksquashfs
@@ -338,7 +339,8 @@ def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, 
                 mkfs_erofs(root, dest, packing.compressor, packing.level, packing.mtime, identity=key,
                            all_root=True, xattrs=False)
             except BaseException:
-                remove_tree(root)
+                with contextlib.suppress(OSError):  # the staging directory's removal tries again
+                    remove_tree(root)
                 raise
             return {"files": files, "bytes": nbytes}
 

@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import lzma
 import re
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
+
+import zstandard
 
 from netboot.core.errors import NetbootError
-from netboot.core.run import require, run
+
+log = logging.getLogger(__name__)
 
 _SUFFIX = re.compile(r"\.ko(\.xz|\.zst|\.gz)?$")
+# A module tree may come from an untrusted image: what is read of it is bounded. A distribution kernel's
+# largest index (modules.alias) is about 1.5 MiB, its largest module (amdgpu) about 20 MiB unpacked.
+_MAX_INDEX = 64 << 20
+_MAX_MODULE = 256 << 20
+
+# Where a file of a module tree, named relative to the tree (or absolute, as older depmod wrote modules.dep),
+# is on this machine; None when it is not there.
+Locate = Callable[[str], Path | None]
 
 
 def module_name(relpath: str) -> str:
@@ -26,7 +42,8 @@ class ModuleTree:
     deps: dict[str, tuple[str, tuple[str, ...]]]  # name → (relative path, transitive dependencies' paths)
     builtin: frozenset[str]
     softdeps: dict[str, tuple[str, ...]]  # name → what modprobe loads before it ("pre:"), names or aliases
-    aliases: dict[str, tuple[str, ...]]  # alias → module names
+    aliases: dict[str, tuple[str, ...]]  # alias → module names, loadable or built in
+    locate: Locate  # as named by default; for a tree inside a root filesystem, looked up inside it (rootfs.py)
 
     @classmethod
     def load(cls, kernel_modules: Path, version: str | None) -> ModuleTree:
@@ -35,29 +52,35 @@ class ModuleTree:
                                   "lib/modules/<version>/modules.dep"))
 
     @classmethod
-    def at(cls, root: Path) -> ModuleTree:
+    def at(cls, root: Path, locate: Locate | None = None) -> ModuleTree:
         """The modules of one kernel version: `root` is like /lib/modules/<version>."""
+        locate = locate or _as_named(root)
         chosen = root.name
         deps: dict[str, tuple[str, tuple[str, ...]]] = {}
-        for line in _read_lines(root / "modules.dep"):
+        for line in _lines(root, locate, "modules.dep", required=True):
             target, _, rest = line.partition(":")
             if target:
                 deps[module_name(target)] = (target, tuple(rest.split()))
-        builtin_file = root / "modules.builtin"
-        builtin = frozenset(module_name(x) for x in _read_lines(builtin_file)) if builtin_file.exists() else frozenset()
+        builtin = frozenset(module_name(x) for x in _lines(root, locate, "modules.builtin"))
         softdeps: dict[str, tuple[str, ...]] = {}
-        for line in _optional_lines(root / "modules.softdep"):  # "softdep libcrc32c pre: crc32c post: ..."
+        for line in _lines(root, locate, "modules.softdep"):  # "softdep libcrc32c pre: crc32c post: ..."
             words = line.split()
             if len(words) > 2 and words[0] == "softdep":
                 pre = words[2:words.index("post:")] if "post:" in words else words[2:]
                 # depmod writes a line per "softdep=" of a module; modprobe (kmod 30) heeds the first.
                 softdeps.setdefault(words[1].replace("-", "_"), tuple(w for w in pre if w != "pre:"))
         aliases: dict[str, list[str]] = {}
-        for line in _optional_lines(root / "modules.alias"):  # "alias crc32c crc32c_generic"
+        for line in _lines(root, locate, "modules.alias"):  # "alias crc32c crc32c_generic"
             words = line.split()
             if len(words) == 3 and words[0] == "alias":
                 aliases.setdefault(words[1], []).append(words[2].replace("-", "_"))
-        return cls(root, chosen, deps, builtin, softdeps, {k: tuple(v) for k, v in aliases.items()})
+        # Built-in modules' aliases are in modules.builtin.modinfo (kbuild, Linux 5.2+): "name.alias=value\0".
+        for record in _text(root, locate, "modules.builtin.modinfo").split("\0"):
+            name, _, field = record.partition(".")
+            key, _, value = field.partition("=")
+            if key == "alias" and value:
+                aliases.setdefault(value, []).append(name.replace("-", "_"))
+        return cls(root, chosen, deps, builtin, softdeps, {k: tuple(v) for k, v in aliases.items()}, locate)
 
     def resolve(self, wanted: list[str], purpose: str) -> list[tuple[str, bool]]:
         """The modules to insmod, dependencies first, as (relative path, optional); built-in modules need
@@ -65,6 +88,7 @@ class ModuleTree:
         (libcrc32c wants crc32c, which may be crc32c_intel, a module that refuses a CPU without SSE 4.2)."""
         order: dict[str, bool] = {}  # in load order
         seen: set[str] = set()
+        missing: dict[tuple[str, str], None] = {}  # (module, soft dependency) that the kernel has in no form
 
         def add(name: str, optional: bool) -> None:
             target, dependencies = self.deps[name]
@@ -74,7 +98,10 @@ class ModuleTree:
                 if path not in seen:
                     seen.add(path)
                     for soft in self.softdeps.get(module_name(path), ()):
-                        for candidate in self.aliases.get(soft, (soft.replace("-", "_"),)):
+                        candidates = self.aliases.get(soft, (soft.replace("-", "_"),))
+                        if not any(c in self.deps or c in self.builtin for c in candidates):
+                            missing[module_name(path), soft] = None
+                        for candidate in candidates:
                             if candidate in self.deps and candidate not in self.builtin:
                                 add(candidate, True)
                 order[path] = order.get(path, True) and optional
@@ -87,24 +114,29 @@ class ModuleTree:
                     f"kernel {self.version} has no module {name!r}, built in or loadable (needed by {purpose})"
                 )
             add(name, False)
+        for module, soft in missing:
+            # libcrc32c → crc32c: without any crc32c, erofs fails to mount (its checksums need it).
+            log.warning("warning: module %s needs %s loaded first (a soft dependency), which kernel %s has neither "
+                        "as a module nor built in: %s may not boot", module, soft, self.version, purpose)
         return list(order.items())
 
     def read_uncompressed(self, relpath: str) -> bytes:
         """A module's ELF bytes; busybox insmod cannot load .ko.xz / .ko.zst / .ko.gz, so they are unpacked here."""
-        path = self.root / relpath if not relpath.startswith("/") else Path(relpath)
+        path = self.locate(relpath)
+        if path is None:
+            raise NetbootError(f"cannot read module {self.root / relpath}: it is not there")
         try:
-            if relpath.endswith(".xz"):
-                return lzma.decompress(path.read_bytes())
-            if relpath.endswith(".gz"):
-                return gzip.decompress(path.read_bytes())
-            if relpath.endswith(".zst"):
-                zstd = require("zstd", "needed to unpack .ko.zst modules")
-                return run([zstd, "-q", "-d", "-c", str(path)], what=f"unpacking {path.name}").stdout
-            return path.read_bytes()
+            with open(path, "rb") as raw, _unpacking(relpath, raw) as f:
+                data = f.read(_MAX_MODULE + 1)
         except OSError as e:
+            if e.errno is None:  # gzip's BadGzipFile
+                raise NetbootError(f"module {path} is corrupt: {e}") from e
             raise NetbootError(f"cannot read module {path}: {e.strerror}") from e
-        except (lzma.LZMAError, gzip.BadGzipFile, EOFError) as e:
+        except (lzma.LZMAError, zlib.error, EOFError, zstandard.ZstdError) as e:
             raise NetbootError(f"module {path} is corrupt: {e}") from e
+        if len(data) > _MAX_MODULE:
+            raise NetbootError(f"module {path} unpacks to more than {_MAX_MODULE >> 20} MiB")
+        return data
 
 
 def version_dir(base: Path, version: str | None, missing: str) -> Path:
@@ -127,12 +159,41 @@ def uncompressed_name(relpath: str) -> str:
     return _SUFFIX.sub(".ko", relpath)
 
 
-def _optional_lines(path: Path) -> list[str]:
-    return _read_lines(path) if path.exists() else []
+def _unpacking(relpath: str, raw: IO[bytes]) -> contextlib.AbstractContextManager[IO[bytes]]:
+    """The module's bytes, read through the decompressor its name says, as they are read."""
+    if relpath.endswith(".xz"):
+        return lzma.LZMAFile(raw)
+    if relpath.endswith(".gz"):
+        return gzip.GzipFile(fileobj=raw)
+    if relpath.endswith(".zst"):
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return contextlib.nullcontext(raw)
 
 
-def _read_lines(path: Path) -> list[str]:
+def _as_named(root: Path) -> Locate:
+    def locate(relpath: str) -> Path | None:
+        path = root / relpath  # an absolute relpath stays as it is
+        return path if path.exists() else None
+
+    return locate
+
+
+def _lines(root: Path, locate: Locate, name: str, *, required: bool = False) -> list[str]:
+    return _text(root, locate, name, required=required).splitlines()
+
+
+def _text(root: Path, locate: Locate, name: str, *, required: bool = False) -> str:
+    """An index file of the tree; "" when it is missing and not `required`."""
+    path = locate(name)
+    if path is None:
+        if required:
+            raise NetbootError(f"cannot read {root / name}: No such file or directory")
+        return ""
     try:
-        return path.read_text(errors="surrogateescape").splitlines()
+        with open(path, "rb") as f:
+            data = f.read(_MAX_INDEX + 1)
     except OSError as e:
         raise NetbootError(f"cannot read {path}: {e.strerror}") from e
+    if len(data) > _MAX_INDEX:
+        raise NetbootError(f"{path} is larger than {_MAX_INDEX >> 20} MiB")
+    return data.decode(errors="surrogateescape")

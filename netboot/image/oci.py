@@ -10,6 +10,9 @@ The archive is untrusted: every name is resolved below `dest` through directory 
 O_NOFOLLOW, a parent component that is a symlink is refused rather than followed, and `..` may not leave
 the root, so nothing is ever written outside `dest`. Extended attributes (PAX SCHILY.xattr.* records: file
 capabilities, SELinux labels) are not applied, and mtimes are left as they fall: the packer pins them.
+What it may cost is bounded (limits.py): its entries and its decompressed bytes, counted as they are read and
+checked against what each header declares before it is spent, the length and depth of its names, the size of
+its JSON documents and tar extension headers.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import zstandard
 
 from netboot.core.beneath import DIRECTORY, Outside, components, open_dir
 from netboot.core.errors import NetbootError
+from netboot.core.remove import remove_tree
+from netboot.image.limits import MAX_NAME, ImageLimits, LimitError, Tally, check_name, shown
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,13 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _BLOB_NAME = re.compile(r"blobs/sha256/([0-9a-f]{64})")
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
+# The OCI distribution spec has registries accept manifests up to 4 MiB: no index, manifest or config is larger.
+_MAX_DOCUMENT = 4 << 20
+_MAX_EXTENSION = 1 << 20  # one tar extension header's data (PAX records, a GNU long name)
+_MAX_EXTENSIONS_IN_A_ROW = 8  # before one member: a PAX header, GNU long name and link, with room to spare
+_MAX_GLOBAL = 4096  # global PAX headers of one tar: git archive writes 52 bytes, image builders none
+_EXTENSIONS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+               tarfile.SOLARIS_XHDTYPE)
 _T = TypeVar("_T")
 
 
@@ -59,20 +71,22 @@ class _Layer(NamedTuple):
     digest: str | None  # to check it against; None for a docker <id>/layer.tar
 
 
-def unpack(archive: Path, dest: Path, *, keep_owners: bool) -> OciImage:
-    """Apply the image's layers in order into `dest` (an existing empty directory)."""
+def unpack(archive: Path, dest: Path, *, keep_owners: bool, limits: ImageLimits | None = None) -> OciImage:
+    """Apply the image's layers in order into `dest` (an existing empty directory), within `limits`."""
+    limits = limits or ImageLimits()
+    tally = Tally(limits)
     with _open_archive(archive) as outer:
-        files = _Archive(archive, outer)
+        files = _Archive(archive, outer, limits)
         if "index.json" in files.members:
             image, layers = files.oci_layers()
         elif "manifest.json" in files.members:
             image, layers = files.docker_layers()
         else:
             raise NetbootError(f"{archive} is not an OCI image archive (no index.json or manifest.json)")
-        tree = _Tree(dest, keep_owners)
+        tree = _Tree(dest, keep_owners, tally)
         try:
             for n, layer in enumerate(layers, 1):
-                _apply_layer(tree, files.open(layer.member), layer.digest, f"{archive}: layer {layer.label}")
+                _apply_layer(tree, files.open(layer.member), layer.digest, f"{archive}: layer {layer.label}", tally)
                 log.info("%s: applied layer %d of %d (%s)", archive, n, len(layers), layer.label)
             tree.finish()
         finally:
@@ -83,23 +97,74 @@ def unpack(archive: Path, dest: Path, *, keep_owners: bool) -> OciImage:
     return image
 
 
+class _Header(tarfile.TarInfo):
+    """A tar header whose extensions are bounded before tarfile reads them.
+
+    tarfile reads an extension header's data (PAX records, a GNU long name) whole into memory whatever size it
+    declares, follows a run of them by recursion, copies the global PAX records into every later member, and
+    reads a GNU sparse map into a list as long as it says. _proc_member is the hook tarfile leaves subclasses
+    for its headers (see its comment there), so each of those is refused here before it is read.
+    """
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        assert isinstance(tar, _Tar)
+        if self.type in _EXTENSIONS:
+            if self.size > _MAX_EXTENSION:
+                raise LimitError(f"a tar extension header of {self.size:,} bytes (at most {_MAX_EXTENSION:,})")
+            tar.extensions_in_a_row += 1
+            if tar.extensions_in_a_row > _MAX_EXTENSIONS_IN_A_ROW:
+                raise LimitError(f"more than {_MAX_EXTENSIONS_IN_A_ROW} tar extension headers in a row")
+            if self.type == tarfile.XGLTYPE:
+                tar.global_bytes += self.size
+                if tar.global_bytes > _MAX_GLOBAL:
+                    raise LimitError(f"global PAX headers of more than {_MAX_GLOBAL:,} bytes")
+        else:
+            tar.extensions_in_a_row = 0
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise _Refused(_SPARSE)
+        return super()._proc_member(tar)
+
+    def _proc_gnusparse_10(self, next: tarfile.TarInfo, pax_headers: dict, tar: tarfile.TarFile) -> None:
+        raise _Refused(_SPARSE)
+
+
+class _Tar(tarfile.TarFile):
+    """A tar read with _Header; what it counts of the headers read so far."""
+
+    tarinfo = _Header
+    extensions_in_a_row = 0
+    global_bytes = 0
+
+
 def _open_archive(archive: Path) -> tarfile.TarFile:
     try:
-        return tarfile.open(archive, "r:")  # uncompressed, as skopeo and docker save write it: members are sought
+        return _Tar.open(archive, "r:")  # uncompressed, as skopeo and docker save write it: members are sought
     except OSError as e:
         raise NetbootError(f"cannot read {archive}: {e.strerror}") from e
     except tarfile.TarError as e:
         raise NetbootError(f"{archive} is not a tar archive") from e
+    except (LimitError, _Refused) as e:
+        raise NetbootError(f"{archive}: {e}") from None
 
 
 class _Archive:
     """The outer tar: its files by name, read by random access."""
 
-    def __init__(self, path: Path, tar: tarfile.TarFile) -> None:
+    def __init__(self, path: Path, tar: tarfile.TarFile, limits: ImageLimits) -> None:
         self.path = path
         self.tar = tar
-        # docker save writes a layer.tar equal to an earlier one as a symlink to it; tarfile follows such links.
-        self.members = {_clean(m.name): m for m in tar.getmembers() if m.isreg() or m.issym() or m.islnk()}
+        self.members: dict[str, tarfile.TarInfo] = {}
+        try:
+            for n, m in enumerate(tar, 1):
+                if n > limits.max_entries:
+                    raise LimitError(f"more than {limits.max_entries:,} files (--max-image-entries)")
+                # docker save writes a layer.tar equal to an earlier one as a symlink to it; tarfile follows it.
+                if m.isreg() or m.issym() or m.islnk():
+                    self.members[_clean(m.name)] = m
+        except (LimitError, _Refused) as e:
+            raise NetbootError(f"{path}: {e}") from None
+        except tarfile.TarError as e:
+            raise NetbootError(f"{path} is not a valid tar archive ({e})") from None
 
     def open(self, name: str) -> IO[bytes]:
         try:
@@ -119,7 +184,9 @@ class _Archive:
         return name
 
     def _json(self, name: str, where: str, digest: str | None = None) -> Any:
-        data = self.open(name).read()
+        data = self.open(name).read(_MAX_DOCUMENT + 1)
+        if len(data) > _MAX_DOCUMENT:
+            raise NetbootError(f"{self.path}: {where} is larger than {_MAX_DOCUMENT >> 20} MiB")
         if digest is not None:
             _check_digest(hashlib.sha256(data).hexdigest(), digest, f"{self.path}: {where}")
         try:
@@ -161,7 +228,7 @@ class _Archive:
         config = _clean(_get(doc[0], "Config", str, where))
         if config not in self.members:
             raise NetbootError(f"{self.path}: config {config} is missing from the archive")
-        image_id = "sha256:" + hashlib.sha256(self.open(config).read()).hexdigest()
+        image_id = "sha256:" + hashlib.file_digest(self.open(config), "sha256").hexdigest()
         layers = []
         for name in _get(doc[0], "Layers", list, where):
             if not isinstance(name, str):
@@ -264,7 +331,22 @@ class _Gunzip:
         return out
 
 
-def _apply_layer(tree: _Tree, blob: IO[bytes], digest: str | None, where: str) -> None:
+class _Counted:
+    """A layer's decompressed tar stream, its bytes counted against the image's limit as they are read: a gzip
+    or zstd bomb stops there, whatever its headers declared. tarfile reads it a record (10 KiB) at a time, and
+    both decompressors return no more than is asked."""
+
+    def __init__(self, source: Any, tally: Tally) -> None:
+        self._source = source
+        self._tally = tally
+
+    def read(self, size: int) -> bytes:
+        data = self._source.read(size)
+        self._tally.spend(len(data))
+        return data
+
+
+def _apply_layer(tree: _Tree, blob: IO[bytes], digest: str | None, where: str, tally: Tally) -> None:
     """Streams one layer blob into the tree: a tar, gzip'd or zstd'd (told by its first bytes, not its media type)."""
     magic = blob.read(4)
     blob.seek(0)
@@ -275,34 +357,56 @@ def _apply_layer(tree: _Tree, blob: IO[bytes], digest: str | None, where: str) -
             source = _Gunzip(hashing)
         elif magic == _ZSTD_MAGIC:
             source = zstandard.ZstdDecompressor().stream_reader(hashing, read_across_frames=True, closefd=False)
-        with tarfile.open(fileobj=source, mode="r|") as layer:
+        with _Tar.open(fileobj=_Counted(source, tally), mode="r|") as layer:
             tree.begin_layer()
-            for member in layer:
+            while (member := layer.next()) is not None:
+                # tarfile keeps every member it reads, for random access a stream has not: memory would grow
+                # with the entries.
+                layer.members.clear()
                 try:
+                    _check(member, tally)
                     tree.apply(member, layer)
-                except _Refused as e:
-                    raise NetbootError(f"{where}: entry {member.name}: {e}") from None
+                except (_Refused, LimitError) as e:
+                    raise NetbootError(f"{where}: entry {shown(member.name)}: {e}") from None
                 except OSError as e:
-                    raise NetbootError(f"{where}: entry {member.name}: cannot unpack it: {e.strerror}") from e
+                    raise NetbootError(f"{where}: entry {shown(member.name)}: cannot unpack it: {e.strerror}") from e
+    except (_Refused, LimitError) as e:  # in a header, before there is an entry to name
+        raise NetbootError(f"{where}: {e}") from None
     except (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError) as e:
         hashing.check(digest, where)  # a damaged blob is reported as such, not as what the damage made of it
         raise NetbootError(f"{where} is not a valid tar archive ({e})") from e
     hashing.check(digest, where)
 
 
+def _check(member: tarfile.TarInfo, tally: Tally) -> None:
+    """An entry within the image's limits, its data declared within them before it is read."""
+    tally.entry()
+    check_name(os.fsencode(member.name), len(components(member.name) or ()))
+    if len(os.fsencode(member.linkname)) > MAX_NAME:
+        raise LimitError(f"its link target is {len(os.fsencode(member.linkname)):,} bytes long, more than {MAX_NAME:,}")
+    if member.sparse is not None:
+        raise _Refused(_SPARSE)
+    if member.isreg():
+        tally.expect(member.size)
+
+
 class _Refused(Exception):
     """An entry the tree will not take; the caller names the archive, layer and entry."""
+
+
+_SPARSE = "a sparse file (GNU tar --sparse), which no image builder writes: not unpacked"
 
 
 class _Tree:
     """`dest`, changed only through directory descriptors opened without following symlinks."""
 
-    def __init__(self, dest: Path, keep_owners: bool) -> None:
+    def __init__(self, dest: Path, keep_owners: bool, tally: Tally) -> None:
         try:
             self.root = os.open(dest, DIRECTORY)
         except OSError as e:
             raise NetbootError(f"cannot open {dest}: {e.strerror}") from e
         self.keep_owners = keep_owners
+        self.tally = tally  # the parents a layer does not list count as entries too
         self.devices_skipped = 0
         self._layer_paths: set[str] = set()  # made by the current layer, with their parents: whiteouts spare them
         self._dir_modes: dict[str, int] = {}  # set at the end, so a read-only directory can still be filled
@@ -425,14 +529,7 @@ class _Tree:
 
     def _remove(self, fd: int, name: str) -> None:
         """Removes `name` in the directory `fd`, a whole tree if it is a directory, following no symlink."""
-        try:
-            st = os.lstat(name, dir_fd=fd)
-        except FileNotFoundError:
-            return
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=fd)
-        else:
-            os.unlink(name, dir_fd=fd)
+        remove_tree(name, dir_fd=fd)
 
     def _remove_lower(self, fd: int, name: str, path: str) -> None:
         """Removes what lower layers made at `path` (`name` in `fd`), keeping what the current layer made.
@@ -471,6 +568,7 @@ class _Tree:
             raise _Refused(str(e)) from None
 
     def _make(self, fd: int, name: str, path: str) -> int:
+        self.tally.entry()
         os.mkdir(name, 0o755, dir_fd=fd)  # a parent the layer does not list, as tar makes it
         child = os.open(name, DIRECTORY, dir_fd=fd)
         os.fchmod(child, 0o755)  # whatever the umask

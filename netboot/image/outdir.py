@@ -1,17 +1,27 @@
-"""An output directory replaced atomically: built beside the old one, swapped in only when complete."""
+"""An output directory replaced atomically: built beside the old one, swapped in only when complete.
+
+The directory it is built in stays 0700 (mkdtemp's mode) until it is published: a root filesystem unpacked
+there (an OCI image's device nodes and setuid files) is no other user's to reach, even when a killed build
+leaves it behind; only then is it opened to readers (0755), holding nothing but the artifacts.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import logging
 import os
-import shutil
+import stat
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
 from netboot.core.errors import NetbootError
+from netboot.core.remove import remove_tree
 from netboot.core.run import pid_alive
+
+log = logging.getLogger(__name__)
 
 MARKER = "manifest.json"  # what makes a directory a netboot output that may be replaced
 _RENAME_EXCHANGE = 2
@@ -53,14 +63,16 @@ class Staging:
             self.path = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-", dir=self.out.parent))
         except OSError as e:
             raise NetbootError(f"--out {self.out} is not writable: {e.strerror}") from e
-        self.path.chmod(0o755)
         return self.path
 
     def commit(self) -> None:
         assert self.path is not None
         for f in self.path.iterdir():
+            if not stat.S_ISREG(os.lstat(f).st_mode):  # a scratch tree left over would be published with it
+                raise NetbootError(f"{f} is not an artifact; not publishing {self.out}")
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        os.chmod(self.path, 0o755)
         if self.out.exists():
             if not _exchange(self.path, self.out):
                 old = self.out.with_name(f"{self._prefix}{os.getpid()}-old")
@@ -77,13 +89,26 @@ class Staging:
             os.close(fd)
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
-        # After commit() this removes the previous output; after a failure, the unfinished one.
+        # After commit() this removes the previous output; after a failure, the unfinished one (still 0700
+        # when it cannot be removed).
         if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
+            _remove(self.path)
 
     def _remove_stale(self) -> None:
-        """Remove what a killed build left behind (its pid is in the name and no longer runs)."""
+        """Remove what a killed build left behind (its pid is in the name and no longer runs): a directory of
+        ours, never another user's or a symlink. One that cannot be removed is named and left; the build goes on."""
         for p in self.out.parent.glob(f"{self._prefix}*"):
             pid = p.name[len(self._prefix) :].split("-", 1)[0]
             if pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.lstat(p)
+                    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+                        _remove(p)
+
+
+def _remove(path: Path) -> None:
+    try:
+        remove_tree(path)
+    except OSError as e:
+        log.warning("warning: cannot remove %s: %s", path, e.strerror or e)
+

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
@@ -10,10 +11,9 @@ import logging
 import os
 import shutil
 import stat
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from netboot import __version__
@@ -21,12 +21,13 @@ from netboot.core import compress
 from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
+from netboot.core.remove import remove_tree
 from netboot.core.run import require
 from netboot.image import oci, rootfs
 from netboot.image.cache import DEFAULT_MAX, Cache
 from netboot.image.closure import Closure
-from netboot.image.erofs import remove_tree
 from netboot.image.initrd import Packing, write_direct, write_erofs, write_squashfs
+from netboot.image.limits import ImageLimits
 from netboot.image.outdir import Staging
 from netboot.image.progress import Progress
 from netboot.image.stage1 import Stage1
@@ -54,6 +55,7 @@ class BuildOptions:
     kernel: Path | None = None  # the bzImage for rootfs or oci
     modules: Path | None = None  # its modules (/lib/modules/<version>)
     init: str = "/sbin/init"  # the init of rootfs or oci
+    limits: ImageLimits = field(default_factory=ImageLimits)  # what rootfs or oci may cost
 
 
 def source_date_epoch() -> int:
@@ -122,7 +124,7 @@ def _build(opts: BuildOptions) -> dict:
     staging = Staging(opts.out)
     with staging as work, _explaining_full_disks(work, opts.cache_dir):
         scratch = work / ".scratch"
-        scratch.mkdir()
+        scratch.mkdir(mode=0o700)
         if system is not None:
             cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
             described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel
@@ -133,13 +135,11 @@ def _build(opts: BuildOptions) -> dict:
             described, kernel = _pack_root(opts, root, packing, work, scratch), root.kernel
             kernel_version, name = root.kernel_version, str(opts.rootfs or opts.oci)
         # The scratch directory (an erofs image's laid out root: tens of thousands of entries) goes while the
-        # rest is written and the initrd hashed.
-        remover = threading.Thread(target=remove_tree, args=(scratch,), name="netboot-scratch")
-        remover.start()
-        try:
+        # rest is written and the initrd hashed; all of it must be gone before the output is published.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netboot-scratch") as removal:
+            removed = removal.submit(remove_tree, scratch)
             manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described)
-        finally:
-            remover.join()
+            removed.result()
         for f in work.iterdir():
             f.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
         initrd_size = manifest["artifacts"]["initrd"]["size"]
@@ -218,7 +218,7 @@ def _root_system(opts: BuildOptions, scratch: Path) -> rootfs.RootSystem:
         unpacked = scratch / "oci-root"
         unpacked.mkdir()
         keep_owners = os.geteuid() == 0
-        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners)
+        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners, limits=opts.limits)
         if not keep_owners:
             log.warning("warning: not root: every file of %s is root's in the build, and device nodes are left "
                         "out", opts.oci)
@@ -235,11 +235,11 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
     initrd = work / "initrd"
     if opts.format in IMAGE_FORMATS:
         stage1 = root.stage1(opts.format)
+        files, nbytes = rootfs.count(root.root, opts.limits)  # before mksquashfs or mkfs.erofs reads it
         rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
         _log_stage1(stage1)
-        files, nbytes = rootfs.count(root.root)
     else:
-        files, nbytes = rootfs.write_direct(initrd, root, packing)
+        files, nbytes = rootfs.write_direct(initrd, root, packing, opts.limits)
     log.info("root filesystem: %d files, %.1f MiB%s", files, nbytes / 2**20,
              f"; modules {root.modules.version} added" if root.add_modules and root.modules else "")
     return {"input": root.input, "root": {"files": files, "bytes": nbytes}}

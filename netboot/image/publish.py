@@ -11,15 +11,16 @@ front of the tree may keep its files forever.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 from netboot.core.artifacts import FILES
 from netboot.core.errors import NetbootError
+from netboot.core.remove import remove_tree
 
 _CHUNK = 1 << 20
 
@@ -63,15 +64,17 @@ def publish(out: Path, dest: Path) -> tuple[Path, bool]:
             os.rename(staging, final)
         except OSError:
             if final.is_dir():  # published by someone else meanwhile: the same bytes, by their name
-                shutil.rmtree(staging)
+                remove_tree(staging)
                 return final, False
             raise
         _sync(dest)
     except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(staging)
         raise NetbootError(f"cannot publish into {dest}: {e.strerror}") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(staging)
         raise
     return final, True
 

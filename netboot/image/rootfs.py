@@ -4,7 +4,9 @@ image unpacked by oci.py) booted with a kernel given apart.
 The root's files keep their owners, modes, device nodes and FIFOs as they are on disk (all root's with
 `all_root`, for a root unpacked without the right to set owners); hard links become separate files in the
 direct format, as everywhere in netboot's initrds. Kernel modules given with --modules are added to the booted
-root at lib/modules/<version>, and serve stage 1; without them, stage 1 takes the root's own.
+root at lib/modules/<version>, and serve stage 1; without them, stage 1 takes the root's own, looked up inside
+the root as the booted system would (a symlink out of it leads back into it, never to this machine's files).
+The root is counted against the image limits (limits.py) before it is packed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from netboot.image.cpio import NewcWriter
 from netboot.image.erofs import mkfs_erofs
 from netboot.image.files import lstat
 from netboot.image.initrd import Packing, append_stage1, compressed_output, write_image_member
-from netboot.image.modules import ModuleTree, version_dir
+from netboot.image.limits import ImageLimits, LimitError, Tally, check_name, shown
+from netboot.image.modules import Locate, ModuleTree, version_dir
 from netboot.image.squashfs import mksquashfs_root
 from netboot.image.stage1 import Stage1, find_busybox
 from netboot.image.system import bzimage_version, is_bzimage
@@ -73,7 +76,8 @@ class RootSystem:
             tree: ModuleTree | None = ModuleTree.at(chosen)
         else:
             own = resolve_in_root(root, f"/lib/modules/{version}") if version else None
-            tree = ModuleTree.at(root / own) if own and (root / own / "modules.dep").is_file() else None
+            locate = _inside(root, own) if own else None
+            tree = ModuleTree.at(root / own, locate) if own and locate and locate("modules.dep") else None
         return cls(root, kernel, version, init, tree, modules is not None, all_root, input)
 
     def stage1(self, fstype: str) -> Stage1:
@@ -121,14 +125,31 @@ def resolve_in_root(root: Path, path: str) -> str | None:
     return "/".join(resolved)
 
 
-def write_direct(path: Path, system: RootSystem, packing: Packing) -> tuple[int, int]:
+def _inside(root: Path, tree: str) -> Locate:
+    """Where a file of the module tree `tree` (relative to the root) is, found inside the root as the booted
+    system would find it; None when it is not there. Anything but a regular file is refused: a FIFO would
+    hang the build."""
+
+    def locate(relpath: str) -> Path | None:
+        named = relpath if relpath.startswith("/") else f"/{tree}/{relpath}"
+        found = resolve_in_root(root, named)
+        if found is None or not os.path.lexists(root / found):
+            return None
+        if not stat.S_ISREG(lstat(os.fsencode(root / found)).st_mode):
+            raise NetbootError(f"{shown(named)} in the root filesystem {root} is not a regular file")
+        return root / found
+
+    return locate
+
+
+def write_direct(path: Path, system: RootSystem, packing: Packing, limits: ImageLimits) -> tuple[int, int]:
     """The direct format: the console, then the whole root, then the added modules; (files, bytes)."""
     with compressed_output(path, packing) as fd:
         w = NewcWriter(fd, packing.mtime)
         lead = Tree()
         lead.char_device(b"dev/console", 0o600, 5, 1)  # the kernel opens it for init; the root's own wins
         lead.write(w)
-        files, nbytes = write_tree(w, system.root, b"", all_root=system.all_root)
+        files, nbytes = write_tree(w, system.root, b"", all_root=system.all_root, tally=Tally(limits))
         w.trailer()
     if system.add_modules:
         _append_modules(path, system, packing, b"")
@@ -171,11 +192,12 @@ def _append_modules(path: Path, system: RootSystem, packing: Packing, prefix: by
         w.trailer()
 
 
-def write_tree(w: NewcWriter, src: Path, dest: bytes, *, all_root: bool) -> tuple[int, int]:
+def write_tree(w: NewcWriter, src: Path, dest: bytes, *, all_root: bool, tally: Tally | None = None
+               ) -> tuple[int, int]:
     """Everything below `src`, named under `dest` (b"": at the top of the archive), each directory before its
-    contents, and `dest` itself when named; (files, bytes)."""
+    contents, and `dest` itself when named; (files, bytes). With a tally, within its limits."""
     files = nbytes = 0
-    for path, rel, st in _walk(os.fsencode(src)):
+    for path, rel, st in _walk(os.fsencode(src), tally):
         if not rel and not dest:
             continue  # the root directory: the initramfs itself
         name = dest + b"/" + rel if dest and rel else dest or rel
@@ -194,21 +216,30 @@ def write_tree(w: NewcWriter, src: Path, dest: bytes, *, all_root: bool) -> tupl
     return files, nbytes
 
 
-def count(root: Path) -> tuple[int, int]:
-    """The root's regular files and their bytes."""
+def count(root: Path, limits: ImageLimits) -> tuple[int, int]:
+    """The root's regular files and their bytes, within `limits`."""
     files = nbytes = 0
-    for _, _, st in _walk(os.fsencode(root)):
+    for _, _, st in _walk(os.fsencode(root), Tally(limits)):
         if stat.S_ISREG(st.st_mode):
             files += 1
             nbytes += st.st_size
     return files, nbytes
 
 
-def _walk(top: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
-    """(path, path relative to `top`, lstat) of `top` and everything below it, children sorted by name."""
+def _walk(top: bytes, tally: Tally | None = None) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    """(path, path relative to `top`, lstat) of `top` and everything below it, children sorted by name; with a
+    tally, each entry counted against its limits before it is yielded (and a directory before it is read)."""
     stack = [(top, b"", lstat(top))]
     while stack:
         path, rel, st = stack.pop()
+        if tally is not None and rel:
+            try:
+                check_name(rel, rel.count(b"/") + 1)
+                tally.entry()
+                if stat.S_ISREG(st.st_mode):
+                    tally.spend(st.st_size)
+            except LimitError as e:
+                raise LimitError(f"root filesystem {os.fsdecode(top)}: {shown(rel)}: {e}") from None
         yield path, rel, st
         if stat.S_ISDIR(st.st_mode):
             try:

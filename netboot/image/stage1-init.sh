@@ -6,10 +6,17 @@
 /bin/busybox --install -s /bin
 export PATH=/bin
 
+# A rescue shell on the console, then on with the boot. Its input is the console whatever the caller's is (the
+# module loop reads the module list on stdin); setsid and cttyhack make the console's real terminal its
+# controlling one, so Ctrl-C reaches what it runs. Never exec'd: PID 1 exiting would panic the kernel.
 fail() {
     echo "netboot stage 1: $*" >&2
-    echo "netboot stage 1: the system cannot start; here is a shell" >&2
-    exec sh
+    echo "netboot stage 1: the system cannot start; here is a shell (exit it to go on with the boot)" >&2
+    if [ -x /bin/cttyhack ] && [ -x /bin/setsid ]; then
+        setsid cttyhack sh </dev/console >/dev/console 2>&1
+    else
+        sh </dev/console >/dev/console 2>&1
+    fi
 }
 
 mount -t proc proc /proc || fail "cannot mount /proc"

@@ -16,10 +16,10 @@ The builds of the last few systems stay on disk, so a rollback to one of them is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines, Profile
+from netboot.core.remove import remove_tree
 
 log = logging.getLogger("netboot.serve")
 
@@ -156,7 +157,8 @@ class SystemBuilds:
         builds = sorted((p for p in (self.state_dir / "builds").iterdir() if p not in serving and p.is_dir()),
                         key=lambda p: p.stat().st_mtime, reverse=True)
         for old in builds[KEEP:]:
-            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(OSError):  # tried again at the next prune
+                remove_tree(old)
 
     async def close(self) -> None:
         for task in list(self._tasks.values()):

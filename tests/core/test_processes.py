@@ -55,7 +55,8 @@ def test_a_process_of_another_user_is_alive() -> None:
 
 
 def test_staging_keeps_what_a_live_build_of_another_user_is_writing() -> None:
-    """An unfinished output is removed only when its build has ended, whoever's build it was."""
+    """An unfinished output is removed only when its build has ended, whoever's build it was (and only when it is
+    the building user's own directory: never another user's)."""
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         base.chmod(0o777)  # the build below runs as nobody
@@ -65,6 +66,8 @@ def test_staging_keeps_what_a_live_build_of_another_user_is_writing() -> None:
         dead = base / f".out.netboot-{ended.pid}-def"
         for d in (live, dead):
             d.mkdir()
+            if os.getuid() == 0:
+                os.chown(d, NOBODY, NOBODY)  # the building user's, as its own leftovers would be
 
         def build() -> bool:
             with Staging(base / "out"):

@@ -167,12 +167,17 @@ def test_squashfs_initrd_layout(system: Path, closure: list[str], tmp_path: Path
 
 @pytest.mark.parametrize("fmt", ["direct", "squashfs", "erofs"])
 def test_reproducible(system: Path, tmp_path: Path, fmt: str) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    netboot_ok("build", system, "--out", a, "--format", fmt)
-    time.sleep(1.1)  # a clock-dependent byte would now differ
-    netboot_ok("build", system, "--out", b, "--format", fmt)
+    """Two cold builds, each with a cache of its own (a shared one would hand the second the first's bytes), into
+    folders of different names and depths, at different times: the same bytes."""
+    outs = [tmp_path / "a" / "out", tmp_path / "elsewhere" / "deeper" / "b"]
+    for n, out in enumerate(outs):
+        if n:
+            time.sleep(1.1)  # a clock-dependent byte would now differ
+        out.parent.mkdir(parents=True)
+        done = netboot_ok("build", system, "--out", out, "--format", fmt, "--cache-dir", out.parent / "cache")
+        assert "; 0 reused from the cache" in done.stderr, done.stderr  # cold
     for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 
 
 def test_source_date_epoch_sets_every_mtime(system: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import lzma
 import subprocess
 from pathlib import Path
@@ -75,6 +76,21 @@ def test_soft_dependencies_come_first_and_optional(tmp_path: Path) -> None:
                                         ("kernel/fs/b-c.ko", False), ("kernel/fs/a.ko.xz", False)]
     # Wanted itself, a soft dependency is loaded as required.
     assert tree.resolve(["z", "d"], "x") == [("kernel/fs/z.ko.zst", False), ("kernel/fs/d.ko", False)]
+
+
+def test_soft_dependency_the_kernel_lacks_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = fake_tree(tmp_path) / "lib/modules/6.9.0"
+    (root / "modules.softdep").write_text("softdep d pre: fast-z gone\nsoftdep b-c pre: builtin-alias\n")
+    (root / "modules.alias").write_text("alias fast-z z\n")
+    # A soft dependency built into the kernel, named by an alias only modules.builtin.modinfo knows.
+    (root / "modules.builtin.modinfo").write_bytes(b"overlay.alias=builtin-alias\0overlay.license=GPL\0")
+    tree = ModuleTree.load(tmp_path, "6.9.0")
+    with caplog.at_level(logging.WARNING, logger="netboot.image.modules"):
+        order = tree.resolve(["a"], "the erofs format")
+    assert [p for p, _ in order] == ["kernel/fs/z.ko.zst", "kernel/fs/d.ko", "kernel/fs/b-c.ko", "kernel/fs/a.ko.xz"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: module d needs gone loaded first (a soft dependency), which kernel 6.9.0 has neither as a module "
+        "nor built in: the erofs format may not boot"]
 
 
 def test_missing_module_is_named(tmp_path: Path) -> None:

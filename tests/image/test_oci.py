@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 from ocimake import (
+    Entry,
     Layer,
+    compress,
     device,
     directory,
     fifo,
@@ -32,6 +34,7 @@ from ocimake import (
 )
 
 from netboot.core.errors import NetbootError
+from netboot.image.limits import ImageLimits
 from netboot.image.oci import OciImage, unpack
 
 DIR = "dir"
@@ -394,3 +397,142 @@ def test_layer_tar_is_what_tarfile_reads(tmp_path: Path) -> None:
     with tarfile.open(path) as tar:
         assert [(m.name, m.mode) for m in tar] == [("d", 0o755), ("d/f", 0o600), ("d/.wh.g", 0o644),
                                                    ("d/.wh..wh..opq", 0o644)]
+
+
+# Limits: what an image may cost is bounded, each bound a one-line refusal before it is spent.
+
+
+def limited(tmp_path: Path, layers: list[Layer], **limits: int) -> tuple[str, Path]:
+    """The error unpacking `layers` within `limits`, and the root it was unpacked into."""
+    tmp_path.mkdir(exist_ok=True)
+    archive = oci_archive(tmp_path / "image.tar", layers)
+    dest = dest_dir(tmp_path)
+    with pytest.raises(NetbootError) as e:
+        unpack(archive, dest, keep_owners=False, limits=ImageLimits(**limits))
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 400, message
+    return message, dest
+
+
+def last_layer(tmp_path: Path) -> str:
+    return f"{tmp_path / 'image.tar'}: layer {manifest(tmp_path / 'image.tar')['layers'][-1]['digest']}"
+
+
+def test_entries_of_all_layers_counted(tmp_path: Path) -> None:
+    layers: list[Layer] = [[file(f"a{i}") for i in range(6)], [file(f"b{i}") for i in range(5)]]
+    message, dest = limited(tmp_path, layers, max_entries=10)
+    assert message == (f"{last_layer(tmp_path)}: entry b4: the image has more than 10 entries "
+                       "(--max-image-entries)")
+    assert "b4" not in listing(dest)
+    (tmp_path / "x").mkdir()
+    unpack(oci_archive(tmp_path / "fits.tar", layers), dest_dir(tmp_path / "x"), keep_owners=False,
+           limits=ImageLimits(max_entries=11))
+
+
+def test_parents_a_layer_does_not_list_count_as_entries(tmp_path: Path) -> None:
+    # The archive's own 7 members are within the limit; the layer's one entry and 9 parents are not.
+    message, _ = limited(tmp_path, [[file("a/b/c/d/e/f/g/h/i/j")]], max_entries=9)
+    assert message.endswith("entry a/b/c/d/e/f/g/h/i/j: the image has more than 9 entries (--max-image-entries)")
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_declared_size_refused_before_it_is_spent(tmp_path: Path, compression: str) -> None:
+    # 64 MiB of zeros: a few kilobytes compressed, refused at its header, not after decompressing it.
+    bomb = compress(layer_tar([file("small", b"s" * 1000), file("big", bytes(64 << 20)), file("after")]),
+                    compression)
+    assert len(bomb) < 1 << 20
+    message, dest = limited(tmp_path, [bomb], max_bytes=1 << 20)
+    assert message.endswith("entry big: the image is larger than 1 MiB (--max-image-bytes)"), message
+    assert listing(dest) == {"small": b"s" * 1000}
+
+
+def test_bytes_counted_as_they_are_read(tmp_path: Path) -> None:
+    # Files of no data, each after a PAX header of 512 KiB: the headers declare nothing, the stream is counted.
+    entries = []
+    for i in range(8):
+        entry = file(f"f{i}")
+        entry.info.pax_headers = {"comment": "x" * (512 << 10)}
+        entries.append(entry)
+    message, dest = limited(tmp_path, [entries], max_bytes=2 << 20)
+    assert message == f"{last_layer(tmp_path)}: the image is larger than 2 MiB (--max-image-bytes)"
+    assert len(listing(dest)) < 4
+
+
+def test_names_longer_than_path_max(tmp_path: Path) -> None:
+    long_name = "/".join(["n" * 250] * 17)  # each component within NAME_MAX, the whole beyond PATH_MAX
+    message, dest = limited(tmp_path, [[file("ok"), file(long_name)]])
+    assert message.startswith(f"{last_layer(tmp_path)}: entry {'n' * 120}… (4,266 characters): ")
+    assert message.endswith(": its name is 4,266 bytes long, more than 4,096")
+    assert listing(dest) == {"ok": b""}
+    link = symlink("l", "t" * 4097)
+    message, _ = limited(tmp_path / "link", [[link]])
+    assert message.endswith("entry l: its link target is 4,097 bytes long, more than 4,096")
+
+
+def test_paths_deeper_than_256(tmp_path: Path) -> None:
+    message, dest = limited(tmp_path, [[file("d/" * 256 + "f")]])
+    assert message.endswith(": it is 257 directories deep, more than 256")
+    assert listing(dest) == {}
+    (tmp_path / "x").mkdir()
+    unpack(oci_archive(tmp_path / "fits.tar", [[file("d/" * 255 + "f")]]), dest_dir(tmp_path / "x"),
+           keep_owners=False)
+
+
+def raw_layer(headers: list[bytes], *entries: Entry) -> bytes:
+    """A layer tar of raw header blocks (each with its data), then `entries`."""
+    return b"".join(headers) + layer_tar(list(entries))
+
+
+def extension(kind: bytes, data: bytes) -> bytes:
+    """A tar extension header (PAX "x" or "g", GNU long name "L") with its data, padded to blocks."""
+    info = tarfile.TarInfo("././@Extension")
+    info.type, info.size = kind, len(data)
+    return info.tobuf(tarfile.USTAR_FORMAT if kind != tarfile.GNUTYPE_LONGNAME else tarfile.GNU_FORMAT) + \
+        data + bytes(-len(data) % 512)
+
+
+def pax(records: dict[str, str]) -> bytes:
+    out = b""
+    for key, value in records.items():
+        body = f" {key}={value}\n".encode()
+        n = len(body) + 1
+        n = len(body) + len(str(n + len(str(n))))
+        out += str(n).encode() + body
+    return out
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("extension header of 2 MiB", "a tar extension header of 2,097,152 bytes (at most 1,048,576)"),
+    ("2,000 extension headers in a row", "more than 8 tar extension headers in a row"),
+    ("global headers over 4 KiB", "global PAX headers of more than 4,096 bytes"),
+    ("GNU sparse file", "a sparse file (GNU tar --sparse), which no image builder writes: not unpacked"),
+])
+def test_tar_extensions_bounded_before_they_are_read(tmp_path: Path, case: str, expected: str) -> None:
+    # tarfile would read each whole into memory, follow a run of them by recursion (RecursionError at about
+    # a thousand), and copy global records into every later member.
+    match case:
+        case "extension header of 2 MiB":
+            layer = raw_layer([extension(tarfile.XHDTYPE, pax({"comment": "x" * (2 << 20)})[: 2 << 20])], file("f"))
+        case "2,000 extension headers in a row":
+            layer = raw_layer([extension(tarfile.XHDTYPE, pax({"comment": "x"}))] * 2000, file("f"))
+        case "global headers over 4 KiB":
+            layer = raw_layer([extension(tarfile.XGLTYPE, pax({f"k{i}": "v" * 1000})) for i in range(5)], file("b"))
+        case _:
+            sparse = tarfile.TarInfo("holes")
+            sparse.type = tarfile.GNUTYPE_SPARSE
+            layer = sparse.tobuf(tarfile.GNU_FORMAT) + layer_tar([file("after")])
+    message, _ = limited(tmp_path, [layer])
+    assert message.startswith(last_layer(tmp_path)) and message.endswith(expected), message
+
+
+def test_json_documents_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "image.tar"
+    write_members(path, {"index.json": b"{" + b" " * (5 << 20) + b"}"})
+    assert error(path) == f"{path}: index.json is larger than 4 MiB"
+
+
+def test_members_of_the_archive_counted(tmp_path: Path) -> None:
+    archive = oci_archive(tmp_path / "image.tar", [[file("a")]])
+    with pytest.raises(NetbootError) as e:
+        unpack(archive, dest_dir(tmp_path), keep_owners=False, limits=ImageLimits(max_entries=3))
+    assert str(e.value) == f"{archive}: more than 3 files (--max-image-entries)"

@@ -132,6 +132,24 @@ def test_rootfs_direct_needs_no_modules(root: Path, system: Path, tmp_path: Path
     assert not (tmp_path / "p").exists()
 
 
+def test_soft_dependency_missing_from_the_modules_is_warned(root: Path, system: Path, tmp_path: Path) -> None:
+    """erofs needs libcrc32c, which needs crc32c loaded first: modules without any crc32c get one warning."""
+    modules = tmp_path / "modules" / modules_of(system).name
+    shutil.copytree(modules_of(system), modules, symlinks=True)
+    for index in ("modules.dep", "modules.alias"):
+        lines = (modules / index).read_text().splitlines(keepends=True)
+        (modules / index).write_text("".join(ln for ln in lines if "crc32c" not in ln or "libcrc32c" in ln))
+    done = netboot_ok("build", "--rootfs", root, "--kernel", system / "kernel", "--modules", modules,
+                      "--format", "erofs", "-q", "--out", tmp_path / "out")
+    assert done.stderr.splitlines() == [
+        f"netboot: warning: module libcrc32c needs crc32c loaded first (a soft dependency), which kernel "
+        f"{modules.name} has neither as a module nor built in: the erofs format may not boot"]
+    # With the system's own modules, no warning.
+    done = netboot_ok("build", "--rootfs", root, "--kernel", system / "kernel", "--modules", modules_of(system),
+                      "--format", "erofs", "-q", "--out", tmp_path / "out")
+    assert done.stderr == ""
+
+
 def broken_oci(tmp_path: Path, what: str) -> Path:
     archive = make_oci(tmp_path / "image.tar")
     if what == "escape":

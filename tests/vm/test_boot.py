@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT, assert_booted, boot, build_system, built, netboot_ok, vm_accel
+from support import ROOT, assert_booted, boot, build_system, built, need, netboot_ok, vm_accel
+
+from devtools import qemu
 
 
 def test_squashfs_boots_with_overlay_store(system: Path, closure: list[str], tmp_path: Path) -> None:
@@ -63,3 +66,21 @@ def test_boot_dir_script_reports_reached_and_failed_inits(system: Path) -> None:
     )
     assert bad.returncode == 1, bad.stderr
     assert "FAILED: init NOT reached" in bad.stderr
+
+
+def test_rescue_shell_on_the_console_when_a_module_fails(system: Path, tmp_path: Path) -> None:
+    """module_blacklist= makes the kernel refuse loop (EPERM): stage 1's rescue shell must answer on the serial
+    console, its input the console rather than the module list it was reading."""
+    need(qemu.qemu_binary())
+    vm_accel()
+    out = built(system)
+    result = qemu.watch(qemu.direct_argv(out, append="module_blacklist=loop"), timeout=240, answers=[
+        ("here is a shell", "echo RESCUE-$((6 * 7))\n"),  # the shell, not the echo of what is typed, prints 42
+        ("RESCUE-42", "poweroff -f\n"),
+    ])
+    console = result.console
+    assert not result.timed_out, console[-3000:]
+    assert re.search(r"netboot stage 1: cannot load module /lib/modules/\S+/loop\.ko", console), console[-3000:]
+    # At the start of a line, what the shell printed (what is typed next may be echoed right after it).
+    assert re.search(r"^RESCUE-42", console, re.MULTILINE), console[-3000:]
+    assert "Kernel panic" not in console and "not syncing" not in console
