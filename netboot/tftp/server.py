@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from netboot.logtext import clip
 from netboot.tftp import mtu, packets
 from netboot.tftp.content import ContentError, FileContent, Peer, Resolver
 from netboot.tftp.packets import RRQ, WRQ, ErrorCode, PacketError
@@ -316,7 +317,7 @@ class TftpServer:
             self._refuse(family, local, ifindex, peer, e.tftp_code, str(e), request.filename)
             return
         except Exception:
-            log.exception("%s %r: resolving the name failed", format_peer(peer), request.filename)
+            log.exception("%s %r: resolving the name failed", format_peer(peer), clip(request.filename))
             self._refuse(family, local, ifindex, peer, ErrorCode.NOT_DEFINED, "internal error",
                          request.filename)
             return
@@ -324,7 +325,7 @@ class TftpServer:
             sock = self._transfer_socket(family, local, ifindex, peer)
         except OSError as e:
             content.close()
-            log.warning("%s %r: cannot open a transfer socket: %s", format_peer(peer), request.filename, e)
+            log.warning("%s %r: cannot open a transfer socket: %s", format_peer(peer), clip(request.filename), e)
             return
         limit = None
         if self.config.use_mtu and ifindex:
@@ -362,10 +363,13 @@ class TftpServer:
 
     def _refuse(self, family: int, local: str, ifindex: int, peer: Peer, code: int, message: str,
                 filename: str | None = None) -> None:
-        """An ERROR for a request, sent like a transfer's first packet: from a fresh port (RFC 1350 §4)."""
+        """An ERROR for a request, sent like a transfer's first packet: from a fresh port (RFC 1350 §4), and
+        one log line, with what the client sent cut short (`filename`: None when the request was unreadable)."""
         self.refused += 1
-        if filename is not None:
-            log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), filename, message, code)
+        if filename is None:
+            log.info("%s: refused, %s (ERROR %d)", format_peer(peer), clip(message), code)
+        else:
+            log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), clip(filename), clip(message), code)
             if self.on_refused is not None:
                 self.on_refused(peer, filename, code, message)
         try:
