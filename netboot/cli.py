@@ -192,9 +192,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     limits = HttpLimits()
     g = p.add_argument_group("HTTP")
     g.add_argument("--http-max-connections", type=int, default=limits.max_connections, metavar="N",
-                   help=f"open connections at most; more are closed at once (default {limits.max_connections})")
+                   help="open connections at most; at the cap, idle connections of the addresses holding the most "
+                        f"are closed, oldest first, to make room (default {limits.max_connections})")
     g.add_argument("--http-max-per-address", type=int, default=limits.max_per_address, metavar="N",
-                   help=f"open connections from one client address at most (default {limits.max_per_address})")
+                   help="open connections from one client address (IPv6: one /64) at most; at the cap, its oldest "
+                        f"idle one is closed to make room (default {limits.max_per_address})")
     g.add_argument("--http-idle-timeout", type=float, default=limits.idle_timeout, metavar="SECONDS",
                    help="close a connection that has not completed a request's headers for this long, from its "
                         f"start or its last response (default {limits.idle_timeout:g})")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from netboot.clients import client_of
 from netboot.logtext import clip
 from netboot.tftp import mtu, packets
 from netboot.tftp.content import ContentError, FileContent, Peer, Resolver
@@ -66,15 +67,7 @@ class TftpConfig:
 
 
 def _source(peer: Peer) -> str:
-    """The client's address, with IPv4-mapped IPv6 shown as IPv4 so that a host counts once."""
-    host = peer[0].split("%", 1)[0]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
+    return client_of(peer[0])
 
 
 class _Waiting:
