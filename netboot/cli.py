@@ -210,6 +210,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        help="the token from a file (its first line), kept out of the process list")
     g.add_argument("--status-public", action="store_true",
                    help="allow a non-loopback --status address without a token")
+    g.add_argument("--status-name", action="append", default=[], metavar="NAME",
+                   help="a host name the status listener answers to, besides its own address (and localhost on "
+                        "loopback); without a token, requests for any other name are refused (DNS rebinding)")
     tftp_command.add_arguments(p)
     dhcp_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
@@ -230,7 +233,7 @@ def _status(args: argparse.Namespace) -> StatusConfig | None:
         token = lines[0].strip() if lines else ""
         if not token:
             raise NetbootError(f"--status-token-file {args.status_token_file}: the file holds no token")
-    return StatusConfig(where.host, where.port, token, args.status_public)
+    return StatusConfig(where.host, where.port, token, args.status_public, tuple(args.status_name))
 
 
 def _http_limits(args: argparse.Namespace) -> HttpLimits:
@@ -241,12 +244,10 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
         raise NetbootError(str(e)) from None
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
+def serve_options(args: argparse.Namespace):  # -> server.ServeOptions (imported late: the CLI loads fast)
     from netboot.serve import server
 
-    opts = server.ServeOptions(
+    return server.ServeOptions(
         out=args.out,
         machines=args.machines,
         http=server.Endpoint.parse(args.http, "--http"),
@@ -258,7 +259,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         grace=args.grace,
         state_dir=args.state_dir,
     )
-    asyncio.run(server.serve(opts))
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from netboot.serve import server
+
+    asyncio.run(server.serve(serve_options(args)))
     return 0
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from initrd_reader import decompress, items
-from support import ServerProcess, netboot
+from support import ServerProcess, fake_out, netboot
 
 from netboot.build import compress
 from netboot.errors import NetbootError
@@ -24,16 +23,6 @@ from netboot.serve.overlay import OverlayDir, OverlayError, pack
 
 NODE1, NODE2, NODE3 = "52:54:00:00:0a:01", "52:54:00:00:0a:02", "52:54:00:00:0a:03"
 STRANGER = "52:54:00:00:0a:99"
-
-
-def fake_out(d: Path, fmt: str = "squashfs", compression: str = "zstd", level: int | None = 10) -> Path:
-    """An output directory as netboot build leaves it, with stand-ins for the kernel and initrd."""
-    d.mkdir(parents=True)
-    for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe"):
-        (d / name).write_bytes(name.encode())
-    (d / "manifest.json").write_text(json.dumps({"cmdline": "init=/x", "system": f"/nix/store/{fmt}", "format": fmt,
-                                                 "compression": compression, "level": level}))
-    return d
 
 
 def make_overlay(d: Path) -> Path:

@@ -4,8 +4,6 @@ lock booting machines out; at a cap, the idle connections of the heaviest addres
 from __future__ import annotations
 
 import http.client
-import json
-import os
 import resource
 import socket
 import time
@@ -13,19 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import ServerProcess
+from support import ServerProcess, fake_out
 
 from netboot.clients import client_of
-
-
-def fake_out(d: Path, initrd_size: int = 0) -> Path:
-    """An output directory as netboot build leaves it, with stand-ins for the kernel and initrd."""
-    d.mkdir(parents=True)
-    for name in ("bzImage", "cmdline", "netboot.ipxe"):
-        (d / name).write_bytes(name.encode())
-    (d / "initrd").write_bytes(os.urandom(initrd_size) if initrd_size else b"initrd")
-    (d / "manifest.json").write_text(json.dumps({"cmdline": "init=/x", "system": "/nix/store/x", "format": "direct"}))
-    return d
 
 
 @pytest.fixture
@@ -62,7 +50,7 @@ def closed_by_server(s: socket.socket) -> bool:
 
 
 def test_idle_connections_of_four_addresses_never_lock_a_fifth_out(tmp_path: Path, many_files: None) -> None:
-    out = fake_out(tmp_path / "out", initrd_size=48 << 20)
+    out = fake_out(tmp_path / "out", "direct", initrd_size=48 << 20)
     server = ServerProcess("--dir", out, "--http", "127.0.0.1:0", "--no-tftp", "--status", "none",
                            "--http-max-connections", "64", "--http-max-per-address", "16",
                            "--http-idle-timeout", "120")
@@ -105,7 +93,7 @@ def test_idle_connections_of_four_addresses_never_lock_a_fifth_out(tmp_path: Pat
 
 
 def test_one_address_at_its_cap_gets_room_from_its_own_oldest_idle_connection(tmp_path: Path) -> None:
-    out = fake_out(tmp_path / "out")
+    out = fake_out(tmp_path / "out", "direct")
     server = ServerProcess("--dir", out, "--http", "127.0.0.1:0", "--no-tftp", "--status", "none",
                            "--http-max-per-address", "4", "--http-idle-timeout", "120")
     try:

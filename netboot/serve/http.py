@@ -26,6 +26,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_protocol import RequestHandler
 
 from netboot.clients import client_of
+from netboot.logtext import clip
 from netboot.serve.http_limits import HttpLimits
 from netboot.serve.namespace import BadRequest, Item, Namespace, NotFound
 from netboot.status.record import BootRecord
@@ -133,7 +134,7 @@ def describe(peer: str, proto: str, item: Item | None, name: str, status: object
     mac = item.mac if item and item.mac else "-"
     profile = item.profile if item and item.profile else "-"
     return (
-        f"{peer} mac={mac} profile={profile} {proto} {name} {status} "
+        f"{peer} mac={mac} profile={profile} {proto} {clip(name)} {status} "
         f"{nbytes / 1e6:.1f} MB {time.monotonic() - started:.2f}s"
     )
 

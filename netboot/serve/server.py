@@ -16,6 +16,7 @@ from aiohttp import web
 
 from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.errors import NetbootError
+from netboot.logtext import clip
 from netboot.serve.addresses import reachable_hosts
 from netboot.serve.autobuild import SystemBuilds
 from netboot.serve.http import LimitedRunner, make_app
@@ -176,7 +177,7 @@ class Server:
         options = " ".join(f"{k}={v}" for k, v in stats.options) or "no options"
         detail = f" ({stats.detail})" if stats.detail else ""
         log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
-                 profile or "-", stats.filename.lstrip("/"), stats.outcome, detail, stats.bytes_sent / 1e6,
+                 profile or "-", clip(stats.filename.lstrip("/")), stats.outcome, detail, stats.bytes_sent / 1e6,
                  stats.duration, options, stats.retransmissions)
         if self.record is not None:
             self.record.record(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
