@@ -201,7 +201,7 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
         name = request.match_info["path"]
         peer = request.remote or "?"
         try:
-            item = namespace.lookup(name)
+            item = await namespace.resolve(name)
         except BadRequest as e:
             return refused(peer, name, 400, e, started)
         except NotFound as e:

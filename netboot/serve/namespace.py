@@ -20,14 +20,18 @@ match it, for a grace period, while new requests get the new build.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
 import stat
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from netboot.build.pack import IMAGE_FORMATS
 from netboot.build.publish import manifest_digest
@@ -36,7 +40,7 @@ from netboot.logtext import clip
 from netboot.serve import mac as macs
 from netboot.serve.machines import DEFAULT, Machines, Profile
 from netboot.serve.overlay import Rendered
-from netboot.serve.overlay_cache import Broken, Build, Overlays
+from netboot.serve.overlay_cache import Broken, Build, Overlays, Prepared
 from netboot.serve.templates import render
 
 log = logging.getLogger("netboot.serve")
@@ -55,6 +59,19 @@ class NotFound(NetbootError):
 
 class BadRequest(NetbootError):
     pass
+
+
+class Pending(Exception):
+    """A name's content needs work first (an overlay to render or to pack), under way in the overlays'
+    executor: `job` is it, and `finish(result)` stores what it made (None: it failed)."""
+
+    def __init__(self, job: Future[Any], finish: Callable[[Any], None]) -> None:
+        super().__init__("not ready yet")
+        self.job = job
+        self.finish = finish
+
+
+_STEPS = 3  # works a name may wait for: render, then pack
 
 
 @dataclass
@@ -244,9 +261,11 @@ class Namespace:
         self.profiles = opened
         self.machines = machines
 
-    def reload(self, machines: Machines) -> None:
+    def reload(self, machines: Machines, overlays: Prepared | None = None) -> None:
+        """Serve `machines`; `overlays`: its overlays, prepared off the event loop (Overlays.prepare), else
+        prepared now (outside an event loop)."""
         self._adopt(machines)
-        self.overlays.apply(machines, strict=False)
+        self.overlays.adopt(overlays or self.overlays.prepare(machines, strict=False))
 
     def refresh(self) -> None:
         for files in self.profiles.values():
@@ -282,6 +301,7 @@ class Namespace:
         for held in self.binaries.values():
             os.close(held.fd)
         self.binaries.clear()
+        self.overlays.close()
 
     def parse(self, name: str) -> Name | None:
         """What `name` names, by the grammar of the module's docstring; None for a name the server does not
@@ -305,6 +325,42 @@ class Namespace:
         return None
 
     def lookup(self, name: str) -> Item:
+        """What `name` resolves to. On the event loop, a name whose overlay must first be rendered or packed
+        raises Pending (use `resolve` there); elsewhere (a thread, a script) this waits for that work."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            for _ in range(_STEPS):
+                try:
+                    return self._lookup(name)
+                except Pending as pending:
+                    if (error := pending.job.exception()) is not None:
+                        raise self._unpacked(name, pending, error) from None
+                    pending.finish(pending.job.result())
+        return self._lookup(name)
+
+    async def resolve(self, name: str) -> Item:
+        """`lookup` for the event loop: what must be rendered or packed first is awaited, in the overlays'
+        executor (a script needs its machine's overlay rendered; the overlay, packed)."""
+        for _ in range(_STEPS):
+            try:
+                return self._lookup(name)
+            except Pending as pending:
+                try:
+                    result = await asyncio.wrap_future(pending.job)
+                except Exception as e:
+                    raise self._unpacked(name, pending, e) from None
+                pending.finish(result)
+        return self._lookup(name)
+
+    @staticmethod
+    def _unpacked(name: str, pending: Pending, e: BaseException) -> NotFound:
+        """Packing failed (the compressor's error): this request fails, and the next one tries again."""
+        pending.finish(None)
+        log.error("overlay for %s: %s", clip(name), e)
+        return NotFound(f"{clip(name)}: the overlay cannot be packed")
+
+    def _lookup(self, name: str) -> Item:
         parsed = self.parse(name)
         if parsed is None:
             raise NotFound(f"no such file: {clip(name)}")
@@ -386,7 +442,10 @@ class Namespace:
         return Item(name, script.encode(), mac=mac, profile=profile.name)
 
     def _rendered(self, mac: str, profile: Profile) -> Rendered | Broken:
-        return self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
+        found = self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
+        if isinstance(found, tuple):
+            raise Pending(*found)
+        return found
 
     def _overlay(self, mac: str, profile: Profile, gen: Generation) -> bytes:
         if profile.overlay is None:
@@ -394,7 +453,10 @@ class Namespace:
         rendered = self._rendered(mac, profile)
         if isinstance(rendered, Broken):
             raise NotFound(f"{mac} has no overlay: {rendered.error}")
-        return self.overlays.packed(rendered, gen.packing)
+        found = self.overlays.packed(rendered, gen.packing)
+        if isinstance(found, tuple):
+            raise Pending(*found)
+        return found
 
 
 def _echoable(text: str) -> str:

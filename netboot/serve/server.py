@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from netboot.serve.autobuild import SystemBuilds
 from netboot.serve.http import LimitedRunner, make_app
 from netboot.serve.http_limits import HttpLimits
 from netboot.serve.machines import Machines
-from netboot.serve.namespace import BadRequest, Namespace, NotFound
+from netboot.serve.namespace import BadRequest, Item, Namespace, NotFound, Pending
 from netboot.serve.overlay import tree_stat
 from netboot.status import BootRecord, Live, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
@@ -217,7 +218,9 @@ class Server:
             await asyncio.to_thread(self.builds.prepare, machines)  # a new profile's system: built first
             if self._dhcp is not None:
                 self._dhcp.check(machines)
-            self.namespace.reload(machines)
+            # The overlays are read and rendered in a thread (the rendering itself in the overlays' workers).
+            overlays = await asyncio.to_thread(self.namespace.overlays.prepare, machines, strict=False)
+            self.namespace.reload(machines, overlays)
         except NetbootError as e:
             if self.record is not None:
                 self.record.reload_failures += 1
@@ -279,19 +282,32 @@ def _specific_ipv4(host: str | None) -> bool:
 
 
 def tftp_resolver(namespace: Namespace) -> Resolver:
-    """The namespace as TFTP content: the same names, the same answers as over HTTP."""
+    """The namespace as TFTP content: the same names, the same answers as over HTTP. A name whose overlay must
+    be rendered or packed first resolves to a coroutine, which the TFTP server awaits."""
 
-    def resolve(name: str, peer: Peer) -> Content:
-        try:
-            item = namespace.lookup(name)
-        except BadRequest as e:
-            raise ContentError(str(e)) from None  # ERROR 0: see the message
-        except NotFound as e:
-            raise TftpNotFound(str(e)) from None
+    def content(item: Item) -> Content:
         if item.data is not None:
             return BytesContent(item.data)
         assert item.file is not None
         return FileContent(item.file.reopen(), item.file.size)
+
+    async def later(name: str) -> Content:
+        try:
+            return content(await namespace.resolve(name))
+        except BadRequest as e:
+            raise ContentError(str(e)) from None
+        except NotFound as e:
+            raise TftpNotFound(str(e)) from None
+
+    def resolve(name: str, peer: Peer) -> Content | Awaitable[Content]:
+        try:
+            return content(namespace.lookup(name))
+        except Pending:
+            return later(name)
+        except BadRequest as e:
+            raise ContentError(str(e)) from None  # ERROR 0: see the message
+        except NotFound as e:
+            raise TftpNotFound(str(e)) from None
 
     return resolve
 
