@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,3 +39,11 @@ def outs(system: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     netboot_ok("build", system, "--out", base / "erofs", "--format", "erofs")
     return {"squashfs": base / "squashfs", "direct": base / "direct", "erofs": base / "erofs"}
 
+
+@pytest.fixture
+def many_files() -> Iterator[None]:
+    """Room for thousands of connections in the test process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

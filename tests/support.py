@@ -177,3 +177,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """Whether the server closed this non-blocking connection."""
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True

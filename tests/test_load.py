@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import resource
 import socket
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from lan_support import lan_fixture  # noqa: F401  (lan_fixture: the `lan` fixture)
-from support import ROOT, ServerProcess, need
+from support import ROOT, ServerProcess, closed_by_server, need
 
 from netboot.lan import Lan
 
@@ -44,14 +42,6 @@ def test_http_storm_every_machine_boots(outs: dict[str, Path]) -> None:
     assert got == want
 
 
-@pytest.fixture
-def many_files() -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-
 def slow_client(address: str, port: int) -> socket.socket:
     """A slowloris connection: a request whose headers never end."""
     s = socket.socket()
@@ -60,15 +50,6 @@ def slow_client(address: str, port: int) -> socket.socket:
     s.sendall(b"GET /boot.ipxe HTTP/1.1\r\nHost: x\r\n")
     s.setblocking(False)
     return s
-
-
-def closed_by_server(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
 
 
 def test_slow_clients_do_not_stop_a_boot(outs: dict[str, Path], many_files: None) -> None:

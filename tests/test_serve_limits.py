@@ -4,24 +4,13 @@ lock booting machines out; at a cap, the idle connections of the heaviest addres
 from __future__ import annotations
 
 import http.client
-import resource
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-from support import ServerProcess, fake_out
+from support import ServerProcess, closed_by_server, fake_out
 
 from netboot.clients import client_of
-
-
-@pytest.fixture
-def many_files() -> Iterator[None]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4096)), hard))
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def idle_keepalive(address: str, port: int) -> socket.socket:
@@ -38,15 +27,6 @@ def idle_keepalive(address: str, port: int) -> socket.socket:
         body += s.recv(4096)
     s.setblocking(False)
     return s
-
-
-def closed_by_server(s: socket.socket) -> bool:
-    try:
-        return s.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
 
 
 def test_idle_connections_of_four_addresses_never_lock_a_fifth_out(tmp_path: Path, many_files: None) -> None:

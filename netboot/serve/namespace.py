@@ -71,7 +71,7 @@ class Pending(Exception):
         self.finish = finish
 
 
-_STEPS = 3  # works a name may wait for: render, then pack
+_STEPS = 3  # jobs one name may wait for: its overlay rendered, then packed
 
 
 @dataclass

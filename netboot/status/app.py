@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import json
 import re
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ class Query:
         """This query as URL parameters (for the page's links), with `changes`."""
         values = {"state": self.state or "", "profile": self.profile or "", "mac": self.mac,
                   "limit": "" if self.limit == DEFAULT_LIMIT else str(self.limit), **changes}
-        return "&".join(f"{k}={v}" for k, v in values.items() if v)
+        return urllib.parse.urlencode({k: v for k, v in values.items() if v})
 
 
 def _mac_prefix(text: str, what: str) -> str:

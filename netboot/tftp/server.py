@@ -382,11 +382,12 @@ class TftpServer:
         if self._turns:
             self._admit()
 
-    def _release(self, resolving: _Resolving) -> None:
-        key = resolving.peer[:2]
-        if self._transfers.get(key) is resolving:
+    def _release(self, transfer: _LocalTransfer | RemoteTransfer | _Resolving) -> None:
+        """A transfer (or a request waiting for its content) ended: its place under the limits is free."""
+        key = transfer.peer[:2]
+        if self._transfers.get(key) is transfer:
             del self._transfers[key]
-        source = _source(resolving.peer)
+        source = _source(transfer.peer)
         self._per_source[source] -= 1
         if self._per_source[source] <= 0:
             del self._per_source[source]
@@ -542,15 +543,7 @@ class TftpServer:
         self._overload = _OverloadCounts()
 
     def _finished(self, transfer: _LocalTransfer | RemoteTransfer, stats: TransferStats) -> None:
-        key = transfer.peer[:2]
-        if self._transfers.get(key) is transfer:
-            del self._transfers[key]
-        source = _source(transfer.peer)
-        self._per_source[source] -= 1
-        if self._per_source[source] <= 0:
-            del self._per_source[source]
-        if not self._transfers:
-            self._idle.set()
+        self._release(transfer)
         if self.on_transfer is not None:
             self.on_transfer(stats)  # which logs the transfer its own way (netboot serve adds MAC and profile)
         else:
