@@ -173,16 +173,14 @@ class Overlays:
                 errors.append(f"profile {name}: {e}; its machines keep their previous overlays")
                 if name in self.sources and self.sources[name].path == profile.overlay:
                     sources[name] = self.sources[name]
-        jobs: dict[str, Future[Rendered | Broken] | Broken] = {}
+        jobs: dict[str, Future[Rendered | Broken] | None] = {}  # None: its profile's overlay cannot be read
         for mac, machine in machines.machines.items():
             profile = machines.profiles[machine.profile]
             if profile.overlay is None:
                 continue
             source = sources.get(profile.name)
-            if source is None:
-                jobs[mac] = Broken(f"profile {profile.name}'s overlay cannot be read")
-            else:
-                jobs[mac] = self.renderer.render(source, template_vars(mac, profile, machine), mac)
+            jobs[mac] = None if source is None else self.renderer.render(source, template_vars(mac, profile, machine),
+                                                                          mac)
         default = machines.profiles.get(DEFAULT)
         sample = None
         if default is not None and default.name in sources:  # the machines not in the file: one stands for them all
@@ -190,14 +188,15 @@ class Overlays:
                                           "(any not listed)")
         rendered: dict[str, Rendered | Broken] = {}
         for mac, job in jobs.items():
-            result = job if isinstance(job, Broken) else job.result()
+            profile = machines.profiles[machines.machines[mac].profile]
+            result = Broken(f"profile {profile.name}'s overlay cannot be read") if job is None else job.result()
             if isinstance(result, Rendered):
                 rendered[mac] = result
                 continue
             if strict:
                 raise OverlayError(result.error)
             previous = self.rendered.get(mac)
-            if not result.error.startswith("profile "):
+            if job is not None:  # (an unreadable overlay was reported once, for its profile)
                 errors.append(f"{result.error}; " + ("it keeps its previous overlay" if isinstance(previous, Rendered)
                                                     else "it cannot boot until this is fixed"))
             rendered[mac] = previous if isinstance(previous, Rendered) else result
