@@ -371,7 +371,10 @@ class BootRecord:
             last = held[-1][0]  # its last event's seq
             if last <= joined:
                 del per_mac[mac]
-                self.bytes -= sum(_EVENT_BYTES + len(e[4]) for e in held)
+                if len(held) == 1:  # (most often, in a flood of made-up MACs: no generator for it)
+                    self.bytes -= _EVENT_BYTES + len(held[0][4])
+                else:
+                    self.bytes -= len(held) * _EVENT_BYTES + sum(len(e[4]) for e in held)
                 return
             unconfigured[mac] = seq
 
