@@ -21,7 +21,7 @@ from netboot.tftp.packets import Data, Error
 def workers_of(served: ServerThread) -> list[int]:
     pool = served.server._pool  # type: ignore[union-attr]
     assert pool is not None
-    return [w.process.pid for w in pool.workers]
+    return served.call(lambda: [w.process.pid for w in pool.workers])  # type: ignore[return-value]
 
 
 def test_a_64k_file_name_gets_one_error_and_one_short_line_and_kills_no_worker(
@@ -81,7 +81,10 @@ def test_a_worker_killed_mid_transfer_is_replaced_and_its_transfer_fails_at_once
         packet, tid = peer.receive()
         assert isinstance(packet, Data)
         pool = served.server._pool  # type: ignore[union-attr]
-        running = next(w for w in pool.workers if w.transfers)
+        # Read on the server's own loop, which is the one that changes the pool.
+        running = served.call(lambda: [w for w in pool.workers if w.transfers])
+        assert running, "the transfer is not running in a worker"
+        running = running[0]
         os.kill(running.process.pid, signal.SIGKILL)
         running.process.wait(10)
         # Failed cleanly: the client is told now, from its transfer's port, rather than left to time out.
@@ -102,6 +105,6 @@ def test_a_worker_killed_mid_transfer_is_replaced_and_its_transfer_fails_at_once
         two.request(served.port, "3m.bin")
         for peer in (one, two):
             assert isinstance(peer.receive()[0], Data)
-        assert sorted(len(w.transfers) for w in pool.workers) == [1, 1]
+        assert served.call(lambda: sorted(len(w.transfers) for w in pool.workers)) == [1, 1]
     with Peer() as again:
         assert again.download(served.port, "small.bin") == (tftp_root / "small.bin").read_bytes()
