@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> str:
         f"squashfs build (zstd -10), requested for {MACHINES:,} machines not in the machines file, so that each "
         "first request renders as well as packs; then the same again, from the cache. Against it, the plain "
         "tools packing one machine's already rendered files: `cpio -o -H newc --reproducible | zstd -10`. "
-        "Medians of the runs.", "",
+        "Rendering runs in the overlays' worker processes (a round trip each) and packing in a thread, as "
+        "when serving. Medians of the runs.", "",
         "| per machine (its script and overlay requests) | netboot | cpio \\| zstd (packing only) | ratio |",
         "|---|---:|---:|---:|",
         f"| cold: render and pack | {c:,.0f} µs | {t:,.0f} µs | {c / t:.2f}x |",

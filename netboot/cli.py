@@ -209,9 +209,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     limits = HttpLimits()
     g = p.add_argument_group("HTTP")
     g.add_argument("--http-max-connections", type=int, default=limits.max_connections, metavar="N",
-                   help=f"open connections at most; more are closed at once (default {limits.max_connections})")
+                   help="open connections at most; at the cap, idle connections of the addresses holding the most "
+                        f"are closed, oldest first, to make room (default {limits.max_connections})")
     g.add_argument("--http-max-per-address", type=int, default=limits.max_per_address, metavar="N",
-                   help=f"open connections from one client address at most (default {limits.max_per_address})")
+                   help="open connections from one client address (IPv6: one /64) at most; at the cap, its oldest "
+                        f"idle one is closed to make room (default {limits.max_per_address})")
     g.add_argument("--http-idle-timeout", type=float, default=limits.idle_timeout, metavar="SECONDS",
                    help="close a connection that has not completed a request's headers for this long, from its "
                         f"start or its last response (default {limits.idle_timeout:g})")
@@ -225,6 +227,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                        help="the token from a file (its first line), kept out of the process list")
     g.add_argument("--status-public", action="store_true",
                    help="allow a non-loopback --status address without a token")
+    g.add_argument("--status-name", action="append", default=[], metavar="NAME",
+                   help="a host name the status listener answers to, besides its own address (and localhost on "
+                        "loopback); without a token, requests for any other name are refused (DNS rebinding)")
     tftp_command.add_arguments(p)
     dhcp_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
@@ -245,7 +250,7 @@ def _status(args: argparse.Namespace) -> StatusConfig | None:
         token = lines[0].strip() if lines else ""
         if not token:
             raise NetbootError(f"--status-token-file {args.status_token_file}: the file holds no token")
-    return StatusConfig(where.host, where.port, token, args.status_public)
+    return StatusConfig(where.host, where.port, token, args.status_public, tuple(args.status_name))
 
 
 def _http_limits(args: argparse.Namespace) -> HttpLimits:
@@ -256,12 +261,10 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
         raise NetbootError(str(e)) from None
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    import asyncio
-
+def serve_options(args: argparse.Namespace):  # -> server.ServeOptions (imported late: the CLI loads fast)
     from netboot.server import server
 
-    opts = server.ServeOptions(
+    return server.ServeOptions(
         out=args.out,
         machines=args.machines,
         http=server.Endpoint.parse(args.http, "--http"),
@@ -273,7 +276,14 @@ def _run_serve(args: argparse.Namespace) -> int:
         grace=args.grace,
         state_dir=args.state_dir,
     )
-    asyncio.run(server.serve(opts))
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from netboot.server import server
+
+    asyncio.run(server.serve(serve_options(args)))
     return 0
 
 

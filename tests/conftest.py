@@ -9,6 +9,8 @@ Nix: every test of the `system`, `closure` or `outs` fixtures). `make test-quick
 from __future__ import annotations
 
 import os
+import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,12 @@ def outs(system: Path) -> dict[str, Path]:
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
     first = worker % len(formats)  # workers start on different builds, not all waiting for the same one
     return {fmt: built(system, "--format", fmt) for fmt in formats[first:] + formats[:first]}
+
+
+@pytest.fixture
+def many_files() -> Iterator[None]:
+    """Room for thousands of connections in the test process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

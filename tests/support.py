@@ -184,6 +184,22 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def fake_out(d: Path, fmt: str = "squashfs", compression: str = "zstd", level: int | None = 10,
+             initrd_size: int = 0) -> Path:
+    """An output directory as netboot build leaves it, with stand-ins for the kernel and initrd (`initrd_size`
+    random bytes, if given)."""
+    import json
+
+    d.mkdir(parents=True)
+    for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe"):
+        (d / name).write_bytes(name.encode())
+    if initrd_size:
+        (d / "initrd").write_bytes(os.urandom(initrd_size))
+    (d / "manifest.json").write_text(json.dumps({"cmdline": "init=/x", "system": f"/nix/store/{fmt}", "format": fmt,
+                                                 "compression": compression, "level": level}))
+    return d
+
+
 def write_machines(path: Path, profiles: dict[str, Path], machines: dict[str, str]) -> Path:
     """A machines file: profiles by name and directory, machines by MAC and profile."""
     lines = [f'[profiles.{name}]\ndir = "{out}"\n' for name, out in profiles.items()]
@@ -198,16 +214,22 @@ class ServerProcess:
     `prefix` goes before the command line, e.g. `ip netns exec NS` to run it in a namespace (exec: same PID).
     """
 
-    def __init__(self, *args: str | os.PathLike[str], prefix: Sequence[str] = ()) -> None:
+    def __init__(self, *args: str | os.PathLike[str], prefix: Sequence[str] = (),
+                 command: Sequence[str] | None = None) -> None:
+        """`command`: another command line that serves as `netboot serve` does (and logs the same)."""
         import re
         import time
 
-        if "--status" not in map(str, args):
+        if command is not None:
+            args = tuple(command)
+        elif "--status" not in map(str, args):
             args = (*args, "--status", "127.0.0.1:0")  # not the default port: tests run servers side by side
-        if not {"--tftp-workers", "--no-tftp"} & set(map(str, args)):
+        if command is None and not {"--tftp-workers", "--no-tftp"} & set(map(str, args)):
             args = (*args, "--tftp-workers", "0")  # transfers in the server's own loop, unless workers are tested
+        argv = [*prefix, *map(str, args)] if command else [*prefix, sys.executable, "-m", "netboot", "serve",
+                                                            *map(str, args)]
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "netboot", "serve", *map(str, args)], cwd=ROOT,
+            argv, cwd=ROOT,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         self.lines: list[str] = []
@@ -261,3 +283,13 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """Whether the server closed this non-blocking connection."""
+    try:
+        return s.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True

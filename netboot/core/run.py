@@ -25,14 +25,15 @@ def dies_with_us() -> Callable[[], None]:
     that a `kill -9` of netboot leaves no mksquashfs, compressor or worker running on. (The subprocess
     module has no such option; prctl is called through ctypes.)"""
     parent = os.getpid()
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: die_with_parent(parent)
 
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
 
-    return preexec
+def die_with_parent(parent: int) -> None:
+    """In a child process: have the kernel kill it (SIGKILL) when the thread that started it ends; `parent`:
+    the process that started it (if it is already gone, the child exits now)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def pid_alive(pid: int) -> bool:

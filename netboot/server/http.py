@@ -7,13 +7,13 @@ transfer in progress keeps reading the build it started with.
 Limits (`HttpLimits`) keep slow and idle clients from crowding out booting machines: a connection must
 complete each request's headers within the idle timeout (aiohttp's keep-alive timer, which runs from the
 connection's start and from each response's end until the next request is complete), and connections are
-capped in all and per client address, those over a cap being closed at once.
+capped in all and per client address (IPv6: per /64). At a cap, idle connections of the heaviest addresses make
+room for the new one, so that a few addresses holding connections open never lock booting machines out.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import os
@@ -25,57 +25,95 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.web_protocol import RequestHandler
 
+from netboot.core.clients import client_of
+from netboot.core.logtext import clip
 from netboot.server.http_limits import HttpLimits
 from netboot.server.namespace import BadRequest, Item, Namespace, NotFound
 from netboot.status.record import BootRecord
 
 log = logging.getLogger("netboot.serve")
 
-_REFUSED_LOG_INTERVAL = 10.0
+_LIMIT_LOG_INTERVAL = 10.0
 _TEXT = {"cmdline", "netboot.ipxe"}
 _JSON = {"manifest.json"}
 
 
 class _LimitedServer(web.Server):
-    """aiohttp's connection manager, closing at once the connections over `limits`."""
+    """aiohttp's connection manager, holding connections to `limits`: at a cap, the idle connections of the
+    heaviest client addresses are closed, oldest first, to make room; a new connection is refused only when
+    every connection it competes with is busy with a request."""
 
     def __init__(self, limits: HttpLimits, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.limits = limits
-        self._address: dict[RequestHandler, str] = {}
-        self._per_address: collections.Counter[str] = collections.Counter()
+        self._client: dict[RequestHandler, str] = {}
+        # Each client's connections, oldest first (dicts keep insertion order).
+        self._by_client: dict[str, dict[RequestHandler, None]] = {}
+        self._closed = 0
         self._refused = 0
-        self._refused_logged = 0.0
+        self._logged = 0.0
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
         peer = transport.get_extra_info("peername")
-        address = str(peer[0]) if peer else "?"
-        if len(self._address) >= self.limits.max_connections or (
-                self._per_address[address] >= self.limits.max_per_address):
-            self._refuse(address)
+        client = client_of(str(peer[0])) if peer else "?"
+        if not self._make_room(client):
+            self._refused += 1
+            self._log(client)
             handler.force_close()
             return
-        self._address[handler] = address
-        self._per_address[address] += 1
+        self._client[handler] = client
+        self._by_client.setdefault(client, {})[handler] = None
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        address = self._address.pop(handler, None)
-        if address is not None:
-            self._per_address[address] -= 1
-            if self._per_address[address] <= 0:
-                del self._per_address[address]
+        self._forget(handler)
         super().connection_lost(handler, exc)
 
-    def _refuse(self, address: str) -> None:
-        self._refused += 1
+    def _forget(self, handler: RequestHandler) -> None:
+        client = self._client.pop(handler, None)
+        if client is not None:
+            connections = self._by_client[client]
+            del connections[handler]
+            if not connections:
+                del self._by_client[client]
+
+    def _make_room(self, client: str) -> bool:
+        """Room for one more connection from `client`, closing idle ones if need be; False if there is none."""
+        own = self._by_client.get(client, {})
+        if len(own) >= self.limits.max_per_address and not self._close_idle([client]):
+            return False
+        if len(self._client) >= self.limits.max_connections:
+            heaviest = sorted(self._by_client, key=lambda c: len(self._by_client[c]), reverse=True)
+            if not self._close_idle(heaviest):
+                return False
+        if self._closed:
+            self._log(client)
+        return True
+
+    def _close_idle(self, clients: list[str]) -> bool:
+        """Close the oldest idle connection of the first of `clients` that has one."""
+        for client in clients:
+            for handler in self._by_client[client]:
+                # Idle: waiting for its next request's headers, as aiohttp's own keep-alive timer judges it
+                # (RequestHandler._process_keepalive); a connection sending or receiving a response is busy.
+                waiter = handler._waiter
+                if waiter is not None and not waiter.done():
+                    self._forget(handler)  # now: the transport reports its loss only later
+                    handler.force_close()
+                    self._closed += 1
+                    return True
+        return False
+
+    def _log(self, client: str) -> None:
         now = time.monotonic()
-        if now - self._refused_logged >= _REFUSED_LOG_INTERVAL:
-            log.warning("http: connection limits reached (%d in all, %d per address): %d connections closed, "
-                        "the latest from %s", self.limits.max_connections, self.limits.max_per_address,
-                        self._refused, address)
-            self._refused_logged = now
-            self._refused = 0
+        if now - self._logged >= _LIMIT_LOG_INTERVAL:
+            heaviest = max(self._by_client, key=lambda c: len(self._by_client[c]), default="-")
+            log.warning("http: connection limits reached (%d in all, %d per address): %d idle connections closed "
+                        "to make room and %d new ones refused (every other connection busy), the latest from %s; "
+                        "the heaviest address holds %d", self.limits.max_connections, self.limits.max_per_address,
+                        self._closed, self._refused, client, len(self._by_client.get(heaviest, ())))
+            self._logged = now
+            self._closed = self._refused = 0
 
 
 class LimitedRunner(web.AppRunner):
@@ -96,7 +134,7 @@ def describe(peer: str, proto: str, item: Item | None, name: str, status: object
     mac = item.mac if item and item.mac else "-"
     profile = item.profile if item and item.profile else "-"
     return (
-        f"{peer} mac={mac} profile={profile} {proto} {name} {status} "
+        f"{peer} mac={mac} profile={profile} {proto} {clip(name)} {status} "
         f"{nbytes / 1e6:.1f} MB {time.monotonic() - started:.2f}s"
     )
 
@@ -163,7 +201,7 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
         name = request.match_info["path"]
         peer = request.remote or "?"
         try:
-            item = namespace.lookup(name)
+            item = await namespace.resolve(name)
         except BadRequest as e:
             return refused(peer, name, 400, e, started)
         except NotFound as e:

@@ -20,23 +20,29 @@ match it, for a grace period, while new requests get the new build.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
+import re
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from netboot.core import mac as macs
 from netboot.core.artifacts import FILES, IMAGE_FORMATS
 from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
+from netboot.core.logtext import clip
 from netboot.core.machines import DEFAULT, Machines, Profile
 from netboot.image.publish import manifest_digest
 from netboot.server.overlay import Rendered
-from netboot.server.overlay_cache import Broken, Build, Overlays
+from netboot.server.overlay_cache import Broken, Build, Overlays, Prepared
 
 log = logging.getLogger("netboot.serve")
 
@@ -53,6 +59,19 @@ class NotFound(NetbootError):
 
 class BadRequest(NetbootError):
     pass
+
+
+class Pending(Exception):
+    """A name's content needs work first (an overlay to render or to pack), under way in the overlays'
+    executor: `job` is it, and `finish(result)` stores what it made (None: it failed)."""
+
+    def __init__(self, job: Future[Any], finish: Callable[[Any], None]) -> None:
+        super().__init__("not ready yet")
+        self.job = job
+        self.finish = finish
+
+
+_STEPS = 3  # jobs one name may wait for: its overlay rendered, then packed
 
 
 @dataclass
@@ -178,6 +197,22 @@ class ProfileFiles:
         self.retired.clear()
 
 
+# A build's id: the start of its manifest's digest (hexadecimal); `Generation.id`.
+_GENERATION = re.compile(r"[0-9a-f]{1,64}")
+
+
+@dataclass(frozen=True)
+class Name:
+    """A served name, parsed: `kind` is "chain" (boot.ipxe), "script" (a machine's), "build" (a file of the
+    build a machine's script names), "profile" (a profile's current file) or "binary" (an iPXE binary)."""
+
+    kind: str
+    mac: str | None = None
+    generation: str | None = None
+    file: str | None = None
+    profile: str | None = None
+
+
 @dataclass
 class Item:
     """What a name resolved to: a rendered script or a file, and who it was for (for the log line)."""
@@ -228,9 +263,11 @@ class Namespace:
         self.profiles = opened
         self.machines = machines
 
-    def reload(self, machines: Machines) -> None:
+    def reload(self, machines: Machines, overlays: Prepared | None = None) -> None:
+        """Serve `machines`; `overlays`: its overlays, prepared off the event loop (Overlays.prepare), else
+        prepared now (outside an event loop)."""
         self._adopt(machines)
-        self.overlays.apply(machines, strict=False)
+        self.overlays.adopt(overlays or self.overlays.prepare(machines, strict=False))
 
     def refresh(self) -> None:
         for files in self.profiles.values():
@@ -266,57 +303,117 @@ class Namespace:
         for held in self.binaries.values():
             os.close(held.fd)
         self.binaries.clear()
+        self.overlays.close()
 
-    def lookup(self, name: str) -> Item:
+    def parse(self, name: str) -> Name | None:
+        """What `name` names, by the grammar of the module's docstring; None for a name the server does not
+        serve. A name in the machine grammar with an invalid MAC is BadRequest. This one parser serves both
+        `lookup` and `who`, so that a name is attributed to a MAC only if it is one the server serves."""
         parts = name.lstrip("/").split("/")
         match parts:
             case ["boot.ipxe"]:
-                return Item("boot.ipxe", render("boot.ipxe").encode())
+                return Name("chain")
             case ["machine", mac_text, "boot.ipxe"]:
-                return self._machine_script(self._mac(mac_text), name)
-            case ["machine", mac_text, gen_id, file] if file in BOOT_FILES or file == "overlay":
-                mac = self._mac(mac_text)
+                return Name("script", mac=self._mac(mac_text))
+            case ["machine", mac_text, gen_id, file] if (file in BOOT_FILES or file == "overlay") and (
+                    _GENERATION.fullmatch(gen_id)):
+                return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file)
+            case ["profile", profile, file] if file in FILES and profile in self.profiles:
+                return Name("profile", profile=profile, file=file)
+            case [file] if file in FILES and self.single_dir:
+                return Name("profile", profile=DEFAULT, file=file)
+            case [file] if file in self.binaries:
+                return Name("binary", file=file)
+        return None
+
+    def lookup(self, name: str) -> Item:
+        """What `name` resolves to. On the event loop, a name whose overlay must first be rendered or packed
+        raises Pending (use `resolve` there); elsewhere (a thread, a script) this waits for that work."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            for _ in range(_STEPS):
+                try:
+                    return self._lookup(name)
+                except Pending as pending:
+                    if (error := pending.job.exception()) is not None:
+                        raise self._unpacked(name, pending, error) from None
+                    pending.finish(pending.job.result())
+        return self._lookup(name)
+
+    async def resolve(self, name: str) -> Item:
+        """`lookup` for the event loop: what must be rendered or packed first is awaited, in the overlays'
+        executor (a script needs its machine's overlay rendered; the overlay, packed)."""
+        for _ in range(_STEPS):
+            try:
+                return self._lookup(name)
+            except Pending as pending:
+                try:
+                    result = await asyncio.wrap_future(pending.job)
+                except Exception as e:
+                    raise self._unpacked(name, pending, e) from None
+                pending.finish(result)
+        return self._lookup(name)
+
+    @staticmethod
+    def _unpacked(name: str, pending: Pending, e: BaseException) -> NotFound:
+        """Packing failed (the compressor's error): this request fails, and the next one tries again."""
+        pending.finish(None)
+        log.error("overlay for %s: %s", clip(name), e)
+        return NotFound(f"{clip(name)}: the overlay cannot be packed")
+
+    def _lookup(self, name: str) -> Item:
+        parsed = self.parse(name)
+        if parsed is None:
+            raise NotFound(f"no such file: {clip(name)}")
+        mac, file = parsed.mac, parsed.file
+        match parsed.kind:
+            case "chain":
+                return Item("boot.ipxe", render("boot.ipxe").encode())
+            case "script":
+                assert mac is not None
+                return self._machine_script(mac, name)
+            case "build":
+                assert mac is not None and file is not None and parsed.generation is not None
                 found = self.machines.for_mac(mac)
                 if found is None:
                     raise NotFound(f"{mac} has no profile")
                 profile = found[0]
-                gen = self.profiles[profile.name].generation(gen_id)
+                gen = self.profiles[profile.name].generation(parsed.generation)
                 if gen is None:
-                    raise NotFound(f"build {gen_id} of profile {profile.name} is no longer served; "
+                    raise NotFound(f"build {parsed.generation} of profile {profile.name} is no longer served; "
                                    "fetch boot.ipxe again")
                 if file == "overlay":
                     return Item(name, self._overlay(mac, profile, gen), mac=mac, profile=profile.name)
                 return Item(name, file=gen.files[file], mac=mac, profile=profile.name)
-            case ["profile", profile, file] if file in FILES and profile in self.profiles:
-                return Item(name, file=self.profiles[profile].current.files[file], profile=profile)
-            case [file] if file in FILES and self.single_dir:
-                return Item(name, file=self.profiles[DEFAULT].current.files[file], profile=DEFAULT)
-            case [file] if file in self.binaries:
-                return Item(name, file=self.binaries[file])
-        raise NotFound(f"no such file: {name}")
+            case "profile":
+                assert parsed.profile is not None and file is not None
+                return Item(name, file=self.profiles[parsed.profile].current.files[file], profile=parsed.profile)
+        assert file is not None
+        return Item(name, file=self.binaries[file])
 
     def who(self, name: str) -> tuple[str | None, str | None]:
-        """The MAC and profile a name is for, for log lines; never raises."""
-        parts = name.lstrip("/").split("/")
-        if len(parts) >= 3 and parts[0] == "machine":
-            try:
-                mac = macs.normalize(parts[1])
-            except macs.BadMac:
-                return None, None
-            found = self.machines.for_mac(mac)
-            return mac, found[0].name if found else None
-        if len(parts) == 3 and parts[0] == "profile":
-            return None, parts[1]
-        if len(parts) == 1 and parts[0] in FILES and self.single_dir:
-            return None, DEFAULT
-        return None, None
+        """The MAC and profile a name is for, for log lines and the status record; never raises. A machine's
+        files are attributed to its MAC only when it has a profile (a made-up MAC has none to be served)."""
+        try:
+            parsed = self.parse(name)
+        except BadRequest:
+            return None, None
+        if parsed is None:
+            return None, None
+        if parsed.mac is not None:
+            found = self.machines.for_mac(parsed.mac)
+            if found is None:
+                return (parsed.mac, None) if parsed.kind == "script" else (None, None)
+            return parsed.mac, found[0].name
+        return None, parsed.profile
 
     @staticmethod
     def _mac(text: str) -> str:
         try:
             return macs.normalize(text)
-        except macs.BadMac as e:
-            raise BadRequest(str(e)) from None
+        except macs.BadMac:
+            raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
 
     def _machine_script(self, mac: str, name: str) -> Item:
         found = self.machines.for_mac(mac)
@@ -347,7 +444,10 @@ class Namespace:
         return Item(name, script.encode(), mac=mac, profile=profile.name)
 
     def _rendered(self, mac: str, profile: Profile) -> Rendered | Broken:
-        return self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
+        found = self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
+        if isinstance(found, tuple):
+            raise Pending(*found)
+        return found
 
     def _overlay(self, mac: str, profile: Profile, gen: Generation) -> bytes:
         if profile.overlay is None:
@@ -355,7 +455,10 @@ class Namespace:
         rendered = self._rendered(mac, profile)
         if isinstance(rendered, Broken):
             raise NotFound(f"{mac} has no overlay: {rendered.error}")
-        return self.overlays.packed(rendered, gen.packing)
+        found = self.overlays.packed(rendered, gen.packing)
+        if isinstance(found, tuple):
+            raise Pending(*found)
+        return found
 
 
 def _echoable(text: str) -> str:

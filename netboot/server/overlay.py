@@ -9,7 +9,10 @@ packed as one small newc cpio, compressed like its build's initrd, and its scrip
 
 The directory is read into memory once per (re)load, so rendering never touches the disk: a template can include
 only another template of the same overlay, and a symlink that leads out of the directory is refused. Templates
-run in Jinja2's sandbox, and an undefined variable is an error rather than an empty string.
+run in Jinja2's sandbox, and an undefined variable is an error rather than an empty string. A machine's rendered
+files are at most MAX_RENDERED bytes; rendering runs in worker processes (`render_in_worker`, see
+overlay_cache.py) that bound its time and memory too, since a sandboxed template can still loop for hours or
+ask for gigabytes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from netboot.image.initrd import compress_bytes
 TEMPLATE_SUFFIX = ".j2"
 MTIME = 1  # every entry's mtime, as in the Nix store: the same inputs give the same bytes
 MAX_BYTES = 16 << 20  # an overlay is a handful of configuration files, not a second image
+MAX_RENDERED = 16 << 20  # a machine's rendered files, in all
 
 
 class OverlayError(NetbootError):
@@ -62,9 +66,11 @@ class Rendered:
 class OverlayDir:
     """An overlay directory, read whole; its templates compiled."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, entries: tuple[Entry, ...] | None = None) -> None:
+        """The directory at `path`, read now, or its `entries` as read before (in a worker process)."""
         self.path = path
-        self.entries = _read(path)
+        self.entries = _read(path) if entries is None else entries
+        self.digest = _digest(list(self.entries))  # names the entries, for the worker processes' caches
         self._files = {e.name + TEMPLATE_SUFFIX: path / (e.name + TEMPLATE_SUFFIX)
                        for e in self.entries if e.kind == "template"}
         sources = {e.name + TEMPLATE_SUFFIX: e.data for e in self.entries if e.kind == "template"}
@@ -92,15 +98,27 @@ class OverlayDir:
     def render(self, variables: Mapping[str, Any], machine: str) -> Rendered:
         """The overlay for one machine; `machine` names it in errors."""
         entries = []
+        total = 0
         for e in self.entries:
             if e.kind != "template":
                 entries.append(e)
                 continue
+            template = self._templates[e.name + TEMPLATE_SUFFIX]
+            chunks = []
             try:
-                text = self._templates[e.name + TEMPLATE_SUFFIX].render(variables)
+                # Streamed, so that a template that would render gigabytes stops at the bound.
+                for chunk in template.generate(variables):
+                    data = chunk.encode()
+                    total += len(data)
+                    if total > MAX_RENDERED:
+                        raise OverlayError(f"{self._files[e.name + TEMPLATE_SUFFIX]}: machine {machine}: renders "
+                                           f"more than {MAX_RENDERED >> 20} MiB")
+                    chunks.append(data)
+            except OverlayError:
+                raise
             except Exception as exc:  # whatever a template raises is that template's error
                 raise OverlayError(f"{self._where(exc, e.name)}: machine {machine}: {_message(exc)}") from None
-            entries.append(Entry(e.name, "file", e.mode, text.encode()))
+            entries.append(Entry(e.name, "file", e.mode, b"".join(chunks)))
         return Rendered(tuple(entries), _digest(entries))
 
     def _where(self, exc: BaseException, name: str) -> str:
@@ -112,6 +130,42 @@ class OverlayDir:
             if frame.filename in files:
                 return f"{frame.filename}:{frame.lineno}"
         return str(self._files[name + TEMPLATE_SUFFIX])
+
+
+# -- in the worker processes (overlay_cache.Renderer) ---------------------------------------------------------
+
+_COMPILED: dict[str, OverlayDir] = {}  # the overlays this worker was sent, compiled, by digest
+_KEEP_COMPILED = 8
+
+
+class SourceMissing(Exception):
+    """The worker has not been sent this overlay's entries yet: the job is sent again with them."""
+
+
+def init_worker(memory: int) -> None:
+    """A worker process's limits: `memory` bytes of address space beyond what it uses now (a template asking
+    for gigabytes gets MemoryError, which is its error), and it ends with the server."""
+    import resource
+
+    from netboot.core.run import die_with_parent
+
+    die_with_parent(os.getppid())
+    with open("/proc/self/statm") as f:
+        size = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    resource.setrlimit(resource.RLIMIT_AS, (size + memory, size + memory))
+
+
+def render_in_worker(path: Path, digest: str, entries: tuple[Entry, ...] | None, variables: Mapping[str, Any],
+                     machine: str) -> Rendered:
+    overlay = _COMPILED.get(digest)
+    if overlay is None:
+        if entries is None:
+            raise SourceMissing(digest)
+        overlay = OverlayDir(path, entries)
+        if len(_COMPILED) >= _KEEP_COMPILED:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        _COMPILED[digest] = overlay
+    return overlay.render(variables, machine)
 
 
 def _message(exc: BaseException) -> str:

@@ -4,19 +4,46 @@ demand for the others, and packed once per (build, rendered content) on the firs
 A reload that breaks a template does not take a machine's overlay away: the error is logged with the template's
 file and line and the machine, and that machine keeps the overlay it had. Only when it never had one is its
 script an error message that retries (see `Broken`). At start, any such error stops netboot instead.
+
+Rendering and packing never run on the event loop that serves boots: `Renderer` is their bounded executor.
+Templates are rendered in worker processes (pebble's pool: a job that runs longer than RENDER_SECONDS is
+killed with its worker, which is replaced, and a worker's address space is capped), since a sandboxed template
+can still loop for hours or allocate gigabytes, and a thread can be neither stopped nor capped; packing (bounded
+input, the compressor's own code) runs in threads. What a request needs and is not ready yet comes back as a
+future (see namespace.Pending).
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
-from dataclasses import dataclass
+import multiprocessing
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import pebble
 
 from netboot.core import compress
 from netboot.core.machines import DEFAULT, Machines, Profile, template_vars
-from netboot.server.overlay import OverlayDir, OverlayError, Rendered, pack
+from netboot.server.overlay import (
+    OverlayDir,
+    OverlayError,
+    Rendered,
+    SourceMissing,
+    init_worker,
+    pack,
+    render_in_worker,
+)
 
 log = logging.getLogger("netboot.serve")
+
+RENDER_SECONDS = 10.0  # one machine's templates, at most
+RENDER_MEMORY = 1 << 30  # bytes of address space a render worker may take beyond what it starts with
+WORKERS = 2  # render processes and packing threads
 
 MAX_UNLISTED = 10_000  # rendered overlays of machines not in the machines file, kept by least recent use
 MAX_PACKED_BYTES = 64 << 20  # packed overlays kept, by least recent use
@@ -31,6 +58,73 @@ class Broken:
     error: str
 
 
+class Renderer:
+    """The bounded executor of overlays (see the module's docstring); its processes start on first use."""
+
+    def __init__(self, workers: int = WORKERS, timeout: float = RENDER_SECONDS, memory: int = RENDER_MEMORY) -> None:
+        self.workers, self.timeout, self.memory = workers, timeout, memory
+        self._pool: pebble.ProcessPool | None = None
+        self._lock = threading.Lock()
+        self._packers = ThreadPoolExecutor(workers, thread_name_prefix="netboot-overlay")
+
+    def _processes(self) -> pebble.ProcessPool:
+        with self._lock:
+            if self._pool is None:
+                # forkserver: workers are forked from a clean process, not from this one and its threads.
+                self._pool = pebble.ProcessPool(self.workers, initializer=init_worker, initargs=(self.memory,),
+                                                context=multiprocessing.get_context("forkserver"))
+            return self._pool
+
+    def render(self, source: OverlayDir, variables: Mapping[str, Any], machine: str) -> Future[Rendered | Broken]:
+        """One machine's overlay, rendered in a worker; its errors, whatever they are, come as a Broken."""
+        out: Future[Rendered | Broken] = Future()
+        self._schedule(source, dict(variables), machine, None, out)
+        return out
+
+    def _schedule(self, source: OverlayDir, variables: dict[str, Any], machine: str, entries: Any,
+                  out: Future[Rendered | Broken]) -> None:
+        try:
+            job = self._processes().schedule(render_in_worker, timeout=self.timeout,
+                                             args=(source.path, source.digest, entries, variables, machine))
+        except RuntimeError as e:  # the pool is closed: the server is stopping
+            out.set_result(Broken(f"{source.path}: machine {machine}: {e}"))
+            return
+        job.add_done_callback(lambda job: self._rendered(job, source, variables, machine, entries, out))
+
+    def _rendered(self, job: Future[Rendered], source: OverlayDir, variables: dict[str, Any], machine: str,
+                  entries: Any, out: Future[Rendered | Broken]) -> None:
+        where = f"{source.path}: machine {machine}"
+        try:
+            out.set_result(job.result())
+        except SourceMissing:
+            if entries is None:  # this worker was not sent the overlay yet: again, with its entries
+                self._schedule(source, variables, machine, source.entries, out)
+            else:
+                out.set_result(Broken(f"{where}: the render worker lost the overlay"))
+        except OverlayError as e:
+            out.set_result(Broken(str(e)))
+        except concurrent.futures.TimeoutError:
+            out.set_result(Broken(f"{where}: rendering took longer than {self.timeout:g} s (stopped)"))
+        except pebble.ProcessExpired as e:
+            out.set_result(Broken(f"{where}: rendering ended its worker process (exit status {e.exitcode})"))
+        except concurrent.futures.CancelledError:
+            out.set_result(Broken(f"{where}: rendering was cancelled"))
+        except Exception as e:  # what a worker raised outside the template (MemoryError while pickling, ...)
+            out.set_result(Broken(f"{where}: rendering failed: {type(e).__name__}: {e}"))
+
+    def pack(self, rendered: Rendered, build: Build) -> Future[bytes]:
+        return self._packers.submit(pack, rendered, stage1=build.stage1, compressor=compress.get(build.compression),
+                                    level=build.level)
+
+    def close(self) -> None:
+        self._packers.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+            pool.join(10)
+
+
 @dataclass(frozen=True)
 class Build:
     """What packing depends on besides the content: the build's id, format and compression."""
@@ -41,18 +135,39 @@ class Build:
     level: int | None
 
 
+@dataclass
+class Prepared:
+    """The overlays of a machines file, read and rendered (off the event loop), for `Overlays.adopt`."""
+
+    sources: dict[str, OverlayDir]
+    rendered: dict[str, Rendered | Broken]
+    errors: list[str] = field(default_factory=list)
+
+
 class Overlays:
-    def __init__(self) -> None:
+    def __init__(self, renderer: Renderer | None = None) -> None:
+        self.renderer = renderer or Renderer()
         self.sources: dict[str, OverlayDir] = {}  # profile -> its overlay directory, as last read without error
         self.rendered: dict[str, Rendered | Broken] = {}  # the listed machines'
-        self._unlisted: collections.OrderedDict[tuple[str, str], Rendered] = collections.OrderedDict()
+        # Machines not in the file: what they got, errors too (a flood of made-up MACs under a broken default
+        # overlay is then one render each, not one a request).
+        self._unlisted: collections.OrderedDict[tuple[str, str], Rendered | Broken] = collections.OrderedDict()
         self._packed: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
         self._packed_bytes = 0
+        # Work under way, so that requests for the same overlay wait for one job.
+        self._rendering: dict[tuple[str, str], Future[Rendered | Broken]] = {}
+        self._packing: dict[tuple[str, str], Future[bytes]] = {}
         self.packs = 0  # overlays packed (cache misses), for tests and benchmarks
 
     def apply(self, machines: Machines, *, strict: bool) -> None:
-        """Read the profiles' overlays and render the listed machines'. `strict` (at start): the first error
-        raises. Otherwise errors are logged and each machine they touch keeps its previous overlay."""
+        """`prepare` and `adopt` at once, waiting for the renders (at start, before anything is served)."""
+        self.adopt(self.prepare(machines, strict=strict))
+
+    def prepare(self, machines: Machines, *, strict: bool) -> Prepared:
+        """Read the profiles' overlays and render the listed machines' (in the renderer's processes; this waits
+        for them, so it runs in a thread, or before serving). `strict` (at start): the first error raises.
+        Otherwise errors are kept to be logged and each machine they touch keeps its previous overlay. Reads
+        this object's state only (the previous overlays), so that the event loop may go on using it meanwhile."""
         errors: list[str] = []
         sources: dict[str, OverlayDir] = {}
         for name, profile in machines.profiles.items():
@@ -66,42 +181,53 @@ class Overlays:
                 errors.append(f"profile {name}: {e}; its machines keep their previous overlays")
                 if name in self.sources and self.sources[name].path == profile.overlay:
                     sources[name] = self.sources[name]
-        rendered: dict[str, Rendered | Broken] = {}
+        jobs: dict[str, Future[Rendered | Broken] | None] = {}  # None: its profile's overlay cannot be read
         for mac, machine in machines.machines.items():
             profile = machines.profiles[machine.profile]
             if profile.overlay is None:
                 continue
             source = sources.get(profile.name)
-            previous = self.rendered.get(mac)
-            try:
-                if source is None:
-                    raise OverlayError(f"profile {profile.name}'s overlay cannot be read")
-                rendered[mac] = source.render(template_vars(mac, profile, machine), mac)
-                continue
-            except OverlayError as e:
-                if strict:
-                    raise
-                if source is not None:
-                    errors.append(f"{e}; " + ("it keeps its previous overlay" if isinstance(previous, Rendered)
-                                              else "it cannot boot until this is fixed"))
-                rendered[mac] = previous if isinstance(previous, Rendered) else Broken(str(e))
+            jobs[mac] = None if source is None else self.renderer.render(source, template_vars(mac, profile, machine),
+                                                                          mac)
         default = machines.profiles.get(DEFAULT)
-        if default is not None and default.name in sources:
-            try:  # the machines not in the file: one stands for them all
-                sources[default.name].render(template_vars(SAMPLE_MAC, default, None), "(any not listed)")
-            except OverlayError as e:
-                if strict:
-                    raise
-                errors.append(str(e))
-        self.sources, self.rendered = sources, rendered
-        self._unlisted.clear()
-        for line in errors[:_LOGGED]:
-            log.error("overlay: %s", line)
-        if len(errors) > _LOGGED:
-            log.error("overlay: ... and %d more errors", len(errors) - _LOGGED)
+        sample = None
+        if default is not None and default.name in sources:  # the machines not in the file: one stands for them all
+            sample = self.renderer.render(sources[default.name], template_vars(SAMPLE_MAC, default, None),
+                                          "(any not listed)")
+        rendered: dict[str, Rendered | Broken] = {}
+        for mac, job in jobs.items():
+            profile = machines.profiles[machines.machines[mac].profile]
+            result = Broken(f"profile {profile.name}'s overlay cannot be read") if job is None else job.result()
+            if isinstance(result, Rendered):
+                rendered[mac] = result
+                continue
+            if strict:
+                raise OverlayError(result.error)
+            previous = self.rendered.get(mac)
+            if job is not None:  # (an unreadable overlay was reported once, for its profile)
+                errors.append(f"{result.error}; " + ("it keeps its previous overlay" if isinstance(previous, Rendered)
+                                                    else "it cannot boot until this is fixed"))
+            rendered[mac] = previous if isinstance(previous, Rendered) else result
+        if sample is not None and isinstance(broken := sample.result(), Broken):
+            if strict:
+                raise OverlayError(broken.error)
+            errors.append(broken.error)
+        return Prepared(sources, rendered, errors)
 
-    def for_machine(self, mac: str, profile: Profile, listed: bool) -> Rendered | Broken:
-        """A machine's overlay (its profile has one)."""
+    def adopt(self, prepared: Prepared) -> None:
+        """Serve what `prepare` made (on the event loop: swaps a few references), and log its errors."""
+        self.sources, self.rendered = prepared.sources, prepared.rendered
+        self._unlisted.clear()
+        self._rendering.clear()
+        for line in prepared.errors[:_LOGGED]:
+            log.error("overlay: %s", line)
+        if len(prepared.errors) > _LOGGED:
+            log.error("overlay: ... and %d more errors", len(prepared.errors) - _LOGGED)
+
+    def for_machine(self, mac: str, profile: Profile, listed: bool
+                    ) -> Rendered | Broken | tuple[Future[Rendered | Broken], Callable[[Any], None]]:
+        """A machine's overlay (its profile has one), or the job rendering it and what stores its result (a
+        machine not in the file, on first request)."""
         if listed:
             return self.rendered.get(mac) or Broken("its overlay has not been rendered")
         key = (mac, profile.name)
@@ -112,28 +238,42 @@ class Overlays:
         source = self.sources.get(profile.name)
         if source is None:
             return Broken(f"profile {profile.name}'s overlay cannot be read")
-        try:
-            found = source.render(template_vars(mac, profile, None), mac)
-        except OverlayError as e:
-            log.error("overlay: %s", e)
-            return Broken(str(e))
-        self._unlisted[key] = found
+        job = self._rendering.get(key)
+        if job is None:
+            job = self._rendering[key] = self.renderer.render(source, template_vars(mac, profile, None), mac)
+        return job, lambda result: self._store_unlisted(key, source, result)
+
+    def _store_unlisted(self, key: tuple[str, str], source: OverlayDir, result: Rendered | Broken) -> None:
+        if self._rendering.pop(key, None) is None or self.sources.get(key[1]) is not source:
+            return  # stored by another request waiting for the same job, or a reload has replaced the overlay
+        if isinstance(result, Broken):
+            log.error("overlay: %s", result.error)
+        self._unlisted[key] = result
         if len(self._unlisted) > MAX_UNLISTED:
             self._unlisted.popitem(last=False)
-        return found
 
-    def packed(self, rendered: Rendered, build: Build) -> bytes:
-        """The overlay packed for `build`: made on first request, then kept."""
+    def packed(self, rendered: Rendered, build: Build) -> bytes | tuple[Future[bytes], Callable[[Any], None]]:
+        """The overlay packed for `build`, or the job packing it and what stores its result (first request)."""
         key = (build.id, rendered.digest)
         data = self._packed.get(key)
         if data is not None:
             self._packed.move_to_end(key)
             return data
-        data = pack(rendered, stage1=build.stage1, compressor=compress.get(build.compression), level=build.level)
+        job = self._packing.get(key)
+        if job is None:
+            job = self._packing[key] = self.renderer.pack(rendered, build)
+        return job, lambda data: self._store_packed(key, data)
+
+    def _store_packed(self, key: tuple[str, str], data: bytes | None) -> None:
+        """`data`: None when packing failed (the next request tries again)."""
+        if self._packing.pop(key, None) is None or data is None or key in self._packed:
+            return  # stored by another request waiting for the same job
         self.packs += 1
         self._packed[key] = data
         self._packed_bytes += len(data)
         while self._packed_bytes > MAX_PACKED_BYTES and len(self._packed) > 1:
             _, dropped = self._packed.popitem(last=False)
             self._packed_bytes -= len(dropped)
-        return data
+
+    def close(self) -> None:
+        self.renderer.close()

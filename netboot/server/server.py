@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +17,13 @@ from aiohttp import web
 
 from netboot.core.addresses import reachable_hosts
 from netboot.core.errors import NetbootError
+from netboot.core.logtext import clip
 from netboot.core.machines import Machines
 from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.server.autobuild import SystemBuilds
 from netboot.server.http import LimitedRunner, make_app
 from netboot.server.http_limits import HttpLimits
-from netboot.server.namespace import BadRequest, Namespace, NotFound
+from netboot.server.namespace import BadRequest, Item, Namespace, NotFound, Pending
 from netboot.server.overlay import tree_stat
 from netboot.status import BootRecord, Live, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
@@ -176,7 +178,7 @@ class Server:
         options = " ".join(f"{k}={v}" for k, v in stats.options) or "no options"
         detail = f" ({stats.detail})" if stats.detail else ""
         log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
-                 profile or "-", stats.filename.lstrip("/"), stats.outcome, detail, stats.bytes_sent / 1e6,
+                 profile or "-", clip(stats.filename.lstrip("/")), stats.outcome, detail, stats.bytes_sent / 1e6,
                  stats.duration, options, stats.retransmissions)
         if self.record is not None:
             self.record.record(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
@@ -216,7 +218,9 @@ class Server:
             await asyncio.to_thread(self.builds.prepare, machines)  # a new profile's system: built first
             if self._dhcp is not None:
                 self._dhcp.check(machines)
-            self.namespace.reload(machines)
+            # The overlays are read and rendered in a thread (the rendering itself in the overlays' workers).
+            overlays = await asyncio.to_thread(self.namespace.overlays.prepare, machines, strict=False)
+            self.namespace.reload(machines, overlays)
         except NetbootError as e:
             if self.record is not None:
                 self.record.reload_failures += 1
@@ -278,19 +282,32 @@ def _specific_ipv4(host: str | None) -> bool:
 
 
 def tftp_resolver(namespace: Namespace) -> Resolver:
-    """The namespace as TFTP content: the same names, the same answers as over HTTP."""
+    """The namespace as TFTP content: the same names, the same answers as over HTTP. A name whose overlay must
+    be rendered or packed first resolves to a coroutine, which the TFTP server awaits."""
 
-    def resolve(name: str, peer: Peer) -> Content:
-        try:
-            item = namespace.lookup(name)
-        except BadRequest as e:
-            raise ContentError(str(e)) from None  # ERROR 0: see the message
-        except NotFound as e:
-            raise TftpNotFound(str(e)) from None
+    def content(item: Item) -> Content:
         if item.data is not None:
             return BytesContent(item.data)
         assert item.file is not None
         return FileContent(item.file.reopen(), item.file.size)
+
+    async def later(name: str) -> Content:
+        try:
+            return content(await namespace.resolve(name))
+        except BadRequest as e:
+            raise ContentError(str(e)) from None
+        except NotFound as e:
+            raise TftpNotFound(str(e)) from None
+
+    def resolve(name: str, peer: Peer) -> Content | Awaitable[Content]:
+        try:
+            return content(namespace.lookup(name))
+        except Pending:
+            return later(name)
+        except BadRequest as e:
+            raise ContentError(str(e)) from None  # ERROR 0: see the message
+        except NotFound as e:
+            raise TftpNotFound(str(e)) from None
 
     return resolve
 

@@ -1,7 +1,8 @@
 """What is booting: the boot record, and the status listener that shows it (page, JSON API, Prometheus).
 
 `record` keeps the events and each machine's state; `metrics` turns them into Prometheus' format; `app` is the
-listener's aiohttp application. `start_status` binds it, refusing to expose it beyond loopback without a token.
+listener's aiohttp application (its page: `page.html`, a Jinja2 template). `start_status` binds it, refusing to
+expose it beyond loopback without a token.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class StatusConfig:
     port: int = 9480
     token: str | None = None
     public: bool = False  # allow a non-loopback address without a token
+    names: tuple[str, ...] = ()  # host names it answers to besides its address (see app.py: DNS rebinding)
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token.strip():
@@ -39,8 +41,8 @@ class StatusConfig:
 
 async def start_status(config: StatusConfig, record: BootRecord, live: Live) -> tuple[web.AppRunner, int]:
     """Bind the listener; returns its runner (to clean up) and port."""
-    runner = web.AppRunner(make_status_app(record, Metrics(record, live), config.token), access_log=None,
-                           handle_signals=False)
+    runner = web.AppRunner(make_status_app(record, Metrics(record, live), config.token, config.names),
+                           access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
     try:

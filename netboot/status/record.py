@@ -55,19 +55,59 @@ class BootEvent(NamedTuple):
         return out
 
 
-def is_script(event: BootEvent) -> bool:
+# The predicates on an event's fields, which `flush()` applies to every request as it comes (a slice is cheaper
+# than endswith()), and readers to the BootEvents they are shown.
+def script_path(path: str) -> bool:
     """A machine's script: fetching it starts a boot."""
-    return event.path.endswith("/boot.ipxe")
+    return path[-10:] == "/boot.ipxe"
+
+
+def initrd_sent(ok: bool, path: str, status: str) -> bool:
+    """The initrd sent whole: the kernel has everything it needs from us (but a machine's overlay, which is
+    small and comes last)."""
+    return ok and path[-7:] == "/initrd" and status in _COMPLETE
+
+
+def is_script(event: BootEvent) -> bool:
+    return script_path(event.path)
 
 
 def hands_over(event: BootEvent) -> bool:
-    """The initrd sent whole: the kernel has everything it needs from us (but a machine's overlay, which is
-    small and comes last)."""
-    return event.ok and event.path.endswith("/initrd") and event.status in ("200", "complete")
+    return initrd_sent(event.ok, event.path, event.status)
+
+
+def overlay_path(path: str) -> bool:
+    return path[-8:] == "/overlay"
 
 
 def is_overlay(event: BootEvent) -> bool:
-    return event.path.endswith("/overlay")
+    return overlay_path(event.path)
+
+
+_PATH, _STATUS, _OK, _PROFILE = (BootEvent._fields.index(f) for f in ("path", "status", "ok", "profile"))
+
+
+# A machine's state and profile, read from its events' fields in place: a page filters every machine of the record
+# by them, and making 200,000 BootEvents (or 10,000 Machines) for that took most of a page's time, and the
+# garbage collections of those objects held up the event loop.
+def state_of(events: tuple[tuple[Any, ...], ...]) -> str:
+    for e in reversed(events):
+        status, path = e[_STATUS], e[_PATH]
+        if status == "size probe":
+            continue  # EDK2 asking a file's size first: not a step of the boot
+        if e[_PROFILE] is None and script_path(path):
+            return UNKNOWN_MAC
+        if not e[_OK]:
+            return FAILED
+        if initrd_sent(True, path, status) or overlay_path(path):
+            return HANDED_OVER
+        return BOOTING
+    return CONFIGURED
+
+
+def profile_of(events: tuple[tuple[Any, ...], ...], configured: str | None) -> str | None:
+    """The profile a machine booted last, or the machines file's."""
+    return next((e[_PROFILE] for e in reversed(events) if e[_PROFILE]), configured)
 
 
 @dataclass(slots=True)
@@ -76,7 +116,7 @@ class Machine:
     shown (the record keeps only the events, so that recording one is an append)."""
 
     mac: str
-    events: list[tuple[Any, ...]]  # the last few, oldest first, each a BootEvent's fields
+    events: tuple[tuple[Any, ...], ...]  # the last few, oldest first, each a BootEvent's fields
     profile: str | None = None  # the machines file's, until it is seen
     configured: bool = False
 
@@ -95,22 +135,12 @@ class Machine:
 
     @property
     def state(self) -> str:
-        for e in reversed(self.history()):
-            if e.status == "size probe":
-                continue  # EDK2 asking a file's size first: not a step of the boot
-            if e.profile is None and is_script(e):
-                return UNKNOWN_MAC
-            if not e.ok:
-                return FAILED
-            if hands_over(e) or is_overlay(e):
-                return HANDED_OVER
-            return BOOTING
-        return CONFIGURED
+        return state_of(self.events)
 
     @property
     def current_profile(self) -> str | None:
         """The profile it booted last, or the machines file's."""
-        return next((e.profile for e in reversed(self.history()) if e.profile), self.profile)
+        return profile_of(self.events, self.profile)
 
     def json(self, systems: dict[str, str]) -> dict[str, Any]:
         events = self.history()
@@ -128,6 +158,14 @@ class Machine:
         }
 
 
+def clip_path(path: str) -> str:
+    """`path` cut to MAX_PATH bytes (of its UTF-8, surrogate escapes kept as the bytes they stand for)."""
+    raw = path.encode("utf-8", "surrogateescape")
+    if len(raw) <= MAX_PATH:
+        return path
+    return raw[:MAX_PATH].decode("utf-8", "ignore")
+
+
 def iso(t: float | None) -> str | None:
     if t is None:
         return None
@@ -135,6 +173,11 @@ def iso(t: float | None) -> str | None:
 
 
 _BATCH = 512  # noted requests applied at once, at most
+_COMPLETE = ("200", "complete")
+MAX_PATH = 256  # bytes of a request's path kept: the rest is a client's to make up
+# What one stored event costs, besides its path: the tuple of its twelve fields and their objects, measured with
+# sys.getsizeof and tracemalloc (shared strings, such as a protocol or a profile, counted once per batch).
+_EVENT_BYTES = 350
 _UNKNOWN = object()
 _now = time.time
 
@@ -143,12 +186,18 @@ Builds = Callable[[str], tuple[str, str] | None]  # profile -> (build id, system
 
 class BootRecord:
     def __init__(self, builds: Builds | None = None, *, max_machines: int = 10_000, per_machine: int = 20,
-                 recent: int = 1_000) -> None:
+                 recent: int = 1_000, max_bytes: int = 96 << 20) -> None:
         self.builds: Builds = builds or (lambda profile: None)
         self.max_machines = max_machines
         self.per_machine = per_machine
-        # Each machine seen: its last events (BootEvents' fields), or its only one.
-        self._events: dict[str, list[tuple[Any, ...]] | tuple[Any, ...]] = {}
+        # The machines' events, in bytes (near enough: `_EVENT_BYTES` each, plus its path): beyond `max_bytes`,
+        # machines seen but not configured are forgotten as beyond `max_machines`.
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        # Each machine seen: its last events (BootEvents' fields), oldest first. A tuple, replaced by a longer one
+        # at each event: a snapshot is then a copy of this dict alone, and the garbage collector soon stops
+        # looking at tuples of plain values (it never does at a list).
+        self._events: dict[str, tuple[tuple[Any, ...], ...]] = {}
         self._configured: dict[str, str] = {}  # the machines file's MACs and profiles
         self._recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=recent)  # BootEvents' fields
         self._seq = 0
@@ -165,6 +214,8 @@ class BootRecord:
         self.reloads = 0
         self.reload_failures = 0
         self.http_in_flight = 0
+        self._snapshot: Snapshot | None = None
+        self._snapshot_key: tuple[int, ...] = ()
 
     def configure(self, machines: dict[str, str]) -> None:
         """The machines file's MACs and profiles (at start and after each reload)."""
@@ -176,17 +227,23 @@ class BootRecord:
         self._configured = dict(machines)
         self._bound()
 
+    def snapshot(self) -> Snapshot:
+        """The record as it is now, for readers that work on it off the event loop. Taking one copies each
+        machine's list of events (a few milliseconds for 10,000 machines); the same one serves every reader
+        until something changes."""
+        self.flush()
+        key = (self._seq, id(self._configured), self.reloads, self.reload_failures, self.http_in_flight)
+        if self._snapshot is None or self._snapshot_key != key:
+            self._snapshot, self._snapshot_key = Snapshot(self), key
+        return self._snapshot
+
     @property
     def machines(self) -> dict[str, Machine]:
         """Every machine seen or configured, by MAC (made when read: the record keeps only their events)."""
-        configured = self._configured
-        found = {mac: Machine(mac, events if type(events) is list else [events], configured.get(mac),
-                              mac in configured)
-                 for mac, events in self._events.items()}
-        for mac, profile in configured.items():
-            if mac not in found:
-                found[mac] = Machine(mac, [], profile, configured=True)
-        return found
+        return self.snapshot().machines
+
+    def states(self) -> collections.Counter[str]:
+        return self.snapshot().states()
 
     def record(self, client: str, protocol: str, path: str, status: str, ok: bool, nbytes: int, mac: str | None,
                profile: str | None, retransmissions: int = 0) -> None:
@@ -194,6 +251,8 @@ class BootRecord:
         ("complete", "timed out", "ERROR 1", ...), `nbytes` the payload bytes sent. This is on every request's
         path, so it only appends a tuple; `flush()` does the work a batch at a time, with the record's data warm
         in the cache."""
+        if len(path) > MAX_PATH // 4:  # (a character is at most four bytes)
+            path = clip_path(path)
         pending = self._pending
         pending.append((_now(), client, protocol, path, status, ok, nbytes, mac, profile, retransmissions))
         if len(pending) >= _BATCH:
@@ -211,6 +270,7 @@ class BootRecord:
         builds: dict[str, str | None] = {}  # profile -> its build id, asked once a batch
         counts, per_mac, configured, per_profile = self._counts, self._events, self._configured, self._per_profile
         unconfigured, per_machine, max_machines = self._unconfigured, self.per_machine, self.max_machines
+        stored = self.bytes
         seq = self._seq
         batch = []
         # What the last event counted in: most requests of a batch are alike, and their strings the same objects.
@@ -246,29 +306,31 @@ class BootRecord:
             if retransmissions:
                 self.tftp_retransmissions += retransmissions
             if ok and profiled is not None:
-                # is_script(event) and hands_over(event), written out (a slice is cheaper than endswith()).
-                if path[-10:] == "/boot.ipxe":
+                if script_path(path):
                     profiled[0] += 1
-                elif path[-7:] == "/initrd" and status in ("200", "complete"):
+                elif initrd_sent(ok, path, status):
                     profiled[1] += 1
             if mac is None:
                 continue
+            stored += _EVENT_BYTES + len(path)
             held = per_mac.get(mac)
             if held is None:
-                # A machine's first event is kept as it is: a flood of made-up MACs then leaves only plain
-                # tuples behind, which the garbage collector soon stops looking at (it never does at a list).
-                per_mac[mac] = event
+                per_mac[mac] = (event,)
                 if mac not in configured:
                     unconfigured[mac] = seq
                     if len(unconfigured) > max_machines:
+                        self.bytes = stored
                         self._forget_one(seq)
-            elif type(held) is tuple:
-                per_mac[mac] = [held, event]
+                        stored = self.bytes
+            elif len(held) < per_machine:
+                per_mac[mac] = (*held, event)
             else:
-                held.append(event)
-                if len(held) > per_machine:
-                    del held[0]
+                stored -= _EVENT_BYTES + len(held[0][4])  # its path
+                per_mac[mac] = (*held[1:], event)
+        self.bytes = stored
         self._seq = seq
+        while self.bytes > self.max_bytes and unconfigured:
+            self._forget_one(seq)
         self._recent.extend(batch)
         if self._subscribers:
             for event in batch:
@@ -281,30 +343,6 @@ class BootRecord:
             return None
         self.systems.setdefault(found[0], found[1])
         return found[0]
-
-    @property
-    def requests(self) -> dict[tuple[str, str], int]:
-        """Requests and transfers that ended, by (protocol, status)."""
-        return {(p, s): c[0] for p, by_status in self._counts.items() for s, c in by_status.items()}
-
-    @property
-    def sent(self) -> dict[tuple[str, str], int]:
-        """Payload bytes sent, by (protocol, status)."""
-        return {(p, s): c[1] for p, by_status in self._counts.items() for s, c in by_status.items()}
-
-    @property
-    def boots_started(self) -> dict[str, int]:
-        """Boots started (a machine fetched its script), by profile."""
-        return {profile: n[0] for profile, n in self._per_profile.items() if n[0]}
-
-    @property
-    def handed_over(self) -> dict[str, int]:
-        """Boots whose initrd was sent whole, by profile."""
-        return {profile: n[1] for profile, n in self._per_profile.items() if n[1]}
-
-    @property
-    def tftp_timeouts(self) -> int:
-        return self.requests.get(("tftp", "timed out"), 0)
 
     def _publish(self, event: BootEvent) -> None:
         for queue in list(self._subscribers):
@@ -330,9 +368,13 @@ class BootRecord:
         while True:
             mac, joined = unconfigured.popitem(last=False)
             held = per_mac[mac]
-            last = held[0] if type(held) is tuple else held[-1][0]  # its last event's seq
+            last = held[-1][0]  # its last event's seq
             if last <= joined:
                 del per_mac[mac]
+                if len(held) == 1:  # (most often, in a flood of made-up MACs: no generator for it)
+                    self.bytes -= _EVENT_BYTES + len(held[0][4])
+                else:
+                    self.bytes -= len(held) * _EVENT_BYTES + sum(len(e[4]) for e in held)
                 return
             unconfigured[mac] = seq
 
@@ -349,9 +391,6 @@ class BootRecord:
     def last_seq(self) -> int:
         """The sequence number of the newest event (0: none yet)."""
         return self._seq
-
-    def states(self) -> collections.Counter[str]:
-        return collections.Counter(m.state for m in self.machines.values())
 
     @contextlib.contextmanager
     def subscription(self, size: int = 1000) -> Iterator[asyncio.Queue[BootEvent | None]]:
@@ -370,3 +409,68 @@ class BootRecord:
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
         self._subscribers.clear()
+
+
+class Snapshot:
+    """The record at one moment: copies of its machines' events and of its counters, which nothing changes
+    afterwards, so that the machines' entries, the page and /metrics are worked out in a thread while the
+    event loop goes on serving boots."""
+
+    def __init__(self, record: BootRecord) -> None:
+        self.seq = record._seq
+        self.events = dict(record._events)  # each machine's events is a tuple, replaced but never changed
+        self.configured = record._configured  # replaced, never changed, by configure()
+        self.systems = dict(record.systems)
+        self.counts = {p: {status: c[:] for status, c in by.items()} for p, by in record._counts.items()}
+        self.per_profile = {p: n[:] for p, n in record._per_profile.items()}
+        self.tftp_retransmissions = record.tftp_retransmissions
+        self.reloads = record.reloads
+        self.reload_failures = record.reload_failures
+        self.http_in_flight = record.http_in_flight
+        self._machines: dict[str, Machine] | None = None
+
+    @property
+    def machines(self) -> dict[str, Machine]:
+        """Every machine seen or configured, by MAC (made when first read)."""
+        if self._machines is None:
+            configured = self.configured
+            found = {mac: Machine(mac, events, configured.get(mac),
+                                  mac in configured)
+                     for mac, events in self.events.items()}
+            for mac, profile in configured.items():
+                if mac not in found:
+                    found[mac] = Machine(mac, (), profile, configured=True)
+            self._machines = found
+        return self._machines
+
+    def states(self) -> collections.Counter[str]:
+        found = collections.Counter(map(state_of, self.events.values()))
+        found[CONFIGURED] += sum(mac not in self.events for mac in self.configured)
+        return found
+
+    def machine(self, mac: str) -> Machine:
+        return Machine(mac, self.events.get(mac, ()), self.configured.get(mac), mac in self.configured)
+
+    @property
+    def requests(self) -> dict[tuple[str, str], int]:
+        """Requests and transfers that ended, by (protocol, status)."""
+        return {(p, s): c[0] for p, by_status in self.counts.items() for s, c in by_status.items()}
+
+    @property
+    def sent(self) -> dict[tuple[str, str], int]:
+        """Payload bytes sent, by (protocol, status)."""
+        return {(p, s): c[1] for p, by_status in self.counts.items() for s, c in by_status.items()}
+
+    @property
+    def boots_started(self) -> dict[str, int]:
+        """Boots started (a machine fetched its script), by profile."""
+        return {profile: n[0] for profile, n in self.per_profile.items() if n[0]}
+
+    @property
+    def handed_over(self) -> dict[str, int]:
+        """Boots whose initrd was sent whole, by profile."""
+        return {profile: n[1] for profile, n in self.per_profile.items() if n[1]}
+
+    @property
+    def tftp_timeouts(self) -> int:
+        return self.requests.get(("tftp", "timed out"), 0)

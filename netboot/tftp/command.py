@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tftp-max-transfers", type=_positive(int), default=d.max_transfers, metavar="N",
                    help=f"concurrent transfers at most (default {d.max_transfers})")
     g.add_argument("--tftp-max-per-source", type=_positive(int), default=d.max_per_source, metavar="N",
-                   help=f"concurrent transfers from one address at most (default {d.max_per_source})")
+                   help=f"concurrent transfers from one address (IPv6: one /64) at most (default {d.max_per_source})")
     g.add_argument("--tftp-max-waiting", type=int, default=d.max_waiting, metavar="N",
                    help=f"requests over those limits waiting for a transfer to end, at most (default {d.max_waiting})")
     g.add_argument("--tftp-max-blksize", type=int, default=s.max_blksize, metavar="BYTES",

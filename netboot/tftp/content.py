@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from netboot.core.beneath import NotRegular, Outside, Root, open_file
@@ -44,7 +44,9 @@ class Content(Protocol):
     def close(self) -> None: ...
 
 
-Resolver = Callable[[str, Peer], Content]
+# A resolver may also return an awaitable of the content (generated on demand, off the event loop): the server
+# then starts the transfer when it is ready.
+Resolver = Callable[[str, Peer], Content | Awaitable[Content]]
 
 
 class BytesContent:

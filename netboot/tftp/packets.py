@@ -10,10 +10,20 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+from netboot.core.logtext import clip
+
 RRQ, WRQ, DATA, ACK, ERROR, OACK = 1, 2, 3, 4, 5, 6
 MODES = ("octet", "netascii")  # "mail" (RFC 1350) is obsolete and refused
 MIN_BLKSIZE, MAX_BLKSIZE = 8, 65464  # RFC 2348
 DEFAULT_BLKSIZE = 512  # RFC 1350
+# RFC 2347 caps a whole request at 512 octets, so no client needs a longer name; one that is
+# longer comes from an attack (a name padded with "./" to 64 KiB), and is refused.
+MAX_FILENAME = 512
+# Options: the first few, each short, are read; the rest are ignored as unknown options are (RFC 2347), so that
+# a request's size never reaches what the server keeps or passes on.
+MAX_OPTIONS = 16
+MAX_OPTION_TEXT = 64
+MAX_ERROR_MESSAGE = 200  # bytes of an ERROR packet's message that is sent
 
 _HEADER = struct.Struct("!HH")
 _OPCODE = struct.Struct("!H")
@@ -96,16 +106,22 @@ def parse_request(datagram: bytes) -> Request:
         # Some clients omit the final NUL; accept a complete, known mode as the last bytes.
         strings.append(tail)
         tail = b""
+    if len(strings[0]) > MAX_FILENAME:
+        raise PacketError(f"file name of {len(strings[0])} bytes, longer than {MAX_FILENAME}")
     # Filenames are bytes on the wire; surrogateescape keeps them byte-exact down to the filesystem.
     filename = strings[0].decode("utf-8", "surrogateescape")
     mode = _text(strings[1]).lower()
     if mode not in MODES:
-        raise PacketError(f"unsupported transfer mode {mode!r}")
+        raise PacketError(f"unsupported transfer mode {clip(mode, 16)!r}")
     options: dict[str, str] = {}
     # Old PXE ROMs append garbage (0xFF padding, half an option) after the last option: pairs are read
     # while they are complete and NUL-terminated, and anything after them is ignored (tftp-hpa does the same).
     pairs = strings[2:]
     for i in range(0, len(pairs) - 1, 2):
+        if len(options) >= MAX_OPTIONS:
+            break
+        if len(pairs[i]) > MAX_OPTION_TEXT or len(pairs[i + 1]) > MAX_OPTION_TEXT:
+            continue  # no option the server knows is that long
         name = _text(pairs[i]).lower()  # RFC 2347: option names are case-insensitive
         options.setdefault(name, _text(pairs[i + 1]))
     return Request(opcode, filename, mode, tuple(options.items()))
@@ -149,7 +165,8 @@ def build_ack(block: int) -> bytes:
 
 
 def build_error(code: int, message: str) -> bytes:
-    return _HEADER.pack(ERROR, code) + message.encode("ascii", "replace") + b"\0"
+    """An ERROR; its message (which may quote what a client sent) is cut to MAX_ERROR_MESSAGE bytes."""
+    return _HEADER.pack(ERROR, code) + message.encode("ascii", "replace")[:MAX_ERROR_MESSAGE] + b"\0"
 
 
 def _pairs(options: tuple[tuple[str, str], ...]) -> bytes:

@@ -14,17 +14,20 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import ipaddress
 import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from netboot.core.clients import client_of
+from netboot.core.logtext import clip
 from netboot.tftp import mtu, packets
-from netboot.tftp.content import ContentError, FileContent, Peer, Resolver
+from netboot.tftp.content import Content, ContentError, FileContent, Peer, Resolver
 from netboot.tftp.packets import RRQ, WRQ, ErrorCode, PacketError
 from netboot.tftp.session import Session, SessionConfig
 from netboot.tftp.transfer import Transfer, TransferStats, format_peer
@@ -65,15 +68,7 @@ class TftpConfig:
 
 
 def _source(peer: Peer) -> str:
-    """The client's address, with IPv4-mapped IPv6 shown as IPv4 so that a host counts once."""
-    host = peer[0].split("%", 1)[0]
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return str(address.ipv4_mapped)
-    return str(address)
+    return client_of(peer[0])
 
 
 class _Waiting:
@@ -92,6 +87,27 @@ class _OverloadCounts:
     started: int = 0
     dropped: int = 0
     stale: int = 0
+
+
+class _Resolving:
+    """A request whose content the resolver is still making: in the server's transfers (so that the limits count
+    it and a retransmitted request is recognised) until it is ready."""
+
+    def __init__(self, peer: Peer, datagram: bytes) -> None:
+        self.peer = peer
+        self.datagram = datagram
+        self.task: asyncio.Task[None] | None = None
+        self.cancelled = False
+        self.pending: tuple[Any, ...] | None = None  # the request that supersedes this one
+
+    def cancel(self, reason: str, *, tell_peer: bool = True) -> None:
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def supersede(self, request: tuple[Any, ...]) -> None:
+        self.pending = request
+        self.cancel("superseded")
 
 
 class _LocalTransfer:
@@ -167,7 +183,7 @@ class TftpServer:
         self.loop = asyncio.get_running_loop()
         self.addresses: list[Peer] = []
         self._listeners: list[socket.socket] = []
-        self._transfers: dict[Peer, _LocalTransfer | RemoteTransfer] = {}
+        self._transfers: dict[Peer, _LocalTransfer | RemoteTransfer | _Resolving] = {}
         self._pool = WorkerPool(self.config.workers, self.config.session, self._finished) if (
             self.config.workers) else None
         self._per_source: collections.Counter[str] = collections.Counter()
@@ -316,15 +332,76 @@ class TftpServer:
             self._refuse(family, local, ifindex, peer, e.tftp_code, str(e), request.filename)
             return
         except Exception:
-            log.exception("%s %r: resolving the name failed", format_peer(peer), request.filename)
+            log.exception("%s %r: resolving the name failed", format_peer(peer), clip(request.filename))
             self._refuse(family, local, ifindex, peer, ErrorCode.NOT_DEFINED, "internal error",
                          request.filename)
             return
+        if inspect.isawaitable(content):
+            # Content still to be made (a generated file): the request holds its place under the limits, and
+            # its transfer starts when the content is ready; its client's retransmissions meanwhile are ignored.
+            resolving = _Resolving(peer, data)
+            self._transfers[key] = resolving
+            self._per_source[source] += 1
+            self._idle.clear()
+            resolving.task = self.loop.create_task(self._awaited(content))
+            start = (data, request, peer, local, ifindex, family)
+            resolving.task.add_done_callback(lambda task: self._resolved(resolving, task, start))
+            return
+        self._start(content, data, request, peer, local, ifindex, family)
+
+    async def _awaited(self, awaitable: Awaitable[Content]) -> Content:
+        async with asyncio.timeout(self.config.wait_timeout):
+            return await awaitable
+
+    def _resolved(self, resolving: _Resolving, task: asyncio.Task[Content], start: tuple[Any, ...]) -> None:
+        """A request's content is ready (or failed, or was cancelled): start its transfer, or refuse it."""
+        data, request, peer, local, ifindex, family = start
+        content: Content | None = None
+        refusal: tuple[int, str] | None = None
+        if task.cancelled():
+            pass  # superseded by another request, or the server is closing
+        elif isinstance(error := task.exception(), TimeoutError):
+            refusal = (ErrorCode.NOT_DEFINED, "the file took too long to prepare")
+        elif isinstance(error, ContentError):
+            refusal = (error.tftp_code, str(error))
+        elif error is not None:
+            log.error("%s %r: resolving the name failed: %r", format_peer(peer), clip(request.filename), error)
+            refusal = (ErrorCode.NOT_DEFINED, "internal error")
+        else:
+            content = task.result()
+        self._release(resolving)
+        if resolving.cancelled or self._closing:
+            if content is not None:
+                content.close()
+        elif content is not None:
+            self._start(content, data, request, peer, local, ifindex, family)
+        elif refusal is not None:
+            self._refuse(family, local, ifindex, peer, refusal[0], refusal[1], request.filename)
+        if resolving.pending is not None and not self._closing:
+            self._request(*resolving.pending)
+        if self._turns:
+            self._admit()
+
+    def _release(self, transfer: _LocalTransfer | RemoteTransfer | _Resolving) -> None:
+        """A transfer (or a request waiting for its content) ended: its place under the limits is free."""
+        key = transfer.peer[:2]
+        if self._transfers.get(key) is transfer:
+            del self._transfers[key]
+        source = _source(transfer.peer)
+        self._per_source[source] -= 1
+        if self._per_source[source] <= 0:
+            del self._per_source[source]
+        if not self._transfers:
+            self._idle.set()
+
+    def _start(self, content: Content, data: bytes, request: packets.Request, peer: Peer, local: str, ifindex: int,
+               family: int) -> None:
+        key, source = peer[:2], _source(peer)
         try:
             sock = self._transfer_socket(family, local, ifindex, peer)
         except OSError as e:
             content.close()
-            log.warning("%s %r: cannot open a transfer socket: %s", format_peer(peer), request.filename, e)
+            log.warning("%s %r: cannot open a transfer socket: %s", format_peer(peer), clip(request.filename), e)
             return
         limit = None
         if self.config.use_mtu and ifindex:
@@ -362,10 +439,13 @@ class TftpServer:
 
     def _refuse(self, family: int, local: str, ifindex: int, peer: Peer, code: int, message: str,
                 filename: str | None = None) -> None:
-        """An ERROR for a request, sent like a transfer's first packet: from a fresh port (RFC 1350 §4)."""
+        """An ERROR for a request, sent like a transfer's first packet: from a fresh port (RFC 1350 §4), and
+        one log line, with what the client sent cut short (`filename`: None when the request was unreadable)."""
         self.refused += 1
-        if filename is not None:
-            log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), filename, message, code)
+        if filename is None:
+            log.info("%s: refused, %s (ERROR %d)", format_peer(peer), clip(message), code)
+        else:
+            log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), clip(filename), clip(message), code)
             if self.on_refused is not None:
                 self.on_refused(peer, filename, code, message)
         try:
@@ -463,15 +543,7 @@ class TftpServer:
         self._overload = _OverloadCounts()
 
     def _finished(self, transfer: _LocalTransfer | RemoteTransfer, stats: TransferStats) -> None:
-        key = transfer.peer[:2]
-        if self._transfers.get(key) is transfer:
-            del self._transfers[key]
-        source = _source(transfer.peer)
-        self._per_source[source] -= 1
-        if self._per_source[source] <= 0:
-            del self._per_source[source]
-        if not self._transfers:
-            self._idle.set()
+        self._release(transfer)
         if self.on_transfer is not None:
             self.on_transfer(stats)  # which logs the transfer its own way (netboot serve adds MAC and profile)
         else:

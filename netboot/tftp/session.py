@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from enum import StrEnum
 
+from netboot.core.logtext import clip
 from netboot.tftp import packets
 from netboot.tftp.content import Content
 from netboot.tftp.packets import ACK, DATA, ERROR, MAX_BLKSIZE, MIN_BLKSIZE, ErrorCode, Request
@@ -181,7 +182,7 @@ class Session:
                 assert isinstance(error, packets.Error)
                 probe = self._acked == -1 and error.code == ErrorCode.OPTION_REFUSED
                 self._finish(now, Outcome.SIZE_PROBE if probe else Outcome.CLIENT_ABORT,
-                             f"ERROR {error.code} {error.message!r}")
+                             f"ERROR {error.code} {clip(error.message)!r}")
                 return []
         # Anything else from the peer (a DATA, a repeated request, noise) is ignored: the transfer goes on.
         self.ignored += 1

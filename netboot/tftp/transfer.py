@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from time import monotonic
 
+from netboot.core.logtext import clip
 from netboot.tftp.content import Peer
 from netboot.tftp.packets import ACK
 from netboot.tftp.session import Session
@@ -46,7 +47,7 @@ class TransferStats:
     def line(self) -> str:
         options = " ".join(f"{k}={v}" for k, v in self.options) or "no options"
         detail = f" ({self.detail})" if self.detail else ""
-        return (f"{self.peer} {self.filename!r} [{options}]: {self.outcome}{detail}, "
+        return (f"{self.peer} {clip(self.filename)!r} [{options}]: {self.outcome}{detail}, "
                 f"{self.bytes_sent}/{self.size} bytes in {self.duration:.3f}s, "
                 f"{self.retransmissions} retransmissions")
 

@@ -10,6 +10,8 @@ logging stay in one place, and a worker needs nothing but descriptors.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -27,7 +29,7 @@ from typing import Any
 import netboot
 from netboot.core.run import dies_with_us
 from netboot.tftp.content import FileContent, Peer
-from netboot.tftp.packets import Request
+from netboot.tftp.packets import ErrorCode, Request, build_error
 from netboot.tftp.session import Session, SessionConfig
 from netboot.tftp.transfer import Transfer, TransferStats, format_peer
 
@@ -40,13 +42,36 @@ if os.environ.get("NETBOOT_TFTP_PURE_PYTHON"):
 
 log = logging.getLogger("netboot.tftp")
 
-_MESSAGE_SIZE = 65536
+# Messages carry only bounded fields: a request's mode and its options (which the packet parser bounds, see
+# packets.MAX_OPTIONS), never its file name, which the worker does not need; stats come back without it too.
+# Both ends still check: a message too long for this buffer is never sent, and one received truncated (which
+# would otherwise be unpickled half) ends the channel.
+_MESSAGE_SIZE = 16384
+_REPLACE_INTERVAL = 1.0  # a worker that dies is replaced, but not more often than this (one crashing at start)
 # Not `-m netboot.tftp.worker`: the package imports this module first, which runpy warns about.
 _WORKER_MAIN = "import sys; from netboot.tftp.worker import main; sys.exit(main(sys.argv[1:]))"
 
 
+class ChannelError(OSError):
+    """A message that does not fit the channel, or came truncated."""
+
+
 def _send(control: socket.socket, message: tuple[Any, ...], fds: list[int] | None = None) -> None:
-    socket.send_fds(control, [pickle.dumps(message)], fds or [])
+    data = pickle.dumps(message)
+    if len(data) > _MESSAGE_SIZE:
+        raise ChannelError(f"a {message[0]!r} message of {len(data)} bytes does not fit the channel")
+    socket.send_fds(control, [data], fds or [])
+
+
+def _receive(control: socket.socket, max_fds: int = 0) -> tuple[bytes, list[int]]:
+    """One message and the descriptors passed with it; b"" at EOF. ChannelError when it came truncated (its
+    descriptors are closed)."""
+    data, fds, flags, _addr = socket.recv_fds(control, _MESSAGE_SIZE, max_fds)
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ChannelError(f"a message truncated at {len(data)} bytes")
+    return data, fds
 
 
 # -- the server's side -------------------------------------------------------------------------------------
@@ -54,13 +79,24 @@ def _send(control: socket.socket, message: tuple[Any, ...], fds: list[int] | Non
 class RemoteTransfer:
     """The server's handle on a transfer running in a worker (same interface as the in-process one)."""
 
-    def __init__(self, worker: Worker, tid: int, peer: Peer, datagram: bytes, filename: str) -> None:
+    def __init__(self, worker: Worker, tid: int, peer: Peer, datagram: bytes, filename: str,
+                 sock: socket.socket) -> None:
         self.worker = worker
         self.tid = tid
         self.peer = peer
         self.datagram = datagram
         self.filename = filename
+        # The server's copy of the transfer's socket: should the worker die, the client is told from its
+        # transfer's port at once, instead of retransmitting into the void until it gives up.
+        self.sock = sock
         self.pending: tuple[Any, ...] | None = None  # the request that supersedes this transfer
+
+    def interrupted(self) -> TransferStats:
+        """Its worker died: tell the client, and what it did."""
+        with contextlib.suppress(OSError):
+            self.sock.send(build_error(ErrorCode.NOT_DEFINED, "transfer interrupted, ask again"))
+        self.sock.close()
+        return TransferStats(format_peer(self.peer), self.filename, (), 0, 0, 0.0, 0, "cancelled", "worker exited")
 
     def cancel(self, reason: str, *, tell_peer: bool = True) -> None:
         self.worker.tell(("cancel", self.tid, reason, tell_peer))
@@ -95,35 +131,39 @@ class Worker:
     def tell(self, message: tuple[Any, ...], fds: list[int] | None = None) -> bool:
         try:
             _send(self.control, message, fds)
+        except ChannelError as e:
+            log.error("TFTP worker %d: %s", self.process.pid, e)  # a bug: refused, and the worker goes on
+            return False
         except OSError as e:
             log.error("TFTP worker %d is unreachable: %s", self.process.pid, e)
-            self.close()
-            self.lost()
+            self.process.kill()
+            self._exited()
             return False
         return True
 
     def start(self, tid: int, datagram: bytes, request: Request, content: FileContent, sock: socket.socket,
               peer: Peer, blksize_limit: int | None) -> RemoteTransfer | None:
-        message = ("start", tid, request, content.size, peer, blksize_limit, self.pool.config)
+        bounded = Request(request.opcode, "", request.mode, request.options)  # see _MESSAGE_SIZE
+        message = ("start", tid, bounded, content.size, peer, blksize_limit, self.pool.config)
         if not self.tell(message, [sock.fileno(), content.fd]):
             return None
-        transfer = self.transfers[tid] = RemoteTransfer(self, tid, peer, datagram, request.filename)
+        transfer = self.transfers[tid] = RemoteTransfer(self, tid, peer, datagram, request.filename, sock)
         return transfer
 
     def _readable(self) -> None:
         while True:
             try:
-                data = self.control.recv(_MESSAGE_SIZE)
+                data, _ = _receive(self.control)
             except BlockingIOError:
                 return
+            except ChannelError as e:
+                log.error("TFTP worker %d: %s; replacing it", self.process.pid, e)
+                self.process.kill()
+                data = b""
             except OSError:
                 data = b""
             if not data:
-                log.error("TFTP worker %d exited (status %s)", self.process.pid, self.process.poll())
-                if not self.ready.done():
-                    self.ready.set_exception(OSError(f"TFTP worker {self.process.pid} did not start"))
-                self.close()
-                self.lost()
+                self._exited()
                 return
             kind, tid, stats = pickle.loads(data)
             if kind == "ready":
@@ -132,15 +172,25 @@ class Worker:
                 continue
             transfer = self.transfers.pop(tid, None)
             if transfer is not None:
-                self.pool.on_done(transfer, stats)
+                transfer.sock.close()
+                self.pool.on_done(transfer, dataclasses.replace(stats, filename=transfer.filename))
+
+    def _exited(self) -> None:
+        status = self.process.poll()
+        log.error("TFTP worker %d exited (%s) with %d transfers; they are failed, and a new worker takes its "
+                  "place", self.process.pid, "still running" if status is None else f"status {status}",
+                  len(self.transfers))
+        if not self.ready.done():
+            self.ready.set_exception(OSError(f"TFTP worker {self.process.pid} did not start"))
+        self.close()
+        self.lost()
+        self.pool.replace()
 
     def lost(self) -> None:
-        """Report the transfers this worker will never report on."""
+        """Fail the transfers this worker will never report on: each client is told at once."""
         for tid, transfer in list(self.transfers.items()):
             del self.transfers[tid]
-            stats = TransferStats(format_peer(transfer.peer), transfer.filename, (), 0, 0, 0.0, 0,
-                                  "cancelled", "worker exited")
-            self.pool.on_done(transfer, stats)
+            self.pool.on_done(transfer, transfer.interrupted())
 
     def close(self) -> None:
         if self in self.pool.workers:
@@ -159,8 +209,39 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.retired: list[Worker] = []  # closed, and to be waited for
         self._ids = itertools.count(1)
+        self.count = count
+        self.closing = False
+        self._replacing: asyncio.TimerHandle | None = None
+        self._replaced = 0.0
         for _ in range(count):
             self.workers.append(Worker(self))
+
+    def replace(self) -> None:
+        """Bring the pool back to `count` workers, at most once every _REPLACE_INTERVAL seconds."""
+        if self.closing or self._replacing is not None:
+            return
+        delay = max(0.0, self._replaced + _REPLACE_INTERVAL - self.loop.time())
+        self._replacing = self.loop.call_later(delay, self._replace)
+
+    def _replace(self) -> None:
+        self._replacing = None
+        if self.closing:
+            return
+        self._replaced = self.loop.time()
+        while len(self.workers) < self.count:
+            try:
+                worker = Worker(self)
+            except OSError as e:
+                log.error("cannot start a TFTP worker: %s", e)
+                self.replace()
+                return
+            self.workers.append(worker)
+            log.info("TFTP worker %d started", worker.process.pid)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Collect the exit status of retired workers that have exited (no zombies while serving)."""
+        self.retired = [w for w in self.retired if w.process.poll() is None]
 
     async def ready(self, timeout: float = 30) -> None:
         """Wait until every worker runs, so that the first transfers do not wait for Python to start."""
@@ -173,14 +254,17 @@ class WorkerPool:
         for worker in sorted(self.workers, key=lambda w: len(w.transfers)):
             transfer = worker.start(next(self._ids), datagram, request, content, sock, peer, blksize_limit)
             if transfer is not None:
-                sock.close()  # the worker has its own copies of both descriptors now
-                content.close()
+                content.close()  # the worker has its own copy; the socket is kept (RemoteTransfer.sock)
                 return transfer
         return None
 
     async def close(self, timeout: float = 10) -> None:
         """Stop every worker: the ones that do not exit within `timeout` are killed, and the transfers any
         worker still had are reported as cancelled."""
+        self.closing = True
+        if self._replacing is not None:
+            self._replacing.cancel()
+            self._replacing = None
         for worker in list(self.workers):
             worker.close()
         workers, self.retired = self.retired, []
@@ -312,8 +396,14 @@ class _Loop:
 
     def _command(self) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.control, _MESSAGE_SIZE, 2)
+            data, fds = _receive(self.control, 2)
         except BlockingIOError:
+            return
+        except ChannelError as e:
+            # What the server asked is unknown: this worker stops, and the server fails its transfers and
+            # starts another.
+            print(f"netboot TFTP worker {os.getpid()}: {e}; exiting", file=sys.stderr, flush=True)
+            self._shutdown()
             return
         if not data:
             self._shutdown()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from initrd_reader import decompress, items
-from support import ServerProcess, cli
+from support import ServerProcess, cli, fake_out
 
 from netboot.core import compress
 from netboot.core.errors import NetbootError
@@ -24,16 +23,6 @@ from netboot.server.overlay import OverlayDir, OverlayError, pack
 
 NODE1, NODE2, NODE3 = "52:54:00:00:0a:01", "52:54:00:00:0a:02", "52:54:00:00:0a:03"
 STRANGER = "52:54:00:00:0a:99"
-
-
-def fake_out(d: Path, fmt: str = "squashfs", compression: str = "zstd", level: int | None = 10) -> Path:
-    """An output directory as netboot build leaves it, with stand-ins for the kernel and initrd."""
-    d.mkdir(parents=True)
-    for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe"):
-        (d / name).write_bytes(name.encode())
-    (d / "manifest.json").write_text(json.dumps({"cmdline": "init=/x", "system": f"/nix/store/{fmt}", "format": fmt,
-                                                 "compression": compression, "level": level}))
-    return d
 
 
 def make_overlay(d: Path) -> Path:
@@ -297,5 +286,61 @@ def test_serve_renders_again_when_a_template_is_edited(fleet: Path, tmp_path: Pa
             time.sleep(0.2)
         assert {e.name: e.data for e in items(first)}["netboot-overlay/etc/hostname"] == b"node1\n"
         assert f"mac={NODE1} profile=squash http /machine/{NODE1.replace(':', '-')}/" in server.log
+    finally:
+        server.stop()
+
+
+LOOPS, HUGE, GREEDY, FINE = "52:54:00:00:0c:01", "52:54:00:00:0c:02", "52:54:00:00:0c:03", "52:54:00:00:0c:04"
+
+
+def test_a_template_that_loops_or_renders_a_gigabyte_is_refused_and_others_keep_booting(fleet: Path,
+                                                                                       tmp_path: Path) -> None:
+    # Machines not in the file (the default profile's overlay), each rendered on its first request: one
+    # template loops for hours, one renders a gigabyte, one asks for 2 GB of memory at once.
+    (tmp_path / "overlay/etc/hostile.j2").write_text(
+        f'{{% if mac == "{LOOPS}" %}}{{% for a in range(100000) %}}{{% for b in range(100000) %}}'
+        f'{{% endfor %}}{{% endfor %}}{{% endif %}}'
+        f'{{% if mac == "{HUGE}" %}}{{% for a in range(100000) %}}{{{{ "x" * 10000 }}}}{{% endfor %}}{{% endif %}}'
+        f'{{% if mac == "{GREEDY}" %}}{{{{ ("x" * 2000000000)|length }}}}{{% endif %}}ok\n')
+    server = ServerProcess("--machines", fleet, "--http", "127.0.0.1:0", "--tftp", "127.0.0.1:0")
+    try:
+        answers: dict[str, str] = {}
+
+        def ask(mac: str) -> None:
+            answers[mac] = fetch(server, f"machine/{mac.replace(':', '-')}/boot.ipxe").decode()
+
+        import threading
+
+        hostile = [threading.Thread(target=ask, args=(mac,)) for mac in (LOOPS, HUGE, GREEDY)]
+        for t in hostile:
+            t.start()
+        # Meanwhile others boot: a listed machine and one not listed, their scripts and overlays, over HTTP
+        # and over TFTP (whose requests wait for the overlay's rendering without stalling the server).
+        for mac in (NODE1, FINE):
+            text = fetch(server, f"machine/{mac.replace(':', '-')}/boot.ipxe").decode()
+            files = {e.name: e.data for e in items(decompress(fetch(server, overlay_url(text)), "zstd" if mac == NODE1
+                                                                    else "gzip"))}
+            assert any(name.endswith("etc/hostile") and data == b"ok\n" for name, data in files.items()), files
+        tftp = subprocess.run(["curl", "-sS", f"tftp://127.0.0.1:{server.tftp_port}/machine/"
+                               f"{NODE3.replace(':', '-')}/boot.ipxe"], capture_output=True, timeout=60)
+        assert tftp.returncode == 0 and b"initrd --name overlay" in tftp.stdout, tftp.stderr
+        unlisted = "52-54-00-00-0c-05"
+        tftp = subprocess.run(["curl", "-sS", f"tftp://127.0.0.1:{server.tftp_port}/machine/{unlisted}/boot.ipxe"],
+                              capture_output=True, timeout=60)
+        assert tftp.returncode == 0 and b"initrd --name overlay" in tftp.stdout, tftp.stderr
+        assert not answers.get(LOOPS), "the looping template finished before the others were served"
+        for t in hostile:
+            t.join(60)
+        # Each is refused: its script says why and asks again later; one log line each.
+        reasons = {LOOPS: "rendering took longer than 10 s", HUGE: "renders more than 16 MiB",
+                   GREEDY: "MemoryError"}
+        for mac, reason in reasons.items():
+            assert f"this machine ({mac}) cannot boot:" in answers[mac] and reason in answers[mac], answers[mac]
+            assert "initrd" not in answers[mac]
+            lines = [line for line in server.log.splitlines() if f"machine {mac}" in line]
+            assert len(lines) == 1 and reason in lines[0] and len(lines[0]) < 400, lines
+        # And the server goes on rendering for new machines.
+        text = fetch(server, "machine/52-54-00-00-0c-06/boot.ipxe").decode()
+        assert "initrd --name overlay" in text
     finally:
         server.stop()

@@ -190,7 +190,7 @@ def test_aborted_transfers_are_failed(server: ServerProcess, outs: dict[str, Pat
 
 def test_the_event_stream_sends_each_boot_event(server: ServerProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.status_port), timeout=30) as s:
-        s.sendall(b"GET /api/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.sendall(b"GET /api/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         head = s.recv(4096).decode()
         assert "200 OK" in head and "text/event-stream" in head
         with urllib.request.urlopen(server.url(f"machine/{hyphens(HTTP_MAC)}/boot.ipxe"), timeout=30):

@@ -83,3 +83,17 @@ def test_parsing_request_shaped_noise(strings: list[bytes], tail: bytes) -> None
         return
     assert request.mode in packets.MODES
     assert all(name == name.lower() for name, _ in request.options)
+
+
+def test_requests_are_bounded() -> None:
+    assert packets.parse_request(packets.build_request("a" * 512)).filename == "a" * 512
+    with pytest.raises(packets.PacketError, match="file name of 513 bytes, longer than 512"):
+        packets.parse_request(packets.build_request("a" * 513))
+    many = tuple((f"o{i}", "v") for i in range(40))
+    long = (("blksize", "1" * 65), ("x" * 65, "1"), ("tsize", "0"))
+    assert packets.parse_request(packets.build_request("f", "octet", long)).options == (("tsize", "0"),)
+    assert len(packets.parse_request(packets.build_request("f", "octet", many)).options) == packets.MAX_OPTIONS
+    with pytest.raises(packets.PacketError) as e:
+        packets.parse_request(b"\0\1f\0" + b"m" * 5000 + b"\0")
+    assert len(str(e.value)) < 80
+    assert len(packets.build_error(1, "x" * 5000)) == 4 + packets.MAX_ERROR_MESSAGE + 1

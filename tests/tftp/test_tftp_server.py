@@ -413,5 +413,5 @@ def test_a_worker_that_dies_is_reported_and_serving_goes_on(tftp_server: Callabl
     process.wait(10)
     (stats,) = served.wait_stats(1)
     assert stats.outcome == "cancelled" and stats.detail == "worker exited" and stats.filename == "3m.bin"
-    with Peer() as again:  # no worker left: transfers run in the server's own loop
+    with Peer() as again:  # a new worker took its place
         assert again.download(served.port, "small.bin") == (tftp_root / "small.bin").read_bytes()
