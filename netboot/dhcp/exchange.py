@@ -139,7 +139,7 @@ class Responder:
         reserved = self.reservations
         kind = request.type
         if kind == MessageType.DISCOVER:
-            ip = leases.choose(mac, request.requested_ip, now, reserved)
+            ip = leases.choose(mac, request.requested_ip, now, reserved, request.client_id)
             if ip is None:
                 return Ignored(mac, f"no free address left in {pool.first}-{pool.last}")
             return self._lease_reply(request, arrival, MessageType.OFFER, ip)
@@ -157,13 +157,14 @@ class Responder:
                 return self._nak(request, arrival, f"{ip} is not available to it")
             return self._lease_reply(request, arrival, MessageType.ACK, ip)
         if kind == MessageType.DECLINE:
-            if request.server_id == str(arrival.server.ip) and request.requested_ip:
-                leases.decline(mac, request.requested_ip, now)
-                return Ignored(mac, f"declined {request.requested_ip}: in use by another host; set aside")
-            return None
+            if request.server_id != str(arrival.server.ip) or not request.requested_ip:
+                return None
+            if not leases.decline(mac, request.requested_ip, now, request.client_id):
+                return Ignored(mac, f"DECLINE of {request.requested_ip}, which is not its offer or lease: dropped")
+            return Ignored(mac, f"declined {request.requested_ip}: in use by another host; set aside")
         if kind == MessageType.RELEASE:
-            if request.ciaddr != ZERO:
-                leases.release(mac, request.ciaddr, now)
+            if request.ciaddr != ZERO and not leases.release(mac, request.ciaddr, now, request.client_id):
+                return Ignored(mac, f"RELEASE of {request.ciaddr}, which is not its lease: dropped")
             return None
         if kind == MessageType.INFORM:
             return self._lease_reply(request, arrival, MessageType.ACK, None)
@@ -201,7 +202,7 @@ class Responder:
         if request.relay_info is not None:
             options["relay_agent_information"] = request.relay_info
         if ip is not None and kind == MessageType.ACK:
-            leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""))
+            leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""), request.client_id)
         return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-")
 
     def _nak(self, request: Request, arrival: Arrival, why: str) -> Answer:

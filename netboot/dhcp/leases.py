@@ -5,7 +5,9 @@ Rules, so that no address is ever given to two machines:
 - a machine gets its previous address again when it is still free (across restarts: the state file keeps it);
 - otherwise the lowest address never leased, then the address whose lease expired longest ago;
 - an offered address is held for its machine for a minute, so two DISCOVERs never get the same offer;
-- an address a client declined (RFC 2131 §4.3.3: in use by something else) is set aside for an hour.
+- an address a client declined (RFC 2131 §4.3.3: in use by something else) is set aside for an hour, and only
+  when that client holds it (offered or leased to its MAC, with the same client identifier when both carry one);
+  at most a quarter of the range is set aside at once, the oldest returning first.
 Every lease is written to the state file (atomically: a new file renamed over the old) before the ACK goes out,
 so a crash loses none. A state file that cannot be read stops the server at start and is never overwritten.
 """
@@ -80,6 +82,7 @@ class Lease:
     ip: str
     expires: float  # seconds since the epoch
     hostname: str = ""
+    client_id: bytes = b""  # option 61 of the request it was granted on, if any
 
 
 class StateFile:
@@ -117,7 +120,8 @@ class StateFile:
 
     def save(self, leases: list[Lease]) -> None:
         data = {"format": FORMAT, "version": VERSION,
-                "leases": [asdict(lease) for lease in sorted(leases, key=lambda x: IPv4Address(x.ip))]}
+                "leases": [{k: v for k, v in asdict(lease).items() if k != "client_id"}
+                           for lease in sorted(leases, key=lambda x: IPv4Address(x.ip))]}
         fd, tmp = tempfile.mkstemp(prefix=".leases-", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w") as f:
@@ -167,7 +171,7 @@ class Leases:
         self.by_ip: dict[str, Lease] = {}
         for lease in state.load():
             self._bind(lease)
-        self.offers: dict[str, tuple[str, float]] = {}  # mac -> (ip, until)
+        self.offers: dict[str, tuple[str, float, bytes]] = {}  # mac -> (ip, until, client id)
         self.declined: dict[str, float] = {}  # ip -> until
 
     def _bind(self, lease: Lease) -> None:
@@ -182,7 +186,7 @@ class Leases:
         lease = self.by_ip.get(ip)
         if lease is not None and lease.expires > now:
             return lease.mac
-        for mac, (offered, until) in self.offers.items():
+        for mac, (offered, until, _) in self.offers.items():
             if offered == ip and until > now:
                 return mac
         return None
@@ -196,10 +200,11 @@ class Leases:
             return False
         return self._holder(ip, now) in (None, mac)
 
-    def choose(self, mac: str, requested: str | None, now: float, reserved: dict[str, str]) -> str | None:
+    def choose(self, mac: str, requested: str | None, now: float, reserved: dict[str, str],
+               client_id: bytes = b"") -> str | None:
         """The address to offer `mac`, held for it for OFFER_HOLD seconds; None when the range is exhausted."""
         in_range = range(int(self.pool.first), int(self.pool.last) + 1)
-        candidates = [reserved.get(mac), self.offers.get(mac, (None, 0))[0]]
+        candidates = [reserved.get(mac), self.offers.get(mac, (None, 0, b""))[0]]
         if mac in self.by_mac:
             candidates.append(self.by_mac[mac].ip)
         if requested is not None and int(IPv4Address(requested)) in in_range:
@@ -208,7 +213,7 @@ class Leases:
         if chosen is None:
             chosen = self._fresh(mac, now, reserved)
         if chosen is not None:
-            self.offers[mac] = (chosen, now + OFFER_HOLD)
+            self.offers[mac] = (chosen, now + OFFER_HOLD, client_id)
         return chosen
 
     def _fits(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
@@ -228,9 +233,9 @@ class Leases:
             expired.append((lease.expires, ip))
         return min(expired)[1] if expired else None
 
-    def commit(self, mac: str, ip: str, now: float, hostname: str = "") -> Lease:
+    def commit(self, mac: str, ip: str, now: float, hostname: str = "", client_id: bytes = b"") -> Lease:
         """Lease `ip` to `mac` for the pool's lease time; written to disk before returning."""
-        lease = Lease(mac, ip, now + self.pool.lease_time, hostname)
+        lease = Lease(mac, ip, now + self.pool.lease_time, hostname, client_id)
         previous = self.by_ip.get(ip)
         if previous is not None and previous.mac != mac:
             del self.by_mac[previous.mac]  # an expired lease of another machine gives way
@@ -239,17 +244,31 @@ class Leases:
         self.state.save(list(self.by_mac.values()))
         return lease
 
-    def release(self, mac: str, ip: str, now: float) -> bool:
-        """RELEASE: the lease ends now, but the address stays this machine's next choice."""
+    def release(self, mac: str, ip: str, now: float, client_id: bytes = b"") -> bool:
+        """RELEASE: the lease ends now, but the address stays this machine's next choice. Only from the client
+        holding it: False otherwise."""
         lease = self.by_mac.get(mac)
-        if lease is None or lease.ip != ip or lease.expires <= now:
+        if lease is None or lease.ip != ip or lease.expires <= now or not _same(lease.client_id, client_id):
             return False
         lease.expires = now
         self.state.save(list(self.by_mac.values()))
         return True
 
-    def decline(self, mac: str, ip: str, now: float) -> None:
-        """DECLINE: something else answers on `ip`; set it aside, and forget this machine's claim on it."""
+    def holds(self, mac: str, ip: str, now: float, client_id: bytes = b"") -> bool:
+        """Is `ip` offered or leased to this client (its MAC, and its client identifier when both carry one)?"""
+        lease = self.by_mac.get(mac)
+        offer = self.offers.get(mac)
+        return (lease is not None and lease.ip == ip and lease.expires > now and _same(lease.client_id, client_id)
+                ) or (offer is not None and offer[0] == ip and offer[1] > now and _same(offer[2], client_id))
+
+    def decline(self, mac: str, ip: str, now: float, client_id: bytes = b"") -> bool:
+        """DECLINE: something else answers on `ip`; set it aside, and forget this machine's claim on it. Only
+        from the client holding it (as Kea's DHCP4_DECLINE_LEASE_MISMATCH, ISC dhcpd): False otherwise."""
+        if not self.holds(mac, ip, now, client_id):
+            return False
+        limit = max(1, (int(self.pool.last) - int(self.pool.first) + 1) // 4)
+        while len(self.declined) >= limit:  # bounded: the one set aside longest gives way
+            del self.declined[min(self.declined, key=self.declined.__getitem__)]
         self.declined[ip] = now + DECLINE_HOLD
         self.offers.pop(mac, None)
         lease = self.by_mac.get(mac)
@@ -257,6 +276,7 @@ class Leases:
             del self.by_mac[mac]
             del self.by_ip[ip]
             self.state.save(list(self.by_mac.values()))
+        return True
 
     def forget_offer(self, mac: str) -> None:
         """The client took another server's offer."""
@@ -265,6 +285,11 @@ class Leases:
     def prune(self, now: float) -> None:
         self.offers = {m: o for m, o in self.offers.items() if o[1] > now}
         self.declined = {ip: t for ip, t in self.declined.items() if t > now}
+
+
+def _same(kept: bytes, sent: bytes) -> bool:
+    """Client identifiers agree unless both are given and differ (the MAC is compared by the caller)."""
+    return not kept or not sent or kept == sent
 
 
 def network_of(first: IPv4Address, last: IPv4Address,

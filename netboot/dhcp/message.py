@@ -68,6 +68,7 @@ class Request:
     params: tuple[int, ...] = ()  # option 55
     relay_info: bytes | None = None  # option 82, echoed (RFC 3046 §2.2)
     hostname: str = ""  # option 12
+    client_id: bytes = b""  # option 61: with the MAC, names the client a lease belongs to (RFC 2131 §4.2)
 
     @property
     def broadcast(self) -> bool:
@@ -148,6 +149,7 @@ def parse(data: bytes) -> Request:
         params=params,
         relay_info=bytes(options["relay_agent_information"]) if "relay_agent_information" in options else None,
         hostname=_text(options.get("host_name", "")),
+        client_id=bytes(options.get("client_id", [])),
     )
 
 
