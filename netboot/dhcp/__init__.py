@@ -1,6 +1,6 @@
 """DHCP server for netbooting: proxy DHCP beside a site's server, or an authoritative server with leases.
 
-A sans-IO core (`message` parses and builds with pyroute2's codec, `boot` tells client kinds and boot files,
+A sans-IO core (`message` parses and builds, `boot` tells client kinds and boot files,
 `leases` allocates and persists addresses, `exchange` decides every answer) under a thin asyncio layer
 (`server`). Embedding (`netboot serve`):
 
