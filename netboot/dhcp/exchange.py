@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Any
 
@@ -51,6 +51,7 @@ class Answer:
     dest: tuple[str, int]
     ifindex: int  # the interface a broadcast leaves by; 0 to route by destination
     line: str  # the log line: MAC, client kind, message, address, boot file
+    durable_first: bool = False  # an ACK: sent only once the lease store has made the lease durable
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,18 @@ class Responder:
     machines: Callable[[], Machines]
     leases: Leases | None = None  # None: proxy mode
     clock: Callable[[], float] = time.time
+    _reserved_of: Machines | None = field(default=None, init=False, repr=False)
+    _reserved: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def reservations(self) -> dict[str, str]:
-        """MAC -> address, from the machines file's `ip = …` (checked against the pool when it is loaded)."""
-        return {m.mac: m.ip for m in self.machines().machines.values() if m.ip}
+        """MAC -> address, from the machines file's `ip = …` (checked against the pool when it is loaded); the
+        same dict while the machines file is the same, so that the leases follow a change at once and only then."""
+        machines = self.machines()
+        if machines is not self._reserved_of:
+            self._reserved = {m.mac: m.ip for m in machines.machines.values() if m.ip}
+            self._reserved_of = machines
+        return self._reserved
 
     @property
     def proxy(self) -> bool:
@@ -201,9 +209,11 @@ class Responder:
                 _boot_options(options, request, found_file)
         if request.relay_info is not None:
             options["relay_agent_information"] = request.relay_info
-        if ip is not None and kind == MessageType.ACK:
+        committed = ip is not None and kind == MessageType.ACK
+        if committed:
             leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""), request.client_id)
-        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-")
+        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-",
+                            durable_first=committed)
 
     def _nak(self, request: Request, arrival: Arrival, why: str) -> Answer:
         assert arrival.server is not None
@@ -213,11 +223,11 @@ class Responder:
                             note=f" ({why})")
 
     def _answer(self, reply: Reply, client: boot.Client, dest: tuple[str, int], ifindex: int, address: str,
-                note: str = "") -> Answer:
+                note: str = "", durable_first: bool = False) -> Answer:
         shown = reply.file if not reply.file or "://" in reply.file else f"tftp://{reply.siaddr}/{reply.file}"
         line = (f"{reply.request.mac} {client.kind} {reply.type.name} address={address} "
                 f"boot={shown or '-'}{note}")
-        return Answer(reply.encode(), dest, ifindex if dest[0] == BROADCAST else 0, line)
+        return Answer(reply.encode(), dest, ifindex if dest[0] == BROADCAST else 0, line, durable_first)
 
 
 def _boot_options(options: dict[str, Any], request: Request, found: boot.BootFile) -> None:

@@ -1,6 +1,10 @@
 """The asyncio side of the DHCP server: sockets on ports 67 (and 4011 in proxy mode), and nothing else.
 
-Every decision is `exchange.Responder`'s. This layer receives with recvmsg() and IP_PKTINFO to learn the
+Every decision is `exchange.Responder`'s. An ACK waits for its lease to be durable: the lease changes of each
+burst of datagrams are written as one group by the lease store in a thread of its own (group commit, as
+databases do), and the ACKs go out when that write returns; meanwhile the loop goes on answering.
+
+This layer receives with recvmsg() and IP_PKTINFO to learn the
 interface each datagram came in on, gives the responder our address there (from a snapshot of the interfaces,
 refreshed in a thread because pyroute2's calls must not run on this loop), and sends the answer with
 sendmsg() and IP_PKTINFO naming the interface and source address: that is how a broadcast to 255.255.255.255
@@ -12,12 +16,14 @@ can fix (an unknown MAC, no free address) is logged once per machine and reason.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
@@ -54,6 +60,13 @@ class DhcpServer:
         self._ignored: dict[tuple[str, str], float] = {}
         self.answered = 0
         self.ports: list[int] = []
+        self._store = responder.leases.store if responder.leases is not None else None
+        self._waiting: list[tuple[socket.socket, Answer, IPv4Interface | None]] = []  # ACKs for the next write
+        self._writing = False
+        self._write_failed = 0.0
+        self._closed = False
+        self._journal = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhcp-journal")
+                         if self._store is not None else None)
 
     def listen(self, host: str, port: int) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -77,7 +90,7 @@ class DhcpServer:
             try:
                 data, ancdata, _flags, source = sock.recvmsg(MAX_DATAGRAM + 1, socket.CMSG_SPACE(_IN_PKTINFO.size))
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as e:  # e.g. ICMP errors reported on the socket
                 log.debug("dhcp: receive: %s", e)
                 continue
@@ -86,6 +99,7 @@ class DhcpServer:
                 if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(value) >= _IN_PKTINFO.size:
                     ifindex = _IN_PKTINFO.unpack_from(value)[0]
             self._datagram(sock, port, data, source, ifindex)
+        self._commit()
 
     def _datagram(self, sock: socket.socket, port: int, data: bytes, source: tuple[str, int], ifindex: int) -> None:
         name, addresses = self.interfaces.get(ifindex, ("", []))
@@ -106,7 +120,44 @@ class DhcpServer:
         if isinstance(result, Ignored):
             self._ignore(result)
         elif isinstance(result, Answer):
-            self._send(sock, result, server)
+            if result.durable_first:
+                self._waiting.append((sock, result, server))
+            else:
+                self._send(sock, result, server)
+
+    def _commit(self) -> None:
+        """Write the lease changes recorded so far as one group, unless a write is under way (its end starts the
+        next); the ACKs waiting for them go out when it returns."""
+        if self._store is None or self._writing or self._closed:
+            return
+        batch = self._store.take()
+        answers, self._waiting = self._waiting, []
+        if batch is None:  # nothing new: what they wait for was written already
+            for sock, answer, server in answers:
+                self._send(sock, answer, server)
+            return
+        self._writing = True
+        future = self._loop.run_in_executor(self._journal, self._store.write, batch)
+        future.add_done_callback(partial(self._written, batch, answers))
+
+    def _written(self, batch: object, answers: list[tuple[socket.socket, Answer, IPv4Interface | None]],
+                 future: asyncio.Future) -> None:
+        self._writing = False
+        if self._closed or future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            assert self._store is not None
+            self._store.restore(batch)  # tried again; the clients, unanswered, ask again
+            now = time.monotonic()
+            if now - self._write_failed >= _QUIET:
+                log.error("dhcp: cannot write the lease journal (%s): %d ACKs not sent", error, len(answers))
+                self._write_failed = now
+            self._loop.call_later(1.0, self._commit)
+            return
+        for sock, answer, server in answers:
+            self._send(sock, answer, server)
+        self._commit()
 
     def _server(self, addresses: list[IPv4Interface], source: str) -> IPv4Interface | None:
         """Our address on the interface: the one in the pool's subnet, else the client's, else the first."""
@@ -173,8 +224,11 @@ class DhcpServer:
             check_reservations(machines, self.responder.leases.pool)
 
     def close(self) -> None:
-        if self.responder.leases is not None:
-            self.responder.leases.state.close()
+        self._closed = True
+        if self._journal is not None:
+            self._journal.shutdown(wait=True)  # a write under way ends first
+        if self._store is not None:
+            self._store.close()  # writes what is left
         for sock in self._sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()

@@ -27,7 +27,8 @@ from dhcp_support import (
 
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
-from netboot.dhcp.leases import Leases, Pool, StateFile
+from netboot.dhcp.journal import Journal
+from netboot.dhcp.leases import Leases, Pool
 from netboot.serve.machines import Machine, Machines, Profile
 
 SERVER = IPv4Interface("192.0.2.10/24")
@@ -158,7 +159,7 @@ def leases(tmp_path: Path):
     pool = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.103"), IPv4Network("192.0.2.0/24"),
                 lease_time=600, router=IPv4Address("192.0.2.1"), dns=(IPv4Address("192.0.2.1"),),
                 domain="lab.example", excluded=frozenset({IPv4Address("192.0.2.10"), IPv4Address("192.0.2.1")}))
-    state = StateFile(tmp_path)
+    state = Journal(tmp_path)
     yield Leases(pool, state)
     state.close()
 
@@ -276,7 +277,7 @@ def test_a_strangers_decline_and_release_change_nothing(tmp_path: Path) -> None:
     """Another MAC declining a machine's address and every other address of a 16-address range, and releasing
     the machine's lease: dropped (Kea's DHCP4_DECLINE_LEASE_MISMATCH). The machine renews, a new client is offered."""
     pool = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.115"), IPv4Network("192.0.2.0/24"))
-    state = StateFile(tmp_path)
+    state = Journal(tmp_path)
     r = responder(fleet(), Leases(pool, state))
     address, _ = dora(r, plain, NODE2)
     server = (54, ip("192.0.2.10"))
@@ -310,7 +311,7 @@ def test_declined_addresses_are_bounded_and_come_back_after_probation(tmp_path: 
     """Each client may decline what it was offered, but at most a quarter of the range is set aside at once (the
     oldest gives way), and a declined address returns after its hour of probation."""
     pool = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.115"), IPv4Network("192.0.2.0/24"))
-    state = StateFile(tmp_path)
+    state = Journal(tmp_path)
     r = responder(fleet(), Leases(pool, state))
     server = (54, ip("192.0.2.10"))
     for i in range(12):  # a flood of made-up MACs, each declining what it is offered

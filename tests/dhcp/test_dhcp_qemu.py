@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ipaddress
-import json
 import re
 import signal
 from pathlib import Path
@@ -15,7 +14,7 @@ from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixtu
 from support import assert_booted
 from test_dhcp_live import start, wait_for
 
-from netboot.dhcp.leases import STATE_FILE
+from netboot.dhcp import journal
 from netboot.lan import Lan
 
 pytestmark = pytest.mark.slow
@@ -89,8 +88,8 @@ def test_authoritative_mode_alone_with_a_reservation_and_a_restart(lan: Lan, out
     other = address_used(server.log, BIOS_MAC)
     assert RANGE[0] <= ipaddress.IPv4Address(other) <= RANGE[1]
     assert f"{UEFI_MAC} uefi-x64-pxe ACK address=192.0.2.42 boot=tftp://192.0.2.10/ipxe.efi" in server.log
-    state = json.loads((tmp_path / "state" / STATE_FILE).read_text())
-    assert {x["mac"]: x["ip"] for x in state["leases"]} == {UEFI_MAC: "192.0.2.42", BIOS_MAC: other}
+    leases = journal.read(tmp_path / "state")[0]
+    assert {mac: x.ip for mac, x in leases.items()} == {UEFI_MAC: "192.0.2.42", BIOS_MAC: other}
     # A restart (SIGTERM, then a new process): the same machine gets the same address again.
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=20) == 0
