@@ -15,10 +15,11 @@ PXE (no option 60 `PXEClient`, which would send EDK2 to a port 4011 that this mo
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Interface
 from typing import Any
 
 from pyroute2.dhcp.enums.dhcp import MessageType
@@ -44,8 +45,13 @@ class Arrival:
     ifindex: int
     server: IPv4Interface | None  # our address on that interface (None: the interface has no IPv4 address)
 
+    @functools.cached_property
+    def address(self) -> str:
+        """Our address, as text (the server identifier)."""
+        return str(self.server.ip) if self.server is not None else ZERO
 
-@dataclass(frozen=True)
+
+@dataclass(slots=True)  # not frozen: made for every answer, and a frozen dataclass is slow to make
 class Answer:
     data: bytes
     dest: tuple[str, int]
@@ -106,7 +112,7 @@ class Responder:
         client = boot.classify(request)
         if not client.firmware:
             return None  # not booting from the network: never disturb it
-        server = str(arrival.server.ip) if arrival.server else ZERO
+        server = arrival.address
         found = self._boot_file(request, client, server)
         if isinstance(found, Ignored):
             return found
@@ -138,8 +144,7 @@ class Responder:
         leases = self.leases
         assert leases is not None and arrival.server is not None
         pool = leases.pool
-        relayed = request.giaddr != ZERO
-        if (IPv4Address(request.giaddr) if relayed else arrival.server.ip) not in pool.network:
+        if not leases.in_subnet(request.giaddr if request.giaddr != ZERO else arrival.address):
             return None  # another subnet's request
         now = self.clock()
         leases.prune(now)
@@ -152,20 +157,20 @@ class Responder:
                 return Ignored(mac, f"no free address left in {pool.first}-{pool.last}")
             return self._lease_reply(request, arrival, MessageType.OFFER, ip)
         if kind == MessageType.REQUEST:
-            if request.server_id is not None and request.server_id != str(arrival.server.ip):
+            if request.server_id is not None and request.server_id != arrival.address:
                 leases.forget_offer(mac)  # it chose another server
                 return None
             ip = request.requested_ip or (request.ciaddr if request.ciaddr != ZERO else None)
             if ip is None:
                 return None
-            in_range = pool.first <= IPv4Address(ip) <= pool.last or reserved.get(mac) == ip
+            in_range = leases.in_range(ip) or reserved.get(mac) == ip
             if not (in_range and leases.free_for(mac, ip, now, reserved)):
                 # Authoritative for its subnet: a client asking for an address it may not have is told at once
                 # rather than left to time out (RFC 2131 §4.3.2, as dnsmasq's dhcp-authoritative).
                 return self._nak(request, arrival, f"{ip} is not available to it")
             return self._lease_reply(request, arrival, MessageType.ACK, ip)
         if kind == MessageType.DECLINE:
-            if request.server_id != str(arrival.server.ip) or not request.requested_ip:
+            if request.server_id != arrival.address or not request.requested_ip:
                 return None
             if not leases.decline(mac, request.requested_ip, now, request.client_id):
                 return Ignored(mac, f"DECLINE of {request.requested_ip}, which is not its offer or lease: dropped")
@@ -182,19 +187,9 @@ class Responder:
         leases = self.leases
         assert leases is not None and arrival.server is not None
         pool = leases.pool
-        server = str(arrival.server.ip)
+        server = arrival.address
         options: dict[str, Any] = {"server_id": server}
-        if ip is not None:
-            t = pool.lease_time
-            options.update(lease_time=t, renewal_time=t // 2, rebinding_time=t * 7 // 8)
-        options["subnet_mask"] = str(pool.network.netmask)
-        options["broadcast_address"] = str(pool.network.broadcast_address)
-        if pool.router is not None:
-            options["router"] = [str(pool.router)]
-        if pool.dns:
-            options["name_server"] = [str(d) for d in pool.dns]
-        if pool.domain:
-            options["domain_name"] = pool.domain
+        options.update(pool.lease_options if ip is not None else pool.subnet_options)
         machine = self.machines().machines.get(request.mac)
         if machine is not None and machine.hostname:
             options["host_name"] = machine.hostname
@@ -217,7 +212,7 @@ class Responder:
 
     def _nak(self, request: Request, arrival: Arrival, why: str) -> Answer:
         assert arrival.server is not None
-        reply = Reply(request, MessageType.NAK, options={"server_id": str(arrival.server.ip), "message": why})
+        reply = Reply(request, MessageType.NAK, options={"server_id": arrival.address, "message": why})
         client = boot.classify(request)
         return self._answer(reply, client, _destination(request, MessageType.NAK), arrival.ifindex, "-",
                             note=f" ({why})")

@@ -21,6 +21,7 @@ the store has made it durable (group commit, netboot.dhcp.server).
 
 from __future__ import annotations
 
+import functools
 import heapq
 import ipaddress
 import socket
@@ -70,6 +71,26 @@ class Pool:
         if not sep or b < a:
             raise NetbootError(f"--dhcp {text!r}: expected proxy or a range START-END with START <= END")
         return a, b
+
+    @functools.cached_property
+    def subnet_options(self) -> dict[str, object]:
+        """What every answer with the subnet carries (by the names of netboot.dhcp.message.OPTIONS), in order."""
+        options: dict[str, object] = {"subnet_mask": str(self.network.netmask),
+                                      "broadcast_address": str(self.network.broadcast_address)}
+        if self.router is not None:
+            options["router"] = (str(self.router),)  # tuples: the codec keeps what it encoded by value
+        if self.dns:
+            options["name_server"] = tuple(str(d) for d in self.dns)
+        if self.domain:
+            options["domain_name"] = self.domain
+        return options
+
+    @functools.cached_property
+    def lease_options(self) -> dict[str, object]:
+        """What an answer with an address carries: the lease time, renewal (T1) and rebinding (T2) times at the
+        RFC 2131 §4.4.5 defaults, and the subnet's options."""
+        t = self.lease_time
+        return {"lease_time": t, "renewal_time": t // 2, "rebinding_time": t * 7 // 8, **self.subnet_options}
 
     def addresses(self) -> Iterator[IPv4Address]:
         for n in range(int(self.first), int(self.last) + 1):
@@ -154,6 +175,7 @@ class Leases:
         self._first, self._last = int(pool.first), int(pool.last)
         self._unusable = {int(a) for a in pool.excluded} | {int(pool.network.network_address),
                                                             int(pool.network.broadcast_address)}
+        self._net, self._mask = int(pool.network.network_address), int(pool.network.netmask)
         self.by_mac: dict[str, Lease] = {}
         self.by_ip: dict[str, Lease] = {}
         for lease in store.load():
@@ -193,9 +215,15 @@ class Leases:
             return mac
         return None
 
+    def in_subnet(self, ip: str) -> bool:
+        return to_int(ip) & self._mask == self._net
+
+    def in_range(self, ip: str) -> bool:
+        return self._first <= to_int(ip) <= self._last
+
     def _usable(self, ip: str) -> bool:
         n = to_int(ip)
-        return n not in self._unusable and IPv4Address(n) in self.pool.network
+        return n not in self._unusable and n & self._mask == self._net
 
     def free_for(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
         """May `mac` have `ip` now? Not if it is reserved for, leased to, offered to or declined by another."""
@@ -225,7 +253,7 @@ class Leases:
         offer = self.offers.get(mac)
         lease = self.by_mac.get(mac)
         candidates = (reserved.get(mac), offer[0] if offer else None, lease.ip if lease else None,
-                      requested if requested is not None and self._in_range(requested) else None)
+                      requested if requested is not None and self.in_range(requested) else None)
         chosen = next((ip for ip in candidates if ip is not None and self._fits(mac, ip, now, reserved)), None)
         if chosen is None:
             chosen = self._never_leased(now)
@@ -239,17 +267,14 @@ class Leases:
             heapq.heappush(self._deadlines, (until, "offer", mac))
         return chosen
 
-    def _in_range(self, ip: str) -> bool:
-        return self._first <= to_int(ip) <= self._last
-
     def _fits(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
-        return (self._in_range(ip) or reserved.get(mac) == ip) and self.free_for(mac, ip, now, reserved)
+        return (self.in_range(ip) or reserved.get(mac) == ip) and self.free_for(mac, ip, now, reserved)
 
     def _never_ok(self, n: int, now: float) -> bool:
         """Free for anyone, and never leased: what the cursor and the returned heap offer first."""
         ip = to_text(n)
         return (ip not in self.by_ip and ip not in self._offered and ip not in self._reserved
-                and self.declined.get(ip, 0) <= now and n not in self._unusable and IPv4Address(n) in self.pool.network)
+                and self.declined.get(ip, 0) <= now and n not in self._unusable and n & self._mask == self._net)
 
     def _never_leased(self, now: float) -> str | None:
         returned = self._returned

@@ -105,6 +105,7 @@ def parse(data: bytes) -> Request:
     codes: set[int] = set()  # every option present
     at = OPTIONS_AT
     reading = True
+    sizes = FIXED_SIZES
     while at < size:
         code = data[at]
         if code == PAD:
@@ -122,7 +123,7 @@ def parse(data: bytes) -> Request:
             raise Malformed("option 55 appears more than once")
         codes.add(code)
         if reading:
-            if FIXED_SIZES.get(code, length) != length or (code == MESSAGE_TYPE and data[at + 2] not in _TYPES):
+            if sizes.get(code, length) != length or (code == MESSAGE_TYPE and data[at + 2] not in _TYPES):
                 reading = False  # as pyroute2: nothing after an undecodable option is read
             else:
                 options[code] = data[at + 2 : end]
@@ -139,7 +140,7 @@ def parse(data: bytes) -> Request:
     arches = options.get(93, b"")
     if len(arches) % 2:
         raise Malformed(f"option 93 has odd length {len(arches)}")
-    requested, server_id = options.get(50), options.get(54)
+    requested, server_id, vendor, hostname = options.get(50), options.get(54), options.get(60), options.get(12)
     return Request(
         type=_TYPES[kind[0]],
         xid=xid,
@@ -149,14 +150,14 @@ def parse(data: bytes) -> Request:
         giaddr=socket.inet_ntoa(giaddr),
         requested_ip=socket.inet_ntoa(requested) if requested is not None else None,
         server_id=socket.inet_ntoa(server_id) if server_id is not None else None,
-        vendor_class=_text(options.get(60, b"")),
+        vendor_class=_text(vendor) if vendor else "",
         user_class=options.get(77, b""),
-        arches=struct.unpack(f"!{len(arches) // 2}H", arches),
+        arches=struct.unpack(f"!{len(arches) // 2}H", arches) if arches else (),
         uuid=options.get(97),
         ipxe_features=175 in options,
         params=tuple(wanted),
         relay_info=options.get(82),
-        hostname=_text(options.get(12, b"")),
+        hostname=_text(hostname) if hostname else "",
         client_id=options.get(61, b""),
     )
 
@@ -192,24 +193,40 @@ class Reply:
             bytes((MESSAGE_TYPE, 1, self.type)),
         ]
         for name, value in (self.options or {}).items():
-            code, kind = OPTIONS[name]
-            if kind == _IP:
-                raw = socket.inet_aton(value)
-            elif kind == _IPS:
-                raw = b"".join(map(socket.inet_aton, value))
-            elif kind == _TEXT:
-                raw = value.encode() if isinstance(value, str) else bytes(value)
-            elif kind == _INT32:
-                raw = _INT32_BE.pack(value)
-            else:
-                raw = bytes(value)
-            if len(raw) > 255:
-                raise ValueError(f"option {name} of {len(raw)} bytes does not fit in one option")
-            parts.append(bytes((code, len(raw))))
-            parts.append(raw)
+            key = (name, value) if value.__hash__ is not None else None
+            encoded = _ENCODED.get(key) if key is not None else None
+            if encoded is None:
+                encoded = _option(name, value)
+                if key is not None and not isinstance(value, bytes):  # bytes come from a client: not kept
+                    if len(_ENCODED) >= 4096:
+                        _ENCODED.clear()
+                    _ENCODED[key] = encoded
+            parts.append(encoded)
         parts.append(b"\xff")
         data = b"".join(parts)
         return data + bytes(max(0, MIN_REPLY - len(data)))
+
+
+# Options as encoded, by name and value: a server says mostly the same things (its address, the lease times, the
+# subnet), so each is encoded once. Bounded: cleared when full.
+_ENCODED: dict[tuple[str, object], bytes] = {}
+
+
+def _option(name: str, value: Any) -> bytes:
+    code, kind = OPTIONS[name]
+    if kind == _IP:
+        raw = socket.inet_aton(value)
+    elif kind == _IPS:
+        raw = b"".join(map(socket.inet_aton, value))
+    elif kind == _TEXT:
+        raw = value.encode() if isinstance(value, str) else bytes(value)
+    elif kind == _INT32:
+        raw = _INT32_BE.pack(value)
+    else:
+        raw = bytes(value)
+    if len(raw) > 255:
+        raise ValueError(f"option {name} of {len(raw)} bytes does not fit in one option")
+    return bytes((code, len(raw))) + raw
 
 
 def _field(text: str, size: int, what: str) -> bytes:

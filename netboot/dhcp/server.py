@@ -39,6 +39,10 @@ _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 _REFRESH = 10.0  # seconds between looks at the interfaces' addresses
 _QUIET = 10.0  # seconds between log lines about dropped datagrams, and per ignored machine and reason: 600
 _IGNORED_AGAIN = 600.0
+# Answers logged one by one per second; beyond, one line a second counts them. A line costs about as much as the
+# answer itself (Python's logging), and the rule is to keep logging off the per-packet path under load (fbtftp,
+# tftpy #59); a rack powering on stays within it.
+_LOGGED_PER_SECOND = 100
 
 Interfaces = dict[int, tuple[str, list[IPv4Interface]]]
 
@@ -59,6 +63,8 @@ class DhcpServer:
         self._drop_logged = 0.0
         self._ignored: dict[tuple[str, str], float] = {}
         self.answered = 0
+        self._second = 0.0  # the second whose answers are being logged, how many were, how many not
+        self._logged = self._unlogged = 0
         self.ports: list[int] = []
         self._store = responder.leases.store if responder.leases is not None else None
         self._waiting: list[tuple[socket.socket, Answer, IPv4Interface | None]] = []  # ACKs for the next write
@@ -161,10 +167,10 @@ class DhcpServer:
 
     def _server(self, addresses: list[IPv4Interface], source: str) -> IPv4Interface | None:
         """Our address on the interface: the one in the pool's subnet, else the client's, else the first."""
-        client = _address(source)
         for a in addresses:
             if self.prefer is not None and a.ip in self.prefer:
                 return a
+        client = _address(source)
         for a in addresses:
             if client is not None and client in a.network:
                 return a
@@ -181,7 +187,17 @@ class DhcpServer:
             log.warning("dhcp: %s: not sent to %s:%d: %s", answer.line, *answer.dest, e.strerror)
             return
         self.answered += 1
-        log.info("dhcp: %s", answer.line)
+        now = time.monotonic()
+        if now - self._second >= 1.0:
+            if self._unlogged:
+                log.info("dhcp: and %d more answers in the last %.0f s, not logged one by one", self._unlogged,
+                         now - self._second)
+            self._second, self._logged, self._unlogged = now, 0, 0
+        if self._logged < _LOGGED_PER_SECOND:
+            self._logged += 1
+            log.info("dhcp: %s", answer.line)
+        else:
+            self._unlogged += 1
 
     def _drop(self, source: tuple[str, int], why: str) -> None:
         self._dropped += 1

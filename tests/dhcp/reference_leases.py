@@ -133,7 +133,7 @@ class Leases:
         if lease is not None and lease.ip == ip:
             del self.by_mac[mac]
             del self.by_ip[ip]
-            return True
+        return True
 
     def forget_offer(self, mac: str) -> None:
         """The client took another server's offer."""
