@@ -15,7 +15,6 @@ PXE (no option 60 `PXEClient`, which would send EDK2 to a port 4011 that this mo
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ DISCOVERY_CONTROL_BOOT_FILE = bytes([6, 1, 8, 255])  # PXE option 43: sub-option
 TFTP_SERVER_NAME, BOOTFILE_NAME = 66, 67
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every datagram, and a frozen dataclass is slow to make
 class Arrival:
     """One datagram and where it came in: the local port, the interface, and our address there."""
 
@@ -44,11 +43,11 @@ class Arrival:
     port: int
     ifindex: int
     server: IPv4Interface | None  # our address on that interface (None: the interface has no IPv4 address)
+    address: str = ""  # the same as text (the server identifier); made from `server` when not given
 
-    @functools.cached_property
-    def address(self) -> str:
-        """Our address, as text (the server identifier)."""
-        return str(self.server.ip) if self.server is not None else ZERO
+    def __post_init__(self) -> None:
+        if not self.address:
+            self.address = str(self.server.ip) if self.server is not None else ZERO
 
 
 @dataclass(slots=True)  # not frozen: made for every answer, and a frozen dataclass is slow to make

@@ -41,6 +41,7 @@ log = logging.getLogger("netboot.dhcp")
 
 JOURNAL = "dhcp-leases.journal"
 LEGACY = "dhcp-leases.json"  # the lease file of earlier versions: converted at start
+LOCK = LEGACY + ".lock"  # the lock earlier versions take too, so that no two servers of any version share leases
 FORMAT = "netboot-dhcp-journal"
 VERSION = 1
 COMPACT_AFTER = 10_000  # records in the active journal before it is compacted (or as many as there are leases)
@@ -208,7 +209,7 @@ class Journal:
         self.legacy = directory / LEGACY
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(directory / (LEGACY + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._lock = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise NetbootError(f"--state-dir {directory}: {e.strerror}") from None
         try:

@@ -141,24 +141,19 @@ def parse(data: bytes) -> Request:
     if len(arches) % 2:
         raise Malformed(f"option 93 has odd length {len(arches)}")
     requested, server_id, vendor, hostname = options.get(50), options.get(54), options.get(60), options.get(12)
-    return Request(
-        type=_TYPES[kind[0]],
-        xid=xid,
-        flags=flags,
-        mac=chaddr.hex(":"),
-        ciaddr=socket.inet_ntoa(ciaddr),
-        giaddr=socket.inet_ntoa(giaddr),
-        requested_ip=socket.inet_ntoa(requested) if requested is not None else None,
-        server_id=socket.inet_ntoa(server_id) if server_id is not None else None,
-        vendor_class=_text(vendor) if vendor else "",
-        user_class=options.get(77, b""),
-        arches=struct.unpack(f"!{len(arches) // 2}H", arches) if arches else (),
-        uuid=options.get(97),
-        ipxe_features=175 in options,
-        params=tuple(wanted),
-        relay_info=options.get(82),
-        hostname=_text(hostname) if hostname else "",
-        client_id=options.get(61, b""),
+    return Request(  # positionally, in the order of the fields: a good deal cheaper than by keyword
+        _TYPES[kind[0]], xid, flags, chaddr.hex(":"), socket.inet_ntoa(ciaddr), socket.inet_ntoa(giaddr),
+        socket.inet_ntoa(requested) if requested is not None else None,
+        socket.inet_ntoa(server_id) if server_id is not None else None,
+        _text(vendor) if vendor else "",
+        options.get(77, b""),
+        struct.unpack(f"!{len(arches) // 2}H", arches) if arches else (),
+        options.get(97),
+        175 in options,
+        tuple(wanted),
+        options.get(82),
+        _text(hostname) if hostname else "",
+        options.get(61, b""),
     )
 
 
@@ -193,14 +188,16 @@ class Reply:
             bytes((MESSAGE_TYPE, 1, self.type)),
         ]
         for name, value in (self.options or {}).items():
-            key = (name, value) if value.__hash__ is not None else None
-            encoded = _ENCODED.get(key) if key is not None else None
-            if encoded is None:
+            try:
+                encoded = _ENCODED[name, value]
+            except KeyError:
                 encoded = _option(name, value)
-                if key is not None and not isinstance(value, bytes):  # bytes come from a client: not kept
+                if not isinstance(value, bytes):  # bytes come from a client: not kept
                     if len(_ENCODED) >= 4096:
                         _ENCODED.clear()
-                    _ENCODED[key] = encoded
+                    _ENCODED[name, value] = encoded
+            except TypeError:  # a list: not hashable, not kept
+                encoded = _option(name, value)
             parts.append(encoded)
         parts.append(b"\xff")
         data = b"".join(parts)

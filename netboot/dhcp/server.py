@@ -28,7 +28,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.leases import check_reservations
-from netboot.dhcp.message import MAX_DATAGRAM, Malformed
+from netboot.dhcp.message import MAX_DATAGRAM, ZERO, Malformed
 from netboot.serve.addresses import ipv4_interfaces
 from netboot.serve.machines import Machines
 
@@ -59,6 +59,7 @@ class DhcpServer:
         self._loop = asyncio.get_running_loop()
         self._refreshed = time.monotonic()
         self._refreshing: asyncio.Task | None = None
+        self._servers: dict[tuple[int, str], tuple[IPv4Interface | None, str]] = {}  # (ifindex, source): ours
         self._dropped = 0
         self._drop_logged = 0.0
         self._ignored: dict[tuple[str, str], float] = {}
@@ -114,9 +115,16 @@ class DhcpServer:
         elif self.only and name not in self.only:
             return
         self._refresh_soon()
-        server = self._server(addresses, source[0])
+        key = (ifindex, source[0])
+        known = self._servers.get(key)
+        if known is None:
+            if len(self._servers) >= 4096:  # clients' addresses are many: the cache stays bounded
+                self._servers.clear()
+            chosen = self._server(addresses, source[0])
+            known = self._servers[key] = (chosen, str(chosen.ip) if chosen is not None else ZERO)
+        server, address = known
         try:
-            result = self.responder.handle(Arrival(data, source, port, ifindex, server))
+            result = self.responder.handle(Arrival(data, source, port, ifindex, server, address))
         except Malformed as e:
             self._drop(source, str(e))
             return
@@ -227,6 +235,7 @@ class DhcpServer:
         async def refresh() -> None:
             try:
                 self.interfaces = await asyncio.to_thread(self._snapshot)
+                self._servers = {}
             except Exception as e:
                 log.warning("dhcp: cannot read the interfaces' addresses: %s", e)
             finally:
