@@ -21,6 +21,7 @@ import contextlib
 import logging
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -74,6 +75,10 @@ class DhcpServer:
         self._closed = False
         self._journal = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhcp-journal")
                          if self._store is not None else None)
+        if self._journal is not None:
+            # Once its fdatasync returns, the journal's thread waits for the GIL, and the ACKs with it: by default
+            # up to 5 ms while the loop is busy answering. At 1 ms an ACK measured about half as late under load.
+            sys.setswitchinterval(min(sys.getswitchinterval(), 0.001))
 
     def listen(self, host: str, port: int) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
