@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from netboot.dhcp.boot import Offerings
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.journal import Journal
 from netboot.dhcp.leases import Leases, Pool
+from netboot.dhcp.server import DhcpServer
 from netboot.serve.machines import Machine, Machines, Profile
 
 SERVER = IPv4Interface("192.0.2.10/24")
@@ -326,3 +330,24 @@ def test_declined_addresses_are_bounded_and_come_back_after_probation(tmp_path: 
     r.now[0] += 3600  # type: ignore[attr-defined]
     assert len({dora(r, plain, f"52:54:00:00:0c:{i:02x}")[0] for i in range(4)}) == 4  # probation over
     state.close()
+
+
+async def test_answers_beyond_a_hundred_a_second_are_counted_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Logging costs about what answering does: under a flood, one line a second counts what was not logged."""
+    server = DhcpServer(responder(fleet()), {})
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    caplog.set_level(logging.INFO, logger="netboot.dhcp")
+    try:
+        for i in range(150):
+            server._send(sender, Answer(b"x", receiver.getsockname(), 0, f"answer {i}"), None)
+        await asyncio.sleep(1.2)
+    finally:
+        server.close()
+        sender.close()
+        receiver.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:100] == [f"dhcp: answer {i}" for i in range(100)]
+    assert lines[100:] == ["dhcp: and 50 more answers in the last second, not logged one by one"]
+    assert server.answered == 150
