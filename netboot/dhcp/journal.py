@@ -287,8 +287,12 @@ class Journal:
                 os.ftruncate(self._fd, end)
             raise
         self._records += len(batch)
-        if self._records > max(COMPACT_AFTER, self._leases) and self._compactor is None:
-            self._rotate()
+        if (self._records > max(COMPACT_AFTER, self._leases) and self._compactor is None
+                and not self.rotated.exists()):  # a `.2` not folded yet (a compaction failed): the next start will
+            try:
+                self._rotate()
+            except OSError as e:  # the group is durable; the journal goes on as it was, to be compacted later
+                log.warning("dhcp: cannot start compacting the lease journal: %s", e)
 
     def flush(self) -> None:
         """Write what was recorded, here and now (at close, and in tests)."""
@@ -297,14 +301,25 @@ class Journal:
             self.write(batch)
 
     def _rotate(self) -> None:
-        """The active journal becomes `.2`, folded into the base by a thread; a new one takes the changes."""
+        """The active journal becomes `.2`, folded into the base by a thread; a new one takes the changes. The new
+        one is made first, so that a failure before the renames changes nothing."""
+        fresh = self.path.with_name(self.path.name + ".new")
+        _replace(fresh, _header(self._generation + 1, 0))
+        fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.rename(self.path, self.rotated)
+            try:
+                os.rename(fresh, self.path)
+            except OSError:
+                os.rename(self.rotated, self.path)  # back as it was
+                raise
+            _fsync_dir(self.directory)  # the new journal's name is durable before any change is acknowledged in it
+        except OSError:
+            os.close(fd)
+            raise
         os.close(self._fd)
-        self._fd = -1
-        os.rename(self.path, self.rotated)
+        self._fd = fd
         self._generation += 1
-        _replace(self.path, _header(self._generation, 0))
-        _fsync_dir(self.directory)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._records = 0
         self._compactor = threading.Thread(target=self._compact, name="dhcp-journal-compaction", daemon=True)
         self._compactor.start()

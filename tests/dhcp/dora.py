@@ -3,9 +3,10 @@ one socket speaks for any number of MACs. Run inside a LAN namespace:
 
     python dora.py --server 192.0.2.10 --relay 192.0.2.50 [--count 100] [--first 0] [--timeout 1] [--tries 3]
 
-For each machine it sends DISCOVER, then REQUEST for the address offered, and prints "MAC ADDRESS SECONDS" once
-the ACK is in (SECONDS: from DISCOVER sent to ACK received); a machine not answered after --tries prints
-"MAC - timeout". Messages are built and read with tests/dhcp/dhcp_support.py, independent of netboot's codec.
+For each machine it sends DISCOVER, then REQUEST for the address offered, and prints "MAC ADDRESS SECONDS OFFER"
+once the ACK is in (SECONDS: from DISCOVER sent to ACK received; OFFER: to the OFFER received); a machine not
+answered after --tries prints "MAC - timeout". Messages are built and read with tests/dhcp/dhcp_support.py,
+independent of netboot's codec.
 """
 
 from __future__ import annotations
@@ -58,12 +59,13 @@ def main() -> None:
         start = time.perf_counter()
         offer = ask(sock, server, plain(DISCOVER, mac, giaddr=args.relay, xid=xid, flags=0), xid, OFFER,
                     args.timeout, args.tries)
+        offered = time.perf_counter()
         ack = offer and ask(sock, server, plain(REQUEST, mac, giaddr=args.relay, xid=xid, flags=0, extra=[
             (50, ip(offer.yiaddr)), (54, offer.options[54])]), xid, ACK, args.timeout, args.tries)
         if ack is None:
             print(f"{mac} - timeout", flush=True)
             continue
-        print(f"{mac} {ack.yiaddr} {time.perf_counter() - start:.6f}", flush=True)
+        print(f"{mac} {ack.yiaddr} {time.perf_counter() - start:.6f} {offered - start:.6f}", flush=True)
 
 
 if __name__ == "__main__":
