@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> str:
     build.small_out()
     results: dict[tuple[str, int], list[Perf]] = {}
     heavy: dict[str, list[tuple[float, float, float, float]]] = {"kea": [], "netboot": []}
-    loads = [load()]
+    run_loads: dict[tuple[int, int], str] = {}
+    held_loads: dict[tuple[str, int], str] = {}
     floors: list[tuple[float, float]] = []
     with tempfile.TemporaryDirectory(prefix="dhcp-perf-") as tmp, Lan("nbperf") as lan:
         work = Path(tmp)
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> str:
         client = lan.host("perf", f"{CLIENT}/15")
         for run in range(args.runs):
             for rate in rates:
+                run_loads[(rate, run)] = load().split()[0]
                 for kind in ("kea", "netboot") if run % 2 == 0 else ("netboot", "kea"):
                     server = Server(kind, server_host, work, *BIG)
                     try:
@@ -208,19 +210,27 @@ def main(argv: list[str] | None = None) -> str:
                         server.stop()
                     results.setdefault((kind, rate), []).append(result)
                     print(f"{kind} {rate}/s: {result}", flush=True)
-                    loads.append(load())
             for kind in ("kea", "netboot"):
+                held_loads[(kind, run)] = load().split()[0]
                 server = Server(kind, server_host, work, *HELD)
                 try:
                     heavy[kind].append(held(client, server, args.fill, args.timed))
                 finally:
                     server.stop()
                 print(f"{kind} with {args.fill} leases: {heavy[kind][-1]}", flush=True)
-                loads.append(load())
             floors.append(fdatasync_ms(work))
 
     def med(kind: str, rate: int, field: str) -> float:
         return statistics.median(getattr(r, field) for r in results[(kind, rate)])
+
+    def row(label: str, kea: Perf | None, nb: Perf | None, rate: int) -> str:
+        get = (lambda kind, field: med(kind, rate, field)) if kea is None or nb is None else (
+            lambda kind, field: getattr(kea if kind == "kea" else nb, field))
+        done = get("kea", "completed"), get("netboot", "completed")
+        return (f"| {label} | {done[0]:.0f} | {done[1]:.0f} | **{done[1] / done[0]:.2f}x** | "
+                f"{get('kea', 'offer_ms'):.2f} ms | {get('netboot', 'offer_ms'):.2f} ms | "
+                f"{get('kea', 'ack_ms'):.2f} ms | {get('netboot', 'ack_ms'):.2f} ms | "
+                f"{get('kea', 'cpu'):.1f} s | {get('netboot', 'cpu'):.1f} s |")
 
     lines = [
         SECTION,
@@ -230,36 +240,44 @@ def main(argv: list[str] | None = None) -> str:
         f"kea-dhcp4-server; memfile leases persisted to its CSV file, which it writes before answering but does not "
         f"fsync) and against `netboot serve --dhcp` (journal fdatasynced before each ACK, ACKs of one burst "
         f"sharing one fdatasync), on the same range {BIG[0]}-{BIG[1]}, lease time {LEASE_TIME} s; taking turns, "
-        f"{args.runs} run(s), medians. Completed: REQUESTs answered by an ACK. Delays are perfdhcp's averages. "
-        f"Load average while it ran (the machine is shared): {', '.join(loads)}.",
+        f"{args.runs} run(s). Completed: REQUESTs answered by an ACK. Delays are perfdhcp's averages; CPU is what "
+        f"the server used in the run. The machine (2 cores) is shared with other test runs, so every run is shown "
+        f"with the load average (1 minute) before it, then the medians.",
         "",
-        "| rate | completed: Kea | netboot | ratio | DISCOVER->OFFER: Kea | netboot | REQUEST->ACK: Kea | netboot |",
-        "|---|---|---|---|---|---|---|---|",
+        "| rate, run | completed: Kea | netboot | ratio | DISCOVER->OFFER: Kea | netboot | REQUEST->ACK: Kea | "
+        "netboot | CPU: Kea | netboot |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rate in rates:
-        kea_done, nb_done = med("kea", rate, "completed"), med("netboot", rate, "completed")
-        lines.append(
-            f"| {rate}/s | {kea_done:.0f} | {nb_done:.0f} | **{nb_done / kea_done:.2f}x** | "
-            f"{med('kea', rate, 'offer_ms'):.2f} ms | {med('netboot', rate, 'offer_ms'):.2f} ms | "
-            f"{med('kea', rate, 'ack_ms'):.2f} ms | {med('netboot', rate, 'ack_ms'):.2f} ms |")
+        for run in range(args.runs):
+            lines.append(row(f"{rate}/s, run {run + 1} (load {run_loads[(rate, run)]})",
+                             results[("kea", rate)][run], results[("netboot", rate)][run], rate))
+        lines.append(row(f"**{rate}/s, median**", None, None, rate))
     kea_h = [statistics.median(x[i] for x in heavy["kea"]) for i in range(4)]
     nb_h = [statistics.median(x[i] for x in heavy["netboot"]) for i in range(4)]
     lines += [
         "",
         f"With {args.fill:,} leases held in an 8,192-address range ({HELD[0]}-{HELD[1]}), taken first by a Python "
         f"client relaying machine after machine (tests/dhcp/dora.py), then {args.timed} more exchanges timed one "
-        f"by one at that client, DISCOVER sent to ACK received:",
+        f"by one at that client, DISCOVER sent to ACK received; each run, then the medians:",
         "",
         f"| server | taking {args.fill:,} leases | one exchange: average | 99th percentile | of which "
         f"DISCOVER->OFFER |",
         "|---|---|---|---|---|",
-        f"| netboot | {nb_h[0]:.1f} s | {nb_h[1]:.2f} ms (**{nb_h[1] / kea_h[1]:.1f}x**) | {nb_h[2]:.2f} ms | "
-        f"{nb_h[3]:.2f} ms |",
-        f"| Kea | {kea_h[0]:.1f} s | {kea_h[1]:.2f} ms | {kea_h[2]:.2f} ms | {kea_h[3]:.2f} ms |",
+    ]
+    for kind, name in (("netboot", "netboot"), ("kea", "Kea")):
+        for run, h in enumerate(heavy[kind]):
+            lines.append(f"| {name}, run {run + 1} (load {held_loads[(kind, run)]}) | {h[0]:.1f} s | {h[1]:.2f} ms | "
+                         f"{h[2]:.2f} ms | {h[3]:.2f} ms |")
+    lines += [
+        f"| **netboot, median** | {nb_h[0]:.1f} s | {nb_h[1]:.2f} ms (**{nb_h[1] / kea_h[1]:.1f}x**) | "
+        f"{nb_h[2]:.2f} ms | {nb_h[3]:.2f} ms |",
+        f"| **Kea, median** | {kea_h[0]:.1f} s | {kea_h[1]:.2f} ms | {kea_h[2]:.2f} ms | {kea_h[3]:.2f} ms |",
         "",
-        f"An fdatasync of one appended line in the same directory took {statistics.median(f[0] for f in floors):.2f} "
-        f"ms on average (median {statistics.median(f[1] for f in floors):.2f} ms) in this run: the floor of an "
-        f"exchange whose lease is on disk before its ACK, which Kea's memfile does not wait for.",
+        f"An fdatasync of one appended line in the same directory took "
+        f"{', '.join(f'{f[0]:.2f}' for f in floors)} ms on average in each run (medians "
+        f"{', '.join(f'{f[1]:.2f}' for f in floors)} ms): the floor of an exchange whose lease is on disk before "
+        f"its ACK, which Kea's memfile does not wait for.",
         "",
         f"Command: `python3 bench/dhcp_perf.py --runs {args.runs}` (`make bench-dhcp`); each perfdhcp run is "
         f"`perfdhcp -4 -l {CLIENT} -r RATE -p {args.seconds} -R 1000000 -W 1000000 {SERVER}`.",

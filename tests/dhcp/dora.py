@@ -2,6 +2,7 @@
 one socket speaks for any number of MACs. Run inside a LAN namespace:
 
     python dora.py --server 192.0.2.10 --relay 192.0.2.50 [--count 100] [--first 0] [--timeout 1] [--tries 3]
+                   [--give-up N]
 
 For each machine it sends DISCOVER, then REQUEST for the address offered, and prints "MAC ADDRESS SECONDS OFFER"
 once the ACK is in (SECONDS: from DISCOVER sent to ACK received; OFFER: to the OFFER received); a machine not
@@ -49,11 +50,13 @@ def main() -> None:
     p.add_argument("--first", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1.0)
     p.add_argument("--tries", type=int, default=3)
+    p.add_argument("--give-up", type=int, default=0, help="stop after this many machines in a row unanswered")
     args = p.parse_args()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.relay, 67))
     server = (args.server, 67)
+    unanswered = 0
     for n in range(args.first, args.first + args.count):
         mac, xid = mac_of(n), n & 0xFFFFFFFF
         start = time.perf_counter()
@@ -64,7 +67,11 @@ def main() -> None:
             (50, ip(offer.yiaddr)), (54, offer.options[54])]), xid, ACK, args.timeout, args.tries)
         if ack is None:
             print(f"{mac} - timeout", flush=True)
+            unanswered += 1
+            if unanswered == args.give_up:
+                break
             continue
+        unanswered = 0
         print(f"{mac} {ack.yiaddr} {time.perf_counter() - start:.6f} {offered - start:.6f}", flush=True)
 
 

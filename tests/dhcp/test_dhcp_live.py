@@ -167,7 +167,8 @@ def test_every_acked_lease_survives_kill_9_during_a_stream_of_exchanges(lan: Lan
     for _ in range(3):
         server = start(host, *args)
         stream = client.popen([sys.executable, DORA, "--server", "192.0.2.10", "--relay", "192.0.2.50",
-                               "--first", str(first), "--count", "60", "--timeout", "0.5", "--tries", "2"],
+                               "--first", str(first), "--count", "60", "--timeout", "0.5", "--tries", "2",
+                               "--give-up", "2"],
                               stdout=subprocess.PIPE, text=True)
         lines: list[str] = []
         reader = threading.Thread(target=lambda out=stream.stdout, got=lines: got.extend(out))
