@@ -1,8 +1,8 @@
 """DHCP server for netbooting: proxy DHCP beside a site's server, or an authoritative server with leases.
 
-A sans-IO core (`message` parses and builds with pyroute2's codec, `boot` tells client kinds and boot files,
-`leases` allocates and persists addresses, `exchange` decides every answer) under a thin asyncio layer
-(`server`). Embedding (`netboot serve`):
+A sans-IO core (`message` parses and builds, `boot` tells client kinds and boot files, `leases` allocates
+addresses, `journal` keeps them on disk, `exchange` decides every answer) under a thin asyncio layer (`server`).
+Embedding (`netboot serve`):
 
     server = await start_dhcp_server(DhcpConfig(proxy=True), machines=lambda: ..., offerings=lambda: ...)
     ...
@@ -22,7 +22,8 @@ from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.exchange import PXE_PORT, SERVER_PORT, Responder
-from netboot.dhcp.leases import Leases, Pool, StateFile, check_reservations, network_of
+from netboot.dhcp.journal import Journal
+from netboot.dhcp.leases import Leases, Pool, check_reservations, network_of
 from netboot.dhcp.server import DhcpServer
 
 __all__ = ["DhcpConfig", "DhcpServer", "Offerings", "start_dhcp_server"]
@@ -68,7 +69,7 @@ async def start_dhcp_server(config: DhcpConfig, *, machines: Callable[[], Machin
         pool = Pool(first, last, home.network, config.lease_time, config.router, config.dns, config.domain,
                     frozenset(excluded))
         check_reservations(machines(), pool)
-        state = StateFile(config.state_dir)
+        state = Journal(config.state_dir)
         try:
             leases = Leases(pool, state)
         except BaseException:

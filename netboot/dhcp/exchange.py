@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from dataclasses import dataclass, field
+from ipaddress import IPv4Interface
 from typing import Any
 
 from pyroute2.dhcp.enums.dhcp import MessageType
@@ -34,7 +34,7 @@ DISCOVERY_CONTROL_BOOT_FILE = bytes([6, 1, 8, 255])  # PXE option 43: sub-option
 TFTP_SERVER_NAME, BOOTFILE_NAME = 66, 67
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every datagram, and a frozen dataclass is slow to make
 class Arrival:
     """One datagram and where it came in: the local port, the interface, and our address there."""
 
@@ -43,14 +43,20 @@ class Arrival:
     port: int
     ifindex: int
     server: IPv4Interface | None  # our address on that interface (None: the interface has no IPv4 address)
+    address: str = ""  # the same as text (the server identifier); made from `server` when not given
+
+    def __post_init__(self) -> None:
+        if not self.address:
+            self.address = str(self.server.ip) if self.server is not None else ZERO
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made for every answer, and a frozen dataclass is slow to make
 class Answer:
     data: bytes
     dest: tuple[str, int]
     ifindex: int  # the interface a broadcast leaves by; 0 to route by destination
     line: str  # the log line: MAC, client kind, message, address, boot file
+    durable_first: bool = False  # an ACK: sent only once the lease store has made the lease durable
 
 
 @dataclass(frozen=True)
@@ -67,11 +73,18 @@ class Responder:
     machines: Callable[[], Machines]
     leases: Leases | None = None  # None: proxy mode
     clock: Callable[[], float] = time.time
+    _reserved_of: Machines | None = field(default=None, init=False, repr=False)
+    _reserved: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     @property
     def reservations(self) -> dict[str, str]:
-        """MAC -> address, from the machines file's `ip = …` (checked against the pool when it is loaded)."""
-        return {m.mac: m.ip for m in self.machines().machines.values() if m.ip}
+        """MAC -> address, from the machines file's `ip = …` (checked against the pool when it is loaded); the
+        same dict while the machines file is the same, so that the leases follow a change at once and only then."""
+        machines = self.machines()
+        if machines is not self._reserved_of:
+            self._reserved = {m.mac: m.ip for m in machines.machines.values() if m.ip}
+            self._reserved_of = machines
+        return self._reserved
 
     @property
     def proxy(self) -> bool:
@@ -98,7 +111,7 @@ class Responder:
         client = boot.classify(request)
         if not client.firmware:
             return None  # not booting from the network: never disturb it
-        server = str(arrival.server.ip) if arrival.server else ZERO
+        server = arrival.address
         found = self._boot_file(request, client, server)
         if isinstance(found, Ignored):
             return found
@@ -130,8 +143,7 @@ class Responder:
         leases = self.leases
         assert leases is not None and arrival.server is not None
         pool = leases.pool
-        relayed = request.giaddr != ZERO
-        if (IPv4Address(request.giaddr) if relayed else arrival.server.ip) not in pool.network:
+        if not leases.in_subnet(request.giaddr if request.giaddr != ZERO else arrival.address):
             return None  # another subnet's request
         now = self.clock()
         leases.prune(now)
@@ -139,31 +151,32 @@ class Responder:
         reserved = self.reservations
         kind = request.type
         if kind == MessageType.DISCOVER:
-            ip = leases.choose(mac, request.requested_ip, now, reserved)
+            ip = leases.choose(mac, request.requested_ip, now, reserved, request.client_id)
             if ip is None:
                 return Ignored(mac, f"no free address left in {pool.first}-{pool.last}")
             return self._lease_reply(request, arrival, MessageType.OFFER, ip)
         if kind == MessageType.REQUEST:
-            if request.server_id is not None and request.server_id != str(arrival.server.ip):
+            if request.server_id is not None and request.server_id != arrival.address:
                 leases.forget_offer(mac)  # it chose another server
                 return None
             ip = request.requested_ip or (request.ciaddr if request.ciaddr != ZERO else None)
             if ip is None:
                 return None
-            in_range = pool.first <= IPv4Address(ip) <= pool.last or reserved.get(mac) == ip
+            in_range = leases.in_range(ip) or reserved.get(mac) == ip
             if not (in_range and leases.free_for(mac, ip, now, reserved)):
                 # Authoritative for its subnet: a client asking for an address it may not have is told at once
                 # rather than left to time out (RFC 2131 §4.3.2, as dnsmasq's dhcp-authoritative).
                 return self._nak(request, arrival, f"{ip} is not available to it")
             return self._lease_reply(request, arrival, MessageType.ACK, ip)
         if kind == MessageType.DECLINE:
-            if request.server_id == str(arrival.server.ip) and request.requested_ip:
-                leases.decline(mac, request.requested_ip, now)
-                return Ignored(mac, f"declined {request.requested_ip}: in use by another host; set aside")
-            return None
+            if request.server_id != arrival.address or not request.requested_ip:
+                return None
+            if not leases.decline(mac, request.requested_ip, now, request.client_id):
+                return Ignored(mac, f"DECLINE of {request.requested_ip}, which is not its offer or lease: dropped")
+            return Ignored(mac, f"declined {request.requested_ip}: in use by another host; set aside")
         if kind == MessageType.RELEASE:
-            if request.ciaddr != ZERO:
-                leases.release(mac, request.ciaddr, now)
+            if request.ciaddr != ZERO and not leases.release(mac, request.ciaddr, now, request.client_id):
+                return Ignored(mac, f"RELEASE of {request.ciaddr}, which is not its lease: dropped")
             return None
         if kind == MessageType.INFORM:
             return self._lease_reply(request, arrival, MessageType.ACK, None)
@@ -173,19 +186,9 @@ class Responder:
         leases = self.leases
         assert leases is not None and arrival.server is not None
         pool = leases.pool
-        server = str(arrival.server.ip)
+        server = arrival.address
         options: dict[str, Any] = {"server_id": server}
-        if ip is not None:
-            t = pool.lease_time
-            options.update(lease_time=t, renewal_time=t // 2, rebinding_time=t * 7 // 8)
-        options["subnet_mask"] = str(pool.network.netmask)
-        options["broadcast_address"] = str(pool.network.broadcast_address)
-        if pool.router is not None:
-            options["router"] = [str(pool.router)]
-        if pool.dns:
-            options["name_server"] = [str(d) for d in pool.dns]
-        if pool.domain:
-            options["domain_name"] = pool.domain
+        options.update(pool.lease_options if ip is not None else pool.subnet_options)
         machine = self.machines().machines.get(request.mac)
         if machine is not None and machine.hostname:
             options["host_name"] = machine.hostname
@@ -200,23 +203,25 @@ class Responder:
                 _boot_options(options, request, found_file)
         if request.relay_info is not None:
             options["relay_agent_information"] = request.relay_info
-        if ip is not None and kind == MessageType.ACK:
-            leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""))
-        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-")
+        committed = ip is not None and kind == MessageType.ACK
+        if committed:
+            leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""), request.client_id)
+        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-",
+                            durable_first=committed)
 
     def _nak(self, request: Request, arrival: Arrival, why: str) -> Answer:
         assert arrival.server is not None
-        reply = Reply(request, MessageType.NAK, options={"server_id": str(arrival.server.ip), "message": why})
+        reply = Reply(request, MessageType.NAK, options={"server_id": arrival.address, "message": why})
         client = boot.classify(request)
         return self._answer(reply, client, _destination(request, MessageType.NAK), arrival.ifindex, "-",
                             note=f" ({why})")
 
     def _answer(self, reply: Reply, client: boot.Client, dest: tuple[str, int], ifindex: int, address: str,
-                note: str = "") -> Answer:
+                note: str = "", durable_first: bool = False) -> Answer:
         shown = reply.file if not reply.file or "://" in reply.file else f"tftp://{reply.siaddr}/{reply.file}"
         line = (f"{reply.request.mac} {client.kind} {reply.type.name} address={address} "
                 f"boot={shown or '-'}{note}")
-        return Answer(reply.encode(), dest, ifindex if dest[0] == BROADCAST else 0, line)
+        return Answer(reply.encode(), dest, ifindex if dest[0] == BROADCAST else 0, line, durable_first)
 
 
 def _boot_options(options: dict[str, Any], request: Request, found: boot.BootFile) -> None:

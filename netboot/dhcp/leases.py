@@ -1,40 +1,50 @@
-"""Addresses of the authoritative mode: a range, reservations, and leases kept in a state file.
+"""Addresses of the authoritative mode: a range, reservations, and leases kept in a lease store.
 
 Rules, so that no address is ever given to two machines:
 - a reserved address (machines file `ip = …`) goes to its machine only;
-- a machine gets its previous address again when it is still free (across restarts: the state file keeps it);
+- a machine gets its previous address again when it is still free (across restarts: the store keeps it);
 - otherwise the lowest address never leased, then the address whose lease expired longest ago;
 - an offered address is held for its machine for a minute, so two DISCOVERs never get the same offer;
-- an address a client declined (RFC 2131 §4.3.3: in use by something else) is set aside for an hour.
-Every lease is written to the state file (atomically: a new file renamed over the old) before the ACK goes out,
-so a crash loses none. A state file that cannot be read stops the server at start and is never overwritten.
+- an address a client declined (RFC 2131 §4.3.3: in use by something else) is set aside for an hour, and only
+  when that client holds it (offered or leased to its MAC, with the same client identifier when both carry one);
+  at most a quarter of the range is set aside at once, the oldest returning first.
+
+Each choice costs O(log n), never a scan of the range (as Kea's allocators, which keep a cursor or a queue of
+free leases): addresses never leased come from a cursor that only moves up and a heap of those that came back
+(an offer that lapsed, a lease dropped); expired leases wait in a heap by expiry; offers and declines end
+through a heap of deadlines. An address left out for a reason that ends (offered, declined, reserved, leased)
+comes back through `_reconsider` when it ends, so entries found unusable are simply dropped.
+
+Every change a client is told of goes to the lease store (`LeaseStore`); the server sends the answer only once
+the store has made it durable (group commit, netboot.dhcp.server).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import functools
+import heapq
 import ipaddress
-import json
-import logging
-import os
-import tempfile
+import socket
+import struct
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from pathlib import Path
+from typing import NamedTuple, Protocol
 
-from netboot.core import mac as macs
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
 
-log = logging.getLogger("netboot.dhcp")
-
-STATE_FILE = "dhcp-leases.json"
-FORMAT = "netboot-dhcp-leases"
-VERSION = 1
 OFFER_HOLD = 60.0
-DECLINE_HOLD = 3600.0
+DECLINE_HOLD = 3600.0  # Kea's decline-probation-period, shorter: a boot network is small and changes fast
+_IP = struct.Struct("!I")
+
+
+def to_int(ip: str) -> int:
+    return _IP.unpack(socket.inet_aton(ip))[0]
+
+
+def to_text(n: int) -> str:
+    return socket.inet_ntoa(_IP.pack(n))
 
 
 @dataclass(frozen=True)
@@ -62,10 +72,30 @@ class Pool:
             raise NetbootError(f"--dhcp {text!r}: expected proxy or a range START-END with START <= END")
         return a, b
 
+    @functools.cached_property
+    def subnet_options(self) -> dict[str, object]:
+        """What every answer with the subnet carries (by the names of netboot.dhcp.message.OPTIONS), in order."""
+        options: dict[str, object] = {"subnet_mask": str(self.network.netmask),
+                                      "broadcast_address": str(self.network.broadcast_address)}
+        if self.router is not None:
+            options["router"] = (str(self.router),)  # tuples: the codec keeps what it encoded by value
+        if self.dns:
+            options["name_server"] = tuple(str(d) for d in self.dns)
+        if self.domain:
+            options["domain_name"] = self.domain
+        return options
+
+    @functools.cached_property
+    def lease_options(self) -> dict[str, object]:
+        """What an answer with an address carries: the lease time, renewal (T1) and rebinding (T2) times at the
+        RFC 2131 §4.4.5 defaults, and the subnet's options."""
+        t = self.lease_time
+        return {"lease_time": t, "renewal_time": t // 2, "rebinding_time": t * 7 // 8, **self.subnet_options}
+
     def addresses(self) -> Iterator[IPv4Address]:
         for n in range(int(self.first), int(self.last) + 1):
             ip = IPv4Address(n)
-            if ip not in self.excluded and ip not in (self.network.network_address, self.network.broadcast_address):
+            if self.usable(ip):
                 yield ip
 
     def usable(self, ip: IPv4Address) -> bool:
@@ -74,197 +104,304 @@ class Pool:
                 and ip not in (self.network.network_address, self.network.broadcast_address))
 
 
-@dataclass
-class Lease:
+class Lease(NamedTuple):
     mac: str
     ip: str
     expires: float  # seconds since the epoch
     hostname: str = ""
+    client_id: bytes = b""  # option 61 of the request it was granted on, if any
 
 
-class StateFile:
-    """The leases on disk: JSON, replaced atomically, locked so that two servers never share it."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / STATE_FILE
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(directory / (STATE_FILE + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise NetbootError(f"--state-dir {directory}: {e.strerror}") from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lock)
-            raise NetbootError(f"--state-dir {directory} is in use by another netboot serve") from None
-
-    def close(self) -> None:
-        os.close(self._lock)
+class LeaseStore(Protocol):
+    """Where leases are kept: the journal (netboot.dhcp.journal) today; a database could follow (as Kea's
+    LeaseMgr backends). Changes are recorded on the event loop; `write` makes them durable in another thread."""
 
     def load(self) -> list[Lease]:
-        try:
-            text = self.path.read_text()
-        except FileNotFoundError:
-            return []
-        except (OSError, UnicodeDecodeError) as e:
-            raise NetbootError(f"cannot read the lease state {self.path}: {e}") from None
-        try:
-            return _decode(text)
-        except (ValueError, KeyError, TypeError, macs.BadMac) as e:
-            raise NetbootError(
-                f"{self.path}: corrupt lease state ({e}); left as it is: repair or remove it to start"
-            ) from None
+        """The leases at start (raises NetbootError, leaving what it read as it was, when they cannot be read)."""
+        ...
 
-    def save(self, leases: list[Lease]) -> None:
-        data = {"format": FORMAT, "version": VERSION,
-                "leases": [asdict(lease) for lease in sorted(leases, key=lambda x: IPv4Address(x.ip))]}
-        fd, tmp = tempfile.mkstemp(prefix=".leases-", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a power cut
-        finally:
-            os.close(dir_fd)
+    def record(self, lease: Lease) -> None:
+        """A lease granted, renewed or released (its expiry changed); it replaces the MAC's and the address's."""
+        ...
+
+    def forget(self, mac: str) -> None:
+        """A lease dropped."""
+        ...
+
+    def take(self) -> object | None:
+        """The changes recorded since the last take, to hand to `write`; None when there are none."""
+        ...
+
+    def write(self, batch: object) -> None:
+        """Make a batch durable (blocking: called off the event loop, one batch at a time); OSError on failure."""
+        ...
+
+    def restore(self, batch: object) -> None:
+        """A batch whose write failed goes back before what was recorded since, for the next write."""
+        ...
+
+    def close(self) -> None: ...
 
 
-def _decode(text: str) -> list[Lease]:
-    data = json.loads(text)
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError("not a netboot lease file")
-    if data.get("version") != VERSION:
-        raise ValueError(f"version {data.get('version')!r}, expected {VERSION}")
-    leases, macs_seen, ips_seen = [], set(), set()
-    for entry in data["leases"]:
-        if not isinstance(entry, dict) or set(entry) - {"mac", "ip", "expires", "hostname"}:
-            raise ValueError(f"bad entry {entry!r}")
-        lease = Lease(macs.normalize(entry["mac"]), str(IPv4Address(entry["ip"])), float(entry["expires"]),
-                      str(entry.get("hostname", "")))
-        if lease.mac in macs_seen or lease.ip in ips_seen:
-            raise ValueError(f"{lease.mac} / {lease.ip} appears twice")
-        macs_seen.add(lease.mac)
-        ips_seen.add(lease.ip)
-        leases.append(lease)
-    return leases
+def bind(by_mac: dict[str, Lease], by_ip: dict[str, Lease], lease: Lease) -> Lease | None:
+    """Apply a lease to the tables: it replaces its MAC's lease, and an expired lease of another machine on its
+    address gives way. Returns the MAC's previous lease, if it was on another address."""
+    previous = by_ip.get(lease.ip)
+    if previous is not None and previous.mac != lease.mac:
+        del by_mac[previous.mac]
+    old = by_mac.get(lease.mac)
+    if old is not None and old.ip != lease.ip:
+        del by_ip[old.ip]
+    else:
+        old = None
+    by_mac[lease.mac] = lease
+    by_ip[lease.ip] = lease
+    return old
+
+
+def drop(by_mac: dict[str, Lease], by_ip: dict[str, Lease], mac: str) -> Lease | None:
+    lease = by_mac.pop(mac, None)
+    if lease is not None:
+        del by_ip[lease.ip]
+    return lease
 
 
 class Leases:
-    """Allocation over a pool; every change that a client is told of is on disk first."""
+    """Allocation over a pool; every change a client is told of is recorded in the store."""
 
-    def __init__(self, pool: Pool, state: StateFile) -> None:
+    def __init__(self, pool: Pool, store: LeaseStore) -> None:
         self.pool = pool
-        self.state = state
+        self.store = store
+        self._first, self._last = int(pool.first), int(pool.last)
+        self._unusable = {int(a) for a in pool.excluded} | {int(pool.network.network_address),
+                                                            int(pool.network.broadcast_address)}
+        self._net, self._mask = int(pool.network.network_address), int(pool.network.netmask)
         self.by_mac: dict[str, Lease] = {}
         self.by_ip: dict[str, Lease] = {}
-        for lease in state.load():
-            self._bind(lease)
-        self.offers: dict[str, tuple[str, float]] = {}  # mac -> (ip, until)
-        self.declined: dict[str, float] = {}  # ip -> until
+        for lease in store.load():
+            bind(self.by_mac, self.by_ip, lease)
+        self.offers: dict[str, tuple[str, float, bytes]] = {}  # mac -> (ip, until, client id)
+        self._offered: dict[str, str] = {}  # ip -> mac
+        self.declined: dict[str, float] = {}  # ip -> until, oldest first
+        self._deadlines: list[tuple[float, str, str]] = []  # (until, "offer" or "decline", mac or ip)
+        self._cursor = self._first  # addresses above it were never looked at: never leased unless in by_ip
+        self._returned: list[int] = []  # addresses below the cursor that may be free and never leased again
+        self._expired: list[tuple[float, int]] = []  # (expires, ip) of leases in the range
+        self._rebuild_expired()
+        self._reserved_from: dict[str, str] | None = None
+        self._reserved: dict[str, str] = {}  # ip -> mac
 
-    def _bind(self, lease: Lease) -> None:
-        old = self.by_mac.pop(lease.mac, None)
-        if old is not None:
-            self.by_ip.pop(old.ip, None)
-        self.by_mac[lease.mac] = lease
-        self.by_ip[lease.ip] = lease
+    # Reservations
+
+    def _sync(self, reserved: dict[str, str]) -> None:
+        """Follow the machines file's reservations (MAC -> address); a dict kept while the file is unchanged."""
+        if reserved is self._reserved_from:
+            return
+        before = self._reserved
+        self._reserved = {ip: mac for mac, ip in reserved.items()}
+        self._reserved_from = reserved
+        for ip in before.keys() - self._reserved.keys():
+            self._reconsider(ip)
+
+    # Who holds what
 
     def _holder(self, ip: str, now: float) -> str | None:
         """The MAC an address belongs to right now: an unexpired lease or a pending offer."""
         lease = self.by_ip.get(ip)
         if lease is not None and lease.expires > now:
             return lease.mac
-        for mac, (offered, until) in self.offers.items():
-            if offered == ip and until > now:
-                return mac
+        mac = self._offered.get(ip)
+        if mac is not None and self.offers[mac][1] > now:
+            return mac
         return None
+
+    def in_subnet(self, ip: str) -> bool:
+        return to_int(ip) & self._mask == self._net
+
+    def in_range(self, ip: str) -> bool:
+        return self._first <= to_int(ip) <= self._last
+
+    def _usable(self, ip: str) -> bool:
+        n = to_int(ip)
+        return n not in self._unusable and n & self._mask == self._net
 
     def free_for(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
         """May `mac` have `ip` now? Not if it is reserved for, leased to, offered to or declined by another."""
-        owner = next((m for m, r in reserved.items() if r == ip), None)
+        self.prune(now)
+        self._sync(reserved)
+        owner = self._reserved.get(ip)
         if owner is not None:
             return owner == mac and self._holder(ip, now) in (None, mac)
-        if not self.pool.usable(IPv4Address(ip)) or self.declined.get(ip, 0) > now:
+        if not self._usable(ip) or self.declined.get(ip, 0) > now:
             return False
         return self._holder(ip, now) in (None, mac)
 
-    def choose(self, mac: str, requested: str | None, now: float, reserved: dict[str, str]) -> str | None:
+    def holds(self, mac: str, ip: str, now: float, client_id: bytes = b"") -> bool:
+        """Is `ip` offered or leased to this client (its MAC, and its client identifier when both carry one)?"""
+        lease = self.by_mac.get(mac)
+        offer = self.offers.get(mac)
+        return (lease is not None and lease.ip == ip and lease.expires > now and _same(lease.client_id, client_id)
+                ) or (offer is not None and offer[0] == ip and offer[1] > now and _same(offer[2], client_id))
+
+    # Choosing
+
+    def choose(self, mac: str, requested: str | None, now: float, reserved: dict[str, str],
+               client_id: bytes = b"") -> str | None:
         """The address to offer `mac`, held for it for OFFER_HOLD seconds; None when the range is exhausted."""
-        in_range = range(int(self.pool.first), int(self.pool.last) + 1)
-        candidates = [reserved.get(mac), self.offers.get(mac, (None, 0))[0]]
-        if mac in self.by_mac:
-            candidates.append(self.by_mac[mac].ip)
-        if requested is not None and int(IPv4Address(requested)) in in_range:
-            candidates.append(requested)
+        self.prune(now)
+        self._sync(reserved)
+        offer = self.offers.get(mac)
+        lease = self.by_mac.get(mac)
+        candidates = (reserved.get(mac), offer[0] if offer else None, lease.ip if lease else None,
+                      requested if requested is not None and self.in_range(requested) else None)
         chosen = next((ip for ip in candidates if ip is not None and self._fits(mac, ip, now, reserved)), None)
         if chosen is None:
-            chosen = self._fresh(mac, now, reserved)
+            chosen = self._never_leased(now)
+            if chosen is None:
+                chosen = self._expired_longest(now)
         if chosen is not None:
-            self.offers[mac] = (chosen, now + OFFER_HOLD)
+            self._end_offer(mac)
+            until = now + OFFER_HOLD
+            self.offers[mac] = (chosen, until, client_id)
+            self._offered[chosen] = mac
+            heapq.heappush(self._deadlines, (until, "offer", mac))
         return chosen
 
     def _fits(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
-        in_range = self.pool.first <= IPv4Address(ip) <= self.pool.last
-        return (in_range or reserved.get(mac) == ip) and self.free_for(mac, ip, now, reserved)
+        return (self.in_range(ip) or reserved.get(mac) == ip) and self.free_for(mac, ip, now, reserved)
 
-    def _fresh(self, mac: str, now: float, reserved: dict[str, str]) -> str | None:
-        taken = set(reserved.values())
-        expired: list[tuple[float, str]] = []
-        for address in self.pool.addresses():
-            ip = str(address)
-            if ip in taken or not self.free_for(mac, ip, now, reserved):
-                continue
+    def _never_ok(self, n: int, now: float) -> bool:
+        """Free for anyone, and never leased: what the cursor and the returned heap offer first."""
+        ip = to_text(n)
+        return (ip not in self.by_ip and ip not in self._offered and ip not in self._reserved
+                and self.declined.get(ip, 0) <= now and n not in self._unusable and n & self._mask == self._net)
+
+    def _never_leased(self, now: float) -> str | None:
+        returned = self._returned
+        while returned and not self._never_ok(returned[0], now):
+            heapq.heappop(returned)  # taken since: it comes back through _reconsider when that ends
+        while self._cursor <= self._last and not self._never_ok(self._cursor, now):
+            self._cursor += 1
+        best = min(returned[0] if returned else self._last + 1, self._cursor)
+        return to_text(best) if best <= self._last else None
+
+    def _expired_longest(self, now: float) -> str | None:
+        heap = self._expired
+        while heap and heap[0][0] <= now:
+            expires, n = heap[0]
+            ip = to_text(n)
             lease = self.by_ip.get(ip)
-            if lease is None:
-                return ip  # never leased: first choice, so that expired leases stay with their machines longest
-            expired.append((lease.expires, ip))
-        return min(expired)[1] if expired else None
+            if (lease is not None and lease.expires == expires and ip not in self._offered
+                    and ip not in self._reserved and self.declined.get(ip, 0) <= now and n not in self._unusable):
+                return ip
+            heapq.heappop(heap)  # stale, or taken: it comes back through _reconsider when that ends
+        return None
 
-    def commit(self, mac: str, ip: str, now: float, hostname: str = "") -> Lease:
-        """Lease `ip` to `mac` for the pool's lease time; written to disk before returning."""
-        lease = Lease(mac, ip, now + self.pool.lease_time, hostname)
-        previous = self.by_ip.get(ip)
-        if previous is not None and previous.mac != mac:
-            del self.by_mac[previous.mac]  # an expired lease of another machine gives way
+    def _reconsider(self, ip: str) -> None:
+        """An address whose hold (offer, decline, reservation, lease) ended: back where it can be chosen."""
+        n = to_int(ip)
+        if not self._first <= n <= self._last:
+            return
+        lease = self.by_ip.get(ip)
+        if lease is not None:
+            heapq.heappush(self._expired, (lease.expires, n))
+            if len(self._expired) > 2 * len(self.by_ip) + 1024:
+                self._rebuild_expired()
+        elif n < self._cursor:
+            heapq.heappush(self._returned, n)
+            if len(self._returned) > 2 * (self._last - self._first + 1) + 1024:
+                self._returned = sorted(set(self._returned))  # a sorted list is a heap
+
+    def _rebuild_expired(self) -> None:
+        """The heap of expired leases from the table, without the entries that went stale."""
+        self._expired = [(lease.expires, n) for lease in self.by_ip.values()
+                         if self._first <= (n := to_int(lease.ip)) <= self._last]
+        heapq.heapify(self._expired)
+
+    # Changes
+
+    def _end_offer(self, mac: str, reconsider: bool = True) -> str | None:
+        offer = self.offers.pop(mac, None)
+        if offer is None:
+            return None
+        if self._offered.get(offer[0]) == mac:
+            del self._offered[offer[0]]
+            if reconsider:
+                self._reconsider(offer[0])
+        return offer[0]
+
+    def _bind(self, lease: Lease) -> None:
+        old = bind(self.by_mac, self.by_ip, lease)
+        n = to_int(lease.ip)
+        if self._first <= n <= self._last:
+            heapq.heappush(self._expired, (lease.expires, n))
+            if len(self._expired) > 2 * len(self.by_ip) + 1024:  # renewals leave stale entries behind
+                self._rebuild_expired()
+        if old is not None:
+            self._reconsider(old.ip)  # no longer leased at all: never leased, as far as choosing goes
+        self.store.record(lease)
+
+    def commit(self, mac: str, ip: str, now: float, hostname: str = "", client_id: bytes = b"") -> Lease:
+        """Lease `ip` to `mac` for the pool's lease time, recorded in the store."""
+        lease = Lease(mac, ip, now + self.pool.lease_time, hostname, client_id)
+        offered = self.offers.get(mac)
+        self._end_offer(mac, reconsider=offered is not None and offered[0] != ip)
         self._bind(lease)
-        self.offers.pop(mac, None)
-        self.state.save(list(self.by_mac.values()))
         return lease
 
-    def release(self, mac: str, ip: str, now: float) -> bool:
-        """RELEASE: the lease ends now, but the address stays this machine's next choice."""
+    def release(self, mac: str, ip: str, now: float, client_id: bytes = b"") -> bool:
+        """RELEASE: the lease ends now, but the address stays this machine's next choice. Only from the client
+        holding it: False otherwise."""
         lease = self.by_mac.get(mac)
-        if lease is None or lease.ip != ip or lease.expires <= now:
+        if lease is None or lease.ip != ip or lease.expires <= now or not _same(lease.client_id, client_id):
             return False
-        lease.expires = now
-        self.state.save(list(self.by_mac.values()))
+        self._bind(lease._replace(expires=now))
         return True
 
-    def decline(self, mac: str, ip: str, now: float) -> None:
-        """DECLINE: something else answers on `ip`; set it aside, and forget this machine's claim on it."""
-        self.declined[ip] = now + DECLINE_HOLD
-        self.offers.pop(mac, None)
+    def decline(self, mac: str, ip: str, now: float, client_id: bytes = b"") -> bool:
+        """DECLINE: something else answers on `ip`; set it aside, and forget this machine's claim on it. Only
+        from the client holding it (as Kea's DHCP4_DECLINE_LEASE_MISMATCH, ISC dhcpd): False otherwise."""
+        if not self.holds(mac, ip, now, client_id):
+            return False
+        limit = max(1, (self._last - self._first + 1) // 4)
+        self.declined.pop(ip, None)
+        while len(self.declined) >= limit:  # bounded: the one set aside longest gives way
+            oldest = next(iter(self.declined))
+            del self.declined[oldest]
+            self._reconsider(oldest)
+        until = now + DECLINE_HOLD
+        self.declined[ip] = until
+        heapq.heappush(self._deadlines, (until, "decline", ip))
+        offered = self._end_offer(mac, reconsider=False)
+        if offered is not None and offered != ip:
+            self._reconsider(offered)
         lease = self.by_mac.get(mac)
         if lease is not None and lease.ip == ip:
-            del self.by_mac[mac]
-            del self.by_ip[ip]
-            self.state.save(list(self.by_mac.values()))
+            drop(self.by_mac, self.by_ip, mac)
+            self.store.forget(mac)
+        return True
 
     def forget_offer(self, mac: str) -> None:
         """The client took another server's offer."""
-        self.offers.pop(mac, None)
+        self._end_offer(mac)
 
     def prune(self, now: float) -> None:
-        self.offers = {m: o for m, o in self.offers.items() if o[1] > now}
-        self.declined = {ip: t for ip, t in self.declined.items() if t > now}
+        """End the offers and declines whose time is up (each once, from the heap of deadlines)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            until, kind, key = heapq.heappop(deadlines)
+            if kind == "offer":
+                offer = self.offers.get(key)
+                if offer is not None and offer[1] == until:
+                    self._end_offer(key)
+            elif self.declined.get(key) == until:
+                del self.declined[key]
+                self._reconsider(key)
+
+
+def _same(kept: bytes, sent: bytes) -> bool:
+    """Client identifiers agree unless both are given and differ (the MAC is compared by the caller)."""
+    return not kept or not sent or kept == sent
 
 
 def network_of(first: IPv4Address, last: IPv4Address,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import socket
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
@@ -28,7 +31,9 @@ from dhcp_support import (
 from netboot.core.machines import Machine, Machines, Profile
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
-from netboot.dhcp.leases import Leases, Pool, StateFile
+from netboot.dhcp.journal import Journal
+from netboot.dhcp.leases import Leases, Pool
+from netboot.dhcp.server import DhcpServer
 
 SERVER = IPv4Interface("192.0.2.10/24")
 NODE1, NODE2, STRANGER = "52:54:00:00:01:01", "52:54:00:00:01:02", "52:54:00:00:09:09"
@@ -158,7 +163,7 @@ def leases(tmp_path: Path):
     pool = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.103"), IPv4Network("192.0.2.0/24"),
                 lease_time=600, router=IPv4Address("192.0.2.1"), dns=(IPv4Address("192.0.2.1"),),
                 domain="lab.example", excluded=frozenset({IPv4Address("192.0.2.10"), IPv4Address("192.0.2.1")}))
-    state = StateFile(tmp_path)
+    state = Journal(tmp_path)
     yield Leases(pool, state)
     state.close()
 
@@ -270,3 +275,79 @@ def test_requests_from_other_subnets_are_not_answered(leases: Leases) -> None:
     relayed, sent = answer(r, plain(mac=STRANGER, giaddr="192.0.2.1"))
     assert sent.dest == ("192.0.2.1", 67) and relayed.yiaddr == "192.0.2.100"
     assert arrive(r, plain(mac=STRANGER, giaddr="198.51.100.1")) is None
+
+
+def test_a_strangers_decline_and_release_change_nothing(tmp_path: Path) -> None:
+    """Another MAC declining a machine's address and every other address of a 16-address range, and releasing
+    the machine's lease: dropped (Kea's DHCP4_DECLINE_LEASE_MISMATCH). The machine renews, a new client is offered."""
+    pool = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.115"), IPv4Network("192.0.2.0/24"))
+    state = Journal(tmp_path)
+    r = responder(fleet(), Leases(pool, state))
+    address, _ = dora(r, plain, NODE2)
+    server = (54, ip("192.0.2.10"))
+    for n in range(100, 116):
+        dropped = arrive(r, plain(DECLINE, mac=STRANGER, extra=[(50, ip(f"192.0.2.{n}")), server]))
+        assert isinstance(dropped, Ignored) and "not its offer or lease: dropped" in dropped.reason
+    dropped = arrive(r, plain(RELEASE, mac=STRANGER, ciaddr=address, flags=0, extra=[server]))
+    assert isinstance(dropped, Ignored) and "not its lease" in dropped.reason
+    renew, _ = answer(r, plain(REQUEST, mac=NODE2, ciaddr=address, flags=0))
+    assert renew.type == ACK and renew.yiaddr == address
+    assert dora(r, plain, "52:54:00:00:09:0b")[0] == "192.0.2.101"
+    state.close()
+
+
+def test_decline_and_release_with_another_client_identifier_are_dropped(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    cid = (61, b"\x01" + bytes.fromhex("525400000102"))
+    offer, _ = answer(r, plain(DISCOVER, mac=NODE2, extra=[cid]))
+    ack, _ = answer(r, plain(REQUEST, mac=NODE2, extra=[(50, ip(offer.yiaddr)), (54, ip("192.0.2.10")), cid]))
+    assert ack.type == ACK
+    spoofed = (61, b"\x00other")
+    server = (54, ip("192.0.2.10"))
+    assert "dropped" in arrive(r, plain(DECLINE, mac=NODE2, extra=[(50, ip(ack.yiaddr)), server, spoofed])).reason
+    assert "dropped" in arrive(r, plain(RELEASE, mac=NODE2, ciaddr=ack.yiaddr, flags=0, extra=[server, spoofed])).reason
+    assert leases.by_mac[NODE2].expires > r.now[0]  # type: ignore[attr-defined]
+    assert arrive(r, plain(RELEASE, mac=NODE2, ciaddr=ack.yiaddr, flags=0, extra=[server, cid])) is None
+    assert leases.by_mac[NODE2].expires <= r.now[0]  # type: ignore[attr-defined]
+
+
+def test_declined_addresses_are_bounded_and_come_back_after_probation(tmp_path: Path) -> None:
+    """Each client may decline what it was offered, but at most a quarter of the range is set aside at once (the
+    oldest gives way), and a declined address returns after its hour of probation."""
+    pool = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.115"), IPv4Network("192.0.2.0/24"))
+    state = Journal(tmp_path)
+    r = responder(fleet(), Leases(pool, state))
+    server = (54, ip("192.0.2.10"))
+    for i in range(12):  # a flood of made-up MACs, each declining what it is offered
+        mac = f"52:54:00:00:0a:{i:02x}"
+        offer, _ = answer(r, plain(DISCOVER, mac=mac))
+        declined = arrive(r, plain(DECLINE, mac=mac, extra=[(50, ip(offer.yiaddr)), server]))
+        assert isinstance(declined, Ignored) and "set aside" in declined.reason
+        r.now[0] += 1  # type: ignore[attr-defined]
+    r.now[0] += 61  # type: ignore[attr-defined]  (the offers are over)
+    got = {dora(r, plain, f"52:54:00:00:0b:{i:02x}")[0] for i in range(12)}
+    assert len(got) == 12  # 16 addresses, 4 set aside at most
+    r.now[0] += 3600  # type: ignore[attr-defined]
+    assert len({dora(r, plain, f"52:54:00:00:0c:{i:02x}")[0] for i in range(4)}) == 4  # probation over
+    state.close()
+
+
+async def test_answers_beyond_a_hundred_a_second_are_counted_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Logging costs about what answering does: under a flood, one line a second counts what was not logged."""
+    server = DhcpServer(responder(fleet()), {})
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    caplog.set_level(logging.INFO, logger="netboot.dhcp")
+    try:
+        for i in range(150):
+            server._send(sender, Answer(b"x", receiver.getsockname(), 0, f"answer {i}"), None)
+        await asyncio.sleep(1.2)
+    finally:
+        server.close()
+        sender.close()
+        receiver.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:100] == [f"dhcp: answer {i}" for i in range(100)]
+    assert lines[100:] == ["dhcp: and 50 more answers in the last second, not logged one by one"]
+    assert server.answered == 150

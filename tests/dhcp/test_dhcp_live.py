@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,9 +18,11 @@ from support import cli
 from test_dhcp_message import HOSTILE
 
 from devtools.lan import Host, Lan
-from netboot.dhcp.leases import STATE_FILE
+from netboot.dhcp import journal
+from netboot.dhcp.journal import JOURNAL
 
 PROBE = Path(__file__).with_name("probe.py")
+DORA = Path(__file__).with_name("dora.py")
 NODE1, OTHER = "52:54:00:00:03:01", "52:54:00:00:03:02"
 
 
@@ -126,8 +130,7 @@ def test_authoritative_reservations_and_leases_across_a_kill(lan: Lan, outs: dic
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
     machines_file(tmp_path, outs["direct"])
-    state = (tmp_path / "state" / STATE_FILE).read_text()
-    assert OTHER in state and NODE1 in state
+    assert {OTHER, NODE1} <= set(journal.read(tmp_path / "state")[0])
     again = start(host, *args)
     assert dora(client, OTHER)[0] == other
     assert dora(client, "52:54:00:00:03:03")[0] == "192.0.2.101"
@@ -138,7 +141,7 @@ def test_corrupt_lease_state_stops_the_start_and_is_left_alone(lan: Lan, outs: d
                                                                tmp_path: Path) -> None:
     host = lan.host("netboot", "192.0.2.10/24")
     (tmp_path / "state").mkdir()
-    state = tmp_path / "state" / STATE_FILE
+    state = tmp_path / "state" / journal.LEGACY
     state.write_text('{"format": "netboot-dhcp-leases", "version": 1, "leases": [{"mac": "52:54')
     proc = host.run([sys.executable, "-m", "netboot", "serve", "--dir", outs["direct"], "--http", "0.0.0.0:0",
                      "--no-tftp", "--dhcp", "192.0.2.100-192.0.2.199", "--state-dir", tmp_path / "state"],
@@ -148,6 +151,79 @@ def test_corrupt_lease_state_stops_the_start_and_is_left_alone(lan: Lan, outs: d
     assert errors == [f"netboot: error: {state}: corrupt lease state (Unterminated string starting at: line 1 "
                       "column 68 (char 67)); left as it is: repair or remove it to start"], proc.stderr
     assert state.read_text().endswith('"mac": "52:54')
+
+
+def test_every_acked_lease_survives_kill_9_during_a_stream_of_exchanges(lan: Lan, outs: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    """A client relaying for machine after machine; the server is killed (SIGKILL) at a random moment of the
+    stream, three times, and restarted: every lease a client got an ACK for is still there, and its machine is
+    offered that address again."""
+    host = lan.host("netboot", "192.0.2.10/24")
+    client = lan.host("client", "192.0.2.50/24")
+    args = ("--dir", outs["direct"], "--dhcp", "192.0.2.60-192.0.2.250", "--state-dir", tmp_path / "state")
+    rng = random.Random(9)
+    acked: dict[str, str] = {}
+    first = 0
+    for _ in range(3):
+        server = start(host, *args)
+        stream = client.popen([sys.executable, DORA, "--server", "192.0.2.10", "--relay", "192.0.2.50",
+                               "--first", str(first), "--count", "60", "--timeout", "0.5", "--tries", "2",
+                               "--give-up", "2"],
+                              stdout=subprocess.PIPE, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda out=stream.stdout, got=lines: got.extend(out))
+        reader.start()
+        kill_after = rng.randrange(5, 40)
+        deadline = time.monotonic() + 60
+        while len(lines) < kill_after:
+            assert time.monotonic() < deadline and stream.poll() is None, (lines, server.log[-2000:])
+            time.sleep(0.001)
+        time.sleep(rng.random() * 0.01)  # somewhere inside an exchange
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        assert stream.wait(timeout=60) == 0
+        reader.join()
+        for line in lines:
+            mac, address, *_ = line.split()
+            if address != "-":
+                acked[mac] = address
+        assert len([x for x in lines if " - " not in x]) >= kill_after
+        first += 60
+    held = journal.read(tmp_path / "state")[0]
+    lost = {mac: address for mac, address in acked.items() if mac not in held or held[mac].ip != address}
+    assert not lost, lost
+    again = start(host, *args)
+    some = rng.sample(sorted(acked), 10)
+    for mac in some:  # DISCOVER again: each is offered the address it was ACKed
+        n = int(mac.replace(":", ""), 16) - 0x020000000000
+        out = client.run([sys.executable, DORA, "--server", "192.0.2.10", "--relay", "192.0.2.50", "--first",
+                          str(n), "--count", "1"], capture_output=True, text=True, timeout=60)
+        assert out.stdout.split()[:2] == [mac, acked[mac]], out
+    again.stop()
+
+
+def test_corrupt_lease_journal_stops_the_start_and_is_left_alone(lan: Lan, outs: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    host = lan.host("netboot", "192.0.2.10/24")
+    state = tmp_path / "state"
+    args = ("--dir", outs["direct"], "--dhcp", "192.0.2.100-192.0.2.199", "--state-dir", state)
+    server = start(host, *args)
+    client = lan.host("client", "192.0.2.50/24")
+    dora(client, NODE1)
+    dora(client, OTHER)
+    server.stop()
+    path = state / JOURNAL
+    text = path.read_text()
+    # A record of the first group changed: its CRC fails, and a group follows (so it is no torn last write).
+    assert text.index(NODE1) < text.index(OTHER)
+    path.write_text(text.replace(NODE1, "52:54:00:00:03:99"))
+    before = path.read_bytes()
+    proc = host.run([sys.executable, "-m", "netboot", "serve", *args, "--http", "0.0.0.0:0", "--no-tftp"],
+                    capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert len(errors) == 1 and errors[0].startswith(f"netboot: error: {path}: corrupt lease journal (line "), errors
+    assert path.read_bytes() == before
 
 
 @pytest.mark.parametrize(("args", "message"), [

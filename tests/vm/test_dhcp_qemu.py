@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import ipaddress
-import json
 import re
 import signal
 from pathlib import Path
@@ -15,7 +14,7 @@ from support import assert_booted
 from test_dhcp_live import start, wait_for
 
 from devtools.lan import Lan
-from netboot.dhcp.leases import STATE_FILE
+from netboot.dhcp import journal
 
 UEFI_MAC, BIOS_MAC = "52:54:00:00:04:01", "52:54:00:00:04:02"
 RANGE = (ipaddress.IPv4Address("192.0.2.100"), ipaddress.IPv4Address("192.0.2.199"))
@@ -86,8 +85,8 @@ def test_authoritative_mode_alone_with_a_reservation_and_a_restart(lan: Lan, out
     other = address_used(server.log, BIOS_MAC)
     assert RANGE[0] <= ipaddress.IPv4Address(other) <= RANGE[1]
     assert f"{UEFI_MAC} uefi-x64-pxe ACK address=192.0.2.42 boot=tftp://192.0.2.10/ipxe.efi" in server.log
-    state = json.loads((tmp_path / "state" / STATE_FILE).read_text())
-    assert {x["mac"]: x["ip"] for x in state["leases"]} == {UEFI_MAC: "192.0.2.42", BIOS_MAC: other}
+    leases = journal.read(tmp_path / "state")[0]
+    assert {mac: x.ip for mac, x in leases.items()} == {UEFI_MAC: "192.0.2.42", BIOS_MAC: other}
     # A restart (SIGTERM, then a new process): the same machine gets the same address again.
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=20) == 0
