@@ -34,6 +34,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from netboot.core import mac as macs
+from netboot.core.durable import sync_dir
 from netboot.core.errors import NetbootError
 from netboot.dhcp.leases import Lease, bind, drop
 
@@ -166,13 +167,6 @@ def _corrupt(path: Path, why: object) -> NetbootError:
     return NetbootError(f"{path}: corrupt lease journal ({why}); left as it is: repair or remove it to start")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
@@ -237,15 +231,15 @@ class Journal:
             leases, newest = (_legacy(self.legacy) if legacy else {}), 0
         try:
             _replace(self.base, _base(leases.values(), newest))
-            _fsync_dir(self.directory)
+            sync_dir(self.directory)
             with contextlib.suppress(FileNotFoundError):
                 self.rotated.unlink()
             self._generation = newest + 1
             _replace(self.path, _header(self._generation, 0))
-            _fsync_dir(self.directory)
+            sync_dir(self.directory)
             if legacy:
                 self.legacy.unlink()  # only now: the journal holds every lease durably
-                _fsync_dir(self.directory)
+                sync_dir(self.directory)
                 if not journal:
                     log.info("dhcp: converted %s to %s (%d leases)", self.legacy, self.path, len(leases))
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -313,7 +307,7 @@ class Journal:
             except OSError:
                 os.rename(self.rotated, self.path)  # back as it was
                 raise
-            _fsync_dir(self.directory)  # the new journal's name is durable before any change is acknowledged in it
+            sync_dir(self.directory)  # the new journal's name is durable before any change is acknowledged in it
         except OSError:
             os.close(fd)
             raise
@@ -329,9 +323,9 @@ class Journal:
             files = [(p, _read(p, torn_allowed=p == self.rotated)) for p in (self.base, self.rotated) if p.exists()]
             leases, newest = _replay(files)
             _replace(self.base, _base(leases.values(), newest))
-            _fsync_dir(self.directory)
+            sync_dir(self.directory)
             self.rotated.unlink()
-            _fsync_dir(self.directory)
+            sync_dir(self.directory)
             self._leases = len(leases)
             self._compactor = None
         except (OSError, _Unreadable) as e:  # left for the next start, which reads .2 again

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from netboot.core.durable import sync_dir
 from netboot.core.errors import NetbootError
 from netboot.core.remove import remove_tree
 from netboot.core.run import pid_alive
@@ -82,11 +83,7 @@ class Staging:
         else:
             os.rename(self.path, self.out)
             self.path = None
-        fd = os.open(self.out.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_dir(self.out.parent)
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         # After commit() this removes the previous output; after a failure, the unfinished one (still 0700

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from netboot.core.artifacts import FILES
+from netboot.core.durable import sync_dir
 from netboot.core.errors import NetbootError
 from netboot.core.remove import remove_tree
 
@@ -59,7 +60,7 @@ def publish(out: Path, dest: Path) -> tuple[Path, bool]:
                 raise NetbootError(f"{out}/{name} does not match its manifest (sha256 {digest}, the manifest says "
                                    f"{expected[name]}); build it again")
         os.chmod(staging, 0o755)
-        _sync(staging)
+        sync_dir(staging)
         try:
             os.rename(staging, final)
         except OSError:
@@ -67,7 +68,7 @@ def publish(out: Path, dest: Path) -> tuple[Path, bool]:
                 remove_tree(staging)
                 return final, False
             raise
-        _sync(dest)
+        sync_dir(dest)
     except OSError as e:
         with contextlib.suppress(OSError):
             remove_tree(staging)
@@ -95,10 +96,3 @@ def _copy(src: Path, dst: Path) -> str:
         os.fsync(fout.fileno())
     return h.hexdigest()
 
-
-def _sync(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
