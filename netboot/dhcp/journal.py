@@ -331,9 +331,14 @@ class Journal:
         except (OSError, _Unreadable) as e:  # left for the next start, which reads .2 again
             log.warning("dhcp: compacting the lease journal failed: %s", e)
 
+    def settle(self) -> None:
+        """Wait for a compaction under way, if any."""
+        compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
+
     def close(self) -> None:
-        if self._compactor is not None:
-            self._compactor.join()
+        self.settle()
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 self.flush()
