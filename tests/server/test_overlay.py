@@ -19,6 +19,7 @@ from support import ServerProcess, cli, fake_out
 from netboot.core import compress
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
+from netboot.server import overlay_cache
 from netboot.server.namespace import Namespace, NotFound, Pending
 from netboot.server.overlay import OverlayDir, OverlayError, pack
 
@@ -271,6 +272,24 @@ async def test_a_request_that_goes_away_takes_nothing_from_the_others(fleet: Pat
         else:
             raise AssertionError("the overlay of a request that went away was never stored")
         assert kept.data is not None and b"initrd --name overlay" in kept.data
+    finally:
+        ns.close()
+
+
+async def test_renders_under_way_are_bounded(fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machines not in the file are rendered on demand, and a render outlives a request that goes away: past a
+    bound of renders under way, a new machine is told to ask again (and is not remembered as broken)."""
+    monkeypatch.setattr(overlay_cache, "MAX_RENDERING", 2)
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        names = [f"machine/52-54-00-00-0b-0{i}/boot.ipxe" for i in range(3)]
+        tasks = [asyncio.create_task(ns.resolve(name)) for name in names]
+        first, second, third = [(await asyncio.wait_for(t, 30)).data or b"" for t in tasks]
+        assert b"initrd --name overlay" in first and b"initrd --name overlay" in second
+        assert b"cannot boot: the server is rendering the overlays of 2 other machines" in third, third
+        assert b"chain --replace --autofree /machine/52-54-00-00-0b-02/boot.ipxe" in third
+        again = await asyncio.wait_for(ns.resolve(names[2]), 30)
+        assert again.data is not None and b"initrd --name overlay" in again.data
     finally:
         ns.close()
 
