@@ -19,7 +19,7 @@ from netboot.core.addresses import reachable_hosts
 from netboot.core.errors import NetbootError
 from netboot.core.logtext import clip
 from netboot.core.machines import Machines
-from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
+from netboot.dhcp import Client, DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.server.autobuild import SystemBuilds
 from netboot.server.http import LimitedRunner, make_app
 from netboot.server.http_limits import HttpLimits
@@ -136,7 +136,7 @@ class Server:
 
     async def _start_dhcp(self, config: DhcpConfig) -> None:
         self._dhcp = await start_dhcp_server(config, machines=lambda: self.namespace.machines,
-                                             offerings=self._offerings)
+                                             offerings=self._offerings, seen=self._dhcp_seen)
         where = ", ".join(config.interfaces) or "every interface"
         log.info("dhcp: %s on %s, port%s %s", "proxy DHCP" if config.proxy else f"DHCP server for {config.mode}",
                  where, "s" * (len(self._dhcp.ports) > 1), " and ".join(map(str, self._dhcp.ports)))
@@ -150,6 +150,12 @@ class Server:
         if missing:
             log.warning("dhcp: %s not installed (Debian's ipxe package): PXE ROMs that need it get no answer",
                         " and ".join(sorted(missing)))
+
+    def _dhcp_seen(self, mac: str, client: Client, interface: str) -> None:
+        """What DHCP saw of a machine it answered, for the status record: its architecture and interface."""
+        if self.record is not None:
+            arch = f"{client.arch} ({client.kind})" if client.arch is not None else client.kind
+            self.record.note_facts(mac, (("dhcp_arch", arch), ("interface", interface)))
 
     def _offerings(self) -> Offerings:
         assert self.opts.dhcp is not None
@@ -173,24 +179,26 @@ class Server:
 
     def _tftp_logged(self, stats: TransferStats) -> None:
         """The HTTP side's line, plus what TFTP adds: options, retransmissions, why a transfer ended."""
-        mac, profile = self.namespace.who(stats.filename)
+        whom = self.namespace.attribution(stats.filename)
+        mac, profile = whom.mac, whom.profile
         client = stats.peer.rsplit(":", 1)[0].strip("[]")
         options = " ".join(f"{k}={v}" for k, v in stats.options) or "no options"
         detail = f" ({stats.detail})" if stats.detail else ""
         log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
-                 profile or "-", clip(stats.filename.lstrip("/")), stats.outcome, detail, stats.bytes_sent / 1e6,
+                 profile or "-", clip(whom.path.lstrip("/")), stats.outcome, detail, stats.bytes_sent / 1e6,
                  stats.duration, options, stats.retransmissions)
         if self.record is not None:
-            self.record.record(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
+            self.record.record(client, "tftp", "/" + whom.path.lstrip("/"), stats.outcome,
                                stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
-                               stats.retransmissions)
+                               stats.retransmissions, whom.facts)
 
     def _tftp_refused(self, peer: Peer, filename: str, code: int, message: str) -> None:
         if self.record is None:
             return
-        mac, profile = self.namespace.who(filename)
+        whom = self.namespace.attribution(filename)
         client = str(peer[0])
-        self.record.record(client, "tftp", "/" + filename.lstrip("/"), f"ERROR {code}", False, 0, mac, profile)
+        self.record.record(client, "tftp", "/" + whom.path.lstrip("/"), f"ERROR {code}", False, 0, whom.mac,
+                           whom.profile, 0, whom.facts)
 
     async def _start_http(self) -> None:
         self._runner = LimitedRunner(make_app(self.namespace, self.record), self.opts.http_limits, access_log=None,
