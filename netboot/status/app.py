@@ -237,7 +237,7 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
             return page_template.render(
                 page=page, query=query, states=STATES, last=snapshot.seq, counts=snapshot.states(),
                 chart=boots_chart(snapshot.per_minute()), writable=writable, profiles=profiles,
-                ago=_ago(snapshot.taken))
+                ago=_ago(time.time()))
 
         return html(await off_loop(record.snapshot, render))
 
@@ -246,7 +246,7 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
 
         def render(snapshot: Snapshot) -> tuple[str, int]:
             entry = snapshot.machine(mac).json(snapshot.systems)
-            text = machine_template.render(m=entry, last=snapshot.seq, writable=writable, ago=_ago(snapshot.taken))
+            text = machine_template.render(m=entry, last=snapshot.seq, writable=writable, ago=_ago(time.time()))
             return text, 200 if snapshot.known(mac) else 404
 
         text, status = await off_loop(record.snapshot, render)

@@ -504,7 +504,6 @@ class Snapshot:
 
     def __init__(self, record: BootRecord) -> None:
         self.seq = record._seq
-        self.taken = _now()
         self.events = dict(record._events)  # each machine's events is a tuple, replaced but never changed
         self.facts = dict(record._facts)  # each machine's facts is a tuple, replaced but never changed
         self.minutes = [tuple(m) for m in record._minutes]
@@ -546,9 +545,10 @@ class Snapshot:
         return mac in self.events or mac in self.configured or mac in self.facts
 
     def per_minute(self, minutes: int = CHART_MINUTES) -> list[tuple[int, int, int]]:
-        """Boots started and handed over in each of the last `minutes` minutes, oldest first: (minutes ago,
-        started, handed over), every minute present."""
-        now = int(self.taken // 60)
+        """Boots started and handed over in each of the last `minutes` minutes until now (the same snapshot serves
+        readers until something happens), oldest first: (minutes ago, started, handed over), every minute
+        present."""
+        now = int(_now() // 60)
         counted = {m[0]: m for m in self.minutes}
         return [(now - minute, *counted.get(minute, (minute, 0, 0))[1:])
                 for minute in range(now - minutes + 1, now + 1)]
