@@ -59,10 +59,11 @@ ALLOWED_ROOTS = (Path("/nix/store"),)  # output directories may hold symlinks in
 RETRY_SECONDS = 30
 # What iPXE knows of the machine it runs on (its SMBIOS and its own build), in the order boot.ipxe names them.
 FACT_KEYS = ("uuid", "serial", "manufacturer", "product", "buildarch", "platform")
-# boot.ipxe's chain carries them as path segments. ${…:uristring} escapes "/" and the rest, but iPXE before 2021
-# (Debian 12's) decodes the escapes again when it parses the URI, as every iPXE does for a TFTP name, and aiohttp
-# does for HTTP: a "/" in a value then splits it, which the parser mends (see _facts).
-FACTS_PATH = "/".join(f"{key}=${{{key}:uristring}}" for key in FACT_KEYS)
+# boot.ipxe's chain carries them as path segments. ${…:uristring} escapes "/" and the rest of a string, but iPXE
+# before 2021 (Debian 12's) decodes the escapes again when it parses the URI, as every iPXE does for a TFTP name,
+# and aiohttp does for HTTP: a "/" in a value then splits it, which the parser mends (see _facts). The UUID keeps
+# its own type: as a uristring iPXE would send its 16 raw bytes; as a UUID it is hex digits and hyphens.
+FACTS_PATH = "/".join(f"{key}=${{{key}}}" if key == "uuid" else f"{key}=${{{key}:uristring}}" for key in FACT_KEYS)
 # A binary chosen by a machine is chained from its script when the iPXE it runs uses another NIC driver: iPXE
 # names the driver in ${netX/chip} ("undionly" in undionly.kpxe; "SNP", or "NII"/"MNP" in newer builds, in
 # snponly.efi). ipxe.efi cannot be told apart (it uses the firmware's driver too, for a NIC it has none of), so

@@ -59,7 +59,7 @@ class BootEvent(NamedTuple):
     @property
     def handing_over(self) -> bool:
         """This event hands the machine over: its initrd sent whole, or its overlay after it."""
-        return hands_over(self) or (self.ok and is_overlay(self))
+        return initrd_sent(self.ok, self.path, self.status) or (self.ok and overlay_path(self.path))
 
 
 # The predicates on an event's fields, which `flush()` applies to every request as it comes (a slice is cheaper

@@ -54,8 +54,8 @@ profile = "direct"
 def name(mac: str, **facts: str) -> str:
     """A script's name as iPXE asks for it (boot.ipxe's chain, expanded): each value ${…:uristring}-escaped, then
     decoded again when iPXE parses the URI (and by aiohttp): what the server's parser is given."""
-    segments = FACTS_PATH
-    for key in ("uuid", "serial", "manufacturer", "product", "buildarch", "platform"):
+    segments = FACTS_PATH.replace("${uuid}", facts.get("uuid", ""))
+    for key in ("serial", "manufacturer", "product", "buildarch", "platform"):
         segments = segments.replace(f"${{{key}:uristring}}", urllib.parse.unquote(urllib.parse.quote(
             facts.get(key, ""), safe="")))
     return f"machine/{mac.replace(':', '-')}/{segments}/boot.ipxe"

@@ -236,7 +236,7 @@ def test_a_new_machine_whose_overlay_breaks_is_told_why_and_retries(fleet: Path,
         ns.reload(Machines.load(fleet))
         text = script(ns, new)
         assert f"echo netboot: this machine ({new}) cannot boot: {tmp_path}/overlay/etc/initial.j2:1:" in text
-        assert f"chain --replace --autofree /machine/{new.replace(':', '-')}/uuid=${{uuid:uristring}}/" in text
+        assert f"chain --replace --autofree /machine/{new.replace(':', '-')}/uuid=${{uuid}}/" in text
         assert "initrd" not in text
         with pytest.raises(NotFound, match="has no overlay"):
             ns.lookup(f"machine/{new.replace(':', '-')}/{ns.profiles['squash'].current.id}/overlay")

@@ -111,7 +111,7 @@ def test_script_for_every_mac_spelling(server: ServerProcess, machines: Path, sp
     assert server.logged(f"127.0.0.1 mac={MAC} profile=squash http /machine/{spelling}/boot.ipxe 200"), server.log
 
 
-FACTS = ("uuid=${uuid:uristring}/serial=${serial:uristring}/manufacturer=${manufacturer:uristring}/"
+FACTS = ("uuid=${uuid}/serial=${serial:uristring}/manufacturer=${manufacturer:uristring}/"
          "product=${product:uristring}/buildarch=${buildarch:uristring}/platform=${platform:uristring}")
 
 
