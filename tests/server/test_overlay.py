@@ -287,7 +287,7 @@ async def test_renders_under_way_are_bounded(fleet: Path, monkeypatch: pytest.Mo
         first, second, third = [(await asyncio.wait_for(t, 30)).data or b"" for t in tasks]
         assert b"initrd --name overlay" in first and b"initrd --name overlay" in second
         assert b"cannot boot: the server is rendering the overlays of 2 other machines" in third, third
-        assert b"chain --replace --autofree /machine/52-54-00-00-0b-02/boot.ipxe" in third
+        assert b"chain --replace --autofree /machine/52-54-00-00-0b-02/uuid=${uuid}/" in third
         again = await asyncio.wait_for(ns.resolve(names[2]), 30)
         assert again.data is not None and b"initrd --name overlay" in again.data
     finally:
