@@ -394,6 +394,7 @@ def _took(seconds: float | None) -> str:
     """A boot's duration as the page shows it: "8.4 s", "1 min 12 s"."""
     if seconds is None:
         return ""
-    if seconds < 60:
+    if round(seconds, 1) < 60:
         return f"{seconds:.1f} s"
-    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    whole = round(seconds)  # (59.96 s is "1 min 0 s", neither "60.0 s" nor "0 min 59 s")
+    return f"{whole // 60} min {whole % 60} s"

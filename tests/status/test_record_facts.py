@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from netboot.status import record as record_module
+from netboot.status.app import _ago, _took
 from netboot.status.chart import boots_chart
 from netboot.status.record import MAX_FACT, MAX_LOOSE, BootRecord
 
@@ -102,3 +103,11 @@ def test_facts_of_machines_dhcp_answered_are_bounded(clock: list[float]) -> None
     mac = "02:00:00:01:05:db"
     record.record("192.0.2.5", "http", "/machine/z/boot.ipxe", "200", True, 500, mac, None, 0, (("platform", "efi"),))
     assert dict(record.snapshot().machine(mac).facts) == {"platform": "efi", "dhcp_arch": "0 (bios-pxe)"}
+
+
+def test_durations_and_times_as_the_page_shows_them() -> None:
+    assert [_took(s) for s in (None, 8.44, 59.96, 72.5, 3725)] == ["", "8.4 s", "1 min 0 s", "1 min 12 s", "62 min 5 s"]
+    ago = _ago(1_700_000_000.25)
+    assert [ago(record_module.iso(1_700_000_000.25 - s)) for s in (0, 12, 125, 7200, 90_000)] == [
+        "now", "12 s ago", "2 min ago", "2 h ago", "1 d ago"]
+    assert ago(None) == ""
