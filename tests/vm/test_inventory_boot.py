@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from browser import Browser
 from support import MARKER, ServerProcess, need, vm_accel
+from test_overlay_boot import hostname_seen
 
 from devtools import qemu
 
@@ -93,10 +94,6 @@ def eventually(read: Any, done: Any, timeout: float = 240) -> Any:
     return value
 
 
-def hostname_seen(result: qemu.BootResult) -> str:
-    return next(ln for ln in result.lines if ln.startswith("NETBOOT-TEST: hostname:")).split(": ", 2)[2].strip()
-
-
 def test_an_unknown_vm_is_recorded_adopted_on_the_page_and_boots(lab: tuple[ServerProcess, Path],
                                                                   outs: dict[str, Path], tmp_path: Path) -> None:
     server, machines = lab
@@ -127,18 +124,16 @@ def test_an_unknown_vm_is_recorded_adopted_on_the_page_and_boots(lab: tuple[Serv
         # The page wrote the file: the machine's table added, everything else as it was.
         assert machines.read_text() == machines_file(outs) + (f'\n[machines."{ADOPTED}"]\nprofile = "rack"\n'
                                                               'hostname = "adopted1"\n')
-        for thread in threads:
-            thread.join(600)
     finally:
         for thread in threads:
             thread.join(600)
     adopted, by_uuid = results[ADOPTED], results[BY_UUID]
     # The same VM, asking again, boots its new profile with the host name the page gave it.
     assert any(line.startswith(MARKER) for line in adopted.lines), adopted.console[-3000:]
-    assert hostname_seen(adopted) == "rack-adopted1", adopted.console[-3000:]
+    assert hostname_seen(adopted.lines) == "rack-adopted1", adopted.console[-3000:]
     # The UUID's table: its profile and host name, through the binary its profile chose.
     assert any(line.startswith(MARKER) for line in by_uuid.lines), by_uuid.console[-3000:]
-    assert hostname_seen(by_uuid) == "bench-by-uuid", by_uuid.console[-3000:]
+    assert hostname_seen(by_uuid.lines) == "bench-by-uuid", by_uuid.console[-3000:]
     assert server.logged("http /undionly.kpxe 200")
     status, entry = api(server, f"/api/machines/{BY_UUID}")
     assert (entry["state"], entry["profile"], entry["facts"]["uuid"]) == ("handed-over", "bench", LISTED_UUID)
