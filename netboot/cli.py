@@ -218,11 +218,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="close a connection that has not completed a request's headers for this long, from its "
                         f"start or its last response (default {limits.idle_timeout:g})")
     g = p.add_argument_group("status", "what is booting: a page, a JSON API and Prometheus metrics, on a "
-                             "listener of their own that booting machines never see")
+                             "listener of their own that booting machines never see; with a token, the API also "
+                             "changes the machines file (PUT, DELETE /api/machines/MAC) and wakes machines")
     g.add_argument("--status", default="127.0.0.1:9480", metavar="ADDR:PORT",
                    help="the status listener's address (default 127.0.0.1:9480; `none`: no listener)")
     token = g.add_mutually_exclusive_group()
-    token.add_argument("--status-token", metavar="TOKEN", help="require this bearer token on every status route")
+    token.add_argument("--status-token", metavar="TOKEN",
+                       help="require this bearer token on every status route (and allow changes)")
     token.add_argument("--status-token-file", type=Path, metavar="FILE",
                        help="the token from a file (its first line), kept out of the process list")
     g.add_argument("--status-public", action="store_true",

@@ -14,6 +14,11 @@
     ip = "192.0.2.42"             # reserved address (netboot serve --dhcp START-END)
     hostname = "node1"            # DHCP option 12
     role = "db"                   # any other key: a template variable of its profile's overlay
+    [machines."uuid:4c4c4544-0042-3510-8052-b4c04f4d3532"]   # or by SMBIOS UUID, or "serial:<SERIAL>"
+    ipxe_binary = "snponly.efi"   # on a machine or a profile: the iPXE binary it boots (see IPXE_BINARIES)
+
+A machine is found by its MAC, else by its SMBIOS UUID, else by its serial number (`Machines.find`): the UUID and
+serial are what iPXE reports in the name of its script (server/namespace.py) or DHCP option 97 (the UUID).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+import uuid as uuids
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +38,14 @@ from netboot.core.errors import NetbootError
 DEFAULT = "default"
 
 
-PROFILE_KEYS = {"dir", "system", "format", "compress", "level", "append", "overlay", "vars", "base_url"}
+PROFILE_KEYS = {"dir", "system", "format", "compress", "level", "append", "overlay", "vars", "base_url",
+                "ipxe_binary"}
 BUILD_KEYS = ("format", "compress", "level")  # netboot build's options, for a profile with a system
-MACHINE_KEYS = {"profile", "append", "ip", "hostname"}
+MACHINE_KEYS = {"profile", "append", "ip", "hostname", "ipxe_binary"}
+# The iPXE binaries a machine or a profile may choose (Debian's ipxe package): undionly.kpxe for BIOS, ipxe.efi
+# (iPXE's own NIC drivers) or snponly.efi (the firmware's network driver) for UEFI.
+IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
+UUID, SERIAL = "uuid:", "serial:"  # machine tables keyed by what the machine is, not by its MAC
 
 
 @dataclass(frozen=True)
@@ -47,16 +58,24 @@ class Profile:
     base_url: str = ""  # where `netboot publish` put this profile's builds: the kernel and initrd come from there
     system: Path | None = None  # a Nix profile or store path that netboot serve builds into `dir` itself
     build_args: tuple[str, ...] = ()  # its netboot build options
+    ipxe_binary: str = ""  # the iPXE binary its machines boot (one of IPXE_BINARIES), unless a machine says
 
 
 @dataclass(frozen=True)
 class Machine:
-    mac: str  # normalized
+    mac: str  # normalized; "" for a table keyed by UUID or serial
     profile: str
     append: str = ""
     ip: str = ""  # reserved IPv4 address, handed out by the authoritative DHCP mode
     hostname: str = ""
     vars: dict[str, Any] = field(default_factory=dict)  # its table's other keys, for its profile's overlay
+    ipxe_binary: str = ""
+    key: str = ""  # its table's key, normalized: the MAC, "uuid:<uuid>" or "serial:<serial as written>"
+
+    @property
+    def matched_by(self) -> str:
+        """"mac", "uuid" or "serial": what its table is keyed by."""
+        return "mac" if self.mac else self.key.split(":", 1)[0]
 
 
 def template_vars(mac: str, profile: Profile, machine: Machine | None) -> dict[str, Any]:
@@ -67,25 +86,61 @@ def template_vars(mac: str, profile: Profile, machine: Machine | None) -> dict[s
             "profile": profile.name}
 
 
+def ipxe_binary(profile: Profile, machine: Machine | None) -> str:
+    """The iPXE binary a machine boots: its own choice, else its profile's; "" for the server's default."""
+    return (machine.ipxe_binary if machine else "") or profile.ipxe_binary
+
+
+def uuid_key(text: str) -> str | None:
+    """An SMBIOS UUID in the spelling iPXE's ${uuid} shows (lower case, hyphenated), or None if it is not one."""
+    try:
+        return str(uuids.UUID(text.strip()))
+    except ValueError:
+        return None
+
+
+def serial_key(text: str) -> str:
+    """What serial numbers are compared by: without surrounding blanks, case folded (operators type them either
+    way)."""
+    return text.strip().casefold()
+
+
 @dataclass(frozen=True)
 class Machines:
     profiles: dict[str, Profile]
-    machines: dict[str, Machine] = field(default_factory=dict)
+    machines: dict[str, Machine] = field(default_factory=dict)  # by MAC
     source: Path | None = None
+    by_uuid: dict[str, Machine] = field(default_factory=dict)  # tables keyed uuid:…, by uuid_key()
+    by_serial: dict[str, Machine] = field(default_factory=dict)  # tables keyed serial:…, by serial_key()
 
     @classmethod
     def single(cls, out: Path) -> Machines:
         """`--dir OUT`: every machine boots OUT."""
         return cls({DEFAULT: Profile(DEFAULT, _checked_dir(out, f"--dir {out}"))})
 
-    def for_mac(self, mac: str) -> tuple[Profile, str] | None:
-        """The profile a machine boots and its full extra kernel parameters, or None if it has none."""
+    def find(self, mac: str, uuid: str = "", serial: str = "") -> Machine | None:
+        """A machine's table: by its MAC, else by its SMBIOS UUID, else by its serial number."""
         machine = self.machines.get(mac)
+        if machine is None and uuid and self.by_uuid:
+            machine = self.by_uuid.get(uuid_key(uuid) or "")
+        if machine is None and serial and self.by_serial:
+            machine = self.by_serial.get(serial_key(serial))
+        return machine
+
+    def for_machine(self, mac: str, uuid: str = "", serial: str = "") -> tuple[Profile, str, Machine | None] | None:
+        """The profile a machine boots, its full extra kernel parameters and its table (None: the default
+        profile's machine), or None if it has no profile."""
+        machine = self.find(mac, uuid, serial)
         if machine is None:
             profile = self.profiles.get(DEFAULT)
-            return (profile, profile.append) if profile else None
+            return (profile, profile.append, None) if profile else None
         profile = self.profiles[machine.profile]
-        return profile, " ".join(x for x in (profile.append, machine.append) if x)
+        return profile, " ".join(x for x in (profile.append, machine.append) if x), machine
+
+    def for_mac(self, mac: str) -> tuple[Profile, str] | None:
+        """The profile a machine boots and its full extra kernel parameters, or None if it has none."""
+        found = self.for_machine(mac)
+        return found[:2] if found else None
 
     @classmethod
     def load(cls, path: Path, state_dir: Path | None = None) -> Machines:
@@ -94,6 +149,14 @@ class Machines:
             text = path.read_text()
         except OSError as e:
             raise NetbootError(f"cannot read machines file {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise NetbootError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return cls.parse(text, path, state_dir)
+
+    @classmethod
+    def parse(cls, text: str, path: Path, state_dir: Path | None = None) -> Machines:
+        """A machines file's text, checked as `load` checks it (`path`: where it lives, for relative dirs and
+        messages)."""
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
@@ -128,24 +191,24 @@ class Machines:
             if "vars" in entry and overlay is None:
                 raise NetbootError(f"{at}: {ref}: vars are for an overlay, and it has none")
             profiles[name] = Profile(name, directory, _append(entry, ref, where, ref), overlay, variables,
-                                     _base_url(entry, ref, at), system, build_args)
+                                     _base_url(entry, ref, at), system, build_args,
+                                     _ipxe_binary(entry, ref, at))
 
         if not profiles:
             raise NetbootError(f"{path}: no [profiles.NAME] defined")
         machines: dict[str, Machine] = {}
+        by_uuid: dict[str, Machine] = {}
+        by_serial: dict[str, Machine] = {}
         spelled: dict[str, str] = {}
         reserved: dict[str, str] = {}
         for key, entry in _table(data, "machines", where).items():
             ref = f"machines.{key!r}"
-            try:
-                mac = macs.normalize(key)
-            except macs.BadMac as e:
-                raise NetbootError(f"{where.of(key)}: {ref}: {e}") from None
-            if mac in spelled:
+            mac, identity, normalized = _identity(key, ref, where)
+            if identity in spelled:
                 raise NetbootError(
-                    f"{where.of(key)}: {ref} is the same machine as machines.{spelled[mac]!r} ({mac})"
+                    f"{where.of(key)}: {ref} is the same machine as machines.{spelled[identity]!r} ({identity})"
                 )
-            spelled[mac] = key
+            spelled[identity] = key
             if not isinstance(entry, dict):
                 raise NetbootError(f"{where.of(key)}: {ref} must be a table")
             profile = entry.get("profile", DEFAULT)
@@ -157,14 +220,52 @@ class Machines:
             elif "mac" in entry:
                 raise NetbootError(f"{where.of(key)}: {ref}: mac is the table's name; it cannot be set here")
             ip = _ip(entry, ref, where, key)
+            if ip and not mac:
+                raise NetbootError(f"{where.of(key)}: {ref}: ip reserves an address for a MAC (DHCP knows no "
+                                   "serial numbers, nor UUIDs before the address); key this machine by its MAC")
             if ip and ip in reserved:
                 raise NetbootError(f"{where.of(key)}: {ref}: ip {ip} is already reserved for machines.{reserved[ip]!r}")
             if ip:
                 reserved[ip] = key
             hostname = _hostname(entry, ref, where, key)
             variables = {k: v for k, v in entry.items() if k not in MACHINE_KEYS}
-            machines[mac] = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname, variables)
-        return cls(profiles, machines, path)
+            machine = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname, variables,
+                              _ipxe_binary(entry, ref, where.of(key)), normalized)
+            if mac:
+                machines[mac] = machine
+            elif identity.startswith(UUID):
+                by_uuid[identity.removeprefix(UUID)] = machine
+            else:
+                by_serial[serial_key(identity.removeprefix(SERIAL))] = machine
+        return cls(profiles, machines, path, by_uuid, by_serial)
+
+
+def _identity(key: str, ref: str, where: _Locator) -> tuple[str, str, str]:
+    """A machine table's key: its MAC or "", what tells it apart from every other table (the MAC, or the UUID or
+    serial as they are compared), and the key normalized (Machine.key)."""
+    if key.startswith(UUID):
+        found = uuid_key(key.removeprefix(UUID))
+        if found is None:
+            raise NetbootError(f"{where.of(key)}: {ref}: {key.removeprefix(UUID)!r} is not a UUID")
+        return "", UUID + found, UUID + found
+    if key.startswith(SERIAL):
+        serial = key.removeprefix(SERIAL).strip()
+        if not serial or any(not c.isprintable() for c in serial):
+            raise NetbootError(f"{where.of(key)}: {ref}: a serial number must be printable text")
+        # Two spellings of one serial (case, blanks) are one machine: the folded spelling tells them apart.
+        return "", SERIAL + serial_key(serial), SERIAL + serial
+    try:
+        mac = macs.normalize(key)
+    except macs.BadMac as e:
+        raise NetbootError(f"{where.of(key)}: {ref}: {e} (or key it uuid:<UUID> or serial:<SERIAL>)") from None
+    return mac, mac, mac
+
+
+def _ipxe_binary(entry: dict, ref: str, at: str) -> str:
+    value = entry.get("ipxe_binary", "")
+    if value != "" and value not in IPXE_BINARIES:
+        raise NetbootError(f"{at}: {ref}: ipxe_binary {value!r} is not one of {', '.join(IPXE_BINARIES)}")
+    return value
 
 
 class _Locator:

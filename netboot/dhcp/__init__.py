@@ -20,13 +20,13 @@ from pathlib import Path
 from netboot.core.addresses import ipv4_interfaces
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
-from netboot.dhcp.boot import Offerings
+from netboot.dhcp.boot import Client, Offerings
 from netboot.dhcp.exchange import PXE_PORT, SERVER_PORT, Responder
 from netboot.dhcp.journal import Journal
 from netboot.dhcp.leases import Leases, Pool, check_reservations, network_of
 from netboot.dhcp.server import DhcpServer
 
-__all__ = ["DhcpConfig", "DhcpServer", "Offerings", "start_dhcp_server"]
+__all__ = ["Client", "DhcpConfig", "DhcpServer", "Offerings", "start_dhcp_server"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,9 @@ class DhcpConfig:
 
 
 async def start_dhcp_server(config: DhcpConfig, *, machines: Callable[[], Machines],
-                            offerings: Callable[[], Offerings]) -> DhcpServer:
+                            offerings: Callable[[], Offerings],
+                            seen: Callable[[str, Client, str], None] | None = None) -> DhcpServer:
+    """`seen(mac, client, interface name)`: told of each network-boot client answered."""
     interfaces = await asyncio.to_thread(ipv4_interfaces)
     names = {name for name, _ in interfaces.values()}
     for name in config.interfaces:
@@ -78,6 +80,9 @@ async def start_dhcp_server(config: DhcpConfig, *, machines: Callable[[], Machin
         prefer = home.network
     responder = Responder(offerings, machines, leases)
     server = DhcpServer(responder, interfaces, config.interfaces, prefer)
+    if seen is not None:
+        report = seen
+        responder.seen = lambda mac, client, ifindex: report(mac, client, server.interfaces.get(ifindex, ("",))[0])
     try:
         for port in (SERVER_PORT, PXE_PORT) if config.proxy else (SERVER_PORT,):
             try:

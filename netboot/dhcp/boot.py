@@ -6,10 +6,13 @@
     UEFI x64 HTTP Boot        (HTTPClient, arch 16)   http://server:port/ipxe.efi, answered with HTTPClient
 
 Architecture numbers are RFC 4578's as IANA keeps them; Debian's ipxe package has binaries for x86 only.
+A machine or its profile may choose its binary (`ipxe_binary` in the machines file): it gets it where it fits its
+firmware (a .kpxe for BIOS, an .efi for UEFI), and the server's default elsewhere.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from netboot.dhcp.message import Request
@@ -80,22 +83,24 @@ class Offerings:
     http_host: str | None = None  # where HTTP and TFTP listen, when on one address rather than on all
     tftp_host: str | None = None
 
-    def boot_file(self, client: Client, server: str) -> BootFile | str:
-        """The boot file for `client` from `server` (our address as the client sees it), or why there is none."""
+    def boot_file(self, client: Client, server: str, binary: str = "") -> BootFile | str:
+        """The boot file for `client` from `server` (our address as the client sees it), or why there is none;
+        `binary`: the iPXE binary its machine chose, if any."""
         http = f"http://{self.http_host or server}:{self.http_port}"
+        uefi_binary = binary if binary.endswith(".efi") else self.uefi_binary
         if client.firmware == IPXE:
             return BootFile(f"{http}/boot.ipxe", server, PXE)
         if client.firmware == HTTP:
             if client.arch != UEFI_X64_HTTP:
                 return f"no HTTP boot binary for architecture {client.arch}"
-            if self.uefi_binary not in self.binaries:
-                return f"{self.uefi_binary} is not installed (Debian's ipxe package)"
-            return BootFile(f"{http}/{self.uefi_binary}", server, HTTP)
+            if uefi_binary not in self.binaries:
+                return f"{uefi_binary} is not installed (Debian's ipxe package)"
+            return BootFile(f"{http}/{uefi_binary}", server, HTTP)
         if client.firmware == PXE:
             if client.arch == BIOS_ARCH:
-                binary = "undionly.kpxe"
+                binary = binary if binary.endswith(".kpxe") else "undionly.kpxe"
             elif client.arch in UEFI_X64_PXE:
-                binary = self.uefi_binary
+                binary = uefi_binary
             else:
                 return f"no iPXE binary for architecture {client.arch}"
             if binary not in self.binaries:
@@ -104,3 +109,13 @@ class Offerings:
                 return "PXE ROMs need TFTP on port 69, which this server does not serve"
             return BootFile(binary, self.tftp_host or server, PXE)
         return "not a network-boot client"
+
+
+def client_uuids(option97: bytes | None) -> tuple[str, ...]:
+    """The SMBIOS UUID in a client's option 97 (RFC 4578 §2.3: type 0, then 16 bytes), in iPXE's spelling.
+    Firmware disagrees on the byte order of its first three fields (SMBIOS 2.6 stores them little-endian, PXE
+    asks for network order, and both are sent), so both readings are given; one matches the machine's ${uuid}."""
+    if option97 is None or len(option97) != 17 or option97[0] != 0:
+        return ()
+    raw = option97[1:]
+    return str(uuid.UUID(bytes=raw)), str(uuid.UUID(bytes_le=raw))

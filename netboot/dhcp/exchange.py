@@ -23,7 +23,7 @@ from typing import Any
 
 from pyroute2.dhcp.enums.dhcp import MessageType
 
-from netboot.core.machines import Machines
+from netboot.core.machines import DEFAULT, Machine, Machines, ipxe_binary
 from netboot.dhcp import boot, message
 from netboot.dhcp.leases import Leases
 from netboot.dhcp.message import ZERO, Reply, Request
@@ -73,6 +73,8 @@ class Responder:
     machines: Callable[[], Machines]
     leases: Leases | None = None  # None: proxy mode
     clock: Callable[[], float] = time.time
+    # Told of every network-boot client answered: its MAC, what it is, the interface its request came in on.
+    seen: Callable[[str, boot.Client, int], None] | None = None
     _reserved_of: Machines | None = field(default=None, init=False, repr=False)
     _reserved: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -130,9 +132,12 @@ class Responder:
         return self._answer(reply, client, _destination(request, kind), arrival.ifindex, "-")
 
     def _boot_file(self, request: Request, client: boot.Client, server: str) -> boot.BootFile | Ignored:
-        if self.machines().for_mac(request.mac) is None:
+        machines = self.machines()
+        machine = _machine(machines, request)
+        profile = machines.profiles[machine.profile] if machine is not None else machines.profiles.get(DEFAULT)
+        if profile is None:
             return Ignored(request.mac, "not in the machines file, and there is no default profile")
-        found = self.offerings().boot_file(client, server)
+        found = self.offerings().boot_file(client, server, ipxe_binary(profile, machine))
         if isinstance(found, str):
             return Ignored(request.mac, f"{client.kind}: {found}")
         return found
@@ -189,7 +194,7 @@ class Responder:
         server = arrival.address
         options: dict[str, Any] = {"server_id": server}
         options.update(pool.lease_options if ip is not None else pool.subnet_options)
-        machine = self.machines().machines.get(request.mac)
+        machine = _machine(self.machines(), request)
         if machine is not None and machine.hostname:
             options["host_name"] = machine.hostname
         client = boot.classify(request)
@@ -218,10 +223,20 @@ class Responder:
 
     def _answer(self, reply: Reply, client: boot.Client, dest: tuple[str, int], ifindex: int, address: str,
                 note: str = "", durable_first: bool = False) -> Answer:
+        if self.seen is not None and client.firmware:
+            self.seen(reply.request.mac, client, ifindex)
         shown = reply.file if not reply.file or "://" in reply.file else f"tftp://{reply.siaddr}/{reply.file}"
         line = (f"{reply.request.mac} {client.kind} {reply.type.name} address={address} "
                 f"boot={shown or '-'}{note}")
         return Answer(reply.encode(), dest, ifindex if dest[0] == BROADCAST else 0, line, durable_first)
+
+
+def _machine(machines: Machines, request: Request) -> Machine | None:
+    """The machine's table: by its MAC, else by the SMBIOS UUID in its option 97."""
+    machine = machines.machines.get(request.mac)
+    if machine is None and machines.by_uuid:
+        machine = next(filter(None, (machines.find(request.mac, u) for u in boot.client_uuids(request.uuid))), None)
+    return machine
 
 
 def _boot_options(options: dict[str, Any], request: Request, found: boot.BootFile) -> None:

@@ -8,8 +8,6 @@ leaves it behind; only then is it opened to readers (0755), holding nothing but 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import logging
 import os
 import stat
@@ -17,7 +15,7 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from netboot.core.durable import sync_dir
+from netboot.core.durable import exchange, sync_dir
 from netboot.core.errors import NetbootError
 from netboot.core.remove import remove_tree
 from netboot.core.run import pid_alive
@@ -25,22 +23,6 @@ from netboot.core.run import pid_alive
 log = logging.getLogger(__name__)
 
 MARKER = "manifest.json"  # what makes a directory a netboot output that may be replaced
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directories in one step with renameat2(RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
 
 
 class Staging:
@@ -75,7 +57,7 @@ class Staging:
                 os.fsync(fh.fileno())
         os.chmod(self.path, 0o755)
         if self.out.exists():
-            if not _exchange(self.path, self.out):
+            if not exchange(self.path, self.out):
                 old = self.out.with_name(f"{self._prefix}{os.getpid()}-old")
                 os.rename(self.out, old)
                 os.rename(self.path, self.out)

@@ -190,10 +190,10 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
     """The boot network's application; each finished request also goes to `record` when given."""
 
     def refused(peer: str, name: str, status: int, e: Exception, started: float) -> web.Response:
-        log.info(describe(peer, "http", None, "/" + name, status, 0, started))
+        whom = namespace.attribution(name)
+        log.info(describe(peer, "http", None, "/" + whom.path, status, 0, started))
         if record is not None:
-            mac, profile = namespace.who(name)
-            record.record(peer, "http", "/" + name, str(status), False, 0, mac, profile)
+            record.record(peer, "http", "/" + whom.path, str(status), False, 0, whom.mac, whom.profile, 0, whom.facts)
         return web.Response(status=status, text=f"{e}\n")
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -212,10 +212,10 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
             response = web.Response(
                 body=item.data, content_type="text/plain", charset="utf-8", headers={"Cache-Control": "no-store"}
             )
-            path = "/" + name
+            path = "/" + item.name  # (a script's name without the facts its machine sent, which go with it)
             log.info(describe(peer, "http", item, path, 200, len(item.data), started))
             if record is not None:
-                record.record(peer, "http", path, "200", True, len(item.data), item.mac, item.profile)
+                record.record(peer, "http", path, "200", True, len(item.data), item.mac, item.profile, 0, item.facts)
             return response
         assert item.file is not None
         basename = name.rsplit("/", 1)[-1]

@@ -1,13 +1,18 @@
 """The served namespace: one set of names, resolved the same way for HTTP and TFTP.
 
-    boot.ipxe                          chains to the machine's own script by ${mac:hexhyp}
-    machine/<mac>/boot.ipxe            that machine's script (its profile's kernel line plus appends)
-    machine/<mac>/<generation>/bzImage the kernel and initrd of the build the script was made from
-    machine/<mac>/<generation>/initrd
-    machine/<mac>/<generation>/overlay that machine's overlay, packed for that build (a profile with overlay =)
+    boot.ipxe                          chains to the machine's own script by ${mac:hexhyp}, with its facts
+    machine/<mac>/[<facts>/]boot.ipxe  that machine's script (its profile's kernel line plus appends)
+    machine/<mac>/[<match>/]<generation>/bzImage   the kernel and initrd of the build the script was made from
+    machine/<mac>/[<match>/]<generation>/initrd
+    machine/<mac>/[<match>/]<generation>/overlay   that machine's overlay, packed for that build (overlay =)
     profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
     <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
     undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
+
+<facts> are what iPXE knows of the machine, as path segments `key=value` (FACT_KEYS; see FACTS_PATH), so that
+they travel over TFTP too, which has no query strings; a machine is matched by its MAC, else by the UUID, else by
+the serial among them. <match> is the one fact its script was matched by (`uuid=…` or `serial=…`), so that its
+files are found the same way without the server remembering anything.
 
 Only these names exist, so no request can reach anything else: there is no path to traverse. Scripts refer to
 files by absolute path (/machine/…), which iPXE resolves against the URL the script came from, so a machine
@@ -28,6 +33,7 @@ import logging
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -40,7 +46,7 @@ from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
 from netboot.core.logtext import clip
-from netboot.core.machines import DEFAULT, Machines, Profile
+from netboot.core.machines import DEFAULT, IPXE_BINARIES, Machine, Machines, Profile, ipxe_binary
 from netboot.image.publish import manifest_digest
 from netboot.server.overlay import Rendered
 from netboot.server.overlay_cache import Broken, Build, Overlays, Prepared
@@ -49,9 +55,20 @@ log = logging.getLogger("netboot.serve")
 
 BOOT_FILES = ("bzImage", "initrd")
 IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
-IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
 ALLOWED_ROOTS = (Path("/nix/store"),)  # output directories may hold symlinks into the store
 RETRY_SECONDS = 30
+# What iPXE knows of the machine it runs on (its SMBIOS and its own build), in the order boot.ipxe names them.
+FACT_KEYS = ("uuid", "serial", "manufacturer", "product", "buildarch", "platform")
+# boot.ipxe's chain carries them as path segments. ${…:uristring} escapes "/" and the rest of a string, but iPXE
+# before 2021 (Debian 12's) decodes the escapes again when it parses the URI, as every iPXE does for a TFTP name,
+# and aiohttp does for HTTP: a "/" in a value then splits it, which the parser mends (see _facts). The UUID keeps
+# its own type: as a uristring iPXE would send its 16 raw bytes; as a UUID it is hex digits and hyphens.
+FACTS_PATH = "/".join(f"{key}=${{{key}}}" if key == "uuid" else f"{key}=${{{key}:uristring}}" for key in FACT_KEYS)
+# A binary chosen by a machine is chained from its script when the iPXE it runs uses another NIC driver: iPXE
+# names the driver in ${netX/chip} ("undionly" in undionly.kpxe; "SNP", or "NII"/"MNP" in newer builds, in
+# snponly.efi). ipxe.efi cannot be told apart (it uses the firmware's driver too, for a NIC it has none of), so
+# it is chosen over DHCP only: a script chaining it could chain itself forever.
+_DRIVERS = {"undionly.kpxe": ("pcbios", ("undionly",)), "snponly.efi": ("efi", ("SNP", "NII", "MNP"))}
 
 
 class NotFound(NetbootError):
@@ -212,17 +229,34 @@ class Name:
     generation: str | None = None
     file: str | None = None
     profile: str | None = None
+    facts: tuple[tuple[str, str], ...] = ()  # what the machine said of itself (FACT_KEYS), in its name
+    path: str = ""  # the name without its facts, as log lines and the status record show it
+
+    def fact(self, key: str) -> str:
+        return next((value for k, value in self.facts if k == key), "")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Whom a name is for: the MAC and profile (None when not a machine's), the name as shown (without the
+    machine's facts) and the facts its script's name carried."""
+
+    mac: str | None
+    profile: str | None
+    path: str
+    facts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
 class Item:
     """What a name resolved to: a rendered script or a file, and who it was for (for the log line)."""
 
-    name: str
+    name: str  # as shown: without the machine's facts
     data: bytes | None = None
     file: HeldFile | None = None
     mac: str | None = None
     profile: str | None = None
+    facts: tuple[tuple[str, str], ...] = ()  # a script's: what the machine said of itself
 
 
 class Namespace:
@@ -314,11 +348,12 @@ class Namespace:
         match parts:
             case ["boot.ipxe"]:
                 return Name("chain")
-            case ["machine", mac_text, "boot.ipxe"]:
-                return Name("script", mac=self._mac(mac_text))
-            case ["machine", mac_text, gen_id, file] if (file in BOOT_FILES or file == "overlay") and (
-                    _GENERATION.fullmatch(gen_id)):
-                return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file)
+            case ["machine", mac_text, *facts, "boot.ipxe"] if (said := _facts(facts)) is not None:
+                return Name("script", mac=self._mac(mac_text), facts=said, path=f"machine/{mac_text}/boot.ipxe")
+            case ["machine", mac_text, *facts, gen_id, file] if (file in BOOT_FILES or file == "overlay") and (
+                    _GENERATION.fullmatch(gen_id)) and (said := _facts(facts)) is not None:
+                return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file, facts=said,
+                            path=f"machine/{mac_text}/{gen_id}/{file}")
             case ["profile", profile, file] if file in FILES and profile in self.profiles:
                 return Name("profile", profile=profile, file=file)
             case [file] if file in FILES and self.single_dir:
@@ -382,23 +417,23 @@ class Namespace:
         mac, file = parsed.mac, parsed.file
         match parsed.kind:
             case "chain":
-                return Item("boot.ipxe", render("boot.ipxe").encode())
+                return Item("boot.ipxe", render("boot.ipxe", facts=FACTS_PATH).encode())
             case "script":
                 assert mac is not None
-                return self._machine_script(mac, name)
+                return self._machine_script(mac, parsed)
             case "build":
                 assert mac is not None and file is not None and parsed.generation is not None
-                found = self.machines.for_mac(mac)
+                found = self._found(parsed)
                 if found is None:
                     raise NotFound(f"{mac} has no profile")
-                profile = found[0]
+                profile, _, machine = found
                 gen = self.profiles[profile.name].generation(parsed.generation)
                 if gen is None:
                     raise NotFound(f"build {parsed.generation} of profile {profile.name} is no longer served; "
                                    "fetch boot.ipxe again")
                 if file == "overlay":
-                    return Item(name, self._overlay(mac, profile, gen), mac=mac, profile=profile.name)
-                return Item(name, file=gen.files[file], mac=mac, profile=profile.name)
+                    return Item(parsed.path, self._overlay(mac, profile, gen, machine), mac=mac, profile=profile.name)
+                return Item(parsed.path, file=gen.files[file], mac=mac, profile=profile.name)
             case "profile":
                 assert parsed.profile is not None and file is not None
                 return Item(name, file=self.profiles[parsed.profile].current.files[file], profile=parsed.profile)
@@ -406,20 +441,34 @@ class Namespace:
         return Item(name, file=self.binaries[file])
 
     def who(self, name: str) -> tuple[str | None, str | None]:
-        """The MAC and profile a name is for, for log lines and the status record; never raises. A machine's
-        files are attributed to its MAC only when it has a profile (a made-up MAC has none to be served)."""
+        """The MAC and profile a name is for, for log lines and the status record; never raises."""
+        found = self.attribution(name)
+        return found.mac, found.profile
+
+    def attribution(self, name: str) -> Attribution:
+        """Whom a name is for (see `who`), the name as shown and the facts a script's name carried; never raises.
+        A machine's files are attributed to its MAC only when it has a profile (a made-up MAC has none to be
+        served)."""
         try:
             parsed = self.parse(name)
         except BadRequest:
-            return None, None
+            return Attribution(None, None, name)
         if parsed is None:
-            return None, None
+            return Attribution(None, None, name)
         if parsed.mac is not None:
-            found = self.machines.for_mac(parsed.mac)
+            facts = parsed.facts if parsed.kind == "script" else ()
+            found = self._found(parsed)
             if found is None:
-                return (parsed.mac, None) if parsed.kind == "script" else (None, None)
-            return parsed.mac, found[0].name
-        return None, parsed.profile
+                if parsed.kind == "script":
+                    return Attribution(parsed.mac, None, parsed.path, facts)
+                return Attribution(None, None, name)
+            return Attribution(parsed.mac, found[0].name, parsed.path, facts)
+        return Attribution(None, parsed.profile, name)
+
+    def _found(self, parsed: Name) -> tuple[Profile, str, Machine | None] | None:
+        """What a machine's name boots: by its MAC, else by the UUID or serial the name carries."""
+        assert parsed.mac is not None
+        return self.machines.for_machine(parsed.mac, parsed.fact("uuid"), parsed.fact("serial"))
 
     @staticmethod
     def _mac(text: str) -> str:
@@ -428,50 +477,93 @@ class Namespace:
         except macs.BadMac:
             raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
 
-    def _machine_script(self, mac: str, name: str) -> Item:
-        found = self.machines.for_mac(mac)
+    def _machine_script(self, mac: str, parsed: Name) -> Item:
+        name, facts = parsed.path, parsed.facts
+        # Asking again carries the facts again, so that a table keyed by UUID or serial added meanwhile is found.
+        again = f"/machine/{macs.hyphenated(mac)}/{FACTS_PATH}/boot.ipxe"
+        found = self._found(parsed)
         if found is None:
             where = str(self.machines.source) if self.machines.source else "the machines file"
-            script = render("unknown.ipxe", mac=mac, machines=where, retry=str(RETRY_SECONDS),
-                            again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
-            return Item(name, script.encode(), mac=mac)
-        profile, append = found
+            script = render("unknown.ipxe", mac=mac, machines=where, retry=str(RETRY_SECONDS), again=again)
+            return Item(name, script.encode(), mac=mac, facts=facts)
+        profile, append, machine = found
         gen = self.profiles[profile.name].current
         cmdline = " ".join(x for x in (gen.cmdline, append) if x)
-        base = f"/machine/{macs.hyphenated(mac)}/{gen.id}"
+        base = f"/machine/{macs.hyphenated(mac)}{_match(mac, machine)}/{gen.id}"
         overlay = ("", "# no overlay")
         if profile.overlay is not None:
-            rendered = self._rendered(mac, profile)
+            rendered = self._rendered(mac, profile, machine)
             if isinstance(rendered, Broken):
                 script = render("broken.ipxe", mac=mac, error=_echoable(rendered.error), retry=str(RETRY_SECONDS),
-                                again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
-                return Item(name, script.encode(), mac=mac, profile=profile.name)
+                                again=again)
+                return Item(name, script.encode(), mac=mac, profile=profile.name, facts=facts)
             # A second initrd: unpacked after the first, so its files win.
             overlay = (" initrd=overlay", f"initrd --name overlay {base}/overlay")
         # With base_url, the kernel and initrd come from the mirror, by content address.
         files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
         script = render(
             "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline, files=files,
-            overlay_arg=overlay[0], overlay_initrd=overlay[1],
+            overlay_arg=overlay[0], overlay_initrd=overlay[1], binary=self._binary(ipxe_binary(profile, machine)),
         )
-        return Item(name, script.encode(), mac=mac, profile=profile.name)
+        return Item(name, script.encode(), mac=mac, profile=profile.name, facts=facts)
 
-    def _rendered(self, mac: str, profile: Profile) -> Rendered | Broken:
-        found = self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
+    def _binary(self, binary: str) -> str:
+        """The script's lines that bring the machine into the iPXE binary it chose (see _DRIVERS)."""
+        if binary not in _DRIVERS:
+            return f"# the iPXE binary: {binary or 'any'} (chosen over DHCP)"
+        if binary not in self.binaries:
+            return f"echo netboot: {binary} is not installed (Debian's ipxe package): booting with this iPXE"
+        platform, drivers = _DRIVERS[binary]
+        tests = " || ".join(f"iseq ${{netX/chip}} {driver}" for driver in drivers)
+        return (f"iseq ${{platform}} {platform} || goto netboot_binary\n"
+                f"{tests} || chain /{binary}\n"
+                ":netboot_binary")
+
+    def _rendered(self, mac: str, profile: Profile, machine: Machine | None) -> Rendered | Broken:
+        listed = machine is not None and machine.mac == mac
+        found = self.overlays.for_machine(mac, profile, listed=listed, machine=None if listed else machine)
         if isinstance(found, tuple):
             raise Pending(*found)
         return found
 
-    def _overlay(self, mac: str, profile: Profile, gen: Generation) -> bytes:
+    def _overlay(self, mac: str, profile: Profile, gen: Generation, machine: Machine | None) -> bytes:
         if profile.overlay is None:
             raise NotFound(f"profile {profile.name} has no overlay")
-        rendered = self._rendered(mac, profile)
+        rendered = self._rendered(mac, profile, machine)
         if isinstance(rendered, Broken):
             raise NotFound(f"{mac} has no overlay: {rendered.error}")
         found = self.overlays.packed(rendered, gen.packing)
         if isinstance(found, tuple):
             raise Pending(*found)
         return found
+
+
+def _facts(segments: list[str]) -> tuple[tuple[str, str], ...] | None:
+    """The facts of a machine's name (`key=value` segments, FACT_KEYS), or None if a segment is none of them. A
+    segment that is not `key=value` continues the value before it: a "/" of the value, decoded by iPXE or by
+    aiohttp before the name was split (see FACTS_PATH). Empty values (what iPXE does not know) are left out."""
+    found: dict[str, str] = {}
+    last = None
+    for segment in segments:
+        key, equals, value = segment.partition("=")
+        if equals and key in FACT_KEYS:
+            found[key] = value
+            last = key
+        elif last is not None:
+            found[last] += "/" + segment
+        else:
+            return None
+    return tuple((key, value.strip()) for key, value in found.items() if value.strip())
+
+
+def _match(mac: str, machine: Machine | None) -> str:
+    """The segment a script names its machine's files with when the machine was matched by UUID or serial, so that
+    they are matched again the same way; every character but the unreserved ones escaped (RFC 3986 §2.3), so that
+    iPXE expands nothing in it."""
+    if machine is None or machine.mac == mac:
+        return ""
+    kind, value = machine.key.split(":", 1)
+    return f"/{kind}={urllib.parse.quote(value, safe='')}"
 
 
 def _unpacked(name: str) -> NotFound:

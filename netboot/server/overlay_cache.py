@@ -28,7 +28,7 @@ from typing import Any
 import pebble
 
 from netboot.core import compress
-from netboot.core.machines import DEFAULT, Machines, Profile, template_vars
+from netboot.core.machines import DEFAULT, Machine, Machines, Profile, template_vars
 from netboot.server.overlay import (
     OverlayDir,
     OverlayError,
@@ -155,11 +155,11 @@ class Overlays:
         self.rendered: dict[str, Rendered | Broken] = {}  # the listed machines'
         # Machines not in the file: what they got, errors too (a flood of made-up MACs under a broken default
         # overlay is then one render each, not one a request).
-        self._unlisted: collections.OrderedDict[tuple[str, str], Rendered | Broken] = collections.OrderedDict()
+        self._unlisted: collections.OrderedDict[tuple[str, str, str], Rendered | Broken] = collections.OrderedDict()
         self._packed: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
         self._packed_bytes = 0
         # Work under way, so that requests for the same overlay wait for one job.
-        self._rendering: dict[tuple[str, str], Future[Rendered | Broken]] = {}
+        self._rendering: dict[tuple[str, str, str], Future[Rendered | Broken]] = {}
         self._packing: dict[tuple[str, str], Future[bytes]] = {}
         self.packs = 0  # overlays packed (cache misses), for tests and benchmarks
 
@@ -193,6 +193,11 @@ class Overlays:
             source = sources.get(profile.name)
             jobs[mac] = None if source is None else self.renderer.render(source, template_vars(mac, profile, machine),
                                                                           mac)
+        # Tables keyed by UUID or serial are rendered per MAC on request, like machines not in the file; their
+        # templates are checked here, with a sample MAC, so that an error shows at start and at each reload.
+        checks = [self.renderer.render(sources[m.profile], template_vars(SAMPLE_MAC, machines.profiles[m.profile], m),
+                                       m.key)
+                  for m in (*machines.by_uuid.values(), *machines.by_serial.values()) if m.profile in sources]
         default = machines.profiles.get(DEFAULT)
         sample = None
         if default is not None and default.name in sources:  # the machines not in the file: one stands for them all
@@ -212,10 +217,11 @@ class Overlays:
                 errors.append(f"{result.error}; " + ("it keeps its previous overlay" if isinstance(previous, Rendered)
                                                     else "it cannot boot until this is fixed"))
             rendered[mac] = previous if isinstance(previous, Rendered) else result
-        if sample is not None and isinstance(broken := sample.result(), Broken):
-            if strict:
-                raise OverlayError(broken.error)
-            errors.append(broken.error)
+        for job in [*checks, *([sample] if sample is not None else [])]:
+            if isinstance(broken := job.result(), Broken):
+                if strict:
+                    raise OverlayError(broken.error)
+                errors.append(broken.error)
         return Prepared(sources, rendered, errors)
 
     def adopt(self, prepared: Prepared) -> None:
@@ -228,13 +234,14 @@ class Overlays:
         if len(prepared.errors) > _LOGGED:
             log.error("overlay: ... and %d more errors", len(prepared.errors) - _LOGGED)
 
-    def for_machine(self, mac: str, profile: Profile, listed: bool
+    def for_machine(self, mac: str, profile: Profile, listed: bool, machine: Machine | None = None
                     ) -> Rendered | Broken | tuple[Future[Rendered | Broken], Callable[[Any], None]]:
         """A machine's overlay (its profile has one), or the job rendering it and what stores its result (a
-        machine not in the file, on first request)."""
+        machine not listed by its MAC, on first request; `machine`: its table, when it was found by its UUID or
+        serial)."""
         if listed:
             return self.rendered.get(mac) or Broken("its overlay has not been rendered")
-        key = (mac, profile.name)
+        key = (mac, profile.name, machine.key if machine else "")
         found = self._unlisted.get(key)
         if found is not None:
             self._unlisted.move_to_end(key)
@@ -247,10 +254,10 @@ class Overlays:
             if len(self._rendering) >= MAX_RENDERING:
                 return Broken(f"the server is rendering the overlays of {len(self._rendering):,} other machines; "
                               "this one asks again later")
-            job = self._rendering[key] = self.renderer.render(source, template_vars(mac, profile, None), mac)
+            job = self._rendering[key] = self.renderer.render(source, template_vars(mac, profile, machine), mac)
         return job, lambda result: self._store_unlisted(key, source, result)
 
-    def _store_unlisted(self, key: tuple[str, str], source: OverlayDir, result: Rendered | Broken) -> None:
+    def _store_unlisted(self, key: tuple[str, str, str], source: OverlayDir, result: Rendered | Broken) -> None:
         if self._rendering.pop(key, None) is None or self.sources.get(key[1]) is not source:
             return  # stored by another request waiting for the same job, or a reload has replaced the overlay
         if isinstance(result, Broken):

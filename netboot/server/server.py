@@ -9,7 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +19,15 @@ from netboot.core.addresses import reachable_hosts
 from netboot.core.errors import NetbootError
 from netboot.core.logtext import clip
 from netboot.core.machines import Machines
-from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
+from netboot.core.machines_file import rewrite
+from netboot.dhcp import Client, DhcpConfig, DhcpServer, Offerings, start_dhcp_server
 from netboot.server.autobuild import SystemBuilds
 from netboot.server.http import LimitedRunner, make_app
 from netboot.server.http_limits import HttpLimits
+from netboot.server.inventory import ServerInventory
 from netboot.server.namespace import BadRequest, Item, Namespace, NotFound, Pending
 from netboot.server.overlay import tree_stat
+from netboot.server.overlay_cache import Prepared
 from netboot.status import BootRecord, Live, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
@@ -89,19 +92,24 @@ class Server:
         self.status_port = 0
         self._stop = asyncio.Event()
         self._reload = asyncio.Event()
+        # Reloads and the status listener's writes take turns: each reads the file, checks it and serves it whole,
+        # so that what is served is always the file's last version.
+        self._reloading = asyncio.Lock()
         self.http_port = 0
         self.tftp_port = 0
         self._tftp: TftpServer | None = None
         self._dhcp: DhcpServer | None = None
 
-    def _machines_stat(self) -> tuple[object, ...] | None:
-        """What changes when the machines file or one of its overlay directories is edited."""
+    def _machines_stat(self, st: os.stat_result | None = None) -> tuple[object, ...] | None:
+        """What changes when the machines file or one of its overlay directories is edited (`st`: the file's stat,
+        when known)."""
         if self.opts.machines is None:
             return None
-        try:
-            st = os.stat(self.opts.machines)
-        except OSError:
-            return None
+        if st is None:
+            try:
+                st = os.stat(self.opts.machines)
+            except OSError:
+                return None
         overlays = sorted({str(p.overlay) for p in self.namespace.machines.profiles.values() if p.overlay})
         return (st.st_ino, st.st_mtime_ns, st.st_size, *(tree_stat(Path(d)) for d in overlays))
 
@@ -129,14 +137,16 @@ class Server:
         assert self.record is not None
         live = Live(tftp_in_flight=lambda: self._tftp.transfers if self._tftp else 0,
                     tftp_refused=lambda: self._tftp.refused if self._tftp else 0, builds=self._builds)
-        self._status, self.status_port = await start_status(config, self.record, live)
+        inventory = ServerInventory(self.write_machines if self.opts.machines is not None else None,
+                                    lambda: sorted(self.namespace.machines.profiles), self._seen)
+        self._status, self.status_port = await start_status(config, self.record, live, inventory)
         where = Endpoint(config.host, self.status_port).url("http")
         log.info("status: %s/ (machines page), /api/machines, /api/events, /metrics%s", where,
                  "; a token is required" if config.token else "")
 
     async def _start_dhcp(self, config: DhcpConfig) -> None:
         self._dhcp = await start_dhcp_server(config, machines=lambda: self.namespace.machines,
-                                             offerings=self._offerings)
+                                             offerings=self._offerings, seen=self._dhcp_seen)
         where = ", ".join(config.interfaces) or "every interface"
         log.info("dhcp: %s on %s, port%s %s", "proxy DHCP" if config.proxy else f"DHCP server for {config.mode}",
                  where, "s" * (len(self._dhcp.ports) > 1), " and ".join(map(str, self._dhcp.ports)))
@@ -150,6 +160,12 @@ class Server:
         if missing:
             log.warning("dhcp: %s not installed (Debian's ipxe package): PXE ROMs that need it get no answer",
                         " and ".join(sorted(missing)))
+
+    def _dhcp_seen(self, mac: str, client: Client, interface: str) -> None:
+        """What DHCP saw of a machine it answered, for the status record: its architecture and interface."""
+        if self.record is not None:
+            arch = f"{client.arch} ({client.kind})" if client.arch is not None else client.kind
+            self.record.note_facts(mac, (("dhcp_arch", arch), ("interface", interface)))
 
     def _offerings(self) -> Offerings:
         assert self.opts.dhcp is not None
@@ -173,24 +189,26 @@ class Server:
 
     def _tftp_logged(self, stats: TransferStats) -> None:
         """The HTTP side's line, plus what TFTP adds: options, retransmissions, why a transfer ended."""
-        mac, profile = self.namespace.who(stats.filename)
+        whom = self.namespace.attribution(stats.filename)
+        mac, profile = whom.mac, whom.profile
         client = stats.peer.rsplit(":", 1)[0].strip("[]")
         options = " ".join(f"{k}={v}" for k, v in stats.options) or "no options"
         detail = f" ({stats.detail})" if stats.detail else ""
         log.info("%s mac=%s profile=%s tftp /%s %s%s %.1f MB %.2fs [%s] %d retransmissions", client, mac or "-",
-                 profile or "-", clip(stats.filename.lstrip("/")), stats.outcome, detail, stats.bytes_sent / 1e6,
+                 profile or "-", clip(whom.path.lstrip("/")), stats.outcome, detail, stats.bytes_sent / 1e6,
                  stats.duration, options, stats.retransmissions)
         if self.record is not None:
-            self.record.record(client, "tftp", "/" + stats.filename.lstrip("/"), stats.outcome,
+            self.record.record(client, "tftp", "/" + whom.path.lstrip("/"), stats.outcome,
                                stats.outcome in ("complete", "size probe"), stats.bytes_sent, mac, profile,
-                               stats.retransmissions)
+                               stats.retransmissions, whom.facts)
 
     def _tftp_refused(self, peer: Peer, filename: str, code: int, message: str) -> None:
         if self.record is None:
             return
-        mac, profile = self.namespace.who(filename)
+        whom = self.namespace.attribution(filename)
         client = str(peer[0])
-        self.record.record(client, "tftp", "/" + filename.lstrip("/"), f"ERROR {code}", False, 0, mac, profile)
+        self.record.record(client, "tftp", "/" + whom.path.lstrip("/"), f"ERROR {code}", False, 0, whom.mac,
+                           whom.profile, 0, whom.facts)
 
     async def _start_http(self) -> None:
         self._runner = LimitedRunner(make_app(self.namespace, self.record), self.opts.http_limits, access_log=None,
@@ -206,28 +224,70 @@ class Server:
         self.http_port = sockets[0].getsockname()[1] if sockets else self.opts.http.port
         await _announce("http", self.opts.http, self.http_port)
 
-    async def reload(self) -> None:
-        """Re-read the machines file now (SIGHUP); a file with an error keeps the previous configuration."""
+    async def reload(self, only_if_changed: bool = False) -> None:
+        """Re-read the machines file now (SIGHUP); a file with an error keeps the previous configuration.
+        `only_if_changed`: unless it is the version served already (a write of the status listener's)."""
         if self.opts.machines is None:
             self.namespace.refresh()
             return
-        if self.record is not None:
-            self.record.reloads += 1
-        try:
-            machines = Machines.load(self.opts.machines, self.opts.state_dir)
-            await asyncio.to_thread(self.builds.prepare, machines)  # a new profile's system: built first
-            if self._dhcp is not None:
-                self._dhcp.check(machines)
-            # The overlays are read and rendered in a thread (the rendering itself in the overlays' workers).
-            overlays = await asyncio.to_thread(self.namespace.overlays.prepare, machines, strict=False)
-            self.namespace.reload(machines, overlays)
-        except NetbootError as e:
+        async with self._reloading:
+            if only_if_changed and self._machines_stat() == self._machines_seen:
+                return
             if self.record is not None:
-                self.record.reload_failures += 1
-            log.error("reload: keeping the previous configuration: %s", e)
-            return
-        self._configure_record(machines)
-        log.info("reload: %d profiles, %d machines", len(machines.profiles), len(machines.machines))
+                self.record.reloads += 1
+            try:
+                machines = Machines.load(self.opts.machines, self.opts.state_dir)
+                await asyncio.to_thread(self.builds.prepare, machines)  # a new profile's system: built first
+                if self._dhcp is not None:
+                    self._dhcp.check(machines)
+                # The overlays are read and rendered in a thread (the rendering itself in the overlays' workers).
+                overlays = await asyncio.to_thread(self.namespace.overlays.prepare, machines, strict=False)
+                self.namespace.reload(machines, overlays)
+            except NetbootError as e:
+                if self.record is not None:
+                    self.record.reload_failures += 1
+                log.error("reload: keeping the previous configuration: %s", e)
+                return
+            finally:
+                self._machines_seen = self._machines_stat()  # after: a reload may name other overlays
+            self._configure_record(machines)
+            log.info("reload: %d profiles, %d machines", len(machines.profiles), self._count(machines))
+
+    @staticmethod
+    def _count(machines: Machines) -> int:
+        return len(machines.machines) + len(machines.by_uuid) + len(machines.by_serial)
+
+    async def write_machines(self, edit: Callable[[str], str]) -> None:
+        """The status listener's write: `edit` the machines file as it is on disk, check the result as a load
+        would (strict, as at start: NetbootError if it would not load, and the file is left as it was), replace
+        the file (core/machines_file.py), and serve it before returning."""
+        assert self.opts.machines is not None
+        path = self.opts.machines
+        async with self._reloading:
+            (machines, overlays), written = await asyncio.to_thread(rewrite, path, edit, self._checked)
+            if self.record is not None:
+                self.record.reloads += 1
+            self.namespace.reload(machines, overlays)
+            self._machines_seen = self._machines_stat(written)  # this very file: a later edit is still seen
+            self._configure_record(machines)
+            log.info("machines file written: %d profiles, %d machines", len(machines.profiles), self._count(machines))
+
+    def _checked(self, text: str) -> tuple[Machines, Prepared]:
+        """The machines file's new text checked as a load at start checks it (in a thread)."""
+        assert self.opts.machines is not None
+        machines = Machines.parse(text, self.opts.machines, self.opts.state_dir)
+        self.builds.prepare(machines)
+        if self._dhcp is not None:
+            self._dhcp.check(machines)
+        return machines, self.namespace.overlays.prepare(machines, strict=True)
+
+    def _seen(self, mac: str) -> tuple[str, str]:
+        """Where the status record last saw `mac`: the interface DHCP saw it on, the address of its last request."""
+        if self.record is None:
+            return "", ""
+        machine = self.record.snapshot().machine(mac)
+        events = machine.history()
+        return dict(machine.facts).get("interface", ""), events[-1].client if events else ""
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -239,9 +299,9 @@ class Server:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reload.wait(), self.opts.poll)
                 if self._reload.is_set() or self._machines_stat() != self._machines_seen:
+                    asked = self._reload.is_set()
                     self._reload.clear()
-                    await self.reload()
-                    self._machines_seen = self._machines_stat()  # after: a reload may name other overlays
+                    await self.reload(only_if_changed=not asked)
                 self.builds.poll(self.namespace.machines)
                 self.namespace.refresh()
         finally:

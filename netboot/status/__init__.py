@@ -1,8 +1,9 @@
 """What is booting: the boot record, and the status listener that shows it (page, JSON API, Prometheus).
 
 `record` keeps the events and each machine's state; `metrics` turns them into Prometheus' format; `app` is the
-listener's aiohttp application (its page: `page.html`, a Jinja2 template). `start_status` binds it, refusing to
-expose it beyond loopback without a token.
+listener's aiohttp application (its pages: `page.html` and `machine.html`, Jinja2 templates on `base.html`, with
+`chart` drawing the boots of the last hour); `inventory` is what it may change, through the server. `start_status`
+binds it, refusing to expose it beyond loopback without a token.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from aiohttp import web
 
 from netboot.core.errors import NetbootError
 from netboot.status.app import make_status_app
+from netboot.status.inventory import Inventory, Refused
 from netboot.status.metrics import Live, Metrics
 from netboot.status.record import BootEvent, BootRecord
 
-__all__ = ["BootEvent", "BootRecord", "Live", "StatusConfig", "start_status"]
+__all__ = ["BootEvent", "BootRecord", "Inventory", "Live", "Refused", "StatusConfig", "start_status"]
 
 log = logging.getLogger("netboot.serve")
 
@@ -39,9 +41,11 @@ class StatusConfig:
                                "--status-token (or --status-token-file), or --status-public to expose it anyway")
 
 
-async def start_status(config: StatusConfig, record: BootRecord, live: Live) -> tuple[web.AppRunner, int]:
-    """Bind the listener; returns its runner (to clean up) and port."""
-    runner = web.AppRunner(make_status_app(record, Metrics(record, live), config.token, config.names),
+async def start_status(config: StatusConfig, record: BootRecord, live: Live,
+                       inventory: Inventory | None = None) -> tuple[web.AppRunner, int]:
+    """Bind the listener; returns its runner (to clean up) and port. `inventory`: what it may change (writes
+    need a token as well)."""
+    runner = web.AppRunner(make_status_app(record, Metrics(record, live), config.token, config.names, inventory),
                            access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port, reuse_address=True)

@@ -1,11 +1,18 @@
 """The status listener: a separate aiohttp application, so that booting machines never see the inventory.
 
-    /                      one HTML page: the machines' table, filtered and paginated as /api/machines is;
-                           readable without JavaScript, updated live with it (no external assets: it works offline)
+    /                      one HTML page: counts by state, a chart of the last hour's boots, the machines' table,
+                           filtered and paginated as /api/machines is; readable without JavaScript, updated live
+                           with it (no external assets: it works offline); unknown machines adopted from it
+    /machines/<mac>        a machine's own page: its facts, its boot, its events
     /api/machines          JSON: a page of the machines seen or configured (see `Query` for the parameters)
+    /api/machines/<mac>    JSON: one machine (GET); its table in the machines file (PUT, DELETE)
+    /api/machines/<mac>/wake   POST: a Wake-on-LAN magic packet to it
     /api/events?since=N    JSON: the recent boot events after sequence number N, newest first
     /api/events/stream     Server-Sent Events: each new event as it happens (Last-Event-ID or ?since= replays)
     /metrics               Prometheus text format
+
+Changes (PUT, DELETE, POST) go through the `Inventory` the server hands over (status/inventory.py) and need a
+token: a listener without one refuses them all (403), whatever the Host.
 
 It shares the event loop that serves boots, so what costs in proportion to the machines (their entries, the
 page, the states /metrics counts) is worked out in a thread of its own from a snapshot of the record, and at
@@ -16,19 +23,22 @@ or a name given with --status-name) are answered, so that a web page a browser o
 read the inventory by pointing its own name at 127.0.0.1 (DNS rebinding). With a token, every route wants
 `Authorization: Bearer TOKEN`, the cookie the page sets, or `?token=TOKEN` (for a browser's first visit of the
 page, which then sets an HttpOnly SameSite=Strict cookie and drops the token from its address) and answers 401
-otherwise.
+otherwise. A change authorized by the cookie must also come from the listener's own page, if its browser says
+where from (Origin), besides the cookie's SameSite=Strict.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import calendar
 import contextlib
 import hashlib
 import hmac
 import ipaddress
 import json
 import re
+import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +48,11 @@ from typing import Any, TypeVar
 import jinja2
 from aiohttp import web
 
+from netboot.core import mac as macs
+from netboot.core.errors import NetbootError
+from netboot.core.machines_file import table_from_json
+from netboot.status.chart import boots_chart
+from netboot.status.inventory import Inventory, Refused
 from netboot.status.metrics import CONTENT_TYPE, Metrics
 from netboot.status.record import STATES, BootRecord, Snapshot, profile_of, state_of
 
@@ -47,6 +62,8 @@ DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 _BUILDS_AT_ONCE = 2  # requests holding a snapshot at once; others wait their turn without one
 _MAC_PREFIX = re.compile(r"[0-9a-f]{0,12}")
+MAX_BODY = 64 * 1024  # bytes of a change's body (a machine's table), at most
+_READING = ("GET", "HEAD")
 T = TypeVar("T")
 
 
@@ -127,8 +144,8 @@ def select(snapshot: Snapshot, query: Query) -> Page:
     return Page(snapshot, page, total, page[-1] if more else None, sorted(profiles))
 
 
-def _json(data: object) -> web.Response:
-    return web.Response(text=json.dumps(data, indent=1) + "\n", content_type="application/json",
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(data, indent=1) + "\n", status=status, content_type="application/json",
                         headers={"Cache-Control": "no-store"})
 
 
@@ -162,14 +179,17 @@ def host_allowed(host: str | None, sockname: tuple[Any, ...] | None, names: Iter
 
 
 def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = None,
-                    names: Iterable[str] = ()) -> web.Application:
+                    names: Iterable[str] = (), inventory: Inventory | None = None) -> web.Application:
     names = tuple(names)
-    template = jinja2.Environment(
+    templates = jinja2.Environment(
         loader=jinja2.PackageLoader("netboot.status", "."), autoescape=True, undefined=jinja2.StrictUndefined,
-    ).get_template("page.html")
+    )
+    templates.globals.update(size=_size, took=_took)
+    page_template, machine_template = templates.get_template("page.html"), templates.get_template("machine.html")
     executor = ThreadPoolExecutor(1, thread_name_prefix="netboot-status")
     turns = asyncio.Semaphore(_BUILDS_AT_ONCE)
     cookie = cookie_value(token) if token is not None else ""
+    writable = inventory is not None and token is not None  # (the page offers adoption only then)
 
     async def off_loop(gather: Callable[[], Any], build: Callable[[Any], T]) -> T:
         """`build(gather())`: what it needs gathered on the loop, the work in the listener's thread."""
@@ -185,6 +205,9 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
             if not host_allowed(request.headers.get("Host"), sockname, names):
                 raise web.HTTPMisdirectedRequest(text="this listener answers only for its own address; "
                                                       "add a name with --status-name\n")
+            if request.method not in _READING:
+                raise web.HTTPForbidden(text="changes need a token: start netboot serve with --status-token or "
+                                             "--status-token-file\n")
             return await handler(request)
         header = request.headers.get("Authorization", "")
         given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
@@ -192,21 +215,42 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
         if not by_token and not hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), cookie.encode()):
             raise web.HTTPUnauthorized(text="a bearer token is required\n",
                                        headers={"WWW-Authenticate": 'Bearer realm="netboot"'})
+        if not by_token and request.method not in _READING:
+            origin = request.headers.get("Origin")
+            if origin is not None and urllib.parse.urlsplit(origin).netloc != request.host:
+                raise web.HTTPForbidden(text="a change by the page's cookie must come from the page\n")
         response = await handler(request)
-        if by_token and request.path == "/":
+        if by_token and request.method in _READING and request.path == "/":
             # The page and what it fetches (its own table, the event stream) go by the cookie from now on.
             response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/")
         return response
 
+    def html(text: str, status: int = 200) -> web.Response:
+        return web.Response(text=text, status=status, content_type="text/html", headers={"Cache-Control": "no-store"})
+
     async def index(request: web.Request) -> web.Response:
         query = Query.parse(request.query)
+        profiles = inventory.profiles() if inventory is not None else []
 
         def render(snapshot: Snapshot) -> str:
             page = select(snapshot, query)
-            return template.render(page=page, query=query, states=STATES, last=snapshot.seq, size=_size)
+            return page_template.render(
+                page=page, query=query, states=STATES, last=snapshot.seq, counts=snapshot.states(),
+                chart=boots_chart(snapshot.per_minute()), writable=writable, profiles=profiles,
+                ago=_ago(time.time()))
 
-        text = await off_loop(record.snapshot, render)
-        return web.Response(text=text, content_type="text/html", headers={"Cache-Control": "no-store"})
+        return html(await off_loop(record.snapshot, render))
+
+    async def machine_page(request: web.Request) -> web.Response:
+        mac = _mac(request)
+
+        def render(snapshot: Snapshot) -> tuple[str, int]:
+            entry = snapshot.machine(mac).json(snapshot.systems)
+            text = machine_template.render(m=entry, last=snapshot.seq, writable=writable, ago=_ago(time.time()))
+            return text, 200 if snapshot.known(mac) else 404
+
+        text, status = await off_loop(record.snapshot, render)
+        return html(text, status)
 
     async def machines(request: web.Request) -> web.Response:
         query = Query.parse(request.query)
@@ -220,6 +264,48 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
 
         text = await off_loop(record.snapshot, build)
         return web.Response(text=text, content_type="application/json", headers={"Cache-Control": "no-store"})
+
+    async def machine(request: web.Request) -> web.Response:
+        mac = _mac(request)
+        snapshot = record.snapshot()
+        if not snapshot.known(mac):
+            raise web.HTTPNotFound(text=f"{mac} has not been seen and is not in the machines file by its MAC\n")
+        return _json(snapshot.machine(mac).json(snapshot.systems))
+
+    def changes() -> Inventory:
+        if inventory is None:
+            raise web.HTTPConflict(text="this listener has nothing it may change\n")
+        return inventory
+
+    async def put(request: web.Request) -> web.Response:
+        mac, inv = _mac(request), changes()
+        try:
+            table = table_from_json(await request.json())
+        except (ValueError, RecursionError):
+            raise web.HTTPBadRequest(text="the body is not JSON\n") from None
+        except NetbootError as e:
+            raise web.HTTPBadRequest(text=f"{e}\n") from None
+        try:
+            added = await inv.put(mac, table)
+        except Refused as e:
+            return _refused(e)
+        return _json({"mac": mac, "added": added, "table": table}, 201 if added else 200)
+
+    async def delete(request: web.Request) -> web.Response:
+        mac, inv = _mac(request), changes()
+        try:
+            await inv.delete(mac)
+        except Refused as e:
+            return _refused(e)
+        return _json({"mac": mac, "deleted": True})
+
+    async def wake(request: web.Request) -> web.Response:
+        mac, inv = _mac(request), changes()
+        try:
+            sent = await inv.wake(mac)
+        except Refused as e:
+            return _refused(e)
+        return _json({"mac": mac, "sent": sent})
 
     async def events(request: web.Request) -> web.Response:
         found = record.events_since(_since(request))
@@ -252,14 +338,30 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
     async def stop(app: web.Application) -> None:
         executor.shutdown(wait=False, cancel_futures=True)
 
-    app = web.Application(middlewares=[guard])
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
     app.on_cleanup.append(stop)
     app.router.add_get("/", index)
+    app.router.add_get("/machines/{mac}", machine_page)
     app.router.add_get("/api/machines", machines)
+    app.router.add_get("/api/machines/{mac}", machine)
+    app.router.add_put("/api/machines/{mac}", put)
+    app.router.add_delete("/api/machines/{mac}", delete)
+    app.router.add_post("/api/machines/{mac}/wake", wake)
     app.router.add_get("/api/events", events)
     app.router.add_get("/api/events/stream", stream)
     app.router.add_get("/metrics", prometheus)
     return app
+
+
+def _mac(request: web.Request) -> str:
+    try:
+        return macs.normalize(request.match_info["mac"])
+    except macs.BadMac as e:
+        raise web.HTTPBadRequest(text=f"{e}\n") from None
+
+
+def _refused(e: Refused) -> web.Response:
+    return web.Response(status=e.status, text=f"{e}\n", headers={"Cache-Control": "no-store"})
 
 
 def _sse(event: Any) -> bytes:
@@ -271,3 +373,28 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
+
+
+def _ago(now: float) -> Callable[[str | None], str]:
+    """A time of the record (record.iso's spelling) as the page shows it: how long before `now` ("12 s ago")."""
+
+    def ago(when: str | None) -> str:
+        if not when:
+            return ""
+        seconds = now - (calendar.timegm(time.strptime(when[:19], "%Y-%m-%dT%H:%M:%S")) + int(when[20:23]) / 1000)
+        for unit, scale in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+            if seconds >= scale:
+                return f"{int(seconds // scale)} {unit} ago"
+        return "now"
+
+    return ago
+
+
+def _took(seconds: float | None) -> str:
+    """A boot's duration as the page shows it: "8.4 s", "1 min 12 s"."""
+    if seconds is None:
+        return ""
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)  # (59.96 s is "1 min 0 s", neither "60.0 s" nor "0 min 59 s")
+    return f"{whole // 60} min {whole % 60} s"

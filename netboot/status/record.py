@@ -6,7 +6,9 @@ is on every request's path, so it does the least it can: reports are applied in 
 reader calls first), and a machine's state, current boot and bytes are worked out from its last events when shown.
 Everything is bounded: a few events per machine, a ring of recent events, and at most `max_machines` machines
 seen without being configured (the least recently active first, near enough), so a flood of made-up MACs
-cannot grow the process.
+cannot grow the process. What a machine says of itself (its facts: SMBIOS UUID, serial, ...; what DHCP saw) is
+kept with it, each value cut short, and goes when it goes; facts of machines DHCP answered that never asked
+for a file are kept for the last `MAX_LOOSE` of them.
 
 A machine's states:
     configured     in the machines file, not seen since netboot started
@@ -22,7 +24,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -53,6 +55,11 @@ class BootEvent(NamedTuple):
         out = self._asdict()
         out["time"] = iso(self.time)
         return out
+
+    @property
+    def handing_over(self) -> bool:
+        """This event hands the machine over: its initrd sent whole, or its overlay after it."""
+        return initrd_sent(self.ok, self.path, self.status) or (self.ok and overlay_path(self.path))
 
 
 # The predicates on an event's fields, which `flush()` applies to every request as it comes (a slice is cheaper
@@ -107,6 +114,7 @@ class Machine:
     events: tuple[tuple[Any, ...], ...]  # the last few, oldest first, each a BootEvent's fields
     profile: str | None = None  # the machines file's, until it is seen
     configured: bool = False
+    facts: tuple[tuple[str, str], ...] = ()  # what it said of itself, and what DHCP saw (FACTS)
 
     def history(self) -> list[BootEvent]:
         """Its last few events, oldest first."""
@@ -130,10 +138,17 @@ class Machine:
         """The profile it booted last, or the machines file's."""
         return profile_of(self.events, self.profile)
 
+    def handed_over(self, boot: list[BootEvent] | None = None) -> float | None:
+        """When its current boot was handed over (its last file sent), or None if it has not been."""
+        if self.state != HANDED_OVER:
+            return None
+        return next((e.time for e in reversed(boot or self.boot()) if e.handing_over), None)
+
     def json(self, systems: dict[str, str]) -> dict[str, Any]:
         events = self.history()
         last = events[-1] if events else None
         boot = self.boot()
+        handed = self.handed_over(boot)
         return {
             "mac": self.mac, "state": self.state, "profile": self.current_profile, "configured": self.configured,
             "build": last.build if last else None, "system": systems.get(last.build or "") if last else None,
@@ -142,8 +157,16 @@ class Machine:
                                                "ok": last.ok, "bytes": last.bytes},
             "bytes": sum(e.bytes for e in boot),
             "first_request": iso(boot[0].time) if boot else None, "last_request": iso(last.time) if last else None,
+            "handed_over": iso(handed),
+            # First request to handed over: how long the server took to boot it (None while it boots).
+            "boot_seconds": round(handed - boot[0].time, 3) if handed is not None else None,
+            "facts": dict(self.facts),
             "events": [e.json() for e in reversed(events)],
         }
+
+
+def _facts_size(facts: tuple[tuple[str, str], ...]) -> int:
+    return _FACTS_BYTES + sum(len(value) for _, value in facts) if facts else 0
 
 
 def clip_path(path: str) -> str:
@@ -160,6 +183,13 @@ def iso(t: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+# A machine's facts: what iPXE says of it in its script's name (server/namespace.py, FACT_KEYS), and what netboot's
+# DHCP server saw when it answered it: its architecture (option 93) and the interface it came in on.
+FACTS = ("uuid", "serial", "manufacturer", "product", "buildarch", "platform", "dhcp_arch", "interface")
+MAX_FACT = 64  # characters of a fact kept: SMBIOS strings are short, and the rest is a client's to make up
+_FACTS_BYTES = 200  # what a machine's facts cost, besides their characters (a tuple of pairs, their strings)
+MAX_LOOSE = 1_000  # machines whose facts are kept before they ask for a file (DHCP answered them)
+CHART_MINUTES = 60  # boots started and handed over are counted per minute, for this many minutes
 _BATCH = 512  # noted requests applied at once, at most
 _COMPLETE = ("200", "complete")
 MAX_PATH = 256  # bytes of a request's path kept: the rest is a client's to make up
@@ -204,23 +234,61 @@ class BootRecord:
         self.http_in_flight = 0
         self._snapshot: Snapshot | None = None
         self._snapshot_key: tuple[int, ...] = ()
+        self._facts: dict[str, tuple[tuple[str, str], ...]] = {}  # by MAC: machines seen or configured, and loose
+        self._loose: collections.OrderedDict[str, None] = collections.OrderedDict()  # facts with no machine yet
+        self._facts_seq = 0  # changes of facts that no event counts (DHCP's), for snapshots
+        # Boots started and handed over, per minute: [minute since the epoch, started, handed over], oldest first.
+        self._minutes: collections.deque[list[int]] = collections.deque(maxlen=CHART_MINUTES + 1)
 
     def configure(self, machines: dict[str, str]) -> None:
         """The machines file's MACs and profiles (at start and after each reload)."""
         for mac in self._configured:
             if mac not in machines and mac in self._events:
                 self._unconfigured[mac] = self._seq  # seen: still shown, until it is the least recent
+            elif mac not in machines and mac in self._facts:
+                self._loosen(mac)
         for mac in machines:
             self._unconfigured.pop(mac, None)
+            self._loose.pop(mac, None)
         self._configured = dict(machines)
         self._bound()
+
+    def note_facts(self, mac: str, facts: Iterable[tuple[str, str]]) -> None:
+        """What is known of a machine besides its requests (DHCP's facts: `dhcp_arch`, `interface`); kept with
+        its other facts, and for machines that have not asked for a file yet, for the last MAX_LOOSE of them."""
+        self._store_facts(mac, facts)
+        self._facts_seq += 1
+        if mac not in self._events and mac not in self._configured:
+            self._loosen(mac)
+
+    def _loosen(self, mac: str) -> None:
+        self._loose[mac] = None
+        self._loose.move_to_end(mac)
+        while len(self._loose) > MAX_LOOSE:
+            self._drop_facts(self._loose.popitem(last=False)[0])
+
+    def _store_facts(self, mac: str, facts: Iterable[tuple[str, str]]) -> None:
+        """Merge `facts` into the machine's (each cut to MAX_FACT printable characters; unknown keys dropped)."""
+        old = self._facts.get(mac, ())
+        merged = dict(old)
+        for key, value in facts:
+            if key in FACTS:
+                merged[key] = "".join(c if c.isprintable() else "?" for c in str(value)[:MAX_FACT])
+        new = tuple((key, merged[key]) for key in FACTS if merged.get(key))
+        if new != old:
+            self.bytes += _facts_size(new) - _facts_size(old)
+            self._facts[mac] = new
+
+    def _drop_facts(self, mac: str) -> None:
+        self.bytes -= _facts_size(self._facts.pop(mac, ()))
 
     def snapshot(self) -> Snapshot:
         """The record as it is now, for readers that work on it off the event loop. Taking one copies each
         machine's list of events (a few milliseconds for 10,000 machines); the same one serves every reader
         until something changes."""
         self.flush()
-        key = (self._seq, id(self._configured), self.reloads, self.reload_failures, self.http_in_flight)
+        key = (self._seq, id(self._configured), self.reloads, self.reload_failures, self.http_in_flight,
+               self._facts_seq)
         if self._snapshot is None or self._snapshot_key != key:
             self._snapshot, self._snapshot_key = Snapshot(self), key
         return self._snapshot
@@ -234,15 +302,15 @@ class BootRecord:
         return self.snapshot().states()
 
     def record(self, client: str, protocol: str, path: str, status: str, ok: bool, nbytes: int, mac: str | None,
-               profile: str | None, retransmissions: int = 0) -> None:
+               profile: str | None, retransmissions: int = 0, facts: tuple[tuple[str, str], ...] = ()) -> None:
         """Note a finished request (HTTP) or transfer (TFTP): `status` is the HTTP status code or the TFTP outcome
-        ("complete", "timed out", "ERROR 1", ...), `nbytes` the payload bytes sent. This is on every request's
-        path, so it only appends a tuple; `flush()` does the work a batch at a time, with the record's data warm
-        in the cache."""
+        ("complete", "timed out", "ERROR 1", ...), `nbytes` the payload bytes sent, `facts` what the machine said
+        of itself in its script's name. This is on every request's path, so it only appends a tuple; `flush()`
+        does the work a batch at a time, with the record's data warm in the cache."""
         if len(path) > MAX_PATH // 4:  # (a character is at most four bytes)
             path = clip_path(path)
         pending = self._pending
-        pending.append((_now(), client, protocol, path, status, ok, nbytes, mac, profile, retransmissions))
+        pending.append((_now(), client, protocol, path, status, ok, nbytes, mac, profile, retransmissions, facts))
         if len(pending) >= _BATCH:
             self.flush()
         elif self._subscribers and not self._flush_scheduled:
@@ -266,7 +334,7 @@ class BootRecord:
         count = [0, 0]
         build = profiled = None
         # One loop with everything written out in it: this runs for every request served.
-        for now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions in pending:
+        for now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions, facts in pending:
             if profile is not last_profile:
                 last_profile = profile
                 if profile is None:
@@ -296,14 +364,18 @@ class BootRecord:
             if ok and profiled is not None:
                 if script_path(path):
                     profiled[0] += 1
+                    self._per_minute(now, 1)
                 elif initrd_sent(ok, path, status):
                     profiled[1] += 1
+                    self._per_minute(now, 2)
             if mac is None:
                 continue
             stored += _EVENT_BYTES + len(path)
             held = per_mac.get(mac)
             if held is None:
                 per_mac[mac] = (event,)
+                if self._loose and mac in self._loose:
+                    del self._loose[mac]  # its facts are its machine's now
                 if mac not in configured:
                     unconfigured[mac] = seq
                     if len(unconfigured) > max_machines:
@@ -315,6 +387,10 @@ class BootRecord:
             else:
                 stored -= _EVENT_BYTES + len(held[0][4])  # its path
                 per_mac[mac] = (*held[1:], event)
+            if facts and mac in per_mac:
+                self.bytes = stored
+                self._store_facts(mac, facts)
+                stored = self.bytes
         self.bytes = stored
         self._seq = seq
         while self.bytes > self.max_bytes and unconfigured:
@@ -323,6 +399,14 @@ class BootRecord:
         if self._subscribers:
             for event in batch:
                 self._publish(BootEvent._make(event))
+
+    def _per_minute(self, now: float, which: int) -> None:
+        """Count a boot started (1) or handed over (2) in its minute, for the page's chart."""
+        minute = int(now // 60)
+        minutes = self._minutes
+        if not minutes or minutes[-1][0] != minute:
+            minutes.append([minute, 0, 0])
+        minutes[-1][which] += 1
 
     def _build_of(self, profile: str) -> str | None:
         """The build id `profile` serves now (noting its system, for the machines' entries)."""
@@ -359,6 +443,8 @@ class BootRecord:
             last = held[-1][0]  # its last event's seq
             if last <= joined:
                 del per_mac[mac]
+                if mac in self._facts:
+                    self._drop_facts(mac)
                 if len(held) == 1:  # (most often, in a flood of made-up MACs: no generator for it)
                     self.bytes -= _EVENT_BYTES + len(held[0][4])
                 else:
@@ -407,6 +493,8 @@ class Snapshot:
     def __init__(self, record: BootRecord) -> None:
         self.seq = record._seq
         self.events = dict(record._events)  # each machine's events is a tuple, replaced but never changed
+        self.facts = dict(record._facts)  # each machine's facts is a tuple, replaced but never changed
+        self.minutes = [tuple(m) for m in record._minutes]
         self.configured = record._configured  # replaced, never changed, by configure()
         self.systems = dict(record.systems)
         self.counts = {p: {status: c[:] for status, c in by.items()} for p, by in record._counts.items()}
@@ -422,12 +510,12 @@ class Snapshot:
         """Every machine seen or configured, by MAC (made when first read)."""
         if self._machines is None:
             configured = self.configured
-            found = {mac: Machine(mac, events, configured.get(mac),
-                                  mac in configured)
+            facts = self.facts
+            found = {mac: Machine(mac, events, configured.get(mac), mac in configured, facts.get(mac, ()))
                      for mac, events in self.events.items()}
             for mac, profile in configured.items():
                 if mac not in found:
-                    found[mac] = Machine(mac, (), profile, configured=True)
+                    found[mac] = Machine(mac, (), profile, True, facts.get(mac, ()))
             self._machines = found
         return self._machines
 
@@ -437,7 +525,21 @@ class Snapshot:
         return found
 
     def machine(self, mac: str) -> Machine:
-        return Machine(mac, self.events.get(mac, ()), self.configured.get(mac), mac in self.configured)
+        return Machine(mac, self.events.get(mac, ()), self.configured.get(mac), mac in self.configured,
+                       self.facts.get(mac, ()))
+
+    def known(self, mac: str) -> bool:
+        """Whether the record knows `mac`: seen, configured, or answered by DHCP."""
+        return mac in self.events or mac in self.configured or mac in self.facts
+
+    def per_minute(self, minutes: int = CHART_MINUTES) -> list[tuple[int, int, int]]:
+        """Boots started and handed over in each of the last `minutes` minutes until now (the same snapshot serves
+        readers until something happens), oldest first: (minutes ago, started, handed over), every minute
+        present."""
+        now = int(_now() // 60)
+        counted = {m[0]: m for m in self.minutes}
+        return [(now - minute, *counted.get(minute, (minute, 0, 0))[1:])
+                for minute in range(now - minutes + 1, now + 1)]
 
     @property
     def requests(self) -> dict[tuple[str, str], int]:

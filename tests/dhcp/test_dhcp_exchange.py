@@ -353,6 +353,59 @@ async def test_answers_beyond_a_hundred_a_second_are_counted_not_logged(caplog: 
     assert server.answered == 150
 
 
+# A machine's own iPXE binary, and machines found by the UUID of option 97
+
+EDK2_UUID = "01020304-0506-0708-090a-0b0c0d0e0f10"  # dhcp_support.UUID read in network order
+EDK2_UUID_LE = "04030201-0605-0807-090a-0b0c0d0e0f10"  # the same bytes read as SMBIOS stores them
+
+
+def chosen(binary: str = "", profile_binary: str = "", key: str = "") -> Machines:
+    """NODE1 (or, with `key`, a table keyed by it) choosing `binary`, in a profile choosing `profile_binary`."""
+    profiles = {"squash": Profile("squash", Path("/out/squash"), ipxe_binary=profile_binary)}
+    if key:
+        machine = Machine("", "squash", ipxe_binary=binary, key=f"uuid:{key}")
+        return Machines(profiles, {}, by_uuid={key: machine})
+    return Machines(profiles, {NODE1: Machine(NODE1, "squash", ipxe_binary=binary, key=NODE1)})
+
+
+@pytest.mark.parametrize(("machines", "datagram", "file"), [
+    (chosen("snponly.efi"), edk2(mac=NODE1), "snponly.efi"),
+    (chosen(profile_binary="snponly.efi"), edk2(mac=NODE1), "snponly.efi"),
+    (chosen("ipxe.efi", profile_binary="snponly.efi"), edk2(mac=NODE1), "ipxe.efi"),  # the machine's own wins
+    (chosen("snponly.efi"), http_boot(mac=NODE1), "http://192.0.2.10:8080/snponly.efi"),
+    # A choice that does not fit the firmware: the server's default for it.
+    (chosen("snponly.efi"), bios(mac=NODE1), "undionly.kpxe"),
+    (chosen("undionly.kpxe"), edk2(mac=NODE1), "ipxe.efi"),
+    (chosen("undionly.kpxe"), bios(mac=NODE1), "undionly.kpxe"),
+    # iPXE gets its script: the script chains the binary (server/namespace.py), never DHCP.
+    (chosen("snponly.efi"), ipxe(mac=NODE1), "http://192.0.2.10:8080/boot.ipxe"),
+])
+def test_a_machine_or_its_profile_chooses_its_ipxe_binary(machines: Machines, datagram: bytes, file: str) -> None:
+    reply, _ = answer(responder(machines), datagram)
+    assert reply.file == file
+
+
+@pytest.mark.parametrize("listed", [EDK2_UUID, EDK2_UUID_LE])
+def test_a_machine_listed_by_uuid_is_answered_by_its_option_97(listed: str) -> None:
+    """An unknown MAC, no default profile: answered only because its option 97 names a listed UUID, in either of
+    the byte orders firmware uses."""
+    r = responder(chosen("snponly.efi", key=listed))
+    reply, _ = answer(r, edk2(mac=STRANGER))
+    assert reply.file == "snponly.efi"
+    assert arrive(r, edk2(mac=STRANGER, extra=[(97, bytes(17))])) == Ignored(
+        STRANGER, "not in the machines file, and there is no default profile")  # (a later 97 replaces it)
+
+
+def test_what_dhcp_saw_is_told() -> None:
+    r = responder(fleet())
+    seen: list[tuple[str, str, int | None, int]] = []
+    r.seen = lambda mac, client, ifindex: seen.append((mac, client.kind, client.arch, ifindex))
+    answer(r, edk2(mac=NODE1))
+    answer(r, bios(mac=NODE2))
+    assert arrive(r, plain(mac=STRANGER)) is None
+    assert seen == [(NODE1, "uefi-x64-pxe", 7, 7), (NODE2, "bios-pxe", 0, 7)]
+
+
 async def test_requests_not_answered_beyond_a_hundred_a_second_are_counted_not_logged(
         caplog: pytest.LogCaptureFixture) -> None:
     """A request not answered is logged once per machine and reason, and a flood of made-up MACs is many machines:

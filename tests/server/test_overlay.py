@@ -236,7 +236,7 @@ def test_a_new_machine_whose_overlay_breaks_is_told_why_and_retries(fleet: Path,
         ns.reload(Machines.load(fleet))
         text = script(ns, new)
         assert f"echo netboot: this machine ({new}) cannot boot: {tmp_path}/overlay/etc/initial.j2:1:" in text
-        assert f"chain --replace --autofree /machine/{new.replace(':', '-')}/boot.ipxe" in text
+        assert f"chain --replace --autofree /machine/{new.replace(':', '-')}/uuid=${{uuid}}/" in text
         assert "initrd" not in text
         with pytest.raises(NotFound, match="has no overlay"):
             ns.lookup(f"machine/{new.replace(':', '-')}/{ns.profiles['squash'].current.id}/overlay")
@@ -287,7 +287,7 @@ async def test_renders_under_way_are_bounded(fleet: Path, monkeypatch: pytest.Mo
         first, second, third = [(await asyncio.wait_for(t, 30)).data or b"" for t in tasks]
         assert b"initrd --name overlay" in first and b"initrd --name overlay" in second
         assert b"cannot boot: the server is rendering the overlays of 2 other machines" in third, third
-        assert b"chain --replace --autofree /machine/52-54-00-00-0b-02/boot.ipxe" in third
+        assert b"chain --replace --autofree /machine/52-54-00-00-0b-02/uuid=${uuid}/" in third
         again = await asyncio.wait_for(ns.resolve(names[2]), 30)
         assert again.data is not None and b"initrd --name overlay" in again.data
     finally:

@@ -111,9 +111,13 @@ def test_script_for_every_mac_spelling(server: ServerProcess, machines: Path, sp
     assert server.logged(f"127.0.0.1 mac={MAC} profile=squash http /machine/{spelling}/boot.ipxe 200"), server.log
 
 
-def test_boot_ipxe_chains_by_mac(server: ServerProcess) -> None:
+FACTS = ("uuid=${uuid}/serial=${serial:uristring}/manufacturer=${manufacturer:uristring}/"
+         "product=${product:uristring}/buildarch=${buildarch:uristring}/platform=${platform:uristring}")
+
+
+def test_boot_ipxe_chains_by_mac_with_the_machines_facts(server: ServerProcess) -> None:
     status, _, body = get(server.url("boot.ipxe"))
-    assert status == 200 and script_lines(body) == ["chain /machine/${mac:hexhyp}/boot.ipxe"]
+    assert status == 200 and script_lines(body) == [f"chain /machine/${{mac:hexhyp}}/{FACTS}/boot.ipxe"]
 
 
 def test_unregistered_mac_gets_the_default_profile(server: ServerProcess, machines: Path) -> None:
@@ -137,7 +141,8 @@ def test_unknown_mac_without_default_waits_and_retries(tmp_path: Path, outs: dic
     assert lines[0] == (
         f"echo netboot: this machine (02:00:00:00:00:01) is not in {f} and there is no [profiles.default]."
     )
-    assert lines[2:] == ["sleep 30", "chain --replace --autofree /machine/02-00-00-00-00-01/boot.ipxe"]
+    # It asks again with its facts, so that a table added meanwhile for its UUID or serial is found.
+    assert lines[2:] == ["sleep 30", f"chain --replace --autofree /machine/02-00-00-00-00-01/{FACTS}/boot.ipxe"]
 
 
 def test_invalid_mac_is_400(server: ServerProcess) -> None:

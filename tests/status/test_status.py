@@ -208,6 +208,16 @@ def test_the_page_without_javascript(server: ServerProcess) -> None:
     assert "<script src" not in page and "http://" not in page.split("<script>")[0]  # no external assets
     assert re.search(rf'<tr id="m-{HTTP_MAC}" data-state="handed-over" data-profile="squash">', page)
     assert re.search(rf'<tr id="m-{IDLE_MAC}" data-state="configured"', page)
+    # Counts by state at the top, the last hour's chart drawn by the server, the boot's duration and relative times.
+    counts = dict(re.findall(r'<li class="count [^"]+" data-state="([^"]+)">.*?<b>(\d+)</b>', page))
+    assert counts == {"configured": "3", "booting": "0", "handed-over": "1", "failed": "0", "unknown-mac": "0"}
+    chart = re.search(r'<svg id="chart".*?</svg>', page, re.S)
+    assert chart is not None and 'data-started="1" data-handed-over="1"' in chart.group(0)
+    assert len(re.findall(r'<rect class="started"', chart.group(0))) == 1
+    assert len(re.findall(r'<rect class="handed-over"', chart.group(0))) == 1
+    row = page.split(f'<tr id="m-{HTTP_MAC}"', 1)[1].split("</tr>", 1)[0]
+    assert re.search(r'<td class="num">\d+\.\d s</td>', row), row
+    assert re.search(r'data-ago>(now|\d+ s ago)</time>', row), row
     only_idle = get(server, "/?state=configured").decode()
     assert IDLE_MAC in only_idle and HTTP_MAC not in only_idle
 
