@@ -100,6 +100,15 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "--cache-max", default="5G", metavar="SIZE",
         help="cap on the cache's size; least recently used entries go first (default 5G)",
     )
+    g = p.add_argument_group("Secure Boot")
+    g.add_argument("--sign-key", type=Path, metavar="KEY",
+                   help="sign the kernel (and with --uki the unified kernel image) for UEFI Secure Boot with this PEM "
+                   "private key, after removing the signatures it had: it then boots on machines that trust "
+                   "--sign-cert (in their MOK list or db); the manifest records the certificate's fingerprint")
+    g.add_argument("--sign-cert", type=Path, metavar="CERT", help="the PEM certificate of --sign-key")
+    g.add_argument("--uki", action="store_true",
+                   help="also write netboot.efi: a unified kernel image (systemd's UEFI stub with the kernel, the "
+                   "initrd, the command line and os-release), signed as a whole with --sign-key")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="also print every command run")
     p.set_defaults(func=_run_build)
@@ -123,6 +132,9 @@ def _run_build(args: argparse.Namespace) -> int:
         modules=args.modules,
         init=args.init,
         limits=ImageLimits(cache.parse_size(args.max_image_bytes), args.max_image_entries),
+        sign_key=args.sign_key,
+        sign_cert=args.sign_cert,
+        uki=args.uki,
     )
     pack.build(opts)
     return 0
