@@ -13,8 +13,11 @@ DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 DEBIAN_PACKAGES += chromium systemd nginx
+# Secure Boot: the signed loaders served, signing and unified kernel images at build, keys in the tests.
+DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
+DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot lint clean
 all: test
 
 deps:
@@ -96,6 +99,11 @@ bench-overlay: deps venv
 # bare mkfs.erofs, and QEMU boots (software emulation) to init and to the store read.
 bench-formats: deps venv
 	$(PY) bench/format_bench.py --update
+
+# Only the Secure Boot chains (part of make bench): VM start to init for the grub and uki chains against iPXE, and
+# kernel + initrd over GRUB's HTTP against its TFTP.
+bench-secureboot: deps venv
+	$(PY) bench/secureboot_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

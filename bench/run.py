@@ -20,6 +20,7 @@ import format_bench
 import http_bench
 import load_bench
 import overlay_bench
+import secureboot_bench
 import status_bench
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +54,8 @@ def main() -> None:
     system = build.bench_system()
     sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), load_bench.main([]), status_bench.main([]),
                 overlay_bench.main([]), autobuild_bench.main([]), format_bench.main([]),
-                boot_bench.main(runs), dhcp_bench.main(runs), dhcp_perf.main([])]
+                boot_bench.main(runs), dhcp_bench.main(runs), dhcp_perf.main([]),
+                secureboot_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",

@@ -66,9 +66,9 @@ def kvm_works(kernel: Path, timeout: float = 10) -> tuple[bool, str]:
     return False, f"a kernel did not boot in {timeout:g} s ({last})"
 
 
-def base_argv(memory: str, accel: str | None = None) -> list[str]:
+def base_argv(memory: str, accel: str | None = None, smm: bool = False) -> list[str]:
     return [
-        qemu_binary(), "-machine", f"q35,accel={accel or default_accel()}", "-m", memory, "-smp", "1",
+        qemu_binary(), "-machine", f"q35,accel={accel or default_accel()}{',smm=on' * smm}", "-m", memory, "-smp", "1",
         "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
     ]
 
@@ -91,6 +91,21 @@ def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+# Secure Boot: firmware that enforces it (SMM keeps the variables out of the guest's reach), and variables with
+# Microsoft's KEK and db enrolled, as on machines sold with Secure Boot on.
+OVMF_CODE_SECURE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_MICROSOFT = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+SHIM_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"  # shim's variables' vendor GUID, the owner of MOK entries
+
+
+def secure_vars(dest: Path, mok: Sequence[Path] = ()) -> Path:
+    """A copy of the variables with Microsoft's keys at `dest`, with each certificate of `mok` in shim's MOK list
+    (virt-fw-vars, from PyPI's virt-firmware: no MokManager dialogue at a console)."""
+    shutil.copyfile(OVMF_VARS_MICROSOFT, dest)
+    for cert in mok:
+        subprocess.run([sys.executable, "-m", "virt.firmware.vars", "--inplace", str(dest), "--add-mok", SHIM_GUID,
+                        str(cert)], check=True, capture_output=True)
+    return dest
 
 
 def net_argv(
@@ -121,14 +136,15 @@ def net_argv(
 
 def lan_argv(
     tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
-    memory: str = "1024", accel: str | None = None,
+    memory: str = "1024", accel: str | None = None, secure_boot: bool = False,
 ) -> list[str]:
     """A VM whose NIC is on a tap device (see devtools.lan), network-booting first, against real DHCP servers.
 
     BIOS: SeaBIOS boots the NIC's iPXE option ROM (-boot n). UEFI: OVMF, with the NIC first in the boot order
     (bootindex); with `pxe_rom` OVMF runs iPXE's EFI driver from the same ROM, without it (`romfile=`) EDK2's
     own PXE client does the first step, as on real UEFI machines. `vars_copy` is a writable copy of OVMF's
-    variable store, needed for UEFI. Run it in the tap's namespace (`Lan.vm`).
+    variable store, needed for UEFI. `secure_boot`: the firmware that enforces it (give it `secure_vars`). Run it in
+    the tap's namespace (`Lan.vm`).
     """
     nic = f"virtio-net-pci,netdev=n0,mac={mac}"
     if not pxe_rom:
@@ -136,15 +152,17 @@ def lan_argv(
             raise ValueError("a BIOS VM boots from the network only through the NIC's option ROM")
         nic += ",romfile="
     argv = [
-        *base_argv(memory, accel),
+        *base_argv(memory, accel, smm=secure_boot),
         "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
     ]
     if uefi:
         if vars_copy is None:
             raise ValueError("UEFI needs a writable copy of the OVMF variables")
+        if secure_boot:
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
         argv += [
             "-device", f"{nic},bootindex=1",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE_SECURE if secure_boot else OVMF_CODE}",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
         ]
     else:
@@ -153,14 +171,16 @@ def lan_argv(
 
 
 def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None,
-          marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = ()) -> BootResult:
+          marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = (), until: Sequence[str] = ()
+          ) -> BootResult:
     """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID.
 
     `argv` may start with `ip netns exec NS` (devtools.lan): ip execs QEMU in the namespace, so the PID is QEMU's.
     For each text in `marks`, the time from QEMU's start to when the console first showed it goes into
     `seen_at` (read as it arrives, so to within the pipe's latency). `answers` drive the console (the serial
     port is QEMU's stdin): each (text, keys), in turn, types `keys` once the console shows `text` after what
-    the previous answer waited for.
+    the previous answer waited for. `until`: texts that end the run as soon as the console shows one (a boot
+    refused: nothing more will come).
     """
     result = BootResult()
     started = time.monotonic()
@@ -194,6 +214,8 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
             for mark in marks:
                 if mark not in result.seen_at and mark.encode() in buf:
                     result.seen_at[mark] = time.monotonic() - started
+            if any(text.encode() in buf for text in until):
+                break
             while pending and (at := buf.find(pending[0][0].encode(), answered_to)) >= 0:
                 assert proc.stdin is not None
                 answered_to = at + len(pending[0][0])

@@ -60,13 +60,15 @@ def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
     return LanServer(host, *strs)
 
 
-def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300) -> qemu.BootResult:
-    """Network-boot a VM on a new tap of `lan` until it powers off; fail if it did not within `timeout`."""
+def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300, **secure
+            ) -> qemu.BootResult:
+    """Network-boot a VM on a new tap of `lan` until it powers off; fail if it did not within `timeout`.
+    `secure`: lanboot.boot_vm's secure_boot, mok and until."""
     need(qemu.qemu_binary())
     vm_accel()
     if uefi:
         assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
-    result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout)
+    result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, **secure)
     firmware = "UEFI" if uefi else "BIOS"
     assert not result.timed_out, f"the {firmware} VM {mac} did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result

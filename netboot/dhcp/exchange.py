@@ -137,7 +137,7 @@ class Responder:
         profile = machines.profiles[machine.profile] if machine is not None else machines.profiles.get(DEFAULT)
         if profile is None:
             return Ignored(request.mac, "not in the machines file, and there is no default profile")
-        found = self.offerings().boot_file(client, server, ipxe_binary(profile, machine))
+        found = self.offerings().boot_file(client, server, profile.loader, ipxe_binary(profile, machine))
         if isinstance(found, str):
             return Ignored(request.mac, f"{client.kind}: {found}")
         return found
