@@ -249,9 +249,13 @@ def fake_out(d: Path, fmt: str = "squashfs", compression: str = "zstd", level: i
     return d
 
 
-def write_machines(path: Path, profiles: dict[str, Path], machines: dict[str, str]) -> Path:
-    """A machines file: profiles by name and directory, machines by MAC and profile."""
-    lines = [f'[profiles.{name}]\ndir = "{out}"\n' for name, out in profiles.items()]
+def write_machines(path: Path, profiles: dict[str, Path], machines: dict[str, str],
+                   appends: dict[str, str] | None = None) -> Path:
+    """A machines file: profiles by name and directory (and kernel parameters by profile, `appends`), machines by
+    MAC and profile."""
+    appends = appends or {}
+    lines = [f'[profiles.{name}]\ndir = "{out}"\n' + (f'append = "{appends[name]}"\n' if name in appends else "")
+             for name, out in profiles.items()]
     lines += [f'[machines."{mac}"]\nprofile = "{profile}"\n' for mac, profile in machines.items()]
     path.write_text("\n".join(lines))
     return path
