@@ -12,6 +12,8 @@ import pytest
 from initrd_reader import decompress, items, split
 from support import ServerProcess, assert_booted, boot, built, cli, need, netboot_ok, netboot_vm
 
+from devtools import qemu
+
 
 def image_of(out: Path, tmp_path: Path, compression: str = "lz4") -> tuple[Path, bytes]:
     """The erofs image of an output directory's initrd, written to a file, and the stage 1 member."""
@@ -114,7 +116,8 @@ def test_erofs_bad_input(system: Path, tmp_path: Path) -> None:
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def assert_erofs_store(result) -> None:
+def assert_erofs_store(result: qemu.BootResult) -> None:
+    """The store is the overlay over the image stage 1 mounted."""
     mount = next(ln for ln in result.lines if ln.startswith("NETBOOT-TEST: store mount:"))
     assert "lowerdir=/mnt-root/nix/.ro-store" in mount
 
