@@ -37,15 +37,17 @@ $(VENV)/.installed: pyproject.toml hatch_build.py netboot/tftp/_lockstep.c
 
 venv: $(VENV)/.installed
 
-# Two at a time on two cores (pytest-xdist; a VM under software emulation keeps one core busy); work is handed
-# out as workers free up, and what the tests share (the test system, its builds) is made once (tests/support.py).
+# Two at a time on two cores (pytest-xdist; a VM under software emulation keeps one core busy); tests are handed
+# out one at a time as workers free up (a class's tests together), longest first (tests/conftest.py); what the
+# tests share (the test system, its builds) is made once (tests/support.py).
 TEST_WORKERS ?= auto
+XDIST := -n $(TEST_WORKERS) --dist load
 test: deps venv
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
 
 # No QEMU boots, nothing that needs root, no large packing: for quick iterations.
 test-quick: deps venv
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist worksteal -m 'not vm and not root and not slow' $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) -m 'not vm and not root and not slow' $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check netboot devtools tests bench

@@ -73,7 +73,9 @@ def base_argv(memory: str, accel: str | None = None, smm: bool = False) -> list[
     ]
 
 
-def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str | None = None) -> list[str]:
+def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str | None = None,
+                kernel: Path | None = None) -> list[str]:
+    """QEMU booting `out` with -kernel/-initrd/-append; `kernel` in place of its bzImage if given."""
     cmdline = (out / "cmdline").read_text().strip()
     if "console=" not in cmdline:
         cmdline += " console=ttyS0,115200"
@@ -85,7 +87,7 @@ def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str
         cmdline += " " + append
     return [
         *base_argv(memory, accel),
-        "-kernel", str(out / "bzImage"), "-initrd", str(out / "initrd"), "-append", cmdline,
+        "-kernel", str(kernel or out / "bzImage"), "-initrd", str(out / "initrd"), "-append", cmdline,
     ]
 
 

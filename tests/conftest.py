@@ -34,6 +34,38 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             marks.update(FIXTURE_MARKS.get(fixture, ()))
         for mark in sorted(marks):
             item.add_marker(mark)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Longest first, so that the run ends on short tests with every worker busy: with --dist load the tests
+        # are handed out one at a time in this order (pytest_xdist_make_scheduler), each worker taking the
+        # longest left. Stable: tests of one weight keep their order, and a module's stay together.
+        items.sort(key=weight, reverse=True)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist load` (make test) as one test at a time in collection order, as workers free up, except that a
+    class's tests go to one worker together, for what a class fixture makes once (VMs booted for several
+    tests). xdist's own `load` hands out runs of consecutive tests, and its `loadgroup` does not group under
+    pytest 9 (it renames items through `_nodeid`, which pytest 9 no longer reads)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneAtATime(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            parts = nodeid.split("::")
+            return "::".join(parts[:2]) if len(parts) > 2 else nodeid  # a method's class, else the test
+
+    config.option.loadscopereorder = False  # the order above, not the largest scope first
+    return OneAtATime(config, log)
+
+
+def weight(item: pytest.Item) -> int:
+    """A rough rank of a test's time: VMs on a namespace LAN (firmware, often two VMs at once), other VM boots,
+    then namespaces, Nix builds and large packing, then the rest."""
+    marks = {m.name for m in item.iter_markers()}
+    if "vm" in marks:
+        return 3 if "lan" in getattr(item, "fixturenames", ()) else 2
+    return 1 if marks & {"root", "nix", "slow"} else 0
 
 
 @pytest.fixture(scope="session", autouse=True)

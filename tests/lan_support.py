@@ -10,7 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -60,6 +63,35 @@ def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
     return LanServer(host, *strs)
 
 
+# Router advertisements on the LAN's bridge, twice a second: ICMPv6 type 134 (RFC 4861 §4.2) with router lifetime
+# 0 and no options, so no host gets a route or an address from them. iPXE configures IPv6 beside DHCP and, on a
+# LAN where no router answers its solicitations, waits about 18 s (its "Configuring ..." dots) before it goes on;
+# with an advertisement it goes on once DHCP is done. The kernel fills in the checksum (RFC 3542 §3.1).
+ADVERTISE = """
+import socket, sys, time
+index = socket.if_nametoindex(sys.argv[1])
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+while True:
+    try:
+        s.sendto(bytes([134]) + bytes(15), ("ff02::1", 0, 0, index))
+    except OSError:  # the bridge has no link-local address until a port is up
+        pass
+    time.sleep(0.5)
+"""
+
+
+@contextlib.contextmanager
+def router_advertisements(lan: Lan) -> Iterator[None]:
+    """An IPv6 router that routes nothing, advertised on `lan` while the block runs; stopped by its PID."""
+    proc = subprocess.Popen(lan.vm([sys.executable, "-c", ADVERTISE, "br0"]), stdin=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300, **secure
             ) -> qemu.BootResult:
     """Network-boot a VM on a new tap of `lan` until it powers off; fail if it did not within `timeout`.
@@ -68,7 +100,8 @@ def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: fl
     vm_accel()
     if uefi:
         assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
-    result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, **secure)
+    with router_advertisements(lan):
+        result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, **secure)
     firmware = "UEFI" if uefi else "BIOS"
     assert not result.timed_out, f"the {firmware} VM {mac} did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result

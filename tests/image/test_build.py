@@ -205,14 +205,15 @@ def test_rebuild_replaces_atomically_and_failures_keep_the_old(system: Path, tmp
 
 
 @pytest.mark.slow
-def test_interrupted_build_leaves_previous_output(tmp_path: Path) -> None:
-    """SIGTERM in the middle of a long mksquashfs: old output intact, nothing left behind, no orphans."""
-    system = build_system(tmp_path / "result", "--arg", "payload", "[ /usr/share/qemu /usr/lib/x86_64-linux-gnu ]")
+def test_interrupted_build_leaves_previous_output(system: Path, tmp_path: Path) -> None:
+    """SIGTERM in the middle of a long mksquashfs: old output (of the small test system) intact, nothing left
+    behind, no orphans."""
+    large = build_system(tmp_path / "result", "--arg", "payload", "[ /usr/share/qemu /usr/lib/x86_64-linux-gnu ]")
     out = tmp_path / "out"
-    netboot_ok("build", system, "--out", out, "--format", "direct", "--compress", "none")
+    netboot_ok("build", system, "--out", out, "--format", "direct")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "netboot", "build", str(system), "--out", str(out), "--compress", "xz"],
+        [sys.executable, "-m", "netboot", "build", str(large), "--out", str(out), "--compress", "xz"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -220,7 +221,10 @@ def test_interrupted_build_leaves_previous_output(tmp_path: Path) -> None:
         while not any(".netboot-" in p.name for p in tmp_path.iterdir()):
             assert time.monotonic() < deadline and proc.poll() is None, "the build did not start"
             time.sleep(0.05)
-        time.sleep(1.0)
+        while not subprocess.run(["pgrep", "-P", str(proc.pid), "-x", "mksquashfs"], capture_output=True).stdout:
+            assert time.monotonic() < deadline and proc.poll() is None, "mksquashfs did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)
         children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert children, "expected mksquashfs to be running"
         proc.send_signal(signal.SIGTERM)
@@ -248,7 +252,8 @@ def test_large_initrd_warns(tmp_path: Path) -> None:
         f.truncate((1 << 30) + (64 << 20))
     out = tmp_path / "out"
     info = closure_info(tmp_path, [top, big])
-    proc = netboot_ok("build", top, "--out", out, "--format", "direct", "--compress", "none", "--closure-info", info)
+    proc = netboot_ok("build", top, "--out", out, "--format", "direct", "--compress", "none", "--closure-info", info,
+                      "--no-cache")  # the cache would write the GiB a second time
     assert "warning: the initrd is 1.06 GiB" in proc.stderr
     assert (out / "initrd").stat().st_size > 1 << 30
 

@@ -51,6 +51,10 @@ let
       case $moduleCompression in
         xz) xz --check=crc32 -c $src/$m > $dst/$m.xz ;;
         zst) zstd -q -c $src/$m > $dst/$m.zst ;;
+        mixed) case $m in  # both kinds in one tree: loop .zst; squashfs, overlay, erofs .xz
+                 */squashfs.ko|*/overlay.ko|*/erofs.ko) xz --check=crc32 -c $src/$m > $dst/$m.xz ;;
+                 *) zstd -q -c $src/$m > $dst/$m.zst ;;
+               esac ;;
         *) cp $src/$m $dst/$m ;;
       esac
     done

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ROOT, assert_booted, boot, build_system, built, need, netboot_ok, vm_accel
+from support import ROOT, assert_booted, boot, build_system, built, need, netboot_ok, pvh_kernel, vm_accel
 
 from devtools import qemu
 
@@ -25,14 +25,16 @@ def test_squashfs_boots_with_overlay_store(system: Path, closure: list[str], tmp
     assert cmdline.split()[-1] == "netboot.test=squashfs"
 
 
-@pytest.mark.parametrize("compression", ["zstd", "xz", "gzip", "lz4"])
-def test_direct_boots_each_compression(system: Path, closure: list[str], compression: str) -> None:
-    out = built(system, "--format", "direct", "--compress", compression)
-    result = boot(out)
+def assert_direct_booted(result: qemu.BootResult, closure: list[str], system: Path) -> None:
     assert_booted(result, closure, system)
     # No stage 1: the store is the initramfs itself, not a separate mount.
     assert "NETBOOT-TEST: store mount: none" in result.console
     assert "netboot stage 1" not in result.console
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz", "gzip"])  # lz4: test_boot_dir_script_reports_...
+def test_direct_boots_each_compression(system: Path, closure: list[str], compression: str) -> None:
+    assert_direct_booted(boot(built(system, "--format", "direct", "--compress", compression)), closure, system)
 
 
 @pytest.mark.parametrize("compression", ["xz", "gzip"])
@@ -40,25 +42,32 @@ def test_squashfs_boots_other_compressors(system: Path, closure: list[str], comp
     assert_booted(boot(built(system, "--format", "squashfs", "--compress", compression)), closure, system)
 
 
-@pytest.mark.parametrize("module_compression", ["xz", "zst"])
-def test_stage1_loads_compressed_modules(tmp_path: Path, module_compression: str) -> None:
-    """A kernel whose modules are .ko.xz / .ko.zst: stage 1 gets them unpacked, and the system boots."""
-    system = build_system(tmp_path / "result", "--argstr", "moduleCompression", module_compression)
-    assert any(system.joinpath("kernel-modules").rglob(f"squashfs.ko.{module_compression}"))
+def test_stage1_loads_compressed_modules(tmp_path: Path) -> None:
+    """A kernel whose modules are .ko.xz and .ko.zst (both in one tree, so that one boot loads each kind: loop
+    .zst, squashfs and overlay .xz): stage 1 gets them unpacked, and the system boots."""
+    system = build_system(tmp_path / "result", "--argstr", "moduleCompression", "mixed")
+    modules = system / "kernel-modules"
+    assert any(modules.rglob("loop.ko.zst")) and any(modules.rglob("squashfs.ko.xz"))
+    assert any(modules.rglob("overlay.ko.xz")) and not any(modules.rglob("*.ko"))
     out = tmp_path / "out"
     netboot_ok("build", system, "--out", out)
     closure = (system / "closure-paths").read_text().split()
     assert_booted(boot(out), closure, system)
 
 
-def test_boot_dir_script_reports_reached_and_failed_inits(system: Path) -> None:
+def test_boot_dir_script_reports_reached_and_failed_inits(system: Path, closure: list[str]) -> None:
+    """Its first boot is also the direct lz4 build's: the console it echoes gets test_direct_boots_each_
+    compression's checks."""
     out = built(system, "--format", "direct", "--compress", "lz4")
     vm_accel()  # the script's QEMU takes it from the environment
     ok = subprocess.run(
-        [ROOT / "qemu/boot-dir", out, "-q", "--expect", "NETBOOT-TEST-OK"], capture_output=True, text=True, timeout=300
+        [ROOT / "qemu/boot-dir", out, "--expect", "NETBOOT-TEST-OK"], capture_output=True, text=True, timeout=300
     )
     assert ok.returncode == 0, ok.stderr
     assert f"OK: init reached: {system}/init" in ok.stderr
+    console = ok.stdout.replace("\r\n", "\n")
+    echoed = qemu.BootResult(console=console, lines=console.splitlines(), init_reached=f"{system}/init")
+    assert_direct_booted(echoed, closure, system)
     # An rdinit= the kernel cannot run: the script must say so and fail.
     bad = subprocess.run(
         [ROOT / "qemu/boot-dir", out, "-q", "--append", "rdinit=/nix/store/missing-init"],
@@ -74,7 +83,8 @@ def test_rescue_shell_on_the_console_when_a_module_fails(system: Path, tmp_path:
     need(qemu.qemu_binary())
     vm_accel()
     out = built(system)
-    result = qemu.watch(qemu.direct_argv(out, append="module_blacklist=loop"), timeout=240, answers=[
+    argv = qemu.direct_argv(out, append="module_blacklist=loop", kernel=pvh_kernel(out / "bzImage"))
+    result = qemu.watch(argv, timeout=240, answers=[
         ("here is a shell", "echo RESCUE-$((6 * 7))\n"),  # the shell, not the echo of what is typed, prints 42
         ("RESCUE-42", "poweroff -f\n"),
     ])

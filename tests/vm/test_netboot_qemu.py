@@ -1,4 +1,5 @@
-"""Network boots through QEMU's own iPXE ROM against a real `netboot serve` (BIOS and UEFI)."""
+"""Network boots through QEMU's own iPXE ROM against a real `netboot serve`: BIOS and UEFI side by side (a boot
+over TFTP alone is tests/vm/test_status_boot.py's)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,15 @@ def cmdline_of(result: qemu.BootResult) -> list[str]:
     return next(ln for ln in result.lines if ln.startswith("NETBOOT-TEST: cmdline:")).split()[2:]
 
 
-def test_two_registered_machines_boot_with_their_own_parameters(fleet: ServerProcess, system: Path,
-                                                                 closure: list[str]) -> None:
+def test_two_registered_machines_boot_with_their_own_parameters_bios_and_uefi(fleet: ServerProcess, system: Path,
+                                                                               closure: list[str]) -> None:
+    need(qemu.qemu_binary())
+    assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
     url = f"http://10.0.2.2:{fleet.http_port}/boot.ipxe"
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        one, two = pool.map(lambda mac: netboot_vm(url, mac), [NODE1, NODE2])
+        one, two = pool.map(lambda run: netboot_vm(url, run[0], uefi=run[1]), [(NODE1, False), (NODE2, True)])
+    # UEFI: iPXE starts the kernel through its EFI stub, which loads the initrd named by initrd=initrd.
+    assert "EFI stub: Loaded initrd from command line option" in two.console
     for result, name in ((one, "node1"), (two, "node2")):
         assert_booted(result, closure, system)
         args = cmdline_of(result)
@@ -68,23 +73,3 @@ def test_unregistered_machine_boots_the_default_profile(fleet: ServerProcess, sy
     args = cmdline_of(result)
     assert args[-1] == "netboot.profile=default" and f"rdinit={system}/init" in args
     assert "NETBOOT-TEST: store mount: none" in result.console  # the direct build
-
-
-def test_boot_over_tftp_only(fleet: ServerProcess, system: Path, closure: list[str]) -> None:
-    before = fleet.log.count(" http ")
-    result = netboot_vm(f"tftp://10.0.2.2:{fleet.tftp_port}/boot.ipxe", NODE1)
-    assert_booted(result, closure, system)
-    assert cmdline_of(result)[-1] == "hostname=node1"
-    assert fleet.log.count(" http ") == before  # not one byte over HTTP
-    for step in ("boot.ipxe", "bzImage", "initrd"):
-        served = [ln for ln in fleet.lines if " tftp " in ln and step in ln and " complete " in ln]
-        assert served, (step, fleet.log[-3000:])
-
-
-def test_uefi_boot(fleet: ServerProcess, system: Path, closure: list[str]) -> None:
-    need("qemu-system-x86_64")
-    assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
-    result = netboot_vm(f"http://10.0.2.2:{fleet.http_port}/boot.ipxe", NODE2, uefi=True)
-    assert_booted(result, closure, system)
-    assert "EFI stub: Loaded initrd from command line option" in result.console  # initrd=initrd at work
-    assert cmdline_of(result)[-1] == "hostname=node2"
