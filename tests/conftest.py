@@ -22,7 +22,7 @@ FOLDER_MARKS = {"vm": ("vm",), "load": ("root",)}
 FIXTURE_MARKS = {
     "lan": ("root",),
     "root": ("root",),  # image/test_rootfs.py's root filesystem: device nodes, files of other owners
-    "system": ("nix",), "closure": ("nix",), "outs": ("nix",),
+    "system": ("nix",), "closure": ("nix",), "outs": ("nix",), "arm64_system": ("nix",),
 }
 
 
@@ -51,6 +51,15 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def system() -> Path:
     """The test system: kernel, modules, busybox, an init that checks the whole closure."""
     made = memoized("system", lambda path: (path / "path").write_text(str(build_system(path / "result"))))
+    return Path((made / "path").read_text())
+
+
+@pytest.fixture(scope="session")
+def arm64_system() -> Path:
+    """The test system for arm64, from Debian's arm64 kernel, modules and busybox-static (downloaded once a
+    session; nothing of arm64 runs to build it)."""
+    made = memoized("arm64-system",
+                    lambda path: (path / "path").write_text(str(build_system(path / "result", arch="arm64"))))
     return Path((made / "path").read_text())
 
 

@@ -1,4 +1,5 @@
-"""`netboot build`: a system closure → bzImage, initrd, cmdline, netboot.ipxe and manifest.json."""
+"""`netboot build`: a system closure → the kernel (bzImage, or Image on arm64), initrd, cmdline, netboot.ipxe and
+manifest.json."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from netboot import __version__
 from netboot.core import compress
-from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS
+from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS, KERNEL_FILES, files
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
 from netboot.core.remove import remove_tree
@@ -27,6 +27,7 @@ from netboot.image import oci, rootfs
 from netboot.image.cache import DEFAULT_MAX, Cache
 from netboot.image.closure import Closure
 from netboot.image.initrd import Packing, write_direct, write_erofs, write_squashfs
+from netboot.image.kernel import Kernel
 from netboot.image.limits import ImageLimits
 from netboot.image.outdir import Staging
 from netboot.image.progress import Progress
@@ -52,10 +53,11 @@ class BuildOptions:
     cache_max: int = DEFAULT_MAX
     rootfs: Path | None = None  # a root filesystem directory
     oci: Path | None = None  # an OCI image archive
-    kernel: Path | None = None  # the bzImage for rootfs or oci
+    kernel: Path | None = None  # the kernel for rootfs or oci (kernel.py: a bzImage or an arm64 Image)
     modules: Path | None = None  # its modules (/lib/modules/<version>)
     init: str = "/sbin/init"  # the init of rootfs or oci
     limits: ImageLimits = field(default_factory=ImageLimits)  # what rootfs or oci may cost
+    busybox: Path | None = None  # stage 1's busybox; None: the system's own (stage1.find_busybox)
 
 
 def source_date_epoch() -> int:
@@ -94,9 +96,12 @@ def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]
                 raise NetbootError(f"{flag} is for --rootfs and --oci; a Nix system brings its own")
     else:
         if opts.kernel is None:
-            raise NetbootError(f"{inputs[0]} needs --kernel BZIMAGE")
+            raise NetbootError(f"{inputs[0]} needs --kernel KERNEL (an x86_64 bzImage or an arm64 Image)")
         if opts.closure_info is not None:
             raise NetbootError("--closure-info is for a Nix system")
+    if opts.busybox is not None and opts.format not in IMAGE_FORMATS:
+        raise NetbootError(f"--busybox is for the stage 1 of the {' and '.join(IMAGE_FORMATS)} formats; the "
+                           f"{opts.format} format has none")
     if any(c in opts.append for c in "\n\r\0"):
         raise NetbootError("--append must be a single line")
     return compressor, level
@@ -127,7 +132,7 @@ def _build(opts: BuildOptions) -> dict:
         scratch.mkdir(mode=0o700)
         if system is not None:
             cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
-            described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel
+            described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel_image
             kernel_version, name = system.kernel_version, str(system.toplevel)
         else:
             root = _root_system(opts, scratch)
@@ -150,30 +155,33 @@ def _build(opts: BuildOptions) -> dict:
             )
         staging.commit()
     log.info(
-        "built %s: initrd %.1f MiB (%s%s) in %.1f s",
-        opts.out, initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
+        "built %s for %s: initrd %.1f MiB (%s%s) in %.1f s",
+        opts.out, manifest["arch"], initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
         time.monotonic() - started,
     )
     return manifest
 
 
-def _finish(opts: BuildOptions, work: Path, kernel: Path, cmdline: str, name: str, kernel_version: str | None,
+def _finish(opts: BuildOptions, work: Path, kernel: Kernel, cmdline: str, name: str, kernel_version: str | None,
             compressor: compress.Compressor, level: int | None, described: dict) -> dict:
     """The kernel, the command line, the iPXE script and the manifest, beside the initrd."""
-    shutil.copyfile(kernel, work / "bzImage")
+    kernel_file = KERNEL_FILES[kernel.arch]
+    kernel.copy_to(work / kernel_file)
     (work / "cmdline").write_text(cmdline + "\n")
-    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline))
+    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline,
+                                              kernel=kernel_file))
     manifest = {
         "tool": "netboot",
         "version": __version__,
         "system": name,
+        "arch": kernel.arch,
         "kernel_version": kernel_version,
         "format": opts.format,
         "compression": compressor.name,
         "level": level,
         "cmdline": cmdline,
         **described,
-        "artifacts": {f: _describe(work / f) for f in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
+        "artifacts": {f: _describe(work / f) for f in files(kernel.arch) if f != "manifest.json"},
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -193,7 +201,7 @@ def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache
     """A Nix system's initrd: its closure, in the format asked; what the manifest says of it."""
     closure = Closure.of(system.toplevel, opts.closure_info)
     # Refused before packing: an image format without the modules to mount it.
-    stage1 = Stage1.prepare(system, closure, opts.format) if opts.format in IMAGE_FORMATS else None
+    stage1 = Stage1.prepare(system, closure, opts.format, opts.busybox) if opts.format in IMAGE_FORMATS else None
     initrd = work / "initrd"
     if stage1 is not None:
         if opts.format == "erofs":
@@ -214,19 +222,21 @@ def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache
 
 def _root_system(opts: BuildOptions, scratch: Path) -> rootfs.RootSystem:
     assert opts.kernel is not None
+    kernel = Kernel.load(opts.kernel)
     if opts.oci is not None:
         unpacked = scratch / "oci-root"
         unpacked.mkdir()
         keep_owners = os.geteuid() == 0
-        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners, limits=opts.limits)
+        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners, limits=opts.limits,
+                           platform=oci.PLATFORMS[kernel.arch])
         if not keep_owners:
             log.warning("warning: not root: every file of %s is root's in the build, and device nodes are left "
                         "out", opts.oci)
         described = {"kind": "oci", "archive": str(opts.oci), "digest": image.digest, "layers": image.layers}
-        return rootfs.RootSystem.load(unpacked, opts.kernel, opts.init, opts.modules, input=described,
+        return rootfs.RootSystem.load(unpacked, kernel, opts.init, opts.modules, input=described,
                                       all_root=not keep_owners)
     assert opts.rootfs is not None
-    return rootfs.RootSystem.load(opts.rootfs, opts.kernel, opts.init, opts.modules,
+    return rootfs.RootSystem.load(opts.rootfs, kernel, opts.init, opts.modules,
                                   input={"kind": "rootfs", "path": str(opts.rootfs)})
 
 
@@ -234,7 +244,7 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
     """Any other system's initrd: its root filesystem, in the format asked; what the manifest says of it."""
     initrd = work / "initrd"
     if opts.format in IMAGE_FORMATS:
-        stage1 = root.stage1(opts.format)
+        stage1 = root.stage1(opts.format, opts.busybox)
         files, nbytes = rootfs.count(root.root, opts.limits)  # before mksquashfs or mkfs.erofs reads it
         rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
         _log_stage1(stage1)

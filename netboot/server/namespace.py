@@ -2,8 +2,8 @@
 
     boot.ipxe                          chains to the machine's own script by ${mac:hexhyp}
     machine/<mac>/boot.ipxe            that machine's script (its profile's kernel line plus appends)
-    machine/<mac>/<generation>/bzImage the kernel and initrd of the build the script was made from
-    machine/<mac>/<generation>/initrd
+    machine/<mac>/<generation>/bzImage the kernel and initrd of the build the script was made from (the
+    machine/<mac>/<generation>/initrd  kernel is `Image` in an arm64 build: core/artifacts.KERNEL_FILES)
     machine/<mac>/<generation>/overlay that machine's overlay, packed for that build (a profile with overlay =)
     profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
     <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netboot.core import artifacts
 from netboot.core import mac as macs
-from netboot.core.artifacts import FILES, IMAGE_FORMATS
+from netboot.core.artifacts import ANY_FILE, IMAGE_FORMATS, KERNEL_FILES, arch_of
 from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
@@ -46,7 +47,7 @@ from netboot.server.overlay_cache import Broken, Build, Overlays, Prepared
 
 log = logging.getLogger("netboot.serve")
 
-BOOT_FILES = ("bzImage", "initrd")
+BOOT_FILES = (*KERNEL_FILES.values(), "initrd")
 IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
 ALLOWED_ROOTS = (Path("/nix/store"),)  # output directories may hold symlinks into the store
@@ -101,10 +102,18 @@ class Generation:
                 with contextlib.suppress(OSError):  # no store here: no link may lead into one
                     roots.append(Root(str(store), os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)))
             # Everything is opened relative to one directory descriptor, so a rebuild that swaps the
-            # directory mid-way cannot mix two builds.
-            for name in FILES:
-                self.files[name] = _open_in(dir_fd, name, roots, directory)
+            # directory mid-way cannot mix two builds. The manifest first: it says which kernel file there is.
+            self.files["manifest.json"] = _open_in(dir_fd, "manifest.json", roots, directory)
             manifest_bytes = os.pread(self.files["manifest.json"].fd, 1 << 20, 0)
+            try:
+                manifest = json.loads(manifest_bytes)
+                self.arch = arch_of(manifest)
+            except ValueError as e:
+                raise NetbootError(f"{directory}/manifest.json is not a netboot manifest ({e})") from None
+            self.kernel = KERNEL_FILES[self.arch]
+            for name in artifacts.files(self.arch):
+                if name not in self.files:
+                    self.files[name] = _open_in(dir_fd, name, roots, directory)
         except BaseException:
             self.close()
             raise
@@ -112,7 +121,6 @@ class Generation:
             for root in roots:
                 os.close(root.fd)
         try:
-            manifest = json.loads(manifest_bytes)
             self.cmdline = str(manifest["cmdline"])
             self.system = str(manifest.get("system", "?"))
             self.format = str(manifest.get("format", "direct"))
@@ -318,9 +326,9 @@ class Namespace:
             case ["machine", mac_text, gen_id, file] if (file in BOOT_FILES or file == "overlay") and (
                     _GENERATION.fullmatch(gen_id)):
                 return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file)
-            case ["profile", profile, file] if file in FILES and profile in self.profiles:
+            case ["profile", profile, file] if file in ANY_FILE and profile in self.profiles:
                 return Name("profile", profile=profile, file=file)
-            case [file] if file in FILES and self.single_dir:
+            case [file] if file in ANY_FILE and self.single_dir:
                 return Name("profile", profile=DEFAULT, file=file)
             case [file] if file in self.binaries:
                 return Name("binary", file=file)
@@ -385,10 +393,10 @@ class Namespace:
                                    "fetch boot.ipxe again")
                 if file == "overlay":
                     return Item(name, self._overlay(mac, profile, gen), mac=mac, profile=profile.name)
-                return Item(name, file=gen.files[file], mac=mac, profile=profile.name)
+                return Item(name, file=_held(gen, file), mac=mac, profile=profile.name)
             case "profile":
                 assert parsed.profile is not None and file is not None
-                return Item(name, file=self.profiles[parsed.profile].current.files[file], profile=parsed.profile)
+                return Item(name, file=_held(self.profiles[parsed.profile].current, file), profile=parsed.profile)
         assert file is not None
         return Item(name, file=self.binaries[file])
 
@@ -439,6 +447,7 @@ class Namespace:
         files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
         script = render(
             "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline, files=files,
+            kernel=gen.kernel,
             overlay_arg=overlay[0], overlay_initrd=overlay[1],
         )
         return Item(name, script.encode(), mac=mac, profile=profile.name)
@@ -459,6 +468,14 @@ class Namespace:
         if isinstance(found, tuple):
             raise Pending(*found)
         return found
+
+
+def _held(gen: Generation, file: str) -> HeldFile:
+    """A file of a build; an architecture's kernel name in a build for another is not there."""
+    try:
+        return gen.files[file]
+    except KeyError:
+        raise NotFound(f"no such file: {file} (the build is for {gen.arch})") from None
 
 
 def _echoable(text: str) -> str:
