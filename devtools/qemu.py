@@ -1,6 +1,7 @@
 """Boot netboot artifacts in QEMU and watch the serial console.
 
-`python -m devtools.qemu OUT` boots an out DIR with -kernel/-initrd/-append (qemu/boot-dir);
+`python -m devtools.qemu OUT` boots an out DIR with -kernel/-initrd/-append (qemu/boot-dir), in the QEMU of
+its build's architecture (x86_64: q35; arm64: virt, no firmware needed);
 `python -m devtools.qemu net --url URL --mac MAC [--uefi]` network-boots through QEMU's iPXE (qemu/netboot).
 Software emulation (TCG) is the default: it works everywhere, while KVM is opt-in (--accel kvm, or
 NETBOOT_QEMU_ACCEL=kvm) because a /dev/kvm that opens is not always one that runs guests; `kvm_works` tells
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import platform
 import re
 import select
 import shutil
@@ -23,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from netboot.core.artifacts import DEFAULT_ARCH, KERNEL_FILES, arch_of
 
 # The kernel's "Run /init as init process", and stage 1's last word before it execs the system's init;
 # the kernel's "Failed to execute" takes it back.
@@ -44,12 +49,40 @@ class BootResult:
     seen_at: dict[str, float] = field(default_factory=dict)
 
 
-def qemu_binary() -> str:
-    return os.environ.get("NETBOOT_QEMU", "qemu-system-x86_64")
+@dataclass(frozen=True)
+class Board:
+    """The QEMU machine a build of one architecture boots in."""
+
+    binary: str
+    machine: str
+    cpu: tuple[str, ...]  # -cpu, under software emulation
+    console: str  # the serial console's kernel name (console=)
+    host_machine: str  # platform.machine() of a host that runs it under KVM
+
+
+BOARDS = {
+    "x86_64": Board("qemu-system-x86_64", "q35", (), "ttyS0,115200", "x86_64"),
+    # QEMU's generic arm64 board with its PL011 UART; a Cortex-A57 rather than `max`, whose pointer
+    # authentication is slow to emulate (QEMU docs, "Arm CPU features": pauth-impdef).
+    "arm64": Board("qemu-system-aarch64", "virt", ("-cpu", "cortex-a57"), "ttyAMA0", "aarch64"),
+}
+
+
+def qemu_binary(arch: str = DEFAULT_ARCH) -> str:
+    """NETBOOT_QEMU replaces the x86_64 QEMU (e.g. a wrapper); the others are QEMU's own."""
+    return os.environ.get("NETBOOT_QEMU", BOARDS[arch].binary) if arch == "x86_64" else BOARDS[arch].binary
 
 
 def default_accel() -> str:
     return os.environ.get("NETBOOT_QEMU_ACCEL") or "tcg"
+
+
+def build_arch(out: Path) -> str:
+    """The architecture of an output directory's build (its manifest's "arch")."""
+    try:
+        return arch_of(json.loads((out / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        return DEFAULT_ARCH
 
 
 def kvm_works(kernel: Path, timeout: float = 10) -> tuple[bool, str]:
@@ -66,17 +99,27 @@ def kvm_works(kernel: Path, timeout: float = 10) -> tuple[bool, str]:
     return False, f"a kernel did not boot in {timeout:g} s ({last})"
 
 
-def base_argv(memory: str, accel: str | None = None) -> list[str]:
+def base_argv(memory: str, accel: str | None = None, arch: str = DEFAULT_ARCH) -> list[str]:
+    board = BOARDS[arch]
+    accel = accel or default_accel()
+    cpu = board.cpu
+    if accel == "kvm":
+        if platform.machine() != board.host_machine:
+            accel = "tcg"  # KVM runs guests of the host's own architecture only
+        elif cpu:
+            cpu = ("-cpu", "host")
     return [
-        qemu_binary(), "-machine", f"q35,accel={accel or default_accel()}", "-m", memory, "-smp", "1",
+        qemu_binary(arch), "-machine", f"{board.machine},accel={accel}", *cpu, "-m", memory, "-smp", "1",
         "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
     ]
 
 
 def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str | None = None) -> list[str]:
+    """A direct boot of an output directory (-kernel/-initrd/-append), in the QEMU of its architecture."""
+    arch = build_arch(out)
     cmdline = (out / "cmdline").read_text().strip()
     if "console=" not in cmdline:
-        cmdline += " console=ttyS0,115200"
+        cmdline += f" console={BOARDS[arch].console}"
     if cmdline.startswith("rdinit="):
         # Nothing runs before the system's init in the direct format; the kernel's own
         # "Run … as init process" (KERN_INFO) is what shows that it was started.
@@ -84,8 +127,8 @@ def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str
     if append:
         cmdline += " " + append
     return [
-        *base_argv(memory, accel),
-        "-kernel", str(out / "bzImage"), "-initrd", str(out / "initrd"), "-append", cmdline,
+        *base_argv(memory, accel, arch),
+        "-kernel", str(out / KERNEL_FILES[arch]), "-initrd", str(out / "initrd"), "-append", cmdline,
     ]
 
 
@@ -245,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append", default="", help="extra kernel parameters for this boot")
     _common(p)
     args = p.parse_args(argv)
-    for name in ("bzImage", "initrd", "cmdline"):
+    for name in (KERNEL_FILES[build_arch(args.out)], "initrd", "cmdline"):
         if not (args.out / name).is_file():
             print(f"boot-dir: error: {args.out} has no {name}; is it an output of netboot build?", file=sys.stderr)
             return 2
