@@ -16,7 +16,7 @@ DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 DEBIAN_PACKAGES += chromium systemd nginx
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-arch lint clean
 all: test
 
 deps:
@@ -104,6 +104,11 @@ bench-overlay: deps venv
 # bare mkfs.erofs, and QEMU boots (software emulation) to init and to the store read.
 bench-formats: deps venv
 	$(PY) bench/format_bench.py --update
+
+# Only arm64 beside x86_64 (part of make bench): the small test system built for each on this host, booted
+# directly in QEMU under software emulation.
+bench-arch: deps venv
+	$(PY) bench/arch_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

@@ -165,9 +165,8 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
         description=(
             "Copy the build in OUT (an output directory of netboot build) to DEST/<sha256>/, named by the sha256 "
             "of its manifest: bzImage (Image for arm64), initrd, cmdline, netboot.ipxe, manifest.json, checked "
-            "against the "
-            "manifest. The directory appears whole (written under a temporary name, then renamed) and is never "
-            "rewritten. Serve DEST with any static server and set base_url in a profile of the machines file: "
+            "against the manifest. The directory appears whole (written under a temporary name, then renamed) and "
+            "is never rewritten. Serve DEST with any static server and set base_url in a profile of the machines file: "
             "its machines then fetch the kernel and initrd from there."
         ),
     )

@@ -107,10 +107,10 @@ class Generation:
             manifest_bytes = os.pread(self.files["manifest.json"].fd, 1 << 20, 0)
             try:
                 manifest = json.loads(manifest_bytes)
-                self.arch = arch_of(manifest)
+                self.arch = arch_of(manifest)  # what the build is for (x86_64, arm64)
             except ValueError as e:
                 raise NetbootError(f"{directory}/manifest.json is not a netboot manifest ({e})") from None
-            self.kernel = KERNEL_FILES[self.arch]
+            self.kernel = KERNEL_FILES[self.arch]  # its kernel's file name: bzImage, Image
             for name in artifacts.files(self.arch):
                 if name not in self.files:
                     self.files[name] = _open_in(dir_fd, name, roots, directory)
