@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> str:
         "and the init that checks its store), packed by `netboot build`, booted directly (`-kernel`/`-initrd`) "
         "under software emulation (TCG), one vCPU, 1 GiB: x86_64 on `q35`, arm64 on `virt` with a Cortex-A57. "
         f"Medians of {args.runs} boots, interleaved; from QEMU's start to the system's init, and to the marker "
-        "`NETBOOT-TEST-OK` (its init has sha256-checked every file of its store). No firmware runs in a direct "
-        "boot; a network boot adds the firmware's and the loader's time (the arm64 UEFI chain through AAVMF, shim "
-        "and GRUB measured 23 s to init by hand).",
+        "`NETBOOT-TEST-OK` (its init has sha256-checked every file of its store). What differs besides the CPU: "
+        "QEMU's q35 runs SeaBIOS before the x86_64 kernel, and a bzImage decompresses itself (emulated), while "
+        "the arm64 Image is loaded uncompressed and started directly. A network boot adds the firmware's and "
+        "the loader's time (the arm64 UEFI chain through AAVMF, shim and GRUB measured 23 s to init by hand).",
         "",
         "| format | arch | kernel | initrd | to init | to the marker (range) | marker / x86_64 |",
         "|---|---|---:|---:|---:|---:|---:|",
