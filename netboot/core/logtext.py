@@ -1,4 +1,5 @@
-"""Text a client sent, made fit for one short log line: whatever it sent, a bad input costs one bounded line."""
+"""Text a client or an image sent, made fit for one short line (a log line, an error): whatever it sent, a bad
+input costs one bounded line."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ LIMIT = 80  # characters of client text in one log line
 
 
 def clip(text: str, limit: int = LIMIT) -> str:
-    """`text` itself when short, else its start and how much was left out."""
+    """`text` itself when short, else its start and its whole length."""
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}…(+{len(text) - limit})"
+    return f"{text[:limit]}… ({len(text):,} characters)"

@@ -264,7 +264,7 @@ class Leases:
             until = now + OFFER_HOLD
             self.offers[mac] = (chosen, until, client_id)
             self._offered[chosen] = mac
-            heapq.heappush(self._deadlines, (until, "offer", mac))
+            self._deadline(until, "offer", mac)
         return chosen
 
     def _fits(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
@@ -311,6 +311,16 @@ class Leases:
             heapq.heappush(self._returned, n)
             if len(self._returned) > 2 * (self._last - self._first + 1) + 1024:
                 self._returned = sorted(set(self._returned))  # a sorted list is a heap
+
+    def _deadline(self, until: float, kind: str, key: str) -> None:
+        """When an offer or a decline ends, in the heap of deadlines. Each offer made again (a client repeating
+        its DISCOVER) leaves its previous entry behind until that one's time: the heap is rebuilt from the
+        tables when stale entries outnumber the live ones, as _expired is."""
+        heapq.heappush(self._deadlines, (until, kind, key))
+        if len(self._deadlines) > 2 * (len(self.offers) + len(self.declined)) + 1024:
+            self._deadlines = [(offer[1], "offer", mac) for mac, offer in self.offers.items()]
+            self._deadlines += [(ends, "decline", ip) for ip, ends in self.declined.items()]
+            heapq.heapify(self._deadlines)
 
     def _rebuild_expired(self) -> None:
         """The heap of expired leases from the table, without the entries that went stale."""
@@ -371,7 +381,7 @@ class Leases:
             self._reconsider(oldest)
         until = now + DECLINE_HOLD
         self.declined[ip] = until
-        heapq.heappush(self._deadlines, (until, "decline", ip))
+        self._deadline(until, "decline", ip)
         offered = self._end_offer(mac, reconsider=False)
         if offered is not None and offered != ip:
             self._reconsider(offered)

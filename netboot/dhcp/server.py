@@ -40,12 +40,39 @@ _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 _REFRESH = 10.0  # seconds between looks at the interfaces' addresses
 _QUIET = 10.0  # seconds between log lines about dropped datagrams, and per ignored machine and reason: 600
 _IGNORED_AGAIN = 600.0
-# Answers logged one by one per second; beyond, one line a second counts them. A line costs about as much as the
-# answer itself (Python's logging), and the rule is to keep logging off the per-packet path under load (fbtftp,
-# tftpy #59); a rack powering on stays within it.
+# Answers logged one by one per second (and as many requests not answered); beyond, one line a second counts
+# them. A line costs about as much as the answer itself (Python's logging), and the rule is to keep logging off
+# the per-packet path under load (fbtftp, tftpy #59); a rack powering on stays within it.
 _LOGGED_PER_SECOND = 100
 
 Interfaces = dict[int, tuple[str, list[IPv4Interface]]]
+
+
+class _Budget:
+    """Log lines of one kind, at most _LOGGED_PER_SECOND a second: beyond, the count of the rest comes a second
+    after the first of them, whether more follow or not."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, what: str) -> None:
+        self._loop = loop
+        self._what = what  # the kind, plural, for the line that counts them
+        self._second = 0.0  # the second whose lines are being logged, how many were, how many not
+        self._logged = self._unlogged = 0
+
+    def log(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._second >= 1.0 and not self._unlogged:
+            self._second, self._logged = now, 0
+        if self._logged < _LOGGED_PER_SECOND:
+            self._logged += 1
+            log.info(message, *args)
+            return
+        self._unlogged += 1
+        if self._unlogged == 1:
+            self._loop.call_at(self._loop.time() + self._second + 1.0 - now, self._count)
+
+    def _count(self) -> None:
+        log.info("dhcp: and %d more %s in the last second, not logged one by one", self._unlogged, self._what)
+        self._second, self._logged, self._unlogged = time.monotonic(), 0, 0
 
 
 class DhcpServer:
@@ -65,8 +92,8 @@ class DhcpServer:
         self._drop_logged = 0.0
         self._ignored: dict[tuple[str, str], float] = {}
         self.answered = 0
-        self._second = 0.0  # the second whose answers are being logged, how many were, how many not
-        self._logged = self._unlogged = 0
+        self._answers = _Budget(self._loop, "answers")
+        self._not_answered = _Budget(self._loop, "requests not answered")
         self.ports: list[int] = []
         self._store = responder.leases.store if responder.leases is not None else None
         self._waiting: list[tuple[socket.socket, Answer, IPv4Interface | None]] = []  # ACKs for the next write
@@ -201,20 +228,7 @@ class DhcpServer:
             log.warning("dhcp: %s: not sent to %s:%d: %s", answer.line, *answer.dest, e.strerror)
             return
         self.answered += 1
-        now = time.monotonic()
-        if now - self._second >= 1.0 and not self._unlogged:
-            self._second, self._logged = now, 0
-        if self._logged < _LOGGED_PER_SECOND:
-            self._logged += 1
-            log.info("dhcp: %s", answer.line)
-            return
-        self._unlogged += 1
-        if self._unlogged == 1:
-            self._loop.call_at(self._loop.time() + self._second + 1.0 - now, self._count_unlogged)
-
-    def _count_unlogged(self) -> None:
-        log.info("dhcp: and %d more answers in the last second, not logged one by one", self._unlogged)
-        self._second, self._logged, self._unlogged = time.monotonic(), 0, 0
+        self._answers.log("dhcp: %s", answer.line)
 
     def _drop(self, source: tuple[str, int], why: str) -> None:
         self._dropped += 1
@@ -234,7 +248,9 @@ class DhcpServer:
         if len(self._ignored) > 10_000:  # a flood of made-up MACs must not grow this without bound
             self._ignored.clear()
         self._ignored[key] = now
-        log.info("dhcp: %s: not answered: %s", ignored.mac, ignored.reason)
+        # Once per machine and reason; a flood of made-up MACs (DECLINEs of addresses they do not hold) is
+        # counted beyond the budget.
+        self._not_answered.log("dhcp: %s: not answered: %s", ignored.mac, ignored.reason)
 
     def _refresh_soon(self, force: bool = False) -> None:
         if self._refreshing is not None or (not force and time.monotonic() - self._refreshed < _REFRESH):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from netboot.core.errors import NetbootError
+from netboot.core.logtext import clip
 
 MAX_NAME = 4096  # bytes of a path below the root: PATH_MAX (linux/limits.h), the most a system call takes
 MAX_DEPTH = 256  # components of a path below the root
@@ -72,8 +73,7 @@ def check_name(name: bytes, depth: int) -> None:
 def shown(name: str | bytes) -> str:
     """A name for a one-line message: cut short when long."""
     raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")  # tarfile's undecodable bytes
-    text = raw.decode(errors="replace")
-    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}… ({len(text):,} characters)"
+    return clip(raw.decode(errors="replace"), _SHOWN)
 
 
 def _size(n: int) -> str:

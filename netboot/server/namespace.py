@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -344,31 +345,43 @@ class Namespace:
                 try:
                     return self._lookup(name)
                 except Pending as pending:
-                    if (error := pending.job.exception()) is not None:
-                        raise self._unpacked(name, pending, error) from None
-                    pending.finish(pending.job.result())
+                    pending.job.exception()  # waits for it
+                    if not self._keep(name, pending, pending.job):
+                        raise _unpacked(name) from None
         return self._lookup(name)
 
     async def resolve(self, name: str) -> Item:
         """`lookup` for the event loop: what must be rendered or packed first is awaited, in the overlays'
-        executor (a script needs its machine's overlay rendered; the overlay, packed)."""
+        executor (a script needs its machine's overlay rendered; the overlay, packed). That work is shared by
+        the requests for it and outlives each: one that is cancelled (a TFTP request superseded by its client's
+        next one, or waiting longer than TftpConfig.wait_timeout) neither cancels it for the others nor loses
+        what it makes."""
         for _ in range(_STEPS):
             try:
                 return self._lookup(name)
             except Pending as pending:
+                job = asyncio.wrap_future(pending.job)
+                # Stored when done, whether this request still waits or not; and the shield keeps this
+                # request's cancellation from reaching the job (wrap_future would cancel it).
+                job.add_done_callback(functools.partial(self._keep, name, pending))
                 try:
-                    result = await asyncio.wrap_future(pending.job)
-                except Exception as e:
-                    raise self._unpacked(name, pending, e) from None
-                pending.finish(result)
+                    await asyncio.shield(job)
+                except Exception:
+                    raise _unpacked(name) from None
         return self._lookup(name)
 
     @staticmethod
-    def _unpacked(name: str, pending: Pending, e: BaseException) -> NotFound:
-        """Packing failed (the compressor's error): this request fails, and the next one tries again."""
-        pending.finish(None)
-        log.error("overlay for %s: %s", clip(name), e)
-        return NotFound(f"{clip(name)}: the overlay cannot be packed")
+    def _keep(name: str, pending: Pending, job: Future[Any] | asyncio.Future[Any]) -> bool:
+        """Store what a finished job made; False when it failed (packing: the compressor's error), which is
+        logged, and the next request tries again."""
+        if job.cancelled():  # the executor was shut down: the server is stopping
+            return False
+        if (error := job.exception()) is not None:
+            pending.finish(None)
+            log.error("overlay for %s: %s", clip(name), error)
+            return False
+        pending.finish(job.result())
+        return True
 
     def _lookup(self, name: str) -> Item:
         parsed = self.parse(name)
@@ -476,6 +489,10 @@ def _held(gen: Generation, file: str) -> HeldFile:
         return gen.files[file]
     except KeyError:
         raise NotFound(f"no such file: {file} (the build is for {gen.arch})") from None
+
+
+def _unpacked(name: str) -> NotFound:
+    return NotFound(f"{clip(name)}: the overlay cannot be packed")
 
 
 def _echoable(text: str) -> str:

@@ -46,6 +46,10 @@ RENDER_MEMORY = 1 << 30  # bytes of address space a render worker may take beyon
 WORKERS = 2  # render processes and packing threads
 
 MAX_UNLISTED = 10_000  # rendered overlays of machines not in the machines file, kept by least recent use
+# Renders of machines not in the file under way or queued. A request that goes away leaves its render running
+# (namespace.Namespace.resolve), so without a bound a flood of made-up MACs whose requests are dropped at once
+# would queue renders faster than the workers end them; beyond it, a machine is told to ask again.
+MAX_RENDERING = 1024
 MAX_PACKED_BYTES = 64 << 20  # packed overlays kept, by least recent use
 SAMPLE_MAC = "00:00:00:00:00:00"  # stands for the machines not in the file when checking a default overlay
 _LOGGED = 5  # render errors logged one by one at a reload; the rest are counted
@@ -240,6 +244,9 @@ class Overlays:
             return Broken(f"profile {profile.name}'s overlay cannot be read")
         job = self._rendering.get(key)
         if job is None:
+            if len(self._rendering) >= MAX_RENDERING:
+                return Broken(f"the server is rendering the overlays of {len(self._rendering):,} other machines; "
+                              "this one asks again later")
             job = self._rendering[key] = self.renderer.render(source, template_vars(mac, profile, None), mac)
         return job, lambda result: self._store_unlisted(key, source, result)
 

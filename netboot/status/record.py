@@ -56,7 +56,7 @@ class BootEvent(NamedTuple):
 
 
 # The predicates on an event's fields, which `flush()` applies to every request as it comes (a slice is cheaper
-# than endswith()), and readers to the BootEvents they are shown.
+# than endswith()), and readers to the events they are shown.
 def script_path(path: str) -> bool:
     """A machine's script: fetching it starts a boot."""
     return path[-10:] == "/boot.ipxe"
@@ -68,20 +68,8 @@ def initrd_sent(ok: bool, path: str, status: str) -> bool:
     return ok and path[-7:] == "/initrd" and status in _COMPLETE
 
 
-def is_script(event: BootEvent) -> bool:
-    return script_path(event.path)
-
-
-def hands_over(event: BootEvent) -> bool:
-    return initrd_sent(event.ok, event.path, event.status)
-
-
 def overlay_path(path: str) -> bool:
     return path[-8:] == "/overlay"
-
-
-def is_overlay(event: BootEvent) -> bool:
-    return overlay_path(event.path)
 
 
 _PATH, _STATUS, _OK, _PROFILE = (BootEvent._fields.index(f) for f in ("path", "status", "ok", "profile"))
@@ -129,7 +117,7 @@ class Machine:
         events = self.history()
         for i in range(len(events) - 1, -1, -1):
             e = events[i]
-            if e.ok and is_script(e):
+            if e.ok and script_path(e.path):
                 return events[i:]
         return events
 

@@ -351,3 +351,24 @@ async def test_answers_beyond_a_hundred_a_second_are_counted_not_logged(caplog: 
     assert lines[:100] == [f"dhcp: answer {i}" for i in range(100)]
     assert lines[100:] == ["dhcp: and 50 more answers in the last second, not logged one by one"]
     assert server.answered == 150
+
+
+async def test_requests_not_answered_beyond_a_hundred_a_second_are_counted_not_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A request not answered is logged once per machine and reason, and a flood of made-up MACs is many machines:
+    past a hundred a second, one line a second counts them, as for answers."""
+    r = responder(fleet(default=False))
+    server = DhcpServer(r, {})
+    caplog.set_level(logging.INFO, logger="netboot.dhcp")
+    try:
+        for i in range(150):
+            ignored = arrive(r, edk2(mac=f"52:54:00:00:0e:{i:02x}"))
+            assert isinstance(ignored, Ignored)
+            server._ignore(ignored)
+        await asyncio.sleep(1.2)
+    finally:
+        server.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:100] == [f"dhcp: 52:54:00:00:0e:{i:02x}: not answered: not in the machines file, and there is no "
+                           "default profile" for i in range(100)]
+    assert lines[100:] == ["dhcp: and 50 more requests not answered in the last second, not logged one by one"]

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from netboot.core.errors import NetbootError
 from netboot.dhcp import journal
 from netboot.dhcp.journal import JOURNAL, LEGACY, Journal
-from netboot.dhcp.leases import Lease, Leases, Pool
+from netboot.dhcp.leases import OFFER_HOLD, Lease, Leases, Pool
 
 POOL = Pool(IPv4Address("192.0.2.100"), IPv4Address("192.0.2.109"), IPv4Network("192.0.2.0/24"),
             excluded=frozenset({IPv4Address("192.0.2.100")}))
@@ -127,6 +127,20 @@ def test_the_index_chooses_as_the_scanning_model(tmp_path_factory: pytest.TempPa
         assert journal.read(leases.store.directory)[0] == leases.by_mac
     finally:
         leases.store.close()
+
+
+def test_a_client_repeating_its_discover_keeps_the_index_bounded(tmp_path: Path) -> None:
+    """Each DISCOVER renews the client's offer; a flood of them from one MAC (a minute's worth at a high rate)
+    must not leave an entry behind each, and the offer still ends a minute after the last."""
+    leases = open_leases(tmp_path)
+    for i in range(10_000):
+        assert leases.choose(A, None, 100.0 + i * 1e-3, {}) == "192.0.2.101"
+    assert len(leases._deadlines) <= 1024 + 2 * len(leases.offers) + 1
+    leases.prune(100.0 + 10 + OFFER_HOLD - 1)
+    assert A in leases.offers
+    leases.prune(100.0 + 10 + OFFER_HOLD + 1)
+    assert leases.offers == {} and leases.choose(B, None, 172.0, {}) == "192.0.2.101"
+    leases.store.close()
 
 
 # The journal

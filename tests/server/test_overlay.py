@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -18,7 +19,8 @@ from support import ServerProcess, cli, fake_out
 from netboot.core import compress
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
-from netboot.server.namespace import Namespace, NotFound
+from netboot.server import overlay_cache
+from netboot.server.namespace import Namespace, NotFound, Pending
 from netboot.server.overlay import OverlayDir, OverlayError, pack
 
 NODE1, NODE2, NODE3 = "52:54:00:00:0a:01", "52:54:00:00:0a:02", "52:54:00:00:0a:03"
@@ -239,6 +241,55 @@ def test_a_new_machine_whose_overlay_breaks_is_told_why_and_retries(fleet: Path,
         with pytest.raises(NotFound, match="has no overlay"):
             ns.lookup(f"machine/{new.replace(':', '-')}/{ns.profiles['squash'].current.id}/overlay")
         assert overlay_files(ns, NODE1)["netboot-overlay/etc/initial"][1] == b"n\n"  # the others are fine
+    finally:
+        ns.close()
+
+
+async def test_a_request_that_goes_away_takes_nothing_from_the_others(fleet: Path) -> None:
+    """A request waiting for a machine's overlay that is cancelled (a TFTP request superseded or timed out) neither
+    cancels the rendering another request waits for, nor loses what it makes."""
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        name = f"machine/{STRANGER.replace(':', '-')}/boot.ipxe"  # not in the file: rendered on its first request
+        gone, waiting = asyncio.create_task(ns.resolve(name)), asyncio.create_task(ns.resolve(name))
+        await asyncio.sleep(0)
+        gone.cancel()
+        item = await asyncio.wait_for(waiting, 30)
+        assert item.data is not None and b"initrd --name overlay" in item.data
+        # Another machine, whose only request goes away: its overlay is rendered and kept all the same.
+        other = "machine/52-54-00-00-0a-98/boot.ipxe"
+        alone = asyncio.create_task(ns.resolve(other))
+        await asyncio.sleep(0)
+        alone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await alone
+        for _ in range(600):
+            try:
+                kept = ns.lookup(other)  # on the loop: raises Pending until it is stored
+                break
+            except Pending:
+                await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the overlay of a request that went away was never stored")
+        assert kept.data is not None and b"initrd --name overlay" in kept.data
+    finally:
+        ns.close()
+
+
+async def test_renders_under_way_are_bounded(fleet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machines not in the file are rendered on demand, and a render outlives a request that goes away: past a
+    bound of renders under way, a new machine is told to ask again (and is not remembered as broken)."""
+    monkeypatch.setattr(overlay_cache, "MAX_RENDERING", 2)
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    try:
+        names = [f"machine/52-54-00-00-0b-0{i}/boot.ipxe" for i in range(3)]
+        tasks = [asyncio.create_task(ns.resolve(name)) for name in names]
+        first, second, third = [(await asyncio.wait_for(t, 30)).data or b"" for t in tasks]
+        assert b"initrd --name overlay" in first and b"initrd --name overlay" in second
+        assert b"cannot boot: the server is rendering the overlays of 2 other machines" in third, third
+        assert b"chain --replace --autofree /machine/52-54-00-00-0b-02/boot.ipxe" in third
+        again = await asyncio.wait_for(ns.resolve(names[2]), 30)
+        assert again.data is not None and b"initrd --name overlay" in again.data
     finally:
         ns.close()
 
