@@ -11,6 +11,7 @@ from pathlib import Path
 from netboot import __version__
 from netboot.core import artifacts, compress
 from netboot.core.errors import NetbootError
+from netboot.core.loaders import Loaders
 from netboot.dhcp import command as dhcp_command
 from netboot.image import cache, pack
 from netboot.image.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_NAME, ImageLimits
@@ -106,6 +107,15 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "--cache-max", default="5G", metavar="SIZE",
         help="cap on the cache's size; least recently used entries go first (default 5G)",
     )
+    g = p.add_argument_group("Secure Boot")
+    g.add_argument("--sign-key", type=Path, metavar="KEY",
+                   help="sign the kernel (and with --uki the unified kernel image) for UEFI Secure Boot with this PEM "
+                   "private key, after removing the signatures it had: it then boots on machines that trust "
+                   "--sign-cert (in their MOK list or db); the manifest records the certificate's fingerprint")
+    g.add_argument("--sign-cert", type=Path, metavar="CERT", help="the PEM certificate of --sign-key")
+    g.add_argument("--uki", action="store_true",
+                   help="also write netboot.efi: a unified kernel image (systemd's UEFI stub with the kernel, the "
+                   "initrd, the command line and os-release), signed as a whole with --sign-key")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="also print every command run")
     p.set_defaults(func=_run_build)
@@ -130,6 +140,9 @@ def _run_build(args: argparse.Namespace) -> int:
         init=args.init,
         limits=ImageLimits(cache.parse_size(args.max_image_bytes), args.max_image_entries),
         busybox=args.busybox,
+        sign_key=args.sign_key,
+        sign_cert=args.sign_cert,
+        uki=args.uki,
     )
     pack.build(opts)
     return 0
@@ -212,6 +225,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/netboot"), metavar="DIR",
                    help="netboot serve's own files: the DHCP leases, and the builds of profiles that name a system "
                    "(default /var/lib/netboot)")
+    p.add_argument("--loaders", action="append", default=[], metavar="ARCH=DIR",
+                   help="shim, GRUB and MokManager of one architecture (x86_64 or arm64) for profiles with loader = "
+                   "\"grub\" or \"uki\", from DIR under the names the firmware asks for (x86_64: shimx64.efi, "
+                   "grubx64.efi, mmx64.efi; arm64: shimaa64.efi, grubaa64.efi, mmaa64.efi), instead of Debian's "
+                   "shim-signed, shim-helpers-*-signed and grub-efi-*-signed; GRUB's modules from DIR/x86_64-efi/ "
+                   "or DIR/arm64-efi/ (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print more")
     limits = HttpLimits()
@@ -283,6 +302,7 @@ def serve_options(args: argparse.Namespace):  # -> server.ServeOptions (imported
         status=_status(args),
         grace=args.grace,
         state_dir=args.state_dir,
+        loaders=Loaders.from_options(args.loaders),
     )
 
 

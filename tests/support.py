@@ -50,6 +50,26 @@ def built(*args: str | os.PathLike[str]) -> Path:
     return memoized(f"build-{key}", lambda path: netboot_ok("build", *args, "--out", path / "out")) / "out"
 
 
+def signing_keys() -> Path:
+    """A directory with key.pem and cert.pem (the operator's Secure Boot key, made with openssl once per test
+    session), and other-key.pem, a key of another certificate."""
+    def make(path: Path) -> None:
+        for key, cert in (("key.pem", "cert.pem"), ("other-key.pem", "other-cert.pem")):
+            subprocess.run([need("openssl"), "req", "-new", "-x509", "-newkey", "rsa:2048", "-nodes", "-sha256",
+                            "-days", "3650", "-subj", f"/CN=netboot test {key[:-4]}/", "-keyout", path / key,
+                            "-out", path / cert], check=True, capture_output=True)
+
+    return memoized("signing-keys", make)
+
+
+def signed_build(system: Path) -> Path:
+    """The test system in the squashfs format, its kernel and its unified kernel image signed with
+    `signing_keys()` (built once per test session)."""
+    keys = signing_keys()
+    return built(system, "--format", "squashfs", "--sign-key", keys / "key.pem", "--sign-cert", keys / "cert.pem",
+                 "--uki")
+
+
 def need(tool: str) -> str:
     """A tool the test cannot do without: missing is a failure with the reason, never a skip."""
     path = shutil.which(tool)

@@ -36,3 +36,6 @@ def arch_of(manifest: object) -> str:
     if arch not in ARCHES:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
     return arch
+# `netboot build --uki`: the unified kernel image (systemd-stub with the kernel, initrd, command line and
+# os-release as PE sections), signed when a key is given. Only in builds made with --uki.
+UKI = "netboot.efi"

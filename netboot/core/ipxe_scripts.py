@@ -1,4 +1,5 @@
-"""iPXE script templates from ipxe-scripts/, with @name@ placeholders (iPXE itself owns ${...})."""
+"""Templates from ipxe-scripts/, iPXE scripts and GRUB configurations alike, with @name@ placeholders (iPXE and
+GRUB own ${...})."""
 
 from __future__ import annotations
 

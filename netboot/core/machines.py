@@ -8,6 +8,8 @@
     overlay = "overlays/rack"     # files each machine gets its own copy of; *.j2 are templates (overlay.py)
     vars = { domain = "lab" }     # the overlay's template variables for every machine of the profile
     base_url = "http://mirror/nb" # kernel and initrd from a tree made by netboot publish (publish.py)
+    loader = "grub"               # what UEFI machines boot first: "ipxe" (default), or shim and GRUB (loaders.py):
+                                  # "grub" (kernel + initrds), "uki" (the build's signed netboot.efi)
     [machines."52:54:00:12:34:56"]
     profile = "rescue"            # default: "default"
     append = "hostname=node1"
@@ -25,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netboot.core import artifacts, compress
+from netboot.core import artifacts, compress, loaders
 from netboot.core import mac as macs
 from netboot.core.errors import NetbootError
 
 DEFAULT = "default"
 
 
-PROFILE_KEYS = {"dir", "system", "format", "compress", "level", "append", "overlay", "vars", "base_url"}
+PROFILE_KEYS = {"dir", "system", "format", "compress", "level", "append", "overlay", "vars", "base_url", "loader"}
 BUILD_KEYS = ("format", "compress", "level")  # netboot build's options, for a profile with a system
 MACHINE_KEYS = {"profile", "append", "ip", "hostname"}
 
@@ -47,6 +49,7 @@ class Profile:
     base_url: str = ""  # where `netboot publish` put this profile's builds: the kernel and initrd come from there
     system: Path | None = None  # a Nix profile or store path that netboot serve builds into `dir` itself
     build_args: tuple[str, ...] = ()  # its netboot build options
+    loader: str = "ipxe"  # what its UEFI machines boot first (loaders.LOADERS)
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,10 @@ class Machines:
             if not isinstance(entry, dict):
                 raise NetbootError(f"{at}: {ref} must be a table")
             _only(entry, PROFILE_KEYS, ref, where)
+            loader = _loader(entry, ref, at)
             system, build_args = _system(entry, ref, at)
+            if system is not None and loader == "uki":
+                build_args += ("--uki",)
             if system is not None:
                 if state_dir is None:
                     raise NetbootError(f"{at}: {ref}: a system needs a state directory to be built into")
@@ -127,8 +133,10 @@ class Machines:
                 raise NetbootError(f"{at}: {ref}: vars must be a table of template variables")
             if "vars" in entry and overlay is None:
                 raise NetbootError(f"{at}: {ref}: vars are for an overlay, and it has none")
+            if loader == "uki":
+                _sealed(entry, f"{at}: {ref}")
             profiles[name] = Profile(name, directory, _append(entry, ref, where, ref), overlay, variables,
-                                     _base_url(entry, ref, at), system, build_args)
+                                     _base_url(entry, ref, at), system, build_args, loader)
 
         if not profiles:
             raise NetbootError(f"{path}: no [profiles.NAME] defined")
@@ -156,6 +164,8 @@ class Machines:
                                                         f"{profile!r} has none")
             elif "mac" in entry:
                 raise NetbootError(f"{where.of(key)}: {ref}: mac is the table's name; it cannot be set here")
+            if profiles[profile].loader == "uki":
+                _sealed(entry, f"{where.of(key)}: {ref}")
             ip = _ip(entry, ref, where, key)
             if ip and ip in reserved:
                 raise NetbootError(f"{where.of(key)}: {ref}: ip {ip} is already reserved for machines.{reserved[ip]!r}")
@@ -230,6 +240,24 @@ def _system(entry: dict, ref: str, at: str) -> tuple[Path | None, tuple[str, ...
     except NetbootError as e:
         raise NetbootError(f"{at}: {ref}: {e}") from None
     return Path(value), tuple(args)
+
+
+def _loader(entry: dict, ref: str, at: str) -> str:
+    value = entry.get("loader", "ipxe")
+    if value not in loaders.LOADERS:
+        raise NetbootError(f"{at}: {ref}: loader {value!r} is not one of {', '.join(loaders.LOADERS)}")
+    return value
+
+
+def _sealed(entry: dict, where: str) -> None:
+    """A unified kernel image carries its initrd and command line inside its signature: nothing can be added to
+    them per profile or per machine (systemd-stub ignores a loader's command line under Secure Boot)."""
+    if "overlay" in entry:
+        raise NetbootError(f"{where}: an overlay cannot reach the machines of a uki profile: the unified kernel "
+                           "image's initrd is signed with it (use loader = \"grub\" for overlays)")
+    if entry.get("append"):
+        raise NetbootError(f"{where}: append cannot reach the machines of a uki profile: the unified kernel "
+                           "image's command line is signed with it (netboot build --append)")
 
 
 def _base_url(entry: dict, ref: str, at: str) -> str:

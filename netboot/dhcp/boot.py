@@ -5,6 +5,11 @@
     iPXE, any firmware        (user class iPXE, 175)  http://server:port/boot.ipxe: no chainload loop
     UEFI x64 HTTP Boot        (HTTPClient, arch 16)   http://server:port/ipxe.efi, answered with HTTPClient
 
+A machine whose profile boots through shim and GRUB (loader = "grub" or "uki": Secure Boot) gets, as a UEFI
+client, its architecture's shim instead (loaders.py): shimx64.efi over TFTP (PXE, arch 7, 9), or
+http://server:port/shimx64.efi (HTTP Boot, arch 16). BIOS ROMs and iPXE keep the iPXE path: neither runs under
+Secure Boot.
+
 Architecture numbers are RFC 4578's as IANA keeps them; Debian's ipxe package has binaries for x86 only.
 """
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from netboot.core import loaders
 from netboot.dhcp.message import Request
 
 PXE, HTTP, IPXE = "PXEClient", "HTTPClient", "iPXE"
@@ -80,11 +86,14 @@ class Offerings:
     http_host: str | None = None  # where HTTP and TFTP listen, when on one address rather than on all
     tftp_host: str | None = None
 
-    def boot_file(self, client: Client, server: str) -> BootFile | str:
-        """The boot file for `client` from `server` (our address as the client sees it), or why there is none."""
+    def boot_file(self, client: Client, server: str, loader: str = "ipxe") -> BootFile | str:
+        """The boot file for `client` from `server` (our address as the client sees it), or why there is none;
+        `loader`: the machine's profile's (loaders.LOADERS)."""
         http = f"http://{self.http_host or server}:{self.http_port}"
         if client.firmware == IPXE:
             return BootFile(f"{http}/boot.ipxe", server, PXE)
+        if loader in loaders.SIGNED_CHAINS and (uefi := loaders.for_client(client.arch)) is not None:
+            return self._shim(client, server, http, *uefi)
         if client.firmware == HTTP:
             if client.arch != UEFI_X64_HTTP:
                 return f"no HTTP boot binary for architecture {client.arch}"
@@ -104,3 +113,15 @@ class Offerings:
                 return "PXE ROMs need TFTP on port 69, which this server does not serve"
             return BootFile(binary, self.tftp_host or server, PXE)
         return "not a network-boot client"
+
+    def _shim(self, client: Client, server: str, http: str, arch: loaders.Arch, http_boot: bool) -> BootFile | str:
+        """Shim, which fetches GRUB (and MokManager) from beside itself, over the same protocol."""
+        if client.firmware not in (PXE, HTTP) or (client.firmware == HTTP) != http_boot:
+            return "not a network-boot client"
+        if arch.shim not in self.binaries:
+            return f"{arch.shim} is not served (Debian's shim-signed, or --loaders {arch.name}=DIR)"
+        if http_boot:
+            return BootFile(f"{http}/{arch.shim}", server, HTTP)
+        if not self.tftp:
+            return "PXE ROMs need TFTP on port 69, which this server does not serve"
+        return BootFile(arch.shim, self.tftp_host or server, PXE)

@@ -130,9 +130,10 @@ class Responder:
         return self._answer(reply, client, _destination(request, kind), arrival.ifindex, "-")
 
     def _boot_file(self, request: Request, client: boot.Client, server: str) -> boot.BootFile | Ignored:
-        if self.machines().for_mac(request.mac) is None:
+        profile = self.machines().for_mac(request.mac)
+        if profile is None:
             return Ignored(request.mac, "not in the machines file, and there is no default profile")
-        found = self.offerings().boot_file(client, server)
+        found = self.offerings().boot_file(client, server, profile[0].loader)
         if isinstance(found, str):
             return Ignored(request.mac, f"{client.kind}: {found}")
         return found

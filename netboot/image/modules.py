@@ -139,6 +139,15 @@ class ModuleTree:
         return data
 
 
+# What module signing appends to a module (scripts/sign-file.c; include/linux/module_signature.h): under Secure
+# Boot a locked-down kernel loads no module without it.
+SIGNATURE_MAGIC = b"~Module signature appended~\n"
+
+
+def is_signed(module: bytes) -> bool:
+    return module.endswith(SIGNATURE_MAGIC)
+
+
 def version_dir(base: Path, version: str | None, missing: str) -> Path:
     """The directory of `base` (like /lib/modules) for the kernel `version`, or its only one."""
     try:

@@ -1,5 +1,6 @@
 """`netboot build`: a system closure → the kernel (bzImage, or Image on arm64), initrd, cmdline, netboot.ipxe and
-manifest.json."""
+manifest.json (and with --uki netboot.efi, a unified kernel image; with --sign-key, the kernel and that image signed
+for Secure Boot)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from pathlib import Path
 
 from netboot import __version__
 from netboot.core import compress
-from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS, KERNEL_FILES, files
+from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS, KERNEL_FILES, UKI, files
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
 from netboot.core.remove import remove_tree
 from netboot.core.run import require
-from netboot.image import oci, rootfs
+from netboot.image import oci, rootfs, uki
 from netboot.image.cache import DEFAULT_MAX, Cache
 from netboot.image.closure import Closure
 from netboot.image.initrd import Packing, write_direct, write_erofs, write_squashfs
@@ -31,6 +32,7 @@ from netboot.image.kernel import Kernel
 from netboot.image.limits import ImageLimits
 from netboot.image.outdir import Staging
 from netboot.image.progress import Progress
+from netboot.image.signing import Signer, check_pe
 from netboot.image.stage1 import Stage1
 from netboot.image.system import System
 
@@ -58,6 +60,9 @@ class BuildOptions:
     init: str = "/sbin/init"  # the init of rootfs or oci
     limits: ImageLimits = field(default_factory=ImageLimits)  # what rootfs or oci may cost
     busybox: Path | None = None  # stage 1's busybox; None: the system's own (stage1.find_busybox)
+    sign_key: Path | None = None  # sign the kernel (and the UKI) with this key, for Secure Boot
+    sign_cert: Path | None = None  # ... whose certificate this is
+    uki: bool = False  # also write netboot.efi, the unified kernel image
 
 
 def source_date_epoch() -> int:
@@ -104,6 +109,8 @@ def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]
                            f"{opts.format} format has none")
     if any(c in opts.append for c in "\n\r\0"):
         raise NetbootError("--append must be a single line")
+    if (opts.sign_key is None) != (opts.sign_cert is None):
+        raise NetbootError("--sign-key and --sign-cert go together (the key and its certificate)")
     return compressor, level
 
 
@@ -125,6 +132,12 @@ def _build(opts: BuildOptions) -> dict:
     compressor, level = _check_options(opts)
     packing = Packing(compressor, level, opts.level is not None, source_date_epoch())
     system = System.load(opts.system) if opts.system is not None else None
+    given = system.kernel if system is not None else opts.kernel
+    signer = _signer(opts, given)
+    if opts.uki:
+        assert given is not None  # _check_options: --rootfs and --oci need --kernel
+        # The stub is the kernel's architecture's (linuxaa64.efi.stub for an arm64 Image).
+        uki.check(Kernel.load(given).arch)
     cache = Cache(opts.cache_dir, opts.cache_max) if opts.cache_dir is not None else Cache(None)
     staging = Staging(opts.out)
     with staging as work, _explaining_full_disks(work, opts.cache_dir):
@@ -134,16 +147,21 @@ def _build(opts: BuildOptions) -> dict:
             cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
             described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel_image
             kernel_version, name = system.kernel_version, str(system.toplevel)
+            osrel = system.toplevel / "etc" / "os-release"
         else:
             root = _root_system(opts, scratch)
             cmdline = _cmdline(opts.format, root.init, "", opts.append)
             described, kernel = _pack_root(opts, root, packing, work, scratch), root.kernel
             kernel_version, name = root.kernel_version, str(opts.rootfs or opts.oci)
+            osrel = None  # the root's own is not read: it may lead anywhere on this machine
+        secure = _SecureBoot(signer, uki.os_release(name, kernel_version, osrel) if opts.uki else None,
+                             packing.mtime)
         # The scratch directory (an erofs image's laid out root: tens of thousands of entries) goes while the
         # rest is written and the initrd hashed; all of it must be gone before the output is published.
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netboot-scratch") as removal:
             removed = removal.submit(remove_tree, scratch)
-            manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described)
+            manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described,
+                               secure)
             removed.result()
         for f in work.iterdir():
             f.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
@@ -162,11 +180,41 @@ def _build(opts: BuildOptions) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class _SecureBoot:
+    """What --sign-key and --uki add to a build."""
+
+    signer: Signer | None
+    osrel: bytes | None  # the unified kernel image's os-release; None: no --uki
+    epoch: int  # the signing time and the image's timestamp
+
+    def finish(self, work: Path, kernel: Kernel, cmdline: str) -> dict:
+        """Sign the copied kernel, assemble (and sign) the UKI; what the manifest records of it."""
+        copied = work / KERNEL_FILES[kernel.arch]  # as the loaders want it (an Image.gz unpacked)
+        if self.osrel is not None:  # the kernel as built goes into the image, which is signed as a whole
+            uki.write(work / UKI, copied, work / "initrd", cmdline, self.osrel, self.epoch, kernel.arch)
+            if self.signer is not None:
+                self.signer.sign(work / UKI, self.epoch)
+        if self.signer is not None:
+            self.signer.sign(copied, self.epoch)
+        return {"signer": self.signer.describe()} if self.signer is not None else {}
+
+
+def _signer(opts: BuildOptions, kernel: Path | None) -> Signer | None:
+    """The key and certificate (both checked before anything is built), and a kernel that can be signed."""
+    if kernel is not None and (opts.sign_key is not None or opts.uki):
+        check_pe(kernel, "--sign-key" if opts.sign_key is not None else "--uki")
+    if opts.sign_key is None or opts.sign_cert is None:
+        return None
+    return Signer.load(opts.sign_key, opts.sign_cert)
+
+
 def _finish(opts: BuildOptions, work: Path, kernel: Kernel, cmdline: str, name: str, kernel_version: str | None,
-            compressor: compress.Compressor, level: int | None, described: dict) -> dict:
-    """The kernel, the command line, the iPXE script and the manifest, beside the initrd."""
+            compressor: compress.Compressor, level: int | None, described: dict, secure: _SecureBoot) -> dict:
+    """The kernel, the command line, the iPXE script and the manifest, beside the initrd (and the UKI)."""
     kernel_file = KERNEL_FILES[kernel.arch]
     kernel.copy_to(work / kernel_file)
+    signed = secure.finish(work, kernel, cmdline)
     (work / "cmdline").write_text(cmdline + "\n")
     (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline,
                                               kernel=kernel_file))
@@ -181,7 +229,9 @@ def _finish(opts: BuildOptions, work: Path, kernel: Kernel, cmdline: str, name: 
         "level": level,
         "cmdline": cmdline,
         **described,
-        "artifacts": {f: _describe(work / f) for f in files(kernel.arch) if f != "manifest.json"},
+        **signed,
+        "artifacts": {f: _describe(work / f) for f in (*files(kernel.arch), UKI)
+                      if f != "manifest.json" and (work / f).exists()},
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -208,7 +258,7 @@ def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache
             stats = write_erofs(initrd, closure, stage1, packing, cache, scratch)
         else:
             stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress)
-        _log_stage1(stage1)
+        _log_stage1(stage1, opts)
     else:
         progress = Progress("packing", len(closure.paths), enabled=opts.progress)
         stats = write_direct(initrd, closure, packing, cache, scratch, progress)
@@ -247,7 +297,7 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
         stage1 = root.stage1(opts.format, opts.busybox)
         files, nbytes = rootfs.count(root.root, opts.limits)  # before mksquashfs or mkfs.erofs reads it
         rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
-        _log_stage1(stage1)
+        _log_stage1(stage1, opts)
     else:
         files, nbytes = rootfs.write_direct(initrd, root, packing, opts.limits)
     log.info("root filesystem: %d files, %.1f MiB%s", files, nbytes / 2**20,
@@ -255,9 +305,13 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
     return {"input": root.input, "root": {"files": files, "bytes": nbytes}}
 
 
-def _log_stage1(stage1: Stage1) -> None:
+def _log_stage1(stage1: Stage1, opts: BuildOptions) -> None:
     log.info("stage 1: busybox from %s, modules %s", stage1.busybox,
              " ".join(p for p, _ in stage1.load_order) or "built in")
+    if opts.sign_key is not None and (unsigned := stage1.unsigned_modules()):
+        log.warning("warning: stage 1 loads modules that carry no signature (%s): with Secure Boot on, the kernel is "
+                    "locked down and refuses them; sign them with the kernel's module key, or use --format direct",
+                    ", ".join(unsigned))
 
 
 _NEARLY_FULL = 16 << 20  # less free space than a tool's write buffers: what made it fail

@@ -11,7 +11,7 @@ from pathlib import Path
 from netboot.core.errors import NetbootError
 from netboot.image.closure import Closure
 from netboot.image.elf import ElfHeader, read_header
-from netboot.image.modules import ModuleTree, uncompressed_name
+from netboot.image.modules import ModuleTree, is_signed, module_name, uncompressed_name
 from netboot.image.system import System
 from netboot.image.tree import Tree
 
@@ -45,6 +45,11 @@ class Stage1:
     @classmethod
     def of(cls, modules: ModuleTree, fstype: str, busybox: Path) -> Stage1:
         return cls(busybox, modules, tuple(modules.resolve(needed_modules(fstype), f"the {fstype} format")))
+
+    def unsigned_modules(self) -> list[str]:
+        """The modules stage 1 loads that carry no signature, which a kernel locked down by Secure Boot refuses."""
+        return [module_name(relpath) for relpath, _ in self.load_order
+                if not is_signed(self.modules.read_uncompressed(relpath))]
 
     def tree(self) -> Tree:
         """The stage 1 files, by name inside the initrd."""

@@ -8,6 +8,11 @@
     profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
     <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
     undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
+    grub/grub.cfg                      what GRUB reads first: sources the machine's own by ${net_default_mac}
+    machine/<mac>/grub.cfg             that machine's GRUB configuration (the same profiles, builds and appends)
+    machine/<mac>/<generation>/netboot.efi   the build's unified kernel image (a build made with --uki)
+    shimx64.efi, grubx64.efi, mmx64.efi      shim, network GRUB and MokManager (loaders.py), per architecture
+    grub/x86_64-efi/http.mod           GRUB's modules that its configuration may load (loaders.GRUB_MODULES)
 
 Only these names exist, so no request can reach anything else: there is no path to traverse. Scripts refer to
 files by absolute path (/machine/…), which iPXE resolves against the URL the script came from, so a machine
@@ -35,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from netboot.core import artifacts
+from netboot.core import loaders as _loaders
 from netboot.core import mac as macs
-from netboot.core.artifacts import ANY_FILE, IMAGE_FORMATS, KERNEL_FILES, arch_of
+from netboot.core.artifacts import ANY_FILE, IMAGE_FORMATS, KERNEL_FILES, UKI, arch_of
 from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
@@ -115,6 +121,8 @@ class Generation:
             for name in artifacts.files(self.arch):
                 if name not in self.files:
                     self.files[name] = _open_in(dir_fd, name, roots, directory)
+            with contextlib.suppress(FileNotFoundError):  # only in builds made with --uki
+                self.files[UKI] = _open_in(dir_fd, UKI, roots, directory, missing_ok=True)
         except BaseException:
             self.close()
             raise
@@ -141,12 +149,16 @@ class Generation:
         self.files.clear()
 
 
-def _open_in(dir_fd: int, name: str, roots: list[Root], shown: Path) -> HeldFile:
+def _open_in(dir_fd: int, name: str, roots: list[Root], shown: Path, missing_ok: bool = False) -> HeldFile:
     """`name` in the output directory: a regular file, or a symlink to one in the directory or the Nix store."""
     try:
         fd, st = open_file(dir_fd, name, links=roots)
     except (Outside, NotRegular):
         raise NetbootError(f"{shown}/{name} is not a regular file inside {shown} or the Nix store") from None
+    except FileNotFoundError:
+        if missing_ok:
+            raise
+        raise NetbootError(f"cannot open {shown}/{name}: No such file or directory") from None
     except OSError as e:
         raise NetbootError(f"cannot open {shown}/{name}: {e.strerror}") from e
     return HeldFile(fd, st.st_size, st.st_mtime)
@@ -208,12 +220,15 @@ class ProfileFiles:
 
 # A build's id: the start of its manifest's digest (hexadecimal); `Generation.id`.
 _GENERATION = re.compile(r"[0-9a-f]{1,64}")
+_BUILD_FILES = (*BOOT_FILES, "overlay", UKI)  # machine/<mac>/<generation>/<file>
+_PROFILE_FILES = (*ANY_FILE, UKI)  # profile/<name>/<file>, and with --dir at the root
 
 
 @dataclass(frozen=True)
 class Name:
     """A served name, parsed: `kind` is "chain" (boot.ipxe), "script" (a machine's), "build" (a file of the
-    build a machine's script names), "profile" (a profile's current file) or "binary" (an iPXE binary)."""
+    build a machine's script names), "profile" (a profile's current file) or "binary" (an iPXE binary, a loader
+    or a GRUB module); "grub-chain" (grub/grub.cfg) and "grub" (a machine's GRUB configuration) for GRUB."""
 
     kind: str
     mac: str | None = None
@@ -234,12 +249,17 @@ class Item:
 
 
 class Namespace:
-    def __init__(self, machines: Machines, *, single_dir: bool, grace: float = 600.0) -> None:
+    def __init__(self, machines: Machines, *, single_dir: bool, grace: float = 600.0,
+                 loaders: _loaders.Loaders | None = None) -> None:
         self.single_dir = single_dir
         self.grace = grace
         self.machines = machines
         self.profiles: dict[str, ProfileFiles] = {}
         self.binaries: dict[str, HeldFile] = {}
+        self.loaders = loaders or _loaders.Loaders()
+        # Where GRUB finds the HTTP side (set once it listens): a specific address, or the server GRUB came from.
+        self.http_port = 0
+        self.http_host = "${net_default_server}"
         self.overlays = Overlays()
         self._adopt(machines)
         try:
@@ -261,6 +281,7 @@ class Namespace:
                 else:
                     seen = manifest_key(profile.dir) or (0, 0, 0)  # before opening: a rebuild meanwhile is seen
                     opened[name] = ProfileFiles(profile, Generation(profile.dir), seen=seen)
+            self._check_loaders(machines, opened)
         except BaseException:
             for name, files in opened.items():
                 if self.profiles.get(name) is not files:
@@ -271,6 +292,21 @@ class Namespace:
                 files.close()
         self.profiles = opened
         self.machines = machines
+
+    def _check_loaders(self, machines: Machines, opened: dict[str, ProfileFiles]) -> None:
+        """A profile booted through shim and GRUB needs them (and a uki profile a build with its UKI)."""
+        for name, profile in machines.profiles.items():
+            if profile.loader not in _loaders.SIGNED_CHAINS:
+                continue
+            # Builds are x86_64's until they say otherwise (the manifest's "arch", when a build records it).
+            arch = _loaders.arch(opened[name].current.arch)
+            why = self.loaders.missing(arch)
+            if why is not None:
+                raise NetbootError(f"profile {name}: loader {profile.loader} needs {arch.shim}, {arch.grub} and "
+                                   f"{arch.mokmanager}: {why}")
+            if profile.loader == "uki" and UKI not in opened[name].current.files:
+                raise NetbootError(f"profile {name}: loader uki needs a build made with netboot build --uki: "
+                                   f"{profile.dir} has no {UKI}")
 
     def reload(self, machines: Machines, overlays: Prepared | None = None) -> None:
         """Serve `machines`; `overlays`: its overlays, prepared off the event loop (Overlays.prepare), else
@@ -285,11 +321,15 @@ class Namespace:
         self._refresh_binaries()
 
     def _refresh_binaries(self) -> None:
-        """Hold Debian's iPXE binaries open like a generation; reopen one when a package upgrade replaced it."""
-        for name in IPXE_BINARIES:
+        """Hold Debian's iPXE binaries and the loaders open like a generation; reopen one when a package upgrade
+        replaced it."""
+        paths = {name: IPXE_DIR / name for name in IPXE_BINARIES} | self.loaders.served()
+        for name in [n for n in self.binaries if n not in paths]:
+            os.close(self.binaries.pop(name).fd)
+        for name, path in paths.items():
             held = self.binaries.get(name)
             try:
-                st = os.stat(IPXE_DIR / name)
+                st = os.stat(path)
             except OSError:
                 if held is not None:
                     os.close(self.binaries.pop(name).fd)
@@ -297,7 +337,7 @@ class Namespace:
             if held is not None and (st.st_size, st.st_mtime) == (held.size, held.mtime):
                 continue
             try:
-                fd = os.open(IPXE_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 continue
             if held is not None:
@@ -324,14 +364,17 @@ class Namespace:
                 return Name("chain")
             case ["machine", mac_text, "boot.ipxe"]:
                 return Name("script", mac=self._mac(mac_text))
-            case ["machine", mac_text, gen_id, file] if (file in BOOT_FILES or file == "overlay") and (
-                    _GENERATION.fullmatch(gen_id)):
+            case ["grub", "grub.cfg"]:
+                return Name("grub-chain")
+            case ["machine", mac_text, "grub.cfg"]:
+                return Name("grub", mac=self._mac(mac_text))
+            case ["machine", mac_text, gen_id, file] if file in _BUILD_FILES and _GENERATION.fullmatch(gen_id):
                 return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file)
-            case ["profile", profile, file] if file in ANY_FILE and profile in self.profiles:
+            case ["profile", profile, file] if file in _PROFILE_FILES and profile in self.profiles:
                 return Name("profile", profile=profile, file=file)
-            case [file] if file in ANY_FILE and self.single_dir:
+            case [file] if file in _PROFILE_FILES and self.single_dir:
                 return Name("profile", profile=DEFAULT, file=file)
-            case [file] if file in self.binaries:
+            case _ if (file := "/".join(parts)) in self.binaries:
                 return Name("binary", file=file)
         return None
 
@@ -391,9 +434,11 @@ class Namespace:
         match parsed.kind:
             case "chain":
                 return Item("boot.ipxe", render("boot.ipxe").encode())
-            case "script":
+            case "grub-chain":
+                return Item(name, render("grub.cfg").encode())
+            case "script" | "grub":
                 assert mac is not None
-                return self._machine_script(mac, name)
+                return self._machine_script(mac, name, grub=parsed.kind == "grub")
             case "build":
                 assert mac is not None and file is not None and parsed.generation is not None
                 found = self.machines.for_mac(mac)
@@ -425,7 +470,7 @@ class Namespace:
         if parsed.mac is not None:
             found = self.machines.for_mac(parsed.mac)
             if found is None:
-                return (parsed.mac, None) if parsed.kind == "script" else (None, None)
+                return (parsed.mac, None) if parsed.kind in ("script", "grub") else (None, None)
             return parsed.mac, found[0].name
         return None, parsed.profile
 
@@ -436,12 +481,17 @@ class Namespace:
         except macs.BadMac:
             raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
 
-    def _machine_script(self, mac: str, name: str) -> Item:
+    def _machine_script(self, mac: str, name: str, grub: bool = False) -> Item:
+        """A machine's iPXE script, or with `grub` its GRUB configuration: the same profile, build and appends."""
         found = self.machines.for_mac(mac)
+        again = f"/machine/{macs.hyphenated(mac)}/boot.ipxe"
+        retry = str(RETRY_SECONDS)
         if found is None:
             where = str(self.machines.source) if self.machines.source else "the machines file"
-            script = render("unknown.ipxe", mac=mac, machines=where, retry=str(RETRY_SECONDS),
-                            again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
+            if grub:
+                script = render("unknown.grub", mac=mac, machines=_grub_text(where), retry=retry)
+            else:
+                script = render("unknown.ipxe", mac=mac, machines=where, retry=retry, again=again)
             return Item(name, script.encode(), mac=mac)
         profile, append = found
         gen = self.profiles[profile.name].current
@@ -451,11 +501,16 @@ class Namespace:
         if profile.overlay is not None:
             rendered = self._rendered(mac, profile)
             if isinstance(rendered, Broken):
-                script = render("broken.ipxe", mac=mac, error=_echoable(rendered.error), retry=str(RETRY_SECONDS),
-                                again=f"/machine/{macs.hyphenated(mac)}/boot.ipxe")
+                if grub:
+                    script = render("broken.grub", mac=mac, error=_grub_text(rendered.error), retry=retry)
+                else:
+                    script = render("broken.ipxe", mac=mac, error=_echoable(rendered.error), retry=retry, again=again)
                 return Item(name, script.encode(), mac=mac, profile=profile.name)
             # A second initrd: unpacked after the first, so its files win.
             overlay = (" initrd=overlay", f"initrd --name overlay {base}/overlay")
+        if grub:
+            return Item(name, self._grub_config(mac, profile, gen, cmdline, base).encode(), mac=mac,
+                        profile=profile.name)
         # With base_url, the kernel and initrd come from the mirror, by content address.
         files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
         script = render(
@@ -464,6 +519,16 @@ class Namespace:
             overlay_arg=overlay[0], overlay_initrd=overlay[1],
         )
         return Item(name, script.encode(), mac=mac, profile=profile.name)
+
+    def _grub_config(self, mac: str, profile: Profile, gen: Generation, cmdline: str, base: str) -> str:
+        """GRUB fetches from this server (a base_url mirror is iPXE's): over HTTP when it can, else TFTP."""
+        where = dict(mac=mac, profile=profile.name, system=gen.system, files=base, retry=str(RETRY_SECONDS),
+                     http_host=self.http_host, http_port=str(self.http_port))
+        if profile.loader == "uki" and UKI in gen.files:
+            return render("uki.grub", **where)
+        # GRUB loads the initrds one after the other into one: the overlay's files win, as under iPXE.
+        overlay = f" ${{netboot_files}}{base}/overlay" if profile.overlay is not None else ""
+        return render("machine.grub", cmdline=grub_words(cmdline), overlay=overlay, kernel=gen.kernel, **where)
 
     def _rendered(self, mac: str, profile: Profile) -> Rendered | Broken:
         found = self.overlays.for_machine(mac, profile, listed=mac in self.machines.machines)
@@ -483,14 +548,6 @@ class Namespace:
         return found
 
 
-def _held(gen: Generation, file: str) -> HeldFile:
-    """A file of a build; an architecture's kernel name in a build for another is not there."""
-    try:
-        return gen.files[file]
-    except KeyError:
-        raise NotFound(f"no such file: {file} (the build is for {gen.arch})") from None
-
-
 def _unpacked(name: str) -> NotFound:
     return NotFound(f"{clip(name)}: the overlay cannot be packed")
 
@@ -498,3 +555,39 @@ def _unpacked(name: str) -> NotFound:
 def _echoable(text: str) -> str:
     """One line that iPXE's echo shows as it is (no ${...} expansion)."""
     return " ".join(text.replace("$", "").split())
+
+
+def _grub_text(text: str) -> str:
+    """One line that GRUB shows as it is inside double quotes, where $, \\ and " are special."""
+    return " ".join(text.replace("$", "").replace("\\", "").replace('"', "'").split())
+
+
+_GRUB_PLAIN = re.compile(r"[A-Za-z0-9_./,=:+@%-]+")
+
+
+def grub_words(cmdline: str) -> str:
+    """A kernel command line as the arguments of GRUB's `linux`, for the kernel to read the same parameters.
+    Split as the kernel splits it (whitespace outside double quotes, lib/cmdline.c next_arg), its quotes dropped:
+    GRUB puts an argument holding a space back in double quotes itself (lib/cmdline.c grub_create_loader_cmdline),
+    which the kernel reads as the same parameter. A word of other than the plainest characters is single-quoted
+    for GRUB's shell, where $ ; # \\ and quotes are special."""
+    words, word, quoted = [], "", False
+    for c in cmdline:
+        if c == '"':
+            quoted = not quoted
+        elif c.isspace() and not quoted:
+            if word:
+                words.append(word)
+            word = ""
+        else:
+            word += c
+    if word:
+        words.append(word)
+    return " ".join(w if _GRUB_PLAIN.fullmatch(w) else "'" + w.replace("'", "'\\''") + "'" for w in words)
+
+
+def _held(gen: Generation, file: str) -> HeldFile:
+    held = gen.files.get(file)
+    if held is None:  # the UKI of a build made without --uki; another architecture's kernel name
+        raise NotFound(f"build {gen.id} ({gen.arch}) has no {file}")
+    return held

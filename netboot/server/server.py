@@ -17,6 +17,7 @@ from aiohttp import web
 
 from netboot.core.addresses import reachable_hosts
 from netboot.core.errors import NetbootError
+from netboot.core.loaders import Loaders
 from netboot.core.logtext import clip
 from netboot.core.machines import Machines
 from netboot.dhcp import DhcpConfig, DhcpServer, Offerings, start_dhcp_server
@@ -67,6 +68,7 @@ class ServeOptions:
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
     state_dir: Path = Path("/var/lib/netboot")  # builds of profiles with a system (and DHCP leases, in dhcp)
+    loaders: Loaders = field(default_factory=Loaders)  # shim, GRUB and MokManager per architecture (--loaders)
 
 
 class Server:
@@ -79,7 +81,7 @@ class Server:
         # Profiles that name a system: built here; a new build is served as soon as it is in place.
         self.builds = SystemBuilds(opts.state_dir, switched=lambda: self.namespace.refresh())
         self.builds.prepare(machines)
-        self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace)
+        self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace, loaders=opts.loaders)
         # What the status listener shows; without one, nothing is recorded.
         self.record = BootRecord(self._build_of) if opts.status is not None else None
         self._configure_record(machines)
@@ -204,6 +206,9 @@ class Server:
             raise NetbootError(f"cannot listen for HTTP on {self.opts.http.url('http')}: {e.strerror}") from e
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         self.http_port = sockets[0].getsockname()[1] if sockets else self.opts.http.port
+        self.namespace.http_port = self.http_port
+        if _specific_ipv4(self.opts.http.host):
+            self.namespace.http_host = self.opts.http.host
         await _announce("http", self.opts.http, self.http_port)
 
     async def reload(self) -> None:

@@ -58,14 +58,14 @@ class BootEvent(NamedTuple):
 # The predicates on an event's fields, which `flush()` applies to every request as it comes (a slice is cheaper
 # than endswith()), and readers to the events they are shown.
 def script_path(path: str) -> bool:
-    """A machine's script: fetching it starts a boot."""
-    return path[-10:] == "/boot.ipxe"
+    """A machine's script (or its GRUB configuration): fetching it starts a boot."""
+    return path[-10:] == "/boot.ipxe" or path[-9:] == "/grub.cfg"
 
 
 def initrd_sent(ok: bool, path: str, status: str) -> bool:
-    """The initrd sent whole: the kernel has everything it needs from us (but a machine's overlay, which is
-    small and comes last)."""
-    return ok and path[-7:] == "/initrd" and status in _COMPLETE
+    """The initrd (or the unified kernel image that holds it) sent whole: the kernel has everything it needs from
+    us (but a machine's overlay, which is small and comes last)."""
+    return ok and (path[-7:] == "/initrd" or path[-12:] == "/netboot.efi") and status in _COMPLETE
 
 
 def overlay_path(path: str) -> bool:

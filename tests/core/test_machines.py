@@ -84,6 +84,23 @@ hostname = "node2.lab"
     assert (m.machines["52:54:00:12:34:56"].ip, m.machines["52:54:00:12:34:56"].hostname) == ("", "")
 
 
+def test_loaders(tmp_path: Path) -> None:
+    fake_out(tmp_path / "out")
+    m = Machines.load(write(tmp_path, """
+[profiles.default]
+dir = "out"
+[profiles.secure]
+dir = "out"
+loader = "grub"
+[profiles.sealed]
+system = "/nix/store/00000000000000000000000000000000-system"
+loader = "uki"
+"""), state_dir=tmp_path / "state")
+    assert [p.loader for p in m.profiles.values()] == ["ipxe", "grub", "uki"]
+    # A profile built by netboot serve itself gets its unified kernel image built too.
+    assert m.profiles["sealed"].build_args == ("--uki",)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -133,6 +150,23 @@ hostname = "node2.lab"
         (
             "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56']\nhostname = '-node'\n",
             "hostname '-node' is not a valid host name",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\nloader = 'shim'\n",
+            "machines.toml:1: profiles.default: loader 'shim' is not one of ipxe, grub, uki",
+        ),
+        # A unified kernel image's initrd and command line are under its signature: nothing can be added.
+        (
+            "[profiles.default]\ndir = 'out'\nloader = 'uki'\noverlay = 'plain'\n",
+            "machines.toml:1: profiles.default: an overlay cannot reach the machines of a uki profile",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\nloader = 'uki'\nappend = 'quiet'\n",
+            "machines.toml:1: profiles.default: append cannot reach the machines of a uki profile",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\nloader = 'uki'\n[machines.'52:54:00:12:34:56']\nappend = 'x=1'\n",
+            "machines.toml:4: machines.'52:54:00:12:34:56': append cannot reach the machines of a uki profile",
         ),
     ],
 )

@@ -26,6 +26,7 @@ from dhcp_support import (
     ipxe,
     parse_reply,
     plain,
+    request,
 )
 
 from netboot.core.machines import Machine, Machines, Profile
@@ -351,6 +352,71 @@ async def test_answers_beyond_a_hundred_a_second_are_counted_not_logged(caplog: 
     assert lines[:100] == [f"dhcp: answer {i}" for i in range(100)]
     assert lines[100:] == ["dhcp: and 50 more answers in the last second, not logged one by one"]
     assert server.answered == 150
+
+
+# Secure Boot: machines whose profile boots through shim and GRUB
+
+SHIMS = ALL | {"shimx64.efi", "grubx64.efi", "mmx64.efi"}
+SECURE, SEALED = "52:54:00:00:01:21", "52:54:00:00:01:22"
+
+
+def pxe(mac: str, arch: int) -> bytes:
+    """A UEFI PXE client of another architecture number than EDK2's 7."""
+    return request(DISCOVER, mac, options=[(93, arch.to_bytes(2, "big")),
+                                           (60, f"PXEClient:Arch:{arch:05d}:UNDI:003000".encode())])
+
+
+def secure_fleet() -> Machines:
+    """NODE1, NODE2 on an iPXE profile; SECURE on a grub profile; SEALED on a uki profile."""
+    base = fleet()
+    profiles = {**base.profiles, "grub": Profile("grub", Path("/out/grub"), loader="grub"),
+                "uki": Profile("uki", Path("/out/uki"), loader="uki")}
+    machines = {**base.machines, SECURE: Machine(SECURE, "grub"), SEALED: Machine(SEALED, "uki")}
+    return Machines(profiles, machines)
+
+
+@pytest.mark.parametrize(("datagram", "file", "vendor"), [
+    # UEFI PXE: shim over TFTP, which then fetches grubx64.efi beside itself; EDK2 sends arch 7, others 9.
+    (edk2(mac=SECURE), "shimx64.efi", "PXEClient"),
+    (edk2(mac=SEALED), "shimx64.efi", "PXEClient"),
+    (pxe(SECURE, 9), "shimx64.efi", "PXEClient"),
+    # UEFI HTTP Boot: shim's URL, answered as HTTPClient.
+    (http_boot(mac=SECURE), "http://192.0.2.10:8080/shimx64.efi", "HTTPClient"),
+    # iPXE and BIOS run without Secure Boot: they keep the iPXE path.
+    (ipxe(mac=SECURE), "http://192.0.2.10:8080/boot.ipxe", "PXEClient"),
+    (bios(mac=SECURE), "undionly.kpxe", "PXEClient"),
+    # A machine of an iPXE profile beside them still gets iPXE.
+    (edk2(mac=NODE1), "ipxe.efi", "PXEClient"),
+])
+def test_proxy_hands_shim_to_grub_and_uki_profiles(datagram: bytes, file: str, vendor: str) -> None:
+    reply, sent = answer(responder(secure_fleet(), binaries=SHIMS), datagram)
+    assert (reply.type, reply.yiaddr, reply.file, reply.siaddr, reply.text(60)) == (
+        OFFER, "0.0.0.0", file, "192.0.2.10", vendor)
+    shown = file if "://" in file else f"tftp://192.0.2.10/{file}"
+    assert sent.line.endswith(f"OFFER address=- boot={shown}")
+
+
+def test_authoritative_hands_shim_to_grub_and_uki_profiles(leases: Leases) -> None:
+    r = responder(secure_fleet(), leases, binaries=SHIMS)
+    _, ack = dora(r, edk2, SECURE)
+    # GRUB 2.06 takes its server from the acknowledgement (siaddr): TFTP from there, its prefix (tftp,SERVER)/grub.
+    assert (ack.file, ack.siaddr, ack.text(67)) == ("shimx64.efi", "192.0.2.10", "shimx64.efi")
+    assert 60 not in ack.options
+    _, ack = dora(r, http_boot, SEALED)
+    assert (ack.file, ack.text(60)) == ("http://192.0.2.10:8080/shimx64.efi", "HTTPClient")
+    _, ack = dora(r, edk2, NODE2)
+    assert ack.file == "ipxe.efi"
+
+
+@pytest.mark.parametrize(("datagram", "offer", "why"), [
+    (edk2(mac=SECURE), {}, "uefi-x64-pxe: shimx64.efi is not served (Debian's shim-signed, or --loaders x86_64=DIR)"),
+    (edk2(mac=SECURE), {"binaries": SHIMS, "tftp": False}, "PXE ROMs need TFTP on port 69"),
+    # An arm64 machine on a grub profile: arm64's shim, which is not served here.
+    (pxe(SECURE, 11), {"binaries": SHIMS}, "shimaa64.efi is not served"),
+])
+def test_a_secure_boot_machine_without_its_shim_is_not_answered(datagram: bytes, offer: dict, why: str) -> None:
+    result = arrive(responder(secure_fleet(), **offer), datagram)
+    assert isinstance(result, Ignored) and result.mac == SECURE and why in result.reason, result
 
 
 async def test_requests_not_answered_beyond_a_hundred_a_second_are_counted_not_logged(
