@@ -227,10 +227,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "(default /var/lib/netboot)")
     p.add_argument("--loaders", action="append", default=[], metavar="ARCH=DIR",
                    help="shim, GRUB and MokManager of one architecture (x86_64 or arm64) for profiles with loader = "
-                   "\"grub\" or \"uki\", from DIR under the names the firmware asks for (x86_64: shimx64.efi, "
-                   "grubx64.efi, mmx64.efi; arm64: shimaa64.efi, grubaa64.efi, mmaa64.efi), instead of Debian's "
-                   "shim-signed, shim-helpers-*-signed and grub-efi-*-signed; GRUB's modules from DIR/x86_64-efi/ "
-                   "or DIR/arm64-efi/ (repeatable)")
+                   "\"grub\" or \"uki\", and for every arm64 UEFI machine (DHCP architecture 11 or 19), from DIR "
+                   "under the names the firmware asks for (x86_64: shimx64.efi, grubx64.efi, mmx64.efi; arm64: "
+                   "shimaa64.efi, grubaa64.efi, mmaa64.efi, and optionally ipxe.efi, an arm64 iPXE that arm64 "
+                   "machines of loader = \"ipxe\" profiles then get instead), instead of Debian's shim-signed, "
+                   "shim-helpers-*-signed and grub-efi-*-signed; GRUB's modules from DIR/x86_64-efi/ or "
+                   "DIR/arm64-efi/ (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print more")
     limits = HttpLimits()

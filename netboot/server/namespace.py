@@ -1,7 +1,9 @@
 """The served namespace: one set of names, resolved the same way for HTTP and TFTP.
 
-    boot.ipxe                          chains to the machine's own script by ${mac:hexhyp}
+    boot.ipxe                          chains to the machine's own script by ${mac:hexhyp} and ${buildarch}
     machine/<mac>/boot.ipxe            that machine's script (its profile's kernel line plus appends)
+    machine/<mac>/<arch>/boot.ipxe     the same for a machine of <arch> (iPXE's ${buildarch}): its profile's
+                                       build for it, or a refusal when the profile has none of that architecture
     machine/<mac>/<generation>/bzImage the kernel and initrd of the build the script was made from (the
     machine/<mac>/<generation>/initrd  kernel is `Image` in an arm64 build: core/artifacts.KERNEL_FILES)
     machine/<mac>/<generation>/overlay that machine's overlay, packed for that build (a profile with overlay =)
@@ -10,8 +12,10 @@
     undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
     grub/grub.cfg                      what GRUB reads first: sources the machine's own by ${net_default_mac}
     machine/<mac>/grub.cfg             that machine's GRUB configuration (the same profiles, builds and appends)
+    machine/<mac>/<arch>/grub.cfg      the same for a machine of <arch> (GRUB's $grub_cpu)
     machine/<mac>/<generation>/netboot.efi   the build's unified kernel image (a build made with --uki)
     shimx64.efi, grubx64.efi, mmx64.efi      shim, network GRUB and MokManager (loaders.py), per architecture
+    arm64/ipxe.efi                     an arm64 iPXE, when --loaders arm64=DIR has one
     grub/x86_64-efi/http.mod           GRUB's modules that its configuration may load (loaders.GRUB_MODULES)
 
 Only these names exist, so no request can reach anything else: there is no path to traverse. Scripts refer to
@@ -195,6 +199,7 @@ class ProfileFiles:
         self.seen = key  # a broken build is reported once, not at every look
         try:
             new = Generation(self.profile.dir)
+            _check_arch(self.profile, new)
         except NetbootError as e:
             log.error("profile %s: keeping the previous build: %s", self.profile.name, e)
             return
@@ -220,6 +225,7 @@ class ProfileFiles:
 
 # A build's id: the start of its manifest's digest (hexadecimal); `Generation.id`.
 _GENERATION = re.compile(r"[0-9a-f]{1,64}")
+_LOADER_ARCH = re.compile(r"[a-z0-9_]{1,16}")  # iPXE's ${buildarch}, GRUB's $grub_cpu: x86_64, i386, arm64
 _BUILD_FILES = (*BOOT_FILES, "overlay", UKI)  # machine/<mac>/<generation>/<file>
 _PROFILE_FILES = (*ANY_FILE, UKI)  # profile/<name>/<file>, and with --dir at the root
 
@@ -235,6 +241,7 @@ class Name:
     generation: str | None = None
     file: str | None = None
     profile: str | None = None
+    arch: str | None = None  # the machine's, as its loader says (machine/<mac>/<arch>/…)
 
 
 @dataclass
@@ -255,6 +262,7 @@ class Namespace:
         self.grace = grace
         self.machines = machines
         self.profiles: dict[str, ProfileFiles] = {}
+        self.arches: dict[str, str] = {}  # profile name -> its current build's architecture (for DHCP)
         self.binaries: dict[str, HeldFile] = {}
         self.loaders = loaders or _loaders.Loaders()
         # Where GRUB finds the HTTP side (set once it listens): a specific address, or the server GRUB came from.
@@ -281,6 +289,7 @@ class Namespace:
                 else:
                     seen = manifest_key(profile.dir) or (0, 0, 0)  # before opening: a rebuild meanwhile is seen
                     opened[name] = ProfileFiles(profile, Generation(profile.dir), seen=seen)
+                _check_arch(profile, opened[name].current)
             self._check_loaders(machines, opened)
         except BaseException:
             for name, files in opened.items():
@@ -292,6 +301,10 @@ class Namespace:
                 files.close()
         self.profiles = opened
         self.machines = machines
+        self._note_arches()
+
+    def _note_arches(self) -> None:
+        self.arches = {name: files.current.arch for name, files in self.profiles.items()}
 
     def _check_loaders(self, machines: Machines, opened: dict[str, ProfileFiles]) -> None:
         """A profile booted through shim and GRUB needs them (and a uki profile a build with its UKI)."""
@@ -318,6 +331,7 @@ class Namespace:
         for files in self.profiles.values():
             files.refresh(self.grace)
             files.expire()
+        self._note_arches()
         self._refresh_binaries()
 
     def _refresh_binaries(self) -> None:
@@ -368,6 +382,9 @@ class Namespace:
                 return Name("grub-chain")
             case ["machine", mac_text, "grub.cfg"]:
                 return Name("grub", mac=self._mac(mac_text))
+            case ["machine", mac_text, arch, "boot.ipxe" | "grub.cfg" as script] if _LOADER_ARCH.fullmatch(arch):
+                kind = "script" if script == "boot.ipxe" else "grub"
+                return Name(kind, mac=self._mac(mac_text), arch=_loaders.machine_arch(arch) or f"?{arch}")
             case ["machine", mac_text, gen_id, file] if file in _BUILD_FILES and _GENERATION.fullmatch(gen_id):
                 return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file)
             case ["profile", profile, file] if file in _PROFILE_FILES and profile in self.profiles:
@@ -438,14 +455,16 @@ class Namespace:
                 return Item(name, render("grub.cfg").encode())
             case "script" | "grub":
                 assert mac is not None
-                return self._machine_script(mac, name, grub=parsed.kind == "grub")
+                return self._machine_script(mac, name, grub=parsed.kind == "grub", arch=parsed.arch)
             case "build":
                 assert mac is not None and file is not None and parsed.generation is not None
                 found = self.machines.for_mac(mac)
                 if found is None:
                     raise NotFound(f"{mac} has no profile")
-                profile = found[0]
-                gen = self.profiles[profile.name].generation(parsed.generation)
+                # The build of whichever of the profile's architectures the machine's script named.
+                gen, profile = next(((g, p) for p in self.machines.variants_of(found[0])
+                                     if (g := self.profiles[p.name].generation(parsed.generation)) is not None),
+                                    (None, found[0]))
                 if gen is None:
                     raise NotFound(f"build {parsed.generation} of profile {profile.name} is no longer served; "
                                    "fetch boot.ipxe again")
@@ -481,8 +500,9 @@ class Namespace:
         except macs.BadMac:
             raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
 
-    def _machine_script(self, mac: str, name: str, grub: bool = False) -> Item:
-        """A machine's iPXE script, or with `grub` its GRUB configuration: the same profile, build and appends."""
+    def _machine_script(self, mac: str, name: str, grub: bool = False, arch: str | None = None) -> Item:
+        """A machine's iPXE script, or with `grub` its GRUB configuration: the same profile, build and appends;
+        `arch`: the machine's architecture, when its loader said (its profile's build for it)."""
         found = self.machines.for_mac(mac)
         again = f"/machine/{macs.hyphenated(mac)}/boot.ipxe"
         retry = str(RETRY_SECONDS)
@@ -494,7 +514,18 @@ class Namespace:
                 script = render("unknown.ipxe", mac=mac, machines=where, retry=retry, again=again)
             return Item(name, script.encode(), mac=mac)
         profile, append = found
+        profile = self.machines.for_arch(profile, arch)
         gen = self.profiles[profile.name].current
+        if arch is not None and arch != gen.arch:
+            # Never hand a machine a kernel its CPU cannot run: it would hang where nobody sees why.
+            error = f"profile {profile.name} is for {gen.arch}, and this machine is {arch.lstrip('?')}"
+            log.warning("mac=%s profile=%s refused: %s", mac, profile.name, error)
+            if grub:
+                script = render("broken.grub", mac=mac, error=_grub_text(error), retry=retry)
+            else:  # asks again by the same name (its parts are _LOADER_ARCH's and a MAC's characters)
+                script = render("broken.ipxe", mac=mac, error=_echoable(error), retry=retry,
+                                again="/" + name.lstrip("/"))
+            return Item(name, script.encode(), mac=mac, profile=profile.name)
         cmdline = " ".join(x for x in (gen.cmdline, append) if x)
         base = f"/machine/{macs.hyphenated(mac)}/{gen.id}"
         overlay = ("", "# no overlay")
@@ -546,6 +577,12 @@ class Namespace:
         if isinstance(found, tuple):
             raise Pending(*found)
         return found
+
+
+def _check_arch(profile: Profile, gen: Generation) -> None:
+    """A profile's build for one architecture (dir = { ARCH = DIR }) must be of that architecture."""
+    if profile.arch is not None and gen.arch != profile.arch:
+        raise NetbootError(f"profile {profile.name}: {profile.dir} holds a build for {gen.arch}, not {profile.arch}")
 
 
 def _unpacked(name: str) -> NotFound:

@@ -113,7 +113,10 @@ def test_script_for_every_mac_spelling(server: ServerProcess, machines: Path, sp
 
 def test_boot_ipxe_chains_by_mac(server: ServerProcess) -> None:
     status, _, body = get(server.url("boot.ipxe"))
-    assert status == 200 and script_lines(body) == ["chain /machine/${mac:hexhyp}/boot.ipxe"]
+    # x86 iPXE (x86_64 for UEFI, i386 for BIOS) asks by MAC alone; iPXE of another architecture says which.
+    assert status == 200 and script_lines(body) == [
+        "iseq ${buildarch} x86_64 || iseq ${buildarch} i386 || chain /machine/${mac:hexhyp}/${buildarch}/boot.ipxe",
+        "chain /machine/${mac:hexhyp}/boot.ipxe"]
 
 
 def test_unregistered_mac_gets_the_default_profile(server: ServerProcess, machines: Path) -> None:
