@@ -63,16 +63,16 @@ def start_serve(host: Host, log: Path, *args: str, timeout: float = 30) -> None:
 
 
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool, timeout: float = 300,
-            echo: TextIO | None = None) -> qemu.BootResult:
-    """A VM on a new tap of `lan`, network-booted until it powers off or `timeout` passes. UEFI VMs get a fresh
-    copy of OVMF's variable store."""
+            echo: TextIO | None = None, arch: str = qemu.DEFAULT_ARCH) -> qemu.BootResult:
+    """A VM of `arch` on a new tap of `lan`, network-booted until it powers off or `timeout` passes. UEFI VMs get
+    a fresh copy of their firmware's variable store (OVMF's, AAVMF's)."""
     tap = lan.tap()
     with tempfile.TemporaryDirectory(prefix="netboot-lanvm-") as tmp:
         vars_copy = None
         if uefi:
-            vars_copy = Path(tmp) / "OVMF_VARS.fd"
-            shutil.copyfile(qemu.OVMF_VARS, vars_copy)
-        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy)
+            vars_copy = Path(tmp) / "VARS.fd"
+            shutil.copyfile(qemu.UEFI[arch][1], vars_copy)
+        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy, arch=arch)
         return qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER, echo=echo)
 
 

@@ -134,6 +134,9 @@ def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")  # EDK2 for QEMU's arm64 virt board (Debian's qemu-efi-aarch64)
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+UEFI = {"x86_64": (OVMF_CODE, OVMF_VARS), "arm64": (AAVMF_CODE, AAVMF_VARS)}  # arch -> (code, variables template)
 
 
 def net_argv(
@@ -164,22 +167,25 @@ def net_argv(
 
 def lan_argv(
     tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
-    memory: str = "1024", accel: str | None = None,
+    memory: str = "1024", accel: str | None = None, arch: str = DEFAULT_ARCH,
 ) -> list[str]:
     """A VM whose NIC is on a tap device (see devtools.lan), network-booting first, against real DHCP servers.
 
     BIOS: SeaBIOS boots the NIC's iPXE option ROM (-boot n). UEFI: OVMF, with the NIC first in the boot order
     (bootindex); with `pxe_rom` OVMF runs iPXE's EFI driver from the same ROM, without it (`romfile=`) EDK2's
     own PXE client does the first step, as on real UEFI machines. `vars_copy` is a writable copy of OVMF's
-    variable store, needed for UEFI. Run it in the tap's namespace (`Lan.vm`).
+    variable store, needed for UEFI. Run it in the tap's namespace (`Lan.vm`). arm64: AAVMF (UEFI only) on the
+    virt board; EDK2's own PXE client asks with option 93 = 11.
     """
     nic = f"virtio-net-pci,netdev=n0,mac={mac}"
     if not pxe_rom:
         if not uefi:
             raise ValueError("a BIOS VM boots from the network only through the NIC's option ROM")
         nic += ",romfile="
+    if arch != "x86_64" and not uefi:
+        raise ValueError(f"an {arch} VM boots UEFI firmware")
     argv = [
-        *base_argv(memory, accel),
+        *base_argv(memory, accel, arch),
         "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
     ]
     if uefi:
@@ -187,7 +193,7 @@ def lan_argv(
             raise ValueError("UEFI needs a writable copy of the OVMF variables")
         argv += [
             "-device", f"{nic},bootindex=1",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={UEFI[arch][0]}",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
         ]
     else:

@@ -60,13 +60,16 @@ def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
     return LanServer(host, *strs)
 
 
-def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300) -> qemu.BootResult:
-    """Network-boot a VM on a new tap of `lan` until it powers off; fail if it did not within `timeout`."""
-    need(qemu.qemu_binary())
+def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300,
+            arch: str = qemu.DEFAULT_ARCH) -> qemu.BootResult:
+    """Network-boot a VM of `arch` on a new tap of `lan` until it powers off; fail if it did not within
+    `timeout`."""
+    need(qemu.qemu_binary(arch))
     vm_accel()
     if uefi:
-        assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
-    result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout)
-    firmware = "UEFI" if uefi else "BIOS"
+        code = qemu.UEFI[arch][0]
+        assert code.is_file(), f"{code} is not installed (make deps installs Debian's ovmf and qemu-efi-aarch64)"
+    result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, arch=arch)
+    firmware = f"{arch} UEFI" if uefi else "BIOS"
     assert not result.timed_out, f"the {firmware} VM {mac} did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result
