@@ -253,6 +253,15 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(row(f"{rate}/s, run {run + 1} (load {run_loads[(rate, run)]})",
                              results[("kea", rate)][run], results[("netboot", rate)][run], rate))
         lines.append(row(f"**{rate}/s, median**", None, None, rate))
+    def shares(kind: str) -> str:
+        return ", ".join(f"{med(kind, r, 'cpu') / args.seconds:.0%}" for r in rates)
+
+    lines += [
+        "",
+        f"CPU share of one core, medians at {', '.join(f'{r}/s' for r in rates)}: netboot {shares('netboot')}, "
+        f"Kea {shares('kea')}. netboot answers from one event loop on one core: as that core nears saturation "
+        f"(here at {max(rates)}/s) every exchange still completes, but requests queue and the delays grow.",
+    ]
     kea_h = [statistics.median(x[i] for x in heavy["kea"]) for i in range(4)]
     nb_h = [statistics.median(x[i] for x in heavy["netboot"]) for i in range(4)]
     lines += [

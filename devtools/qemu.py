@@ -99,7 +99,7 @@ def kvm_works(kernel: Path, timeout: float = 10) -> tuple[bool, str]:
     return False, f"a kernel did not boot in {timeout:g} s ({last})"
 
 
-def base_argv(memory: str, accel: str | None = None, arch: str = DEFAULT_ARCH) -> list[str]:
+def base_argv(memory: str, accel: str | None = None, arch: str = DEFAULT_ARCH, smm: bool = False) -> list[str]:
     board = BOARDS[arch]
     accel = accel or default_accel()
     cpu = board.cpu
@@ -109,7 +109,8 @@ def base_argv(memory: str, accel: str | None = None, arch: str = DEFAULT_ARCH) -
         elif cpu:
             cpu = ("-cpu", "host")
     return [
-        qemu_binary(arch), "-machine", f"{board.machine},accel={accel}", *cpu, "-m", memory, "-smp", "1",
+        qemu_binary(arch), "-machine", f"{board.machine},accel={accel}{',smm=on' * smm}", *cpu, "-m", memory,
+        "-smp", "1",
         "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
     ]
 
@@ -137,6 +138,21 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")  # EDK2 for QEMU's arm64 virt board (Debian's qemu-efi-aarch64)
 AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
 UEFI = {"x86_64": (OVMF_CODE, OVMF_VARS), "arm64": (AAVMF_CODE, AAVMF_VARS)}  # arch -> (code, variables template)
+# Secure Boot: firmware that enforces it (SMM keeps the variables out of the guest's reach), and variables with
+# Microsoft's KEK and db enrolled, as on machines sold with Secure Boot on.
+OVMF_CODE_SECURE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
+OVMF_VARS_MICROSOFT = Path("/usr/share/OVMF/OVMF_VARS_4M.ms.fd")
+SHIM_GUID = "605dab50-e046-4300-abb6-3dd810dd8b23"  # shim's variables' vendor GUID, the owner of MOK entries
+
+
+def secure_vars(dest: Path, mok: Sequence[Path] = ()) -> Path:
+    """A copy of the variables with Microsoft's keys at `dest`, with each certificate of `mok` in shim's MOK list
+    (virt-fw-vars, from PyPI's virt-firmware: no MokManager dialogue at a console)."""
+    shutil.copyfile(OVMF_VARS_MICROSOFT, dest)
+    for cert in mok:
+        subprocess.run([sys.executable, "-m", "virt.firmware.vars", "--inplace", str(dest), "--add-mok", SHIM_GUID,
+                        str(cert)], check=True, capture_output=True)
+    return dest
 
 
 def net_argv(
@@ -167,15 +183,16 @@ def net_argv(
 
 def lan_argv(
     tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
-    memory: str = "1024", accel: str | None = None, arch: str = DEFAULT_ARCH,
+    memory: str = "1024", accel: str | None = None, secure_boot: bool = False, arch: str = DEFAULT_ARCH,
 ) -> list[str]:
     """A VM whose NIC is on a tap device (see devtools.lan), network-booting first, against real DHCP servers.
 
     BIOS: SeaBIOS boots the NIC's iPXE option ROM (-boot n). UEFI: OVMF, with the NIC first in the boot order
     (bootindex); with `pxe_rom` OVMF runs iPXE's EFI driver from the same ROM, without it (`romfile=`) EDK2's
     own PXE client does the first step, as on real UEFI machines. `vars_copy` is a writable copy of OVMF's
-    variable store, needed for UEFI. Run it in the tap's namespace (`Lan.vm`). arm64: AAVMF (UEFI only) on the
-    virt board; EDK2's own PXE client asks with option 93 = 11.
+    variable store, needed for UEFI. `secure_boot`: the firmware that enforces it (give it `secure_vars`). arm64:
+    AAVMF (UEFI only, without Secure Boot) on the virt board; EDK2's own PXE client asks with option 93 = 11. Run
+    it in the tap's namespace (`Lan.vm`).
     """
     nic = f"virtio-net-pci,netdev=n0,mac={mac}"
     if not pxe_rom:
@@ -185,15 +202,17 @@ def lan_argv(
     if arch != "x86_64" and not uefi:
         raise ValueError(f"an {arch} VM boots UEFI firmware")
     argv = [
-        *base_argv(memory, accel, arch),
+        *base_argv(memory, accel, arch, smm=secure_boot),
         "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
     ]
     if uefi:
         if vars_copy is None:
             raise ValueError("UEFI needs a writable copy of the OVMF variables")
+        if secure_boot:
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
         argv += [
             "-device", f"{nic},bootindex=1",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={UEFI[arch][0]}",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE_SECURE if secure_boot else UEFI[arch][0]}",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
         ]
     else:
@@ -202,14 +221,16 @@ def lan_argv(
 
 
 def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None,
-          marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = ()) -> BootResult:
+          marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = (), until: Sequence[str] = ()
+          ) -> BootResult:
     """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID.
 
     `argv` may start with `ip netns exec NS` (devtools.lan): ip execs QEMU in the namespace, so the PID is QEMU's.
     For each text in `marks`, the time from QEMU's start to when the console first showed it goes into
     `seen_at` (read as it arrives, so to within the pipe's latency). `answers` drive the console (the serial
     port is QEMU's stdin): each (text, keys), in turn, types `keys` once the console shows `text` after what
-    the previous answer waited for.
+    the previous answer waited for. `until`: texts that end the run as soon as the console shows one (a boot
+    refused: nothing more will come).
     """
     result = BootResult()
     started = time.monotonic()
@@ -243,6 +264,8 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
             for mark in marks:
                 if mark not in result.seen_at and mark.encode() in buf:
                     result.seen_at[mark] = time.monotonic() - started
+            if any(text.encode() in buf for text in until):
+                break
             while pending and (at := buf.find(pending[0][0].encode(), answered_to)) >= 0:
                 assert proc.stdin is not None
                 answered_to = at + len(pending[0][0])

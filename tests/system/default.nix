@@ -77,6 +77,7 @@ let
     echo "NETBOOT-TEST: init reached: \$0"
     echo "NETBOOT-TEST: cmdline: \$(cat /proc/cmdline)"
     echo "NETBOOT-TEST: store mount: \$(grep ' /nix/store ' /proc/mounts || echo none)"
+    echo "NETBOOT-TEST: lockdown: \$(mount -t securityfs securityfs /sys/kernel/security 2>/dev/null; cat /sys/kernel/security/lockdown 2>/dev/null || echo unknown)"
     echo "NETBOOT-TEST: hostname: \$(cat /etc/hostname 2>/dev/null || echo none)"
     echo "NETBOOT-TEST: machine: \$(uname -m)"
     ok=1
