@@ -199,9 +199,12 @@ class ProfileFiles:
         self.seen = key  # a broken build is reported once, not at every look
         try:
             new = Generation(self.profile.dir)
-            _check_arch(self.profile, new)
         except NetbootError as e:
             log.error("profile %s: keeping the previous build: %s", self.profile.name, e)
+            return
+        if (wrong := _wrong_arch(self.profile, new)) is not None:
+            new.close()
+            log.error("profile %s: keeping the previous build: %s", self.profile.name, wrong)
             return
         if new.id == self.current.id:
             new.close()
@@ -289,7 +292,8 @@ class Namespace:
                 else:
                     seen = manifest_key(profile.dir) or (0, 0, 0)  # before opening: a rebuild meanwhile is seen
                     opened[name] = ProfileFiles(profile, Generation(profile.dir), seen=seen)
-                _check_arch(profile, opened[name].current)
+                if (wrong := _wrong_arch(profile, opened[name].current)) is not None:
+                    raise NetbootError(wrong)
             self._check_loaders(machines, opened)
         except BaseException:
             for name, files in opened.items():
@@ -579,10 +583,11 @@ class Namespace:
         return found
 
 
-def _check_arch(profile: Profile, gen: Generation) -> None:
-    """A profile's build for one architecture (dir = { ARCH = DIR }) must be of that architecture."""
+def _wrong_arch(profile: Profile, gen: Generation) -> str | None:
+    """Why a profile's build for one architecture (dir = { ARCH = DIR }) cannot serve it: one of another."""
     if profile.arch is not None and gen.arch != profile.arch:
-        raise NetbootError(f"profile {profile.name}: {profile.dir} holds a build for {gen.arch}, not {profile.arch}")
+        return f"profile {profile.name}: {profile.dir} holds a build for {gen.arch}, not {profile.arch}"
+    return None
 
 
 def _unpacked(name: str) -> NotFound:

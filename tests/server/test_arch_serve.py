@@ -4,6 +4,7 @@ machine's from its loader (iPXE's ${buildarch}, GRUB's $grub_cpu), the arm64 loa
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,21 @@ def test_a_build_of_another_architecture_than_its_dir_says_is_an_error(fleet: Pa
     fleet.write_text('[profiles.rack]\ndir = { arm64 = "x86" }\n')
     with pytest.raises(NetbootError, match=rf"profile rack: {tmp_path}/x86 holds a build for x86_64, not arm64"):
         Namespace(Machines.load(fleet), single_dir=False)
+
+
+def test_a_rebuild_into_another_architecture_keeps_the_previous_build(fleet: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    ns = Namespace(Machines.load(fleet), single_dir=False)
+    caplog.set_level(logging.INFO, logger="netboot.serve")
+    try:
+        before = ns.profiles["rack@arm64"].current.id
+        shutil.rmtree(tmp_path / "arm")
+        fake_out(tmp_path / "arm", fmt="direct", arch="x86_64")
+        ns.refresh()
+        assert ns.profiles["rack@arm64"].current.id == before and ns.arches["rack@arm64"] == "arm64"
+        assert ns.arches["arm"] == "x86_64"  # a profile of one build follows it, whatever its architecture
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+            f"profile rack@arm64: keeping the previous build: profile rack@arm64: {tmp_path}/arm holds a build for "
+            "x86_64, not arm64"]
+    finally:
+        ns.close()
