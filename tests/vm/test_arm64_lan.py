@@ -36,6 +36,7 @@ dir = "{arm_squash}"
 dir = "{outs['squashfs']}"
 [machines."{ARM_DIRECT}"]
 profile = "rack"
+append = "loglevel=7"  # the kernel's own line naming the init it starts (KERN_INFO): nothing runs before it
 [machines."{X86}"]
 profile = "rack"
 [machines."{ARM_SQUASH}"]
