@@ -10,6 +10,8 @@ DEBIAN_PACKAGES := python3-venv gcc python3-dev
 DEBIAN_PACKAGES += squashfs-tools erofs-utils zstd xz-utils lz4 gzip busybox-static kmod
 DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
 DEBIAN_PACKAGES += qemu-system-x86 ovmf ipxe-qemu ipxe
+# arm64: QEMU's arm64 boards, and AAVMF (EDK2 for arm64) for UEFI network boots.
+DEBIAN_PACKAGES += qemu-system-arm qemu-efi-aarch64
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 DEBIAN_PACKAGES += chromium systemd nginx
@@ -17,10 +19,16 @@ DEBIAN_PACKAGES += chromium systemd nginx
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch lint clean
 all: test
 
 deps:
+	@# The arm64 test system's kernel, modules and busybox are Debian's arm64 packages, downloaded and unpacked
+	@# (tests/system/arm64-packages), never installed: apt needs dpkg's arm64 architecture to know them.
+	@if ! dpkg --print-foreign-architectures | grep -qx arm64; then \
+	    echo "adding dpkg's arm64 architecture"; \
+	    $(SUDO) dpkg --add-architecture arm64 && $(SUDO) apt-get update -q; \
+	fi
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -106,6 +114,11 @@ bench-formats: deps venv
 # kernel + initrd over GRUB's HTTP against its TFTP.
 bench-secureboot: deps venv
 	$(PY) bench/secureboot_bench.py --update
+
+# Only arm64 beside x86_64 (part of make bench): the small test system built for each on this host, booted
+# directly in QEMU under software emulation.
+bench-arch: deps venv
+	$(PY) bench/arch_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

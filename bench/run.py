@@ -11,6 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import arch_bench
 import autobuild_bench
 import boot_bench
 import build
@@ -54,8 +55,8 @@ def main() -> None:
     system = build.bench_system()
     sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), load_bench.main([]), status_bench.main([]),
                 overlay_bench.main([]), autobuild_bench.main([]), format_bench.main([]),
-                boot_bench.main(runs), dhcp_bench.main(runs), dhcp_perf.main([]),
-                secureboot_bench.main(runs)]
+                boot_bench.main(runs), arch_bench.main(["--runs", str(runs)]), dhcp_bench.main(runs),
+                dhcp_perf.main([]), secureboot_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",

@@ -65,21 +65,23 @@ def start_serve(host: Host, log: Path, *args: str, timeout: float = 30) -> None:
 
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool, timeout: float = 300,
             echo: TextIO | None = None, secure_boot: bool = False, mok: Sequence[Path] = (),
-            until: Sequence[str] = ()) -> qemu.BootResult:
-    """A VM on a new tap of `lan`, network-booted until it powers off, the console shows a text of `until`, or
-    `timeout` passes. UEFI VMs get a fresh copy of OVMF's variable store; with `secure_boot`, the firmware that
-    enforces it, Microsoft's keys, and the certificates of `mok` in shim's MOK list."""
+            until: Sequence[str] = (), arch: str = qemu.DEFAULT_ARCH, marks: Sequence[str] = ()) -> qemu.BootResult:
+    """A VM of `arch` on a new tap of `lan`, network-booted until it powers off, the console shows a text of
+    `until`, or `timeout` passes. UEFI VMs get a fresh copy of their firmware's variable store (OVMF's, AAVMF's);
+    with `secure_boot`, the firmware that enforces it, Microsoft's keys, and the certificates of `mok` in shim's
+    MOK list. `marks`: qemu.watch's, the times the console first showed them."""
     tap = lan.tap()
     with tempfile.TemporaryDirectory(prefix="netboot-lanvm-") as tmp:
         vars_copy = None
         if uefi:
-            vars_copy = Path(tmp) / "OVMF_VARS.fd"
+            vars_copy = Path(tmp) / "VARS.fd"
             if secure_boot:
                 qemu.secure_vars(vars_copy, mok)
             else:
-                shutil.copyfile(qemu.OVMF_VARS, vars_copy)
-        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy, secure_boot=secure_boot)
-        return qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER, echo=echo, until=until)
+                shutil.copyfile(qemu.UEFI[arch][1], vars_copy)
+        argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy, secure_boot=secure_boot,
+                             arch=arch)
+        return qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER, echo=echo, until=until, marks=marks)
 
 
 def boot(out: Path, *, dhcp: str = "proxy", firmware: str = "uefi-pxe", mac: str = "52:54:00:de:e0:02",

@@ -1,6 +1,7 @@
 """Boot netboot artifacts in QEMU and watch the serial console.
 
-`python -m devtools.qemu OUT` boots an out DIR with -kernel/-initrd/-append (qemu/boot-dir);
+`python -m devtools.qemu OUT` boots an out DIR with -kernel/-initrd/-append (qemu/boot-dir), in the QEMU of
+its build's architecture (x86_64: q35; arm64: virt, no firmware needed);
 `python -m devtools.qemu net --url URL --mac MAC [--uefi]` network-boots through QEMU's iPXE (qemu/netboot).
 Software emulation (TCG) is the default: it works everywhere, while KVM is opt-in (--accel kvm, or
 NETBOOT_QEMU_ACCEL=kvm) because a /dev/kvm that opens is not always one that runs guests; `kvm_works` tells
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import platform
 import re
 import select
 import shutil
@@ -23,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from netboot.core.artifacts import DEFAULT_ARCH, KERNEL_FILES, arch_of
 
 # The kernel's "Run /init as init process", and stage 1's last word before it execs the system's init;
 # the kernel's "Failed to execute" takes it back.
@@ -44,12 +49,40 @@ class BootResult:
     seen_at: dict[str, float] = field(default_factory=dict)
 
 
-def qemu_binary() -> str:
-    return os.environ.get("NETBOOT_QEMU", "qemu-system-x86_64")
+@dataclass(frozen=True)
+class Board:
+    """The QEMU machine a build of one architecture boots in."""
+
+    binary: str
+    machine: str
+    cpu: tuple[str, ...]  # -cpu, under software emulation
+    console: str  # the serial console's kernel name (console=)
+    host_machine: str  # platform.machine() of a host that runs it under KVM
+
+
+BOARDS = {
+    "x86_64": Board("qemu-system-x86_64", "q35", (), "ttyS0,115200", "x86_64"),
+    # QEMU's generic arm64 board with its PL011 UART; a Cortex-A57 rather than `max`, whose pointer
+    # authentication is slow to emulate (QEMU docs, "Arm CPU features": pauth-impdef).
+    "arm64": Board("qemu-system-aarch64", "virt", ("-cpu", "cortex-a57"), "ttyAMA0", "aarch64"),
+}
+
+
+def qemu_binary(arch: str = DEFAULT_ARCH) -> str:
+    """NETBOOT_QEMU replaces the x86_64 QEMU (e.g. a wrapper); the others are QEMU's own."""
+    return os.environ.get("NETBOOT_QEMU", BOARDS[arch].binary) if arch == "x86_64" else BOARDS[arch].binary
 
 
 def default_accel() -> str:
     return os.environ.get("NETBOOT_QEMU_ACCEL") or "tcg"
+
+
+def build_arch(out: Path) -> str:
+    """The architecture of an output directory's build (its manifest's "arch")."""
+    try:
+        return arch_of(json.loads((out / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        return DEFAULT_ARCH
 
 
 def kvm_works(kernel: Path, timeout: float = 10) -> tuple[bool, str]:
@@ -66,19 +99,30 @@ def kvm_works(kernel: Path, timeout: float = 10) -> tuple[bool, str]:
     return False, f"a kernel did not boot in {timeout:g} s ({last})"
 
 
-def base_argv(memory: str, accel: str | None = None, smm: bool = False) -> list[str]:
+def base_argv(memory: str, accel: str | None = None, arch: str = DEFAULT_ARCH, smm: bool = False) -> list[str]:
+    board = BOARDS[arch]
+    accel = accel or default_accel()
+    cpu = board.cpu
+    if accel == "kvm":
+        if platform.machine() != board.host_machine:
+            accel = "tcg"  # KVM runs guests of the host's own architecture only
+        elif cpu:
+            cpu = ("-cpu", "host")
     return [
-        qemu_binary(), "-machine", f"q35,accel={accel or default_accel()}{',smm=on' * smm}", "-m", memory, "-smp", "1",
+        qemu_binary(arch), "-machine", f"{board.machine},accel={accel}{',smm=on' * smm}", *cpu, "-m", memory,
+        "-smp", "1",
         "-nodefaults", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
     ]
 
 
 def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str | None = None,
                 kernel: Path | None = None) -> list[str]:
-    """QEMU booting `out` with -kernel/-initrd/-append; `kernel` in place of its bzImage if given."""
+    """A direct boot of an output directory (-kernel/-initrd/-append), in the QEMU of its architecture; `kernel`
+    in place of its own if given."""
+    arch = build_arch(out)
     cmdline = (out / "cmdline").read_text().strip()
     if "console=" not in cmdline:
-        cmdline += " console=ttyS0,115200"
+        cmdline += f" console={BOARDS[arch].console}"
     if cmdline.startswith("rdinit="):
         # Nothing runs before the system's init in the direct format; the kernel's own
         # "Run … as init process" (KERN_INFO) is what shows that it was started.
@@ -86,13 +130,16 @@ def direct_argv(out: Path, *, append: str = "", memory: str = "1024", accel: str
     if append:
         cmdline += " " + append
     return [
-        *base_argv(memory, accel),
-        "-kernel", str(kernel or out / "bzImage"), "-initrd", str(out / "initrd"), "-append", cmdline,
+        *base_argv(memory, accel, arch),
+        "-kernel", str(kernel or out / KERNEL_FILES[arch]), "-initrd", str(out / "initrd"), "-append", cmdline,
     ]
 
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")  # Debian's ovmf package
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+AAVMF_CODE = Path("/usr/share/AAVMF/AAVMF_CODE.fd")  # EDK2 for QEMU's arm64 virt board (Debian's qemu-efi-aarch64)
+AAVMF_VARS = Path("/usr/share/AAVMF/AAVMF_VARS.fd")
+UEFI = {"x86_64": (OVMF_CODE, OVMF_VARS), "arm64": (AAVMF_CODE, AAVMF_VARS)}  # arch -> (code, variables template)
 # Secure Boot: firmware that enforces it (SMM keeps the variables out of the guest's reach), and variables with
 # Microsoft's KEK and db enrolled, as on machines sold with Secure Boot on.
 OVMF_CODE_SECURE = Path("/usr/share/OVMF/OVMF_CODE_4M.secboot.fd")
@@ -138,23 +185,26 @@ def net_argv(
 
 def lan_argv(
     tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
-    memory: str = "1024", accel: str | None = None, secure_boot: bool = False,
+    memory: str = "1024", accel: str | None = None, secure_boot: bool = False, arch: str = DEFAULT_ARCH,
 ) -> list[str]:
     """A VM whose NIC is on a tap device (see devtools.lan), network-booting first, against real DHCP servers.
 
     BIOS: SeaBIOS boots the NIC's iPXE option ROM (-boot n). UEFI: OVMF, with the NIC first in the boot order
     (bootindex); with `pxe_rom` OVMF runs iPXE's EFI driver from the same ROM, without it (`romfile=`) EDK2's
     own PXE client does the first step, as on real UEFI machines. `vars_copy` is a writable copy of OVMF's
-    variable store, needed for UEFI. `secure_boot`: the firmware that enforces it (give it `secure_vars`). Run it in
-    the tap's namespace (`Lan.vm`).
+    variable store, needed for UEFI. `secure_boot`: the firmware that enforces it (give it `secure_vars`). arm64:
+    AAVMF (UEFI only, without Secure Boot) on the virt board; EDK2's own PXE client asks with option 93 = 11. Run
+    it in the tap's namespace (`Lan.vm`).
     """
     nic = f"virtio-net-pci,netdev=n0,mac={mac}"
     if not pxe_rom:
         if not uefi:
             raise ValueError("a BIOS VM boots from the network only through the NIC's option ROM")
         nic += ",romfile="
+    if arch != "x86_64" and not uefi:
+        raise ValueError(f"an {arch} VM boots UEFI firmware")
     argv = [
-        *base_argv(memory, accel, smm=secure_boot),
+        *base_argv(memory, accel, arch, smm=secure_boot),
         "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
     ]
     if uefi:
@@ -164,7 +214,7 @@ def lan_argv(
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
         argv += [
             "-device", f"{nic},bootindex=1",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE_SECURE if secure_boot else OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE_SECURE if secure_boot else UEFI[arch][0]}",
             "-drive", f"if=pflash,format=raw,file={vars_copy}",
         ]
     else:
@@ -269,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--append", default="", help="extra kernel parameters for this boot")
     _common(p)
     args = p.parse_args(argv)
-    for name in ("bzImage", "initrd", "cmdline"):
+    for name in (KERNEL_FILES[build_arch(args.out)], "initrd", "cmdline"):
         if not (args.out / name).is_file():
             print(f"boot-dir: error: {args.out} has no {name}; is it an output of netboot build?", file=sys.stderr)
             return 2

@@ -42,12 +42,14 @@ def _count(text: str) -> int:
 def _add_build(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "build",
-        help="pack a system's closure into bzImage + initrd + cmdline + netboot.ipxe",
+        help="pack a system's closure into bzImage (Image on arm64) + initrd + cmdline + netboot.ipxe",
         description=(
             "Pack the whole store closure of SYSTEM (a NixOS toplevel or any directory with kernel, init, "
             "kernel-params and kernel-modules) into DIR: bzImage, initrd, cmdline, netboot.ipxe, manifest.json. "
             "Or, instead of SYSTEM, any root filesystem (--rootfs DIR, or an OCI image archive with --oci) with "
-            "--kernel. DIR is replaced atomically; a failed build leaves it as it was."
+            "--kernel. The kernel says the architecture: an x86_64 bzImage, or an arm64 Image (Image.gz is "
+            "unpacked), whose build has Image where an x86_64 one has bzImage; any host builds for either. "
+            "DIR is replaced atomically; a failed build leaves it as it was."
         ),
     )
     p.add_argument("system", metavar="SYSTEM", type=Path, nargs="?",
@@ -74,7 +76,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
                    help="a root filesystem directory to boot instead of a Nix system (owners and modes kept)")
     p.add_argument("--oci", type=Path, metavar="IMAGE.tar",
                    help="an OCI image archive (skopeo's oci-archive, docker save) to boot instead of a Nix system")
-    p.add_argument("--kernel", type=Path, metavar="BZIMAGE", help="the kernel for --rootfs or --oci")
+    p.add_argument("--kernel", type=Path, metavar="KERNEL",
+                   help="the kernel for --rootfs or --oci: an x86_64 bzImage or an arm64 Image; from an --oci "
+                   "image index, the image for its architecture is chosen (linux/amd64 or linux/arm64)")
+    p.add_argument("--busybox", type=Path, metavar="PATH",
+                   help="the static busybox stage 1 runs (squashfs, erofs), for the kernel's architecture "
+                   "(default: the system's own, else this machine's /bin/busybox when it is for that architecture)")
     p.add_argument("--modules", type=Path, metavar="DIR",
                    help="its modules, like /lib/modules/<version>: for stage 1, and added to the booted root "
                    "(default: the root's own)")
@@ -132,6 +139,7 @@ def _run_build(args: argparse.Namespace) -> int:
         modules=args.modules,
         init=args.init,
         limits=ImageLimits(cache.parse_size(args.max_image_bytes), args.max_image_entries),
+        busybox=args.busybox,
         sign_key=args.sign_key,
         sign_cert=args.sign_cert,
         uki=args.uki,
@@ -169,9 +177,9 @@ def _add_publish(sub: argparse._SubParsersAction) -> None:
         help="copy a build into a content-addressed tree for a mirror, CDN or object store",
         description=(
             "Copy the build in OUT (an output directory of netboot build) to DEST/<sha256>/, named by the sha256 "
-            "of its manifest: bzImage, initrd, cmdline, netboot.ipxe, manifest.json, checked against the "
-            "manifest. The directory appears whole (written under a temporary name, then renamed) and is never "
-            "rewritten. Serve DEST with any static server and set base_url in a profile of the machines file: "
+            "of its manifest: bzImage (Image for arm64), initrd, cmdline, netboot.ipxe, manifest.json, checked "
+            "against the manifest. The directory appears whole (written under a temporary name, then renamed) and "
+            "is never rewritten. Serve DEST with any static server and set base_url in a profile of the machines file: "
             "its machines then fetch the kernel and initrd from there."
         ),
     )
@@ -219,10 +227,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "(default /var/lib/netboot)")
     p.add_argument("--loaders", action="append", default=[], metavar="ARCH=DIR",
                    help="shim, GRUB and MokManager of one architecture (x86_64 or arm64) for profiles with loader = "
-                   "\"grub\" or \"uki\", from DIR under the names the firmware asks for (x86_64: shimx64.efi, "
-                   "grubx64.efi, mmx64.efi; arm64: shimaa64.efi, grubaa64.efi, mmaa64.efi), instead of Debian's "
-                   "shim-signed, shim-helpers-*-signed and grub-efi-*-signed; GRUB's modules from DIR/x86_64-efi/ "
-                   "or DIR/arm64-efi/ (repeatable)")
+                   "\"grub\" or \"uki\", and for every arm64 UEFI machine (DHCP architecture 11 or 19), from DIR "
+                   "under the names the firmware asks for (x86_64: shimx64.efi, grubx64.efi, mmx64.efi; arm64: "
+                   "shimaa64.efi, grubaa64.efi, mmaa64.efi, and optionally ipxe.efi, an arm64 iPXE that arm64 "
+                   "machines of loader = \"ipxe\" profiles then get instead), instead of Debian's shim-signed, "
+                   "shim-helpers-*-signed and grub-efi-*-signed; GRUB's modules from DIR/x86_64-efi/ or "
+                   "DIR/arm64-efi/ (repeatable)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only warnings and errors")
     p.add_argument("-v", "--verbose", action="store_true", help="print more")
     limits = HttpLimits()

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import support
-from support import build_system, built, memoized
+from support import ROOT, build_system, built, memoized
 
 TESTS = Path(__file__).resolve().parent
 FOLDER_MARKS = {"vm": ("vm",), "load": ("root",)}
 FIXTURE_MARKS = {
     "lan": ("root",),
     "root": ("root",),  # image/test_rootfs.py's root filesystem: device nodes, files of other owners
-    "system": ("nix",), "closure": ("nix",), "outs": ("nix",),
+    "system": ("nix",), "closure": ("nix",), "outs": ("nix",), "arm64_system": ("nix",),
 }
 
 
@@ -84,6 +85,25 @@ def system() -> Path:
     """The test system: kernel, modules, busybox, an init that checks the whole closure."""
     made = memoized("system", lambda path: (path / "path").write_text(str(build_system(path / "result"))))
     return Path((made / "path").read_text())
+
+
+@pytest.fixture(scope="session")
+def arm64_system() -> Path:
+    """The test system for arm64, from Debian's arm64 kernel, modules and busybox-static (downloaded once a
+    session; nothing of arm64 runs to build it)."""
+    made = memoized("arm64-system",
+                    lambda path: (path / "path").write_text(str(build_system(path / "result", arch="arm64"))))
+    return Path((made / "path").read_text())
+
+
+@pytest.fixture(scope="session")
+def arm64_loaders() -> Path:
+    """A --loaders arm64=DIR directory: Debian's signed shimaa64.efi, grubaa64.efi (network GRUB) and mmaa64.efi,
+    from their arm64 packages (downloaded and unpacked once a session; nothing is installed)."""
+    def make(path: Path) -> None:
+        proc = subprocess.run([str(ROOT / "tests/system/arm64-loaders"), str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"fetching Debian's arm64 loaders failed:\n{proc.stderr[-3000:]}"
+    return memoized("arm64-loaders", make) / "loaders"
 
 
 @pytest.fixture(scope="session")

@@ -92,16 +92,17 @@ def router_advertisements(lan: Lan) -> Iterator[None]:
         proc.wait()
 
 
-def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300, **secure
-            ) -> qemu.BootResult:
-    """Network-boot a VM on a new tap of `lan` until it powers off; fail if it did not within `timeout`.
-    `secure`: lanboot.boot_vm's secure_boot, mok and until."""
-    need(qemu.qemu_binary())
+def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300,
+            arch: str = qemu.DEFAULT_ARCH, **secure) -> qemu.BootResult:
+    """Network-boot a VM of `arch` on a new tap of `lan` until it powers off; fail if it did not within
+    `timeout`. `secure`: lanboot.boot_vm's secure_boot, mok and until."""
+    need(qemu.qemu_binary(arch))
     vm_accel()
     if uefi:
-        assert qemu.OVMF_CODE.is_file(), "OVMF is not installed (make test installs Debian's ovmf)"
+        code = qemu.UEFI[arch][0]
+        assert code.is_file(), f"{code} is not installed (make deps installs Debian's ovmf and qemu-efi-aarch64)"
     with router_advertisements(lan):
-        result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, **secure)
-    firmware = "UEFI" if uefi else "BIOS"
+        result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, arch=arch, **secure)
+    firmware = f"{arch} UEFI" if uefi else "BIOS"
     assert not result.timed_out, f"the {firmware} VM {mac} did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result

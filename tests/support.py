@@ -140,10 +140,12 @@ def cli(*args: str | os.PathLike[str], env: dict[str, str] | None = None,
     return subprocess.CompletedProcess(["netboot", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
-def build_system(link: Path, *nix_args: str) -> Path:
+def build_system(link: Path, *nix_args: str, arch: str = "x86_64") -> Path:
+    """The test system (tests/system/build) for `arch`: arm64's from Debian's arm64 packages, fetched beside
+    `link` the first time."""
     need("nix-build")
     proc = subprocess.run(
-        [str(ROOT / "tests/system/build"), str(link), *nix_args], capture_output=True, text=True
+        [str(ROOT / "tests/system/build"), "--arch", arch, str(link), *nix_args], capture_output=True, text=True
     )
     assert proc.returncode == 0, f"building the test system failed:\n{proc.stderr[-3000:]}"
     return Path(proc.stdout.strip().splitlines()[-1])
@@ -211,11 +213,13 @@ def pvh_kernel(bzimage: Path) -> Path | None:
 
 
 def boot(out: Path, *, timeout: float = 240, append: str = "") -> qemu.BootResult:
-    """Boot an output directory in QEMU (its kernel at the PVH entry: `pvh_kernel`) and return what the console
-    showed."""
-    need(qemu.qemu_binary())
+    """Boot an output directory in QEMU (of its build's architecture; an x86 kernel at its PVH entry:
+    `pvh_kernel`) and return what the console showed."""
+    arch = qemu.build_arch(out)
+    need(qemu.qemu_binary(arch))
     vm_accel()
-    argv = qemu.direct_argv(out, append=append, kernel=pvh_kernel(out / "bzImage"))
+    kernel = pvh_kernel(out / "bzImage") if arch == "x86_64" else None
+    argv = qemu.direct_argv(out, append=append, kernel=kernel)
     result = qemu.watch(argv, timeout=timeout, expect=MARKER)
     assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result
@@ -254,18 +258,22 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
 
 
 def fake_out(d: Path, fmt: str = "squashfs", compression: str = "zstd", level: int | None = 10,
-             initrd_size: int = 0) -> Path:
+             initrd_size: int = 0, arch: str | None = None) -> Path:
     """An output directory as netboot build leaves it, with stand-ins for the kernel and initrd (`initrd_size`
-    random bytes, if given)."""
+    random bytes, if given), for `arch` (its kernel is bzImage or Image); None: a manifest without "arch", as
+    builds for x86_64 wrote before they recorded it."""
     import json
 
+    from netboot.core.artifacts import DEFAULT_ARCH, files
+
     d.mkdir(parents=True)
-    for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe"):
+    for name in files(arch or DEFAULT_ARCH)[:-1]:
         (d / name).write_bytes(name.encode())
     if initrd_size:
         (d / "initrd").write_bytes(os.urandom(initrd_size))
     (d / "manifest.json").write_text(json.dumps({"cmdline": "init=/x", "system": f"/nix/store/{fmt}", "format": fmt,
-                                                 "compression": compression, "level": level}))
+                                                 "compression": compression, "level": level,
+                                                 **({"arch": arch} if arch else {})}))
     return d
 
 

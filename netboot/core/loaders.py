@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from netboot.core.artifacts import DEFAULT_ARCH  # noqa: F401 (of a build that does not say otherwise)
 from netboot.core.errors import NetbootError
 
 LOADERS = ("ipxe", "grub", "uki")  # a profile's `loader`
@@ -44,6 +45,9 @@ class Arch:
     http_arches: tuple[int, ...]  # option 93 of its UEFI HTTP Boot clients
     debian: dict[str, Source] = field(default_factory=dict)  # firmware file name -> Debian's file
     debian_modules: Source | None = None  # Debian's folder of GRUB's modules for this platform
+    # The served name of the operator's iPXE for it (DIR/ipxe.efi of --loaders ARCH=DIR); None: Debian's ipxe
+    # package has one (x86_64's ipxe.efi), or nothing does.
+    ipxe: str | None = None
 
     @property
     def shim(self) -> str:
@@ -78,10 +82,9 @@ ARCHES = (
         "shimaa64.efi": Source(_SHIM / "shimaa64.efi.signed", "shim-signed:arm64"),
         "grubaa64.efi": Source(Path("/usr/lib/grub/arm64-efi-signed/grubnetaa64.efi.signed"), "grub-efi-arm64-signed"),
         "mmaa64.efi": Source(_SHIM / "mmaa64.efi.signed", "shim-helpers-arm64-signed"),
-    }, Source(Path("/usr/lib/grub/arm64-efi"), "grub-efi-arm64-bin")),
+    }, Source(Path("/usr/lib/grub/arm64-efi"), "grub-efi-arm64-bin"), ipxe="arm64/ipxe.efi"),
 )
 _BY_NAME = {name: arch for arch in ARCHES for name in (arch.name, *arch.aliases)}
-DEFAULT_ARCH = "x86_64"  # of a build that does not say otherwise
 
 
 def arch(name: str) -> Arch:
@@ -90,6 +93,16 @@ def arch(name: str) -> Arch:
         raise NetbootError(f"unknown architecture {name!r} (expected {', '.join(a.name for a in ARCHES)}, or "
                            f"{', '.join(x for a in ARCHES for x in a.aliases)})")
     return found
+
+
+def machine_arch(name: str) -> str | None:
+    """The architecture of a client by the name its loader gives its own build (iPXE's ${buildarch}, GRUB's
+    $grub_cpu), or None for one netboot has no builds for. iPXE for BIOS (undionly.kpxe) is built for i386 and
+    runs on x86_64 machines, which is what BIOS network boots are: i386 counts as x86_64."""
+    if name == "i386":
+        return "x86_64"
+    found = _BY_NAME.get(name.lower())
+    return found.name if found is not None else None
 
 
 def for_client(option93: int | None) -> tuple[Arch, bool] | None:
@@ -159,6 +172,9 @@ class Loaders:
         for a in ARCHES:
             files.update({name: s.path for name, s in self.sources(a).items() if s.path.is_file()})
             files.update(self.modules(a))
+            given = self.dirs.get(a.name)
+            if a.ipxe is not None and given is not None and (given / "ipxe.efi").is_file():
+                files[a.ipxe] = given / "ipxe.efi"
         return files
 
     def missing(self, a: Arch) -> str | None:

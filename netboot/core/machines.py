@@ -1,7 +1,9 @@
 """The machines file: profiles (an output directory + kernel parameters) and the MACs that boot them.
 
     [profiles.default]            # for any MAC not listed (optional)
-    dir = "out"                   # relative to this file; or instead:
+    dir = "out"                   # relative to this file; or one build per architecture, the machine's chosen
+                                  # by its DHCP architecture: dir = { x86_64 = "out", arm64 = "out-arm64" }
+                                  # or instead:
     # system = "/nix/var/nix/profiles/rack"   # built by netboot serve, rebuilt when it moves (autobuild.py)
     # format = "squashfs"; compress = "zstd"; level = 10   # its build's options (netboot build's)
     append = "console=ttyS0"
@@ -29,7 +31,7 @@ import ipaddress
 import re
 import tomllib
 import uuid as uuids
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,10 @@ class Profile:
     build_args: tuple[str, ...] = ()  # its netboot build options
     loader: str = "ipxe"  # what its UEFI machines boot first (loaders.LOADERS)
     ipxe_binary: str = ""  # the iPXE binary its machines boot (one of IPXE_BINARIES), unless a machine says
+    # dir = { ARCH = DIR, ... }: the profile serving each architecture (this one for the first, a variant named
+    # variant_name(name, ARCH) for each other), and the architecture this profile's dir was named for.
+    variants: dict[str, str] = field(default_factory=dict)
+    arch: str | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,15 @@ class Machines:
     def single(cls, out: Path) -> Machines:
         """`--dir OUT`: every machine boots OUT."""
         return cls({DEFAULT: Profile(DEFAULT, _checked_dir(out, f"--dir {out}"))})
+
+    def for_arch(self, profile: Profile, arch: str | None) -> Profile:
+        """The profile that serves `profile`'s machines of `arch` (itself when it names one build)."""
+        name = profile.variants.get(arch) if arch is not None else None
+        return self.profiles[name] if name is not None else profile
+
+    def variants_of(self, profile: Profile) -> list[Profile]:
+        """`profile` and the profiles serving its other architectures."""
+        return [profile, *(self.profiles[n] for n in profile.variants.values() if n != profile.name)]
 
     def find(self, mac: str, uuid: str = "", serial: str = "") -> Machine | None:
         """A machine's table: by its MAC, else by its SMBIOS UUID, else by its serial number."""
@@ -185,6 +200,9 @@ class Machines:
                 if state_dir is None:
                     raise NetbootError(f"{at}: {ref}: a system needs a state directory to be built into")
                 directory = (state_dir / "profiles" / name).absolute()
+            elif isinstance(entry.get("dir"), dict):
+                per_arch = _arch_dirs(entry["dir"], path.parent, ref, at)
+                directory = per_arch.get("x86_64") or next(iter(per_arch.values()))
             elif not isinstance(entry.get("dir"), str):
                 raise NetbootError(f"{at}: {ref} needs dir = \"<an output directory of netboot build>\" or "
                                    "system = \"<a Nix profile or store path>\"")
@@ -198,9 +216,24 @@ class Machines:
                 raise NetbootError(f"{at}: {ref}: vars are for an overlay, and it has none")
             if loader == "uki":
                 _sealed(entry, f"{at}: {ref}")
-            profiles[name] = Profile(name, directory, _append(entry, ref, where, ref), overlay, variables,
-                                     _base_url(entry, ref, at), system, build_args, loader,
-                                     _ipxe_binary(entry, ref, at))
+            profile = Profile(name, directory, _append(entry, ref, where, ref), overlay, variables,
+                              _base_url(entry, ref, at), system, build_args, loader,
+                              _ipxe_binary(entry, ref, at))
+            if not isinstance(entry.get("dir"), dict):
+                profiles[name] = profile
+                continue
+            # One profile per build, each checked to be of its architecture once its manifest is read.
+            # The profile's own name serves x86_64 when it has a build for it: machines that do not say their
+            # architecture (BIOS iPXE, a configuration asked for by name) are x86 PCs.
+            first = "x86_64" if "x86_64" in per_arch else next(iter(per_arch))
+            variants = {arch: name if arch == first else variant_name(name, arch) for arch in per_arch}
+            for arch, directory in per_arch.items():
+                if variants[arch] != name and (variants[arch] in profiles or
+                                               variants[arch] in _table(data, "profiles", where)):
+                    raise NetbootError(f"{at}: {ref}: dir.{arch} needs the name {variants[arch]!r}, which another "
+                                       "profile has")
+                profiles[variants[arch]] = replace(profile, name=variants[arch], dir=directory, variants=variants,
+                                                   arch=arch)
 
         if not profiles:
             raise NetbootError(f"{path}: no [profiles.NAME] defined")
@@ -412,6 +445,27 @@ def _hostname(entry: dict, ref: str, where: _Locator, key: str) -> str:
     if not isinstance(value, str) or len(value) > 253 or not all(_LABEL.fullmatch(x) for x in value.split(".")):
         raise NetbootError(f"{where.of(key)}: {ref}: hostname {value!r} is not a valid host name")
     return value
+
+
+def variant_name(profile: str, arch: str) -> str:
+    """The profile that serves `profile`'s machines of `arch`, besides the one of its first build."""
+    return f"{profile}@{arch}"
+
+
+def _arch_dirs(table: dict, base: Path, ref: str, at: str) -> dict[str, Path]:
+    """dir = { x86_64 = "out", arm64 = "out-arm64" }: each architecture's build, the first the profile's own."""
+    if not table:
+        raise NetbootError(f"{at}: {ref}: dir = {{}} names no build (one per architecture: "
+                           f"{', '.join(f'{a} = DIR' for a in artifacts.ARCHES)})")
+    found: dict[str, Path] = {}
+    for arch, value in table.items():
+        if arch not in artifacts.ARCHES:
+            raise NetbootError(f"{at}: {ref}: dir.{arch}: unknown architecture (expected "
+                               f"{', '.join(artifacts.ARCHES)})")
+        if not isinstance(value, str):
+            raise NetbootError(f"{at}: {ref}: dir.{arch} must be an output directory of netboot build")
+        found[arch] = _checked_dir(base / value, f"{at}: {ref}: dir.{arch} {value!r}")
+    return found
 
 
 def _checked_dir(directory: Path, what: str) -> Path:

@@ -10,7 +10,11 @@ client, its architecture's shim instead (loaders.py): shimx64.efi over TFTP (PXE
 http://server:port/shimx64.efi (HTTP Boot, arch 16). BIOS ROMs and iPXE keep the iPXE path: neither runs under
 Secure Boot.
 
-Architecture numbers are RFC 4578's as IANA keeps them; Debian's ipxe package has binaries for x86 only.
+    UEFI arm64 PXE            (PXEClient, arch 11)    arm64/ipxe.efi (--loaders arm64=DIR with ipxe.efi), else
+    UEFI arm64 HTTP Boot      (HTTPClient, arch 19)   shimaa64.efi, which chains grubaa64.efi (any loader)
+
+Architecture numbers are RFC 4578's as IANA keeps them; Debian's ipxe package has binaries for x86 only, and
+Debian has no arm64 iPXE at all: GRUB is the arm64 loader that exists packaged.
 A machine or its profile may choose its binary (`ipxe_binary` in the machines file): it gets it where it fits its
 firmware (a .kpxe for BIOS, an .efi for UEFI), and the server's default elsewhere.
 """
@@ -18,7 +22,8 @@ firmware (a .kpxe for BIOS, an .efi for UEFI), and the server's default elsewher
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from netboot.core import loaders
 from netboot.dhcp.message import Request
@@ -35,6 +40,15 @@ _ARCH_NAMES = {0: "bios", 6: "uefi-ia32", 7: "uefi-x64", 9: "uefi-x64", 10: "uef
 class Client:
     firmware: str  # PXE, HTTP, IPXE, or "" for a client that is not booting from the network
     arch: int | None
+
+    @property
+    def machine(self) -> str | None:
+        """The architecture of the machine (core/artifacts.ARCHES), or None when its option 93 does not say one
+        netboot builds for: BIOS (0) is an x86 PC; UEFI's by loaders.ARCHES."""
+        if self.arch == BIOS_ARCH:
+            return "x86_64"
+        uefi = loaders.for_client(self.arch)
+        return uefi[0].name if uefi is not None else None
 
     @property
     def kind(self) -> str:
@@ -88,6 +102,7 @@ class Offerings:
     uefi_binary: str = "ipxe.efi"
     http_host: str | None = None  # where HTTP and TFTP listen, when on one address rather than on all
     tftp_host: str | None = None
+    arches: Mapping[str, str] = field(default_factory=dict)  # profile name -> its build's architecture
 
     def boot_file(self, client: Client, server: str, loader: str = "ipxe", binary: str = "") -> BootFile | str:
         """The boot file for `client` from `server` (our address as the client sees it), or why there is none;
@@ -96,8 +111,17 @@ class Offerings:
         uefi_binary = binary if binary.endswith(".efi") else self.uefi_binary
         if client.firmware == IPXE:
             return BootFile(f"{http}/boot.ipxe", server, PXE)
-        if loader in loaders.SIGNED_CHAINS and (uefi := loaders.for_client(client.arch)) is not None:
+        uefi = loaders.for_client(client.arch)
+        if uefi is not None and (loader in loaders.SIGNED_CHAINS or (uefi[0].ipxe is not None and (
+                uefi[0].ipxe not in self.binaries))):
+            # Shim and GRUB: asked for, or the only loader there is for this architecture (no iPXE given).
             return self._shim(client, server, http, *uefi)
+        if uefi is not None and uefi[0].ipxe is not None:  # the operator's iPXE for it
+            if client.firmware == HTTP:
+                return BootFile(f"{http}/{uefi[0].ipxe}", server, HTTP)
+            if not self.tftp:
+                return "PXE ROMs need TFTP on port 69, which this server does not serve"
+            return BootFile(uefi[0].ipxe, self.tftp_host or server, PXE)
         if client.firmware == HTTP:
             if client.arch != UEFI_X64_HTTP:
                 return f"no HTTP boot binary for architecture {client.arch}"
@@ -123,7 +147,8 @@ class Offerings:
         if client.firmware not in (PXE, HTTP) or (client.firmware == HTTP) != http_boot:
             return "not a network-boot client"
         if arch.shim not in self.binaries:
-            return f"{arch.shim} is not served (Debian's shim-signed, or --loaders {arch.name}=DIR)"
+            ipxe = " (or ipxe.efi in DIR)" if arch.ipxe is not None else ""
+            return f"{arch.shim} is not served (Debian's shim-signed, or --loaders {arch.name}=DIR{ipxe})"
         if http_boot:
             return BootFile(f"{http}/{arch.shim}", server, HTTP)
         if not self.tftp:

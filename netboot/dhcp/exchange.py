@@ -134,10 +134,17 @@ class Responder:
     def _boot_file(self, request: Request, client: boot.Client, server: str) -> boot.BootFile | Ignored:
         machines = self.machines()
         machine = _machine(machines, request)
-        profile = machines.profiles[machine.profile] if machine is not None else machines.profiles.get(DEFAULT)
-        if profile is None:
+        found_profile = machines.profiles[machine.profile] if machine is not None else machines.profiles.get(DEFAULT)
+        if found_profile is None:
             return Ignored(request.mac, "not in the machines file, and there is no default profile")
-        found = self.offerings().boot_file(client, server, profile.loader, ipxe_binary(profile, machine))
+        profile = machines.for_arch(found_profile, client.machine)
+        offerings = self.offerings()
+        built = offerings.arches.get(profile.name)
+        if client.machine is not None and built is not None and built != client.machine:
+            # Never boot a machine into a kernel its CPU cannot run: it would hang where nobody sees why.
+            return Ignored(request.mac, f"{client.kind}: {_REFUSED}: profile {profile.name} is for {built}, and "
+                                        f"this machine is {client.machine}")
+        found = offerings.boot_file(client, server, profile.loader, ipxe_binary(profile, machine))
         if isinstance(found, str):
             return Ignored(request.mac, f"{client.kind}: {found}")
         return found
@@ -199,8 +206,11 @@ class Responder:
             options["host_name"] = machine.hostname
         client = boot.classify(request)
         reply = Reply(request, kind, yiaddr=ip or ZERO, options=options)
+        note = ""
         if client.firmware:
             found_file = self._boot_file(request, client, server)
+            if isinstance(found_file, Ignored) and _REFUSED in found_file.reason:
+                note = f" ({found_file.reason.partition(': ')[2]})"  # an address, and why no boot file
             if isinstance(found_file, boot.BootFile):
                 reply.siaddr, reply.file = found_file.server, found_file.name
                 if found_file.vendor_class == boot.HTTP:
@@ -211,7 +221,7 @@ class Responder:
         committed = ip is not None and kind == MessageType.ACK
         if committed:
             leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""), request.client_id)
-        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-",
+        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-", note,
                             durable_first=committed)
 
     def _nak(self, request: Request, arrival: Arrival, why: str) -> Answer:
@@ -237,6 +247,9 @@ def _machine(machines: Machines, request: Request) -> Machine | None:
     if machine is None and machines.by_uuid:
         machine = next(filter(None, (machines.find(request.mac, u) for u in boot.client_uuids(request.uuid))), None)
     return machine
+
+
+_REFUSED = "refused"  # a machine whose profile has no build for its architecture
 
 
 def _boot_options(options: dict[str, Any], request: Request, found: boot.BootFile) -> None:

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"}
 MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json", "application/vnd.docker.distribution.manifest.v2+json"}
-PLATFORM = "linux/amd64"  # the machines netboot boots
+# The image chosen from an index for each kernel architecture (core/artifacts.ARCHES), in the OCI's own names
+# (image-index.md: platform.architecture takes GOARCH's values).
+PLATFORMS = {"x86_64": "linux/amd64", "arm64": "linux/arm64"}
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -71,12 +73,14 @@ class _Layer(NamedTuple):
     digest: str | None  # to check it against; None for a docker <id>/layer.tar
 
 
-def unpack(archive: Path, dest: Path, *, keep_owners: bool, limits: ImageLimits | None = None) -> OciImage:
-    """Apply the image's layers in order into `dest` (an existing empty directory), within `limits`."""
+def unpack(archive: Path, dest: Path, *, keep_owners: bool, limits: ImageLimits | None = None,
+           platform: str = PLATFORMS["x86_64"]) -> OciImage:
+    """Apply the image's layers in order into `dest` (an existing empty directory), within `limits`; from an
+    image index, the image for `platform` ("os/architecture")."""
     limits = limits or ImageLimits()
     tally = Tally(limits)
     with _open_archive(archive) as outer:
-        files = _Archive(archive, outer, limits)
+        files = _Archive(archive, outer, limits, platform)
         if "index.json" in files.members:
             image, layers = files.oci_layers()
         elif "manifest.json" in files.members:
@@ -150,9 +154,10 @@ def _open_archive(archive: Path) -> tarfile.TarFile:
 class _Archive:
     """The outer tar: its files by name, read by random access."""
 
-    def __init__(self, path: Path, tar: tarfile.TarFile, limits: ImageLimits) -> None:
+    def __init__(self, path: Path, tar: tarfile.TarFile, limits: ImageLimits, platform: str) -> None:
         self.path = path
         self.tar = tar
+        self.platform = platform
         self.members: dict[str, tarfile.TarInfo] = {}
         try:
             for n, m in enumerate(tar, 1):
@@ -200,7 +205,7 @@ class _Archive:
         doc = self._json("index.json", where)
         while True:
             context = f"{self.path}: {where}"
-            descriptor = _choose(_get(doc, "manifests", list, context), context)
+            descriptor = _choose(_get(doc, "manifests", list, context), context, self.platform)
             media_type = _get(descriptor, "mediaType", str, context)
             digest = _get(descriptor, "digest", str, context)
             if media_type in INDEX_TYPES:
@@ -264,17 +269,21 @@ def _platform(descriptor: object) -> str | None:
     return f"{platform.get('os')}/{platform.get('architecture')}"
 
 
-def _choose(descriptors: list[Any], where: str) -> Any:
-    """The only image, or the first for linux/amd64 among several (image-index.md: the first match is used)."""
+def _choose(descriptors: list[Any], where: str, platform: str) -> Any:
+    """The only image, or the first for `platform` among several (image-index.md: the first match is used); an
+    only image that says it is for another platform is refused, as the kernel could not run it."""
     if len(descriptors) == 1:
+        said = _platform(descriptors[0])
+        if said is not None and said != platform:
+            raise NetbootError(f"{where} holds one image, for {said}, and the kernel needs {platform}")
         return descriptors[0]
     for descriptor in descriptors:
-        if _platform(descriptor) == PLATFORM:
+        if _platform(descriptor) == platform:
             return descriptor
     if not descriptors:
         raise NetbootError(f"{where} lists no image")
     platforms = ", ".join(_platform(d) or "no platform" for d in descriptors)
-    raise NetbootError(f"{where} lists {len(descriptors)} images and none for {PLATFORM} ({platforms})")
+    raise NetbootError(f"{where} lists {len(descriptors)} images and none for {platform} ({platforms})")
 
 
 def _check_digest(sha256: str, digest: str, where: str) -> None:

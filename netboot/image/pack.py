@@ -1,5 +1,6 @@
-"""`netboot build`: a system closure → bzImage, initrd, cmdline, netboot.ipxe and manifest.json (and with --uki
-netboot.efi, a unified kernel image; with --sign-key, the kernel and that image signed for Secure Boot)."""
+"""`netboot build`: a system closure → the kernel (bzImage, or Image on arm64), initrd, cmdline, netboot.ipxe and
+manifest.json (and with --uki netboot.efi, a unified kernel image; with --sign-key, the kernel and that image signed
+for Secure Boot)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from netboot import __version__
 from netboot.core import compress
-from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS, UKI
+from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS, KERNEL_FILES, UKI, files
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
 from netboot.core.remove import remove_tree
@@ -28,6 +28,7 @@ from netboot.image import oci, rootfs, uki
 from netboot.image.cache import DEFAULT_MAX, Cache
 from netboot.image.closure import Closure
 from netboot.image.initrd import Packing, write_direct, write_erofs, write_squashfs
+from netboot.image.kernel import Kernel
 from netboot.image.limits import ImageLimits
 from netboot.image.outdir import Staging
 from netboot.image.progress import Progress
@@ -54,10 +55,11 @@ class BuildOptions:
     cache_max: int = DEFAULT_MAX
     rootfs: Path | None = None  # a root filesystem directory
     oci: Path | None = None  # an OCI image archive
-    kernel: Path | None = None  # the bzImage for rootfs or oci
+    kernel: Path | None = None  # the kernel for rootfs or oci (kernel.py: a bzImage or an arm64 Image)
     modules: Path | None = None  # its modules (/lib/modules/<version>)
     init: str = "/sbin/init"  # the init of rootfs or oci
     limits: ImageLimits = field(default_factory=ImageLimits)  # what rootfs or oci may cost
+    busybox: Path | None = None  # stage 1's busybox; None: the system's own (stage1.find_busybox)
     sign_key: Path | None = None  # sign the kernel (and the UKI) with this key, for Secure Boot
     sign_cert: Path | None = None  # ... whose certificate this is
     uki: bool = False  # also write netboot.efi, the unified kernel image
@@ -99,15 +101,16 @@ def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]
                 raise NetbootError(f"{flag} is for --rootfs and --oci; a Nix system brings its own")
     else:
         if opts.kernel is None:
-            raise NetbootError(f"{inputs[0]} needs --kernel BZIMAGE")
+            raise NetbootError(f"{inputs[0]} needs --kernel KERNEL (an x86_64 bzImage or an arm64 Image)")
         if opts.closure_info is not None:
             raise NetbootError("--closure-info is for a Nix system")
+    if opts.busybox is not None and opts.format not in IMAGE_FORMATS:
+        raise NetbootError(f"--busybox is for the stage 1 of the {' and '.join(IMAGE_FORMATS)} formats; the "
+                           f"{opts.format} format has none")
     if any(c in opts.append for c in "\n\r\0"):
         raise NetbootError("--append must be a single line")
     if (opts.sign_key is None) != (opts.sign_cert is None):
         raise NetbootError("--sign-key and --sign-cert go together (the key and its certificate)")
-    if opts.uki:
-        uki.check()
     return compressor, level
 
 
@@ -129,7 +132,12 @@ def _build(opts: BuildOptions) -> dict:
     compressor, level = _check_options(opts)
     packing = Packing(compressor, level, opts.level is not None, source_date_epoch())
     system = System.load(opts.system) if opts.system is not None else None
-    signer = _signer(opts, system.kernel if system is not None else opts.kernel)
+    given = system.kernel if system is not None else opts.kernel
+    signer = _signer(opts, given)
+    if opts.uki:
+        assert given is not None  # _check_options: --rootfs and --oci need --kernel
+        # The stub is the kernel's architecture's (linuxaa64.efi.stub for an arm64 Image).
+        uki.check(Kernel.load(given).arch)
     cache = Cache(opts.cache_dir, opts.cache_max) if opts.cache_dir is not None else Cache(None)
     staging = Staging(opts.out)
     with staging as work, _explaining_full_disks(work, opts.cache_dir):
@@ -137,7 +145,7 @@ def _build(opts: BuildOptions) -> dict:
         scratch.mkdir(mode=0o700)
         if system is not None:
             cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
-            described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel
+            described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel_image
             kernel_version, name = system.kernel_version, str(system.toplevel)
             osrel = system.toplevel / "etc" / "os-release"
         else:
@@ -165,8 +173,8 @@ def _build(opts: BuildOptions) -> dict:
             )
         staging.commit()
     log.info(
-        "built %s: initrd %.1f MiB (%s%s) in %.1f s",
-        opts.out, initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
+        "built %s for %s: initrd %.1f MiB (%s%s) in %.1f s",
+        opts.out, manifest["arch"], initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
         time.monotonic() - started,
     )
     return manifest
@@ -180,14 +188,15 @@ class _SecureBoot:
     osrel: bytes | None  # the unified kernel image's os-release; None: no --uki
     epoch: int  # the signing time and the image's timestamp
 
-    def finish(self, work: Path, kernel: Path, cmdline: str) -> dict:
+    def finish(self, work: Path, kernel: Kernel, cmdline: str) -> dict:
         """Sign the copied kernel, assemble (and sign) the UKI; what the manifest records of it."""
-        if self.signer is not None:
-            self.signer.sign(work / "bzImage", self.epoch)
-        if self.osrel is not None:
-            uki.write(work / UKI, kernel, work / "initrd", cmdline, self.osrel, self.epoch)
+        copied = work / KERNEL_FILES[kernel.arch]  # as the loaders want it (an Image.gz unpacked)
+        if self.osrel is not None:  # the kernel as built goes into the image, which is signed as a whole
+            uki.write(work / UKI, copied, work / "initrd", cmdline, self.osrel, self.epoch, kernel.arch)
             if self.signer is not None:
                 self.signer.sign(work / UKI, self.epoch)
+        if self.signer is not None:
+            self.signer.sign(copied, self.epoch)
         return {"signer": self.signer.describe()} if self.signer is not None else {}
 
 
@@ -200,17 +209,20 @@ def _signer(opts: BuildOptions, kernel: Path | None) -> Signer | None:
     return Signer.load(opts.sign_key, opts.sign_cert)
 
 
-def _finish(opts: BuildOptions, work: Path, kernel: Path, cmdline: str, name: str, kernel_version: str | None,
+def _finish(opts: BuildOptions, work: Path, kernel: Kernel, cmdline: str, name: str, kernel_version: str | None,
             compressor: compress.Compressor, level: int | None, described: dict, secure: _SecureBoot) -> dict:
     """The kernel, the command line, the iPXE script and the manifest, beside the initrd (and the UKI)."""
-    shutil.copyfile(kernel, work / "bzImage")
+    kernel_file = KERNEL_FILES[kernel.arch]
+    kernel.copy_to(work / kernel_file)
     signed = secure.finish(work, kernel, cmdline)
     (work / "cmdline").write_text(cmdline + "\n")
-    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline))
+    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline,
+                                              kernel=kernel_file))
     manifest = {
         "tool": "netboot",
         "version": __version__,
         "system": name,
+        "arch": kernel.arch,
         "kernel_version": kernel_version,
         "format": opts.format,
         "compression": compressor.name,
@@ -218,8 +230,8 @@ def _finish(opts: BuildOptions, work: Path, kernel: Path, cmdline: str, name: st
         "cmdline": cmdline,
         **described,
         **signed,
-        "artifacts": {f: _describe(work / f) for f in ("bzImage", "initrd", "cmdline", "netboot.ipxe", UKI)
-                      if (work / f).exists()},
+        "artifacts": {f: _describe(work / f) for f in (*files(kernel.arch), UKI)
+                      if f != "manifest.json" and (work / f).exists()},
     }
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
@@ -239,7 +251,7 @@ def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache
     """A Nix system's initrd: its closure, in the format asked; what the manifest says of it."""
     closure = Closure.of(system.toplevel, opts.closure_info)
     # Refused before packing: an image format without the modules to mount it.
-    stage1 = Stage1.prepare(system, closure, opts.format) if opts.format in IMAGE_FORMATS else None
+    stage1 = Stage1.prepare(system, closure, opts.format, opts.busybox) if opts.format in IMAGE_FORMATS else None
     initrd = work / "initrd"
     if stage1 is not None:
         if opts.format == "erofs":
@@ -260,19 +272,21 @@ def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache
 
 def _root_system(opts: BuildOptions, scratch: Path) -> rootfs.RootSystem:
     assert opts.kernel is not None
+    kernel = Kernel.load(opts.kernel)
     if opts.oci is not None:
         unpacked = scratch / "oci-root"
         unpacked.mkdir()
         keep_owners = os.geteuid() == 0
-        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners, limits=opts.limits)
+        image = oci.unpack(opts.oci, unpacked, keep_owners=keep_owners, limits=opts.limits,
+                           platform=oci.PLATFORMS[kernel.arch])
         if not keep_owners:
             log.warning("warning: not root: every file of %s is root's in the build, and device nodes are left "
                         "out", opts.oci)
         described = {"kind": "oci", "archive": str(opts.oci), "digest": image.digest, "layers": image.layers}
-        return rootfs.RootSystem.load(unpacked, opts.kernel, opts.init, opts.modules, input=described,
+        return rootfs.RootSystem.load(unpacked, kernel, opts.init, opts.modules, input=described,
                                       all_root=not keep_owners)
     assert opts.rootfs is not None
-    return rootfs.RootSystem.load(opts.rootfs, opts.kernel, opts.init, opts.modules,
+    return rootfs.RootSystem.load(opts.rootfs, kernel, opts.init, opts.modules,
                                   input={"kind": "rootfs", "path": str(opts.rootfs)})
 
 
@@ -280,7 +294,7 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
     """Any other system's initrd: its root filesystem, in the format asked; what the manifest says of it."""
     initrd = work / "initrd"
     if opts.format in IMAGE_FORMATS:
-        stage1 = root.stage1(opts.format)
+        stage1 = root.stage1(opts.format, opts.busybox)
         files, nbytes = rootfs.count(root.root, opts.limits)  # before mksquashfs or mkfs.erofs reads it
         rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
         _log_stage1(stage1, opts)

@@ -25,11 +25,11 @@ from netboot.image.cpio import NewcWriter
 from netboot.image.erofs import mkfs_erofs
 from netboot.image.files import lstat
 from netboot.image.initrd import Packing, append_stage1, compressed_output, write_image_member
+from netboot.image.kernel import Kernel
 from netboot.image.limits import ImageLimits, LimitError, Tally, check_name, shown
 from netboot.image.modules import Locate, ModuleTree, version_dir
 from netboot.image.squashfs import mksquashfs_root
 from netboot.image.stage1 import Stage1, find_busybox
-from netboot.image.system import bzimage_version, is_bzimage
 from netboot.image.tree import Tree
 
 _MAX_LINKS = 40  # symlinks followed while resolving a path inside the root, as the kernel allows
@@ -38,7 +38,7 @@ _MAX_LINKS = 40  # symlinks followed while resolving a path inside the root, as 
 @dataclass(frozen=True)
 class RootSystem:
     root: Path
-    kernel: Path
+    kernel: Kernel  # recognised (kernel.py): its architecture chooses stage 1's busybox
     kernel_version: str | None
     init: str  # absolute, inside the root
     modules: ModuleTree | None  # --modules, else the root's own for this kernel, else None
@@ -47,15 +47,11 @@ class RootSystem:
     input: dict  # what the manifest says the input was
 
     @classmethod
-    def load(cls, root: Path, kernel: Path, init: str, modules: Path | None, *, input: dict,
+    def load(cls, root: Path, kernel: Kernel, init: str, modules: Path | None, *, input: dict,
              all_root: bool = False) -> RootSystem:
         if not root.is_dir():
             raise NetbootError(f"root filesystem {root} {'is not a directory' if root.exists() else 'does not exist'}")
-        if not kernel.is_file():
-            raise NetbootError(f"kernel {kernel} {'is not a file' if kernel.exists() else 'does not exist'}")
-        if not is_bzimage(kernel):
-            raise NetbootError(f"kernel {kernel} is not a bzImage (no Linux boot header)")
-        version = bzimage_version(kernel)
+        version = kernel.version
         if not init.startswith("/"):
             raise NetbootError(f"--init {init} is not an absolute path")
         found = resolve_in_root(root, init)
@@ -80,14 +76,15 @@ class RootSystem:
             tree = ModuleTree.at(root / own, locate) if own and locate and locate("modules.dep") else None
         return cls(root, kernel, version, init, tree, modules is not None, all_root, input)
 
-    def stage1(self, fstype: str) -> Stage1:
+    def stage1(self, fstype: str, busybox: Path | None = None) -> Stage1:
         if self.modules is None:
             raise NetbootError(
                 f"the {fstype} format needs the kernel's loop, {fstype} and overlay modules: give --modules DIR, "
                 f"or a root with lib/modules/{self.kernel_version or '<version>'} (or use --format direct)"
             )
         found = (resolve_in_root(self.root, p) for p in ("/bin/busybox", "/usr/bin/busybox", "/sbin/busybox"))
-        return Stage1.of(self.modules, fstype, find_busybox([self.root / p for p in found if p]))
+        return Stage1.of(self.modules, fstype, find_busybox([self.root / p for p in found if p], self.kernel.arch,
+                                                             busybox))
 
     def modules_destination(self) -> bytes:
         """Where the modules go in the root, its symlinks resolved (/lib is often a link to usr/lib)."""

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import struct
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from netboot.core.errors import NetbootError
 from netboot.image.closure import Closure
+from netboot.image.elf import ElfHeader, read_header
 from netboot.image.modules import ModuleTree, is_signed, module_name, uncompressed_name
 from netboot.image.system import System
 from netboot.image.tree import Tree
 
+log = logging.getLogger(__name__)
+
 HOST_BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static
+DEBIAN_ARCH = {"x86_64": "amd64", "arm64": "arm64"}  # dpkg's names for core/artifacts.ARCHES
 
 
 def needed_modules(fstype: str) -> list[str]:
@@ -29,14 +33,14 @@ class Stage1:
     load_order: tuple[tuple[str, bool], ...]  # (path relative to the module tree, optional), dependencies first
 
     @classmethod
-    def prepare(cls, system: System, closure: Closure, fstype: str) -> Stage1:
+    def prepare(cls, system: System, closure: Closure, fstype: str, busybox: Path | None = None) -> Stage1:
         if system.modules is None:
             raise NetbootError(
                 f"system {system.toplevel} has no kernel-modules; the {fstype} format needs "
                 f"{', '.join(needed_modules(fstype))} (or use --format direct)"
             )
         return cls.of(ModuleTree.load(system.modules, system.kernel_version), fstype,
-                      find_busybox([p / "bin" / "busybox" for p in closure.paths]))
+                      find_busybox([p / "bin" / "busybox" for p in closure.paths], system.arch, busybox))
 
     @classmethod
     def of(cls, modules: ModuleTree, fstype: str, busybox: Path) -> Stage1:
@@ -64,36 +68,40 @@ class Stage1:
         return t
 
 
-def find_busybox(candidates: list[Path]) -> Path:
-    """A static busybox: the system's own when it has one, else Debian's busybox-static."""
-    for candidate in candidates:
-        if candidate.is_file() and is_static_elf(candidate):
+def find_busybox(candidates: list[Path], arch: str, given: Path | None = None) -> Path:
+    """Stage 1's busybox, static and for the kernel's `arch`: `given` (--busybox) after checking it, else the
+    system's own, else Debian's busybox-static on this machine when it is for `arch` (never one for another
+    architecture: the kernel could not run it, and stage 1 would die with its first command)."""
+    if given is not None:
+        header = _header(given, "--busybox")
+        if header is None:
+            raise NetbootError(f"--busybox {given} is not an ELF program")
+        if header.dynamic:
+            raise NetbootError(f"--busybox {given} is dynamically linked, and stage 1 holds no libraries: give a "
+                               f"static busybox (Debian's busybox-static:{DEBIAN_ARCH[arch]})")
+        if header.arch != arch:
+            raise NetbootError(f"--busybox {given} is for {header.arch}, but the kernel is {arch}")
+        return given
+    passed = []
+    for candidate in [*candidates, HOST_BUSYBOX]:
+        if not candidate.is_file():
+            continue
+        header = _header(candidate, "busybox")
+        if header is not None and header.arch == arch and not header.dynamic:
+            for skipped in passed:
+                log.info("stage 1: not %s", skipped)
             return candidate
-    if HOST_BUSYBOX.is_file() and is_static_elf(HOST_BUSYBOX):
-        return HOST_BUSYBOX
-    raise NetbootError(
-        "no static busybox for stage 1: install Debian's busybox-static, or add a static busybox to the system"
-    )
+        passed.append(f"{candidate}, {header.what if header else 'not an ELF program'}")
+    seen = f" (not {'; nor '.join(passed)})" if passed else ""
+    raise NetbootError(f"no static {arch} busybox for stage 1{seen}: add one to the system, or give --busybox PATH "
+                       f"(Debian's busybox-static:{DEBIAN_ARCH[arch]} has one)")
 
 
-def is_static_elf(path: Path) -> bool:
-    """True for a 64-bit ELF executable without a PT_INTERP program header (no dynamic loader)."""
+def _header(path: Path, what: str) -> ElfHeader | None:
     try:
-        with open(path, "rb") as f:
-            ident = f.read(64)
-            if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2:
-                return False
-            order = "<" if ident[5] == 1 else ">"
-            phoff, = struct.unpack_from(order + "Q", ident, 0x20)
-            phentsize, phnum = struct.unpack_from(order + "HH", ident, 0x36)
-            f.seek(phoff)
-            table = f.read(phentsize * phnum)
-    except OSError:
-        return False
-    pt_interp = 3
-    return all(
-        struct.unpack_from(order + "I", table, i * phentsize)[0] != pt_interp for i in range(phnum)
-    )
+        return read_header(path)
+    except OSError as e:
+        raise NetbootError(f"cannot read {what} {path}: {e.strerror}") from e
 
 
 def _read(path: Path) -> bytes:

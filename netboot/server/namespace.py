@@ -1,17 +1,22 @@
 """The served namespace: one set of names, resolved the same way for HTTP and TFTP.
 
     boot.ipxe                          chains to the machine's own script by ${mac:hexhyp}, with its facts
-    machine/<mac>/[<facts>/]boot.ipxe  that machine's script (its profile's kernel line plus appends)
-    machine/<mac>/[<match>/]<generation>/bzImage   the kernel and initrd of the build the script was made from
-    machine/<mac>/[<match>/]<generation>/initrd
+    machine/<mac>/[<facts>/]boot.ipxe  that machine's script (its profile's kernel line plus appends); for a
+                                       machine whose ${buildarch} is not x86 (x86_64, or i386 for BIOS), its
+                                       profile's build for that architecture, or a refusal when it has none
+    machine/<mac>/<arch>/boot.ipxe     the same for a machine of <arch> (a loader's own name for it)
+    machine/<mac>/[<match>/]<generation>/bzImage   the kernel and initrd of the build the script was made from (the
+    machine/<mac>/[<match>/]<generation>/initrd    kernel is `Image` in an arm64 build: core/artifacts.KERNEL_FILES)
     machine/<mac>/[<match>/]<generation>/overlay   that machine's overlay, packed for that build (overlay =)
     profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
     <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
     undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
     grub/grub.cfg                      what GRUB reads first: sources the machine's own by ${net_default_mac}
     machine/<mac>/grub.cfg             that machine's GRUB configuration (the same profiles, builds and appends)
+    machine/<mac>/<arch>/grub.cfg      the same for a machine of <arch> (GRUB's $grub_cpu)
     machine/<mac>/<generation>/netboot.efi   the build's unified kernel image (a build made with --uki)
     shimx64.efi, grubx64.efi, mmx64.efi      shim, network GRUB and MokManager (loaders.py), per architecture
+    arm64/ipxe.efi                     an arm64 iPXE, when --loaders arm64=DIR has one
     grub/x86_64-efi/http.mod           GRUB's modules that its configuration may load (loaders.GRUB_MODULES)
 
 <facts> are what iPXE knows of the machine, as path segments `key=value` (FACT_KEYS; see FACTS_PATH), so that
@@ -45,9 +50,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netboot.core import artifacts
 from netboot.core import loaders as _loaders
 from netboot.core import mac as macs
-from netboot.core.artifacts import FILES, IMAGE_FORMATS, UKI
+from netboot.core.artifacts import ANY_FILE, IMAGE_FORMATS, KERNEL_FILES, UKI, arch_of
 from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
 from netboot.core.ipxe_scripts import render
@@ -59,7 +65,7 @@ from netboot.server.overlay_cache import Broken, Build, Overlays, Prepared
 
 log = logging.getLogger("netboot.serve")
 
-BOOT_FILES = ("bzImage", "initrd")
+BOOT_FILES = (*KERNEL_FILES.values(), "initrd")
 IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
 ALLOWED_ROOTS = (Path("/nix/store"),)  # output directories may hold symlinks into the store
 RETRY_SECONDS = 30
@@ -125,12 +131,20 @@ class Generation:
                 with contextlib.suppress(OSError):  # no store here: no link may lead into one
                     roots.append(Root(str(store), os.open(store, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)))
             # Everything is opened relative to one directory descriptor, so a rebuild that swaps the
-            # directory mid-way cannot mix two builds.
-            for name in FILES:
-                self.files[name] = _open_in(dir_fd, name, roots, directory)
+            # directory mid-way cannot mix two builds. The manifest first: it says which kernel file there is.
+            self.files["manifest.json"] = _open_in(dir_fd, "manifest.json", roots, directory)
+            manifest_bytes = os.pread(self.files["manifest.json"].fd, 1 << 20, 0)
+            try:
+                manifest = json.loads(manifest_bytes)
+                self.arch = arch_of(manifest)  # what the build is for (x86_64, arm64)
+            except ValueError as e:
+                raise NetbootError(f"{directory}/manifest.json is not a netboot manifest ({e})") from None
+            self.kernel = KERNEL_FILES[self.arch]  # its kernel's file name: bzImage, Image
+            for name in artifacts.files(self.arch):
+                if name not in self.files:
+                    self.files[name] = _open_in(dir_fd, name, roots, directory)
             with contextlib.suppress(FileNotFoundError):  # only in builds made with --uki
                 self.files[UKI] = _open_in(dir_fd, UKI, roots, directory, missing_ok=True)
-            manifest_bytes = os.pread(self.files["manifest.json"].fd, 1 << 20, 0)
         except BaseException:
             self.close()
             raise
@@ -138,8 +152,6 @@ class Generation:
             for root in roots:
                 os.close(root.fd)
         try:
-            manifest = json.loads(manifest_bytes)
-            self.arch = str(manifest.get("arch", _loaders.DEFAULT_ARCH))
             self.cmdline = str(manifest["cmdline"])
             self.system = str(manifest.get("system", "?"))
             self.format = str(manifest.get("format", "direct"))
@@ -208,6 +220,10 @@ class ProfileFiles:
         except NetbootError as e:
             log.error("profile %s: keeping the previous build: %s", self.profile.name, e)
             return
+        if (wrong := _wrong_arch(self.profile, new)) is not None:
+            new.close()
+            log.error("profile %s: keeping the previous build: %s", self.profile.name, wrong)
+            return
         if new.id == self.current.id:
             new.close()
             return
@@ -230,8 +246,9 @@ class ProfileFiles:
 
 # A build's id: the start of its manifest's digest (hexadecimal); `Generation.id`.
 _GENERATION = re.compile(r"[0-9a-f]{1,64}")
+_LOADER_ARCH = re.compile(r"[a-z0-9_]{1,16}")  # iPXE's ${buildarch}, GRUB's $grub_cpu: x86_64, i386, arm64
 _BUILD_FILES = (*BOOT_FILES, "overlay", UKI)  # machine/<mac>/<generation>/<file>
-_PROFILE_FILES = (*FILES, UKI)  # profile/<name>/<file>, and with --dir at the root
+_PROFILE_FILES = (*ANY_FILE, UKI)  # profile/<name>/<file>, and with --dir at the root
 
 
 @dataclass(frozen=True)
@@ -247,6 +264,7 @@ class Name:
     profile: str | None = None
     facts: tuple[tuple[str, str], ...] = ()  # what the machine said of itself (FACT_KEYS), in its name
     path: str = ""  # the name without its facts, as log lines and the status record show it
+    arch: str | None = None  # the machine's, as its loader says (machine/<mac>/<arch>/…, or ${buildarch})
 
     def fact(self, key: str) -> str:
         return next((value for k, value in self.facts if k == key), "")
@@ -282,6 +300,7 @@ class Namespace:
         self.grace = grace
         self.machines = machines
         self.profiles: dict[str, ProfileFiles] = {}
+        self.arches: dict[str, str] = {}  # profile name -> its current build's architecture (for DHCP)
         self.binaries: dict[str, HeldFile] = {}
         self.loaders = loaders or _loaders.Loaders()
         # Where GRUB finds the HTTP side (set once it listens): a specific address, or the server GRUB came from.
@@ -308,6 +327,8 @@ class Namespace:
                 else:
                     seen = manifest_key(profile.dir) or (0, 0, 0)  # before opening: a rebuild meanwhile is seen
                     opened[name] = ProfileFiles(profile, Generation(profile.dir), seen=seen)
+                if (wrong := _wrong_arch(profile, opened[name].current)) is not None:
+                    raise NetbootError(wrong)
             self._check_loaders(machines, opened)
         except BaseException:
             for name, files in opened.items():
@@ -319,6 +340,10 @@ class Namespace:
                 files.close()
         self.profiles = opened
         self.machines = machines
+        self._note_arches()
+
+    def _note_arches(self) -> None:
+        self.arches = {name: files.current.arch for name, files in self.profiles.items()}
 
     def _check_loaders(self, machines: Machines, opened: dict[str, ProfileFiles]) -> None:
         """A profile booted through shim and GRUB needs them (and a uki profile a build with its UKI)."""
@@ -345,6 +370,7 @@ class Namespace:
         for files in self.profiles.values():
             files.refresh(self.grace)
             files.expire()
+        self._note_arches()
         self._refresh_binaries()
 
     def _refresh_binaries(self) -> None:
@@ -390,11 +416,16 @@ class Namespace:
             case ["boot.ipxe"]:
                 return Name("chain")
             case ["machine", mac_text, *facts, "boot.ipxe"] if (said := _facts(facts)) is not None:
-                return Name("script", mac=self._mac(mac_text), facts=said, path=f"machine/{mac_text}/boot.ipxe")
+                return Name("script", mac=self._mac(mac_text), facts=said, path=f"machine/{mac_text}/boot.ipxe",
+                            arch=_arch_said(said))
             case ["grub", "grub.cfg"]:
                 return Name("grub-chain")
             case ["machine", mac_text, "grub.cfg"]:
                 return Name("grub", mac=self._mac(mac_text), path=f"machine/{mac_text}/grub.cfg")
+            case ["machine", mac_text, arch, "boot.ipxe" | "grub.cfg" as script] if _LOADER_ARCH.fullmatch(arch):
+                kind = "script" if script == "boot.ipxe" else "grub"
+                return Name(kind, mac=self._mac(mac_text), arch=_loaders.machine_arch(arch) or f"?{arch}",
+                            path="/".join(parts))
             case ["machine", mac_text, *facts, gen_id, file] if file in _BUILD_FILES and (
                     _GENERATION.fullmatch(gen_id)) and (said := _facts(facts)) is not None:
                 return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file, facts=said,
@@ -474,7 +505,10 @@ class Namespace:
                 if found is None:
                     raise NotFound(f"{mac} has no profile")
                 profile, _, machine = found
-                gen = self.profiles[profile.name].generation(parsed.generation)
+                # The build of whichever of the profile's architectures the machine's script named.
+                gen, profile = next(((g, p) for p in self.machines.variants_of(profile)
+                                     if (g := self.profiles[p.name].generation(parsed.generation)) is not None),
+                                    (None, profile))
                 if gen is None:
                     raise NotFound(f"build {parsed.generation} of profile {profile.name} is no longer served; "
                                    "fetch boot.ipxe again")
@@ -525,8 +559,9 @@ class Namespace:
             raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
 
     def _machine_script(self, mac: str, parsed: Name, grub: bool = False) -> Item:
-        """A machine's iPXE script, or with `grub` its GRUB configuration: the same profile, build and appends."""
-        name, facts = parsed.path, parsed.facts
+        """A machine's iPXE script, or with `grub` its GRUB configuration: the same profile, build and appends;
+        for a machine whose loader named its architecture (parsed.arch), its profile's build for it."""
+        name, facts, arch = parsed.path, parsed.facts, parsed.arch
         # Asking again carries the facts again, so that a table keyed by UUID or serial added meanwhile is found.
         again = f"/machine/{macs.hyphenated(mac)}/{FACTS_PATH}/boot.ipxe"
         retry = str(RETRY_SECONDS)
@@ -539,7 +574,18 @@ class Namespace:
                 script = render("unknown.ipxe", mac=mac, machines=where, retry=retry, again=again)
             return Item(name, script.encode(), mac=mac, facts=facts)
         profile, append, machine = found
+        profile = self.machines.for_arch(profile, arch)
         gen = self.profiles[profile.name].current
+        if arch is not None and arch != gen.arch:
+            # Never hand a machine a kernel its CPU cannot run: it would hang where nobody sees why.
+            error = f"profile {profile.name} is for {gen.arch}, and this machine is {arch.lstrip('?')}"
+            log.warning("mac=%s profile=%s refused: %s", mac, profile.name, error)
+            if grub:
+                script = render("broken.grub", mac=mac, error=_grub_text(error), retry=retry)
+            else:  # asks again with its facts, or by the same name (a MAC's and _LOADER_ARCH's characters)
+                script = render("broken.ipxe", mac=mac, error=_echoable(error), retry=retry,
+                                again=again if facts else "/" + name.lstrip("/"))
+            return Item(name, script.encode(), mac=mac, profile=profile.name)
         cmdline = " ".join(x for x in (gen.cmdline, append) if x)
         base = f"/machine/{macs.hyphenated(mac)}{_match(mac, machine)}/{gen.id}"
         overlay = ("", "# no overlay")
@@ -560,7 +606,8 @@ class Namespace:
         files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
         script = render(
             "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline, files=files,
-            overlay_arg=overlay[0], overlay_initrd=overlay[1], binary=self._binary(ipxe_binary(profile, machine)),
+            kernel=gen.kernel, overlay_arg=overlay[0], overlay_initrd=overlay[1],
+            binary=self._binary(ipxe_binary(profile, machine)),
         )
         return Item(name, script.encode(), mac=mac, profile=profile.name, facts=facts)
 
@@ -584,7 +631,7 @@ class Namespace:
             return render("uki.grub", **where)
         # GRUB loads the initrds one after the other into one: the overlay's files win, as under iPXE.
         overlay = f" ${{netboot_files}}{base}/overlay" if profile.overlay is not None else ""
-        return render("machine.grub", cmdline=grub_words(cmdline), overlay=overlay, **where)
+        return render("machine.grub", cmdline=grub_words(cmdline), overlay=overlay, kernel=gen.kernel, **where)
 
     def _rendered(self, mac: str, profile: Profile, machine: Machine | None) -> Rendered | Broken:
         listed = machine is not None and machine.mac == mac
@@ -623,6 +670,15 @@ def _facts(segments: list[str]) -> tuple[tuple[str, str], ...] | None:
     return tuple((key, value.strip()) for key, value in found.items() if value.strip())
 
 
+def _arch_said(facts: tuple[tuple[str, str], ...]) -> str | None:
+    """The architecture a script's name says by iPXE's ${buildarch}; None for x86 (x86_64, or i386: iPXE for
+    BIOS runs on x86_64 machines), which a profile's own build serves, and when iPXE did not say."""
+    said = next((value for key, value in facts if key == "buildarch"), "")
+    if said in ("", "x86_64", "i386"):
+        return None
+    return _loaders.machine_arch(said) or f"?{said}"
+
+
 def _match(mac: str, machine: Machine | None) -> str:
     """The segment a script names its machine's files with when the machine was matched by UUID or serial, so that
     they are matched again the same way; every character but the unreserved ones escaped (RFC 3986 §2.3), so that
@@ -631,6 +687,13 @@ def _match(mac: str, machine: Machine | None) -> str:
         return ""
     kind, value = machine.key.split(":", 1)
     return f"/{kind}={urllib.parse.quote(value, safe='')}"
+
+
+def _wrong_arch(profile: Profile, gen: Generation) -> str | None:
+    """Why a profile's build for one architecture (dir = { ARCH = DIR }) cannot serve it: one of another."""
+    if profile.arch is not None and gen.arch != profile.arch:
+        return f"profile {profile.name}: {profile.dir} holds a build for {gen.arch}, not {profile.arch}"
+    return None
 
 
 def _unpacked(name: str) -> NotFound:
@@ -673,6 +736,6 @@ def grub_words(cmdline: str) -> str:
 
 def _held(gen: Generation, file: str) -> HeldFile:
     held = gen.files.get(file)
-    if held is None:  # the UKI of a build made without --uki
-        raise NotFound(f"build {gen.id} has no {file}")
+    if held is None:  # the UKI of a build made without --uki; another architecture's kernel name
+        raise NotFound(f"build {gen.id} ({gen.arch}) has no {file}")
     return held

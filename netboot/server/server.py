@@ -176,6 +176,7 @@ class Server:
             binaries=frozenset(self.namespace.binaries), http_port=self.http_port, tftp=self.tftp_port == 69,
             uefi_binary=self.opts.dhcp.uefi_binary,
             http_host=http if _specific_ipv4(http) else None, tftp_host=tftp if _specific_ipv4(tftp) else None,
+            arches=self.namespace.arches,
         )
 
     async def _start_tftp(self, where: Endpoint) -> None:

@@ -61,6 +61,24 @@ def test_a_directory_instead(tmp_path: Path) -> None:
     assert given.served()["grub/x86_64-efi/http.mod"] == d / "x86_64-efi" / "http.mod"
 
 
+def test_arm64_directory_with_an_arm64_ipxe(tmp_path: Path) -> None:
+    """--loaders arm64=DIR: arm64's shim, GRUB and MokManager by the firmware's names, and an arm64 iPXE when DIR
+    has one (served as arm64/ipxe.efi, apart from x86's ipxe.efi)."""
+    d = tmp_path / "aa64"
+    d.mkdir()
+    for name in ("shimaa64.efi", "grubaa64.efi", "mmaa64.efi"):
+        (d / name).write_bytes(name.encode())
+    given = Loaders.from_options([f"aarch64={d}"])
+    arm = loaders.arch("arm64")
+    assert given.missing(arm) is None
+    assert {n: p for n, p in given.served().items() if p.parent == d} == {n: d / n for n in arm.files}
+    (d / "ipxe.efi").write_bytes(b"an arm64 iPXE")
+    assert given.served()["arm64/ipxe.efi"] == d / "ipxe.efi" and "ipxe.efi" not in given.served()
+    # What the loaders say of their own build: iPXE's ${buildarch}, GRUB's $grub_cpu.
+    assert [loaders.machine_arch(n) for n in ("x86_64", "i386", "arm64", "aarch64", "riscv64", "arm32")] == [
+        "x86_64", "x86_64", "arm64", "arm64", None, None]
+
+
 @pytest.mark.parametrize(("options", "message"), [
     (["x86_64"], "--loaders 'x86_64': expected ARCH=DIR"),
     (["=/tmp"], "--loaders '=/tmp': expected ARCH=DIR"),

@@ -101,6 +101,51 @@ loader = "uki"
     assert m.profiles["sealed"].build_args == ("--uki",)
 
 
+def test_a_build_per_architecture(tmp_path: Path) -> None:
+    """dir = { ARCH = DIR }: one profile per build, the profile's own name serving x86_64, and each machine of
+    the profile served by the one of its architecture."""
+    fake_out(tmp_path / "x86")
+    fake_out(tmp_path / "arm")
+    m = Machines.load(write(tmp_path, """
+[profiles.rack]
+dir = { arm64 = "arm", x86_64 = "x86" }
+append = "quiet"
+[profiles.arm]
+dir = { arm64 = "arm" }
+[machines."52:54:00:12:34:56"]
+profile = "rack"
+"""))
+    variants = {"x86_64": "rack", "arm64": "rack@arm64"}
+    assert sorted(m.profiles) == ["arm", "rack", "rack@arm64"]
+    rack, arm = m.profiles["rack"], m.profiles["rack@arm64"]
+    assert (rack.dir, rack.arch, rack.variants, rack.append) == (tmp_path / "x86", "x86_64", variants, "quiet")
+    assert (arm.dir, arm.arch, arm.variants, arm.append) == (tmp_path / "arm", "arm64", variants, "quiet")
+    found = m.for_mac("52:54:00:12:34:56")
+    assert found is not None and found[0] is rack
+    assert [m.for_arch(rack, a).name for a in ("x86_64", "arm64", None)] == ["rack", "rack@arm64", "rack"]
+    assert m.variants_of(rack) == [rack, arm]
+    # Only an arm64 build: the profile's own name is it, and x86_64 machines have none.
+    only = m.profiles["arm"]
+    assert (only.arch, only.variants, m.for_arch(only, "x86_64")) == ("arm64", {"arm64": "arm"}, only)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[profiles.r]\ndir = { mips = 'out' }\n", "machines.toml:1: profiles.r: dir.mips: unknown architecture "
+                                                "(expected x86_64, arm64)"),
+    ("[profiles.r]\ndir = { arm64 = 1 }\n", "profiles.r: dir.arm64 must be an output directory of netboot build"),
+    ("[profiles.r]\ndir = { arm64 = 'missing' }\n", "profiles.r: dir.arm64 'missing' does not exist"),
+    ("[profiles.r]\ndir = {}\n", "profiles.r: dir = {} names no build (one per architecture: x86_64 = DIR, "
+                                   "arm64 = DIR)"),
+    ("[profiles.r]\ndir = { arm64 = 'out', x86_64 = 'out' }\n[profiles.'r@arm64']\ndir = 'out'\n",
+     "profiles.r: dir.arm64 needs the name 'r@arm64', which another profile has"),
+])
+def test_bad_builds_per_architecture(tmp_path: Path, text: str, message: str) -> None:
+    fake_out(tmp_path / "out")
+    with pytest.raises(NetbootError) as e:
+        Machines.load(write(tmp_path, text))
+    assert message in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

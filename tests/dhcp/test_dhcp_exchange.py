@@ -491,3 +491,68 @@ async def test_requests_not_answered_beyond_a_hundred_a_second_are_counted_not_l
     assert lines[:100] == [f"dhcp: 52:54:00:00:0e:{i:02x}: not answered: not in the machines file, and there is no "
                            "default profile" for i in range(100)]
     assert lines[100:] == ["dhcp: and 50 more requests not answered in the last second, not logged one by one"]
+
+
+# arm64 machines: their architecture from option 93, their profile's build for it
+
+ARM1, ARM2, MIXED = "52:54:00:00:01:31", "52:54:00:00:01:32", "52:54:00:00:01:33"
+ARM_LOADERS = ALL | {"shimaa64.efi", "grubaa64.efi", "mmaa64.efi"}
+
+
+def arm_fleet() -> Machines:
+    """ARM1 on an arm64 profile, ARM2 on an x86_64 one, MIXED on a profile with a build for each."""
+    variants = {"x86_64": "mixed", "arm64": "mixed@arm64"}
+    profiles = {"arm": Profile("arm", Path("/out/arm")), "x86": Profile("x86", Path("/out/x86")),
+                "mixed": Profile("mixed", Path("/out/x86"), variants=variants, arch="x86_64"),
+                "mixed@arm64": Profile("mixed@arm64", Path("/out/arm"), variants=variants, arch="arm64")}
+    machines = {ARM1: Machine(ARM1, "arm"), ARM2: Machine(ARM2, "x86"), MIXED: Machine(MIXED, "mixed")}
+    return Machines(profiles, machines)
+
+
+ARCHES = {"arm": "arm64", "x86": "x86_64", "mixed": "x86_64", "mixed@arm64": "arm64"}
+
+
+def arm_http_boot(mac: str) -> bytes:
+    return request(DISCOVER, mac, options=[(93, (19).to_bytes(2, "big")), (60, b"HTTPClient:Arch:00019:UNDI:003000")])
+
+
+@pytest.mark.parametrize(("datagram", "binaries", "file", "vendor"), [
+    # EDK2 on arm64 (AAVMF): arm64's shim over TFTP, which chains grubaa64.efi; Debian has no arm64 iPXE.
+    (pxe(ARM1, 11), ARM_LOADERS, "shimaa64.efi", "PXEClient"),
+    (arm_http_boot(ARM1), ARM_LOADERS, "http://192.0.2.10:8080/shimaa64.efi", "HTTPClient"),
+    # The operator's arm64 iPXE (--loaders arm64=DIR with ipxe.efi), for a profile of loader = "ipxe".
+    (pxe(ARM1, 11), ARM_LOADERS | {"arm64/ipxe.efi"}, "arm64/ipxe.efi", "PXEClient"),
+    (arm_http_boot(ARM1), ARM_LOADERS | {"arm64/ipxe.efi"}, "http://192.0.2.10:8080/arm64/ipxe.efi", "HTTPClient"),
+    # A profile with a build per architecture: each machine boots its own.
+    (pxe(MIXED, 11), ARM_LOADERS, "shimaa64.efi", "PXEClient"),
+    (edk2(mac=MIXED), ARM_LOADERS, "ipxe.efi", "PXEClient"),
+])
+def test_arm64_machines_get_arm64_loaders(datagram: bytes, binaries: frozenset, file: str, vendor: str) -> None:
+    reply, sent = answer(responder(arm_fleet(), binaries=binaries, arches=ARCHES), datagram)
+    assert (reply.type, reply.file, reply.siaddr, reply.text(60)) == (OFFER, file, "192.0.2.10", vendor)
+    assert " uefi-arm64-" in sent.line or file == "ipxe.efi", sent.line
+
+
+@pytest.mark.parametrize(("datagram", "mac", "why"), [
+    (pxe(ARM2, 11), ARM2, "uefi-arm64-pxe: refused: profile x86 is for x86_64, and this machine is arm64"),
+    (arm_http_boot(ARM2), ARM2, "uefi-arm64-http: refused: profile x86 is for x86_64, and this machine is arm64"),
+    (edk2(mac=ARM1), ARM1, "uefi-x64-pxe: refused: profile arm is for arm64, and this machine is x86_64"),
+    (bios(mac=ARM1), ARM1, "bios-pxe: refused: profile arm is for arm64, and this machine is x86_64"),
+    (ipxe(mac=ARM1), ARM1, "ipxe-uefi-x64: refused: profile arm is for arm64, and this machine is x86_64"),
+])
+def test_a_machine_of_another_architecture_than_its_profile_is_refused(datagram: bytes, mac: str, why: str,
+                                                                       leases: Leases) -> None:
+    """Not booted into a kernel it cannot run: proxy mode does not answer (the line logged says why); the
+    authoritative mode gives it an address without a boot file, and its line says why."""
+    result = arrive(responder(arm_fleet(), binaries=ARM_LOADERS, arches=ARCHES), datagram)
+    assert isinstance(result, Ignored) and (result.mac, result.reason) == (mac, why), result
+    reply, sent = answer(responder(arm_fleet(), leases, binaries=ARM_LOADERS, arches=ARCHES), datagram)
+    assert (reply.type, reply.file, reply.yiaddr != "0.0.0.0") == (OFFER, "", True)
+    assert sent.line.endswith(f" boot=- ({why.partition(': ')[2]})"), sent.line
+
+
+def test_arm64_machine_without_an_arm64_loader_is_not_answered() -> None:
+    result = arrive(responder(arm_fleet(), arches=ARCHES), pxe(ARM1, 11))
+    assert isinstance(result, Ignored) and result.reason == (
+        "uefi-arm64-pxe: shimaa64.efi is not served (Debian's shim-signed, or --loaders arm64=DIR (or ipxe.efi in "
+        "DIR))"), result

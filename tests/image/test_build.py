@@ -38,6 +38,7 @@ def test_artifacts_and_manifest(system: Path, closure: list[str], tmp_path: Path
     assert manifest["closure"]["paths"] == len(closure)
     assert manifest["cmdline"] == cmdline
     assert manifest["kernel_version"] == os.path.basename(str(system)).split("netboot-test-", 1)[1]
+    assert manifest["arch"] == "x86_64"
     assert manifest["tool"] == "netboot" and manifest["version"]
     for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe"):
         data = (out / name).read_bytes()

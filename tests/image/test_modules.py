@@ -11,8 +11,9 @@ import pytest
 from support import need
 
 from netboot.core.errors import NetbootError
+from netboot.image.elf import read_header
 from netboot.image.modules import ModuleTree, module_name
-from netboot.image.stage1 import find_busybox, is_static_elf
+from netboot.image.stage1 import find_busybox
 
 
 def installed_kernel() -> str:
@@ -123,14 +124,16 @@ def test_module_names() -> None:
 
 
 def test_static_busybox_detection(tmp_path: Path) -> None:
-    assert is_static_elf(Path("/bin/busybox"))  # Debian's busybox-static
-    assert not is_static_elf(Path("/bin/ls"))
-    assert not is_static_elf(Path(__file__))
+    busybox = read_header(Path("/bin/busybox"))  # Debian's busybox-static
+    assert busybox is not None and (busybox.arch, busybox.bits, busybox.dynamic) == ("x86_64", 64, False)
+    ls = read_header(Path("/bin/ls"))
+    assert ls is not None and ls.dynamic
+    assert read_header(Path(__file__)) is None
 
 
 def test_closure_busybox_preferred(system: Path) -> None:
     from netboot.image.closure import Closure
 
     closure = Closure.of(system, None)
-    chosen = find_busybox([p / "bin" / "busybox" for p in closure.paths])
+    chosen = find_busybox([p / "bin" / "busybox" for p in closure.paths], "x86_64")
     assert str(chosen).startswith("/nix/store/") and chosen.name == "busybox"

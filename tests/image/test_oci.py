@@ -252,6 +252,22 @@ def test_image_index_chooses_linux_amd64(tmp_path: Path) -> None:
     assert listing(dest) == {"arch": b"amd64", "more": b""}
 
 
+def test_image_index_chooses_the_platform_asked(tmp_path: Path) -> None:
+    """An arm64 kernel's build takes linux/arm64 from an index; an index of one image for another platform is
+    refused rather than unpacked for a kernel that could not run it."""
+    images = {"linux/amd64": [[file("arch", b"amd64")]], "linux/arm64": [[file("arch", b"arm64")]]}
+    archive = oci_index_archive(tmp_path / "image.tar", images)
+    dest = dest_dir(tmp_path)
+    unpack(archive, dest, keep_owners=False, platform="linux/arm64")
+    assert listing(dest) == {"arch": b"arm64"}
+    only = oci_index_archive(tmp_path / "only.tar", {"linux/amd64": images["linux/amd64"]})
+    index_digest = json.loads(read_members(only)["index.json"])["manifests"][0]["digest"]
+    with pytest.raises(NetbootError) as e:
+        unpack(only, tmp_path / "other", keep_owners=False, platform="linux/arm64")
+    assert str(e.value) == (f"{only}: image index {index_digest} holds one image, for linux/amd64, and the kernel "
+                            "needs linux/arm64")
+
+
 # Errors: one line each, naming what is wrong.
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from support import MARKER, ServerProcess, cli, free_port, need, netboot_ok, netboot_vm
 
-from netboot.image.publish import FILES
+from netboot.core.artifacts import FILES
 
 NODE = "52:54:00:00:0d:01"
 

@@ -195,9 +195,9 @@ def test_bad_input(root: Path, system: Path, tmp_path: Path, case: str) -> None:
                 f"init /etc/marker in {root} is not an executable file"
         case "not a bzImage":
             args, expected = ["--rootfs", root, "--kernel", root / "etc/marker"], \
-                f"kernel {root / 'etc/marker'} is not a bzImage (no Linux boot header)"
+                f"kernel {root / 'etc/marker'} is not a Linux kernel image (no boot header); netboot boots an x86_64 "
         case "no kernel":
-            args, expected = ["--rootfs", root], "--rootfs needs --kernel BZIMAGE"
+            args, expected = ["--rootfs", root], "--rootfs needs --kernel KERNEL (an x86_64 bzImage or an arm64 Image)"
         case "two inputs":
             args, expected = [system, "--rootfs", root, *kernel], \
                 "give one of SYSTEM, --rootfs DIR and --oci IMAGE.tar (not SYSTEM and --rootfs)"

@@ -88,8 +88,8 @@ def test_facts_are_parsed_and_kept_out_of_the_name_shown(fleet: Path) -> None:
         # What iPXE does not know is left out; a bare name has no facts.
         assert ns.attribution(name(STRANGER, platform="efi")).facts == (("platform", "efi"),)
         assert ns.attribution("machine/52-54-00-00-0d-99/boot.ipxe").facts == ()
-        # A segment that is not a fact is no name the server serves.
-        for bad in ("machine/52-54-00-00-0d-99/colour=red/boot.ipxe", "machine/52-54-00-00-0d-99/x/boot.ipxe"):
+        # A segment that is not a fact (nor a loader's name for an architecture) is no name the server serves.
+        for bad in ("machine/52-54-00-00-0d-99/colour=red/boot.ipxe", "machine/52-54-00-00-0d-99/x.y/boot.ipxe"):
             assert ns.who(bad) == (None, None)
             with pytest.raises(NotFound):
                 ns.lookup(bad)

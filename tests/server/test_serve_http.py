@@ -15,7 +15,7 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from support import ServerProcess, netboot, netboot_ok
+from support import ServerProcess, fake_out, netboot, netboot_ok, write_machines
 
 MAC = "52:54:00:12:34:56"
 
@@ -309,3 +309,28 @@ def test_a_broken_rebuild_keeps_the_previous_build(own_server: ServerProcess, ow
     assert own_server.log.count("keeping the previous build") == 1
     assert f"{out}/initrd is not a regular file inside {out} or the Nix store" in own_server.log
     assert get(own_server.url("profile/squash/initrd"))[2] == initrd
+
+
+def test_each_build_served_by_its_kernels_name(tmp_path: Path) -> None:
+    """An arm64 build's kernel is Image, an x86_64 one's bzImage (its manifest says, or says nothing: a build from
+    before builds recorded their architecture); scripts and names follow, and neither name reaches the other's."""
+    old = fake_out(tmp_path / "old")
+    x86 = fake_out(tmp_path / "x86", arch="x86_64")
+    arm = fake_out(tmp_path / "arm", arch="arm64")
+    other = "52:54:00:00:00:02"
+    machines = write_machines(tmp_path / "machines.toml", {"default": old, "x86": x86, "arm": arm},
+                              {MAC: "arm", other: "x86"})
+    s = ServerProcess("--machines", machines, "--http", "127.0.0.1:0", "--no-tftp")
+    try:
+        for mac, kernel in ((MAC, "Image"), (other, "bzImage"), ("52:54:00:00:00:03", "bzImage")):
+            lines = script_lines(get(s.url(f"machine/{mac}/boot.ipxe"))[2])
+            files = f"/machine/{mac.replace(':', '-')}/{lines[1].split()[1].split('/')[3]}"
+            assert lines[1] == f"kernel {files}/{kernel} initrd=initrd init=/x", lines
+            assert get(s.url(f"{files}/{kernel}"))[2] == kernel.encode()
+            assert get(s.url(f"{files}/{({'Image', 'bzImage'} - {kernel}).pop()}"))[0] == 404
+        for profile, kernel, absent in (("arm", "Image", "bzImage"), ("x86", "bzImage", "Image"),
+                                        ("default", "bzImage", "Image")):
+            assert get(s.url(f"profile/{profile}/{kernel}"))[:3:2] == (200, kernel.encode())
+            assert get(s.url(f"profile/{profile}/{absent}"))[0] == 404
+    finally:
+        s.stop()

@@ -2,11 +2,18 @@
 # the linux-image kernel and a few of its modules, busybox-static, and a test init.
 #   nix-build tests/system --option sandbox false --argstr kernelVersion "$(uname -r)"
 # Builders are /bin/sh scripts run without a sandbox; host files are hashed into the derivations so a
-# changed host file makes new store paths.
+# changed host file makes new store paths. arm64.nix makes the same system from Debian's arm64 packages.
 { kernelVersion
-, bzImage ? "/boot/vmlinuz-${kernelVersion}"
+, kernelImage ? "/boot/vmlinuz-${kernelVersion}"
+, kernelFile ? "bzImage"  # its name in the kernel's store path, as the kernel's build names it
 , hostModules ? "/lib/modules/${kernelVersion}"
 , busyboxBin ? "/bin/busybox"
+  # What lists busybox's applets (`--list`): busybox itself, unless it is for another architecture than the
+  # host's, which cannot run it; then the host's busybox-static of the same Debian version.
+, appletLister ? null
+, console ? "ttyS0,115200"
+  # The architecture's own modules besides the generic ones (crc32c, which erofs needs, and its fast variant).
+, archModules ? [ "kernel/crypto/crc32c_generic.ko" "kernel/arch/x86/crypto/crc32c-intel.ko" ]
   # Extra host directories, each copied into a store path of its own (benchmarks use this for bulk).
 , payload ? [ ]
   # How the selected modules are stored: "none", "xz" or "zst" (the kernel's own choices).
@@ -25,12 +32,12 @@ let
   busybox = mk "busybox-static-1.35" { hash = builtins.hashFile "sha256" busyboxBin; } ''
     mkdir -p $out/bin
     cp ${busyboxBin} $out/bin/busybox
-    for applet in $($out/bin/busybox --list); do [ -e $out/bin/$applet ] || ln -s busybox $out/bin/$applet; done
+    for applet in $(${if appletLister == null then "$out/bin/busybox" else appletLister} --list); do [ -e $out/bin/$applet ] || ln -s busybox $out/bin/$applet; done
   '';
 
-  kernel = mk "linux-${kernelVersion}" { hash = builtins.hashFile "sha256" bzImage; } ''
+  kernel = mk "linux-${kernelVersion}" { hash = builtins.hashFile "sha256" kernelImage; } ''
     mkdir -p $out
-    cp ${bzImage} $out/bzImage
+    cp ${kernelImage} $out/${kernelFile}
   '';
 
   # What the squashfs and erofs formats need (loop, squashfs, erofs and its soft dependency crc32c, overlay)
@@ -46,7 +53,7 @@ let
              kernel/fs/isofs/isofs.ko \
              $(grep '^kernel/drivers/target/loopback/tcm_loop.ko:' $src/modules.dep | tr -d :) \
              $(grep '^kernel/fs/erofs/erofs.ko:' $src/modules.dep | tr -d :) \
-             kernel/crypto/crc32c_generic.ko kernel/arch/x86/crypto/crc32c-intel.ko; do
+             ${toString archModules}; do
       mkdir -p $dst/$(dirname $m)
       case $moduleCompression in
         xz) xz --check=crc32 -c $src/$m > $dst/$m.xz ;;
@@ -76,6 +83,7 @@ let
     echo "NETBOOT-TEST: store mount: \$(grep ' /nix/store ' /proc/mounts || echo none)"
     echo "NETBOOT-TEST: lockdown: \$(mount -t securityfs securityfs /sys/kernel/security 2>/dev/null; cat /sys/kernel/security/lockdown 2>/dev/null || echo unknown)"
     echo "NETBOOT-TEST: hostname: \$(cat /etc/hostname 2>/dev/null || echo none)"
+    echo "NETBOOT-TEST: machine: \$(uname -m)"
     ok=1
     n=0
     [ -s "\$top/closure-paths" ] || { echo "NETBOOT-TEST: no closure list"; ok=0; }
@@ -117,9 +125,9 @@ let
 in
 mk "nixos-system-${name}-${kernelVersion}" { } ''
   mkdir -p $out
-  ln -s ${kernel}/bzImage $out/kernel
+  ln -s ${kernel}/${kernelFile} $out/kernel
   ln -s ${modules} $out/kernel-modules
-  echo "console=ttyS0,115200 panic=-1 loglevel=4" > $out/kernel-params
+  echo "console=${console} panic=-1 loglevel=4" > $out/kernel-params
   ln -s ${motdLink} $out/motd
   ln -s ${hardlinks} $out/hardlinks
   ${builtins.concatStringsSep "\n" (map (p: "ln -s ${p} $out/payload-$(basename ${p})") payloadPaths)}

@@ -1,0 +1,89 @@
+"""arm64 and x86_64 UEFI machines on one server: two AAVMF VMs (EDK2's PXE client, option 93 = 11) boot the arm64
+system through Debian's signed shimaa64.efi and network GRUB, in the direct and squashfs formats, beside an x86_64
+OVMF VM booting through iPXE, all through netboot's proxy DHCP beside the site's dnsmasq."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+from pathlib import Path
+
+from dhcp_support import DISCOVER, request
+from lan_support import boot_vm, lan_fixture  # noqa: F401  (lan_fixture: the `lan` fixture)
+from support import assert_booted, built
+from test_dhcp_live import probe, start, wait_for
+
+from devtools.lan import Lan
+
+ARM_DIRECT, ARM_SQUASH, X86, ARM_ON_X86 = ("52:54:00:00:0f:01", "52:54:00:00:0f:02", "52:54:00:00:0f:03",
+                                           "52:54:00:00:0f:04")
+
+
+def test_arm64_and_x86_64_uefi_machines_boot_from_one_server(lan: Lan, outs: dict[str, Path], system: Path,
+                                                             closure: list[str], arm64_system: Path,
+                                                             arm64_loaders: Path, tmp_path: Path) -> None:
+    arm_direct = built(arm64_system, "--format", "direct")
+    arm_squash = built(arm64_system, "--format", "squashfs")
+    fleet = tmp_path / "machines.toml"
+    # One profile with a build per architecture (the x86_64 VM and the direct arm64 VM), one arm64 profile, and
+    # an x86_64 one that an arm64 machine is listed on.
+    fleet.write_text(f"""
+[profiles.rack]
+dir = {{ x86_64 = "{outs['squashfs']}", arm64 = "{arm_direct}" }}
+[profiles.arm-squash]
+dir = "{arm_squash}"
+[profiles.x86]
+dir = "{outs['squashfs']}"
+[machines."{ARM_DIRECT}"]
+profile = "rack"
+append = "loglevel=7"  # the kernel's own line naming the init it starts (KERN_INFO): nothing runs before it
+[machines."{X86}"]
+profile = "rack"
+[machines."{ARM_SQUASH}"]
+profile = "arm-squash"
+[machines."{ARM_ON_X86}"]
+profile = "x86"
+""")
+    # Plain leases, naming netboot as the next server: GRUB takes its TFTP server from the acknowledgement of its
+    # address, not from the proxy's offer the firmware followed (README, "Boot with Secure Boot on").
+    lan.host("site", "192.0.2.2/24").dnsmasq("--dhcp-option=option:server-ip-address,192.0.2.10",
+                                             leasefile=tmp_path / "dnsmasq.leases")
+    server = start(lan.host("netboot", "192.0.2.10/24"), "--machines", fleet, "--dhcp", "proxy",
+                   "--loaders", f"arm64={arm64_loaders}")
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        boots = {mac: pool.submit(boot_vm, lan, mac, uefi=True, pxe_rom=False, timeout=900, arch=arch)
+                 for mac, arch in ((ARM_DIRECT, "arm64"), (ARM_SQUASH, "arm64"), (X86, "x86_64"))}
+        results = {mac: f.result() for mac, f in boots.items()}
+    arm_closure = (arm64_system / "closure-paths").read_text().split()
+    for mac in (ARM_DIRECT, ARM_SQUASH):
+        result = results[mac]
+        assert_booted(result, arm_closure, arm64_system)
+        assert "NETBOOT-TEST: machine: aarch64" in result.console
+        # EDK2's arm64 PXE client took shim from netboot's proxy offer; shim fetched grubaa64.efi beside it, and
+        # GRUB asked for this machine's arm64 configuration, then its build's Image.
+        assert f"{mac} uefi-arm64-pxe OFFER address=- boot=tftp://192.0.2.10/shimaa64.efi" in server.log
+        hyphens = mac.replace(":", "-")
+        for name in ("grubaa64.efi", f"machine/{mac}/arm64/grub.cfg"):
+            assert re.search(rf" tftp /{re.escape(name)} complete ", server.log), (name, server.log)
+        assert re.search(rf"mac={mac} profile=\S+ tftp /machine/{hyphens}/[0-9a-f]+/Image complete ", server.log), (
+            server.log)
+    assert "netboot stage 1: starting" in results[ARM_SQUASH].console
+    assert "netboot stage 1" not in results[ARM_DIRECT].console
+    # The x86_64 machine of the same profile: EDK2 on OVMF, iPXE, and the profile's x86_64 build.
+    assert_booted(results[X86], closure, system)
+    assert f"{X86} uefi-x64-pxe OFFER address=- boot=tftp://192.0.2.10/ipxe.efi" in server.log
+    assert re.search(rf"mac={X86} profile=rack http /machine/{X86.replace(':', '-')}/[0-9a-f]+/bzImage 200",
+                     server.log), server.log
+    print(f"\nboot times (TCG, three at once): arm64 direct {results[ARM_DIRECT].elapsed:.1f} s, arm64 squashfs "
+          f"{results[ARM_SQUASH].elapsed:.1f} s, x86_64 squashfs {results[X86].elapsed:.1f} s")
+
+    # An arm64 machine whose profile has x86_64's build only: not answered, one line saying why.
+    arm_pxe = request(DISCOVER, ARM_ON_X86, options=[(93, (11).to_bytes(2, "big")),
+                                                     (60, b"PXEClient:Arch:00011:UNDI:003000")])
+    replies = probe(lan.host("client", "192.0.2.50/24"), arm_pxe, arm_pxe)
+    assert [source for source, _ in replies if source.startswith("192.0.2.10:")] == []  # dnsmasq's only
+    refusal = (f"dhcp: {ARM_ON_X86}: not answered: uefi-arm64-pxe: refused: profile x86 is for x86_64, and this "
+               "machine is arm64")
+    wait_for(server, refusal)
+    assert server.log.count(refusal) == 1
+    server.stop()
