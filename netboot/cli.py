@@ -69,6 +69,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "and 3 and above is lz4hc)",
     )
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel parameters, after the system's own")
+    p.add_argument(
+        "--fetch", action="store_true",
+        help="squashfs and erofs: write the image as a file of its own (image) instead of into the initrd, which "
+        "then holds stage 1 alone; stage 1 brings up the network and downloads the image into memory over HTTP, "
+        "checked against the sha256 on the kernel command line (for systems too large for one initrd)",
+    )
     p.add_argument("--rootfs", type=Path, metavar="DIR",
                    help="a root filesystem directory to boot instead of a Nix system (owners and modes kept)")
     p.add_argument("--oci", type=Path, metavar="IMAGE.tar",
@@ -122,6 +128,7 @@ def _run_build(args: argparse.Namespace) -> int:
         modules=args.modules,
         init=args.init,
         limits=ImageLimits(cache.parse_size(args.max_image_bytes), args.max_image_entries),
+        fetch=args.fetch,
     )
     pack.build(opts)
     return 0

@@ -1,4 +1,5 @@
-"""`netboot build`: a system closure → bzImage, initrd, cmdline, netboot.ipxe and manifest.json."""
+"""`netboot build`: a system closure → bzImage, initrd, cmdline, netboot.ipxe and manifest.json (and with --fetch,
+the image, which stage 1 downloads)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from pathlib import Path
 
 from netboot import __version__
 from netboot.core import compress
-from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS
+from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE, IMAGE_FORMATS, IMAGE_SHA256
 from netboot.core.errors import NetbootError
-from netboot.core.ipxe_scripts import render
+from netboot.core.ipxe_scripts import fetch_args, render
 from netboot.core.remove import remove_tree
 from netboot.core.run import require
 from netboot.image import oci, rootfs
@@ -36,6 +37,8 @@ from netboot.image.system import System
 log = logging.getLogger(__name__)
 
 LARGE_INITRD = 1 << 30  # firmware and iPXE have failed above this (nixpkgs #73588)
+# iPXE places initrds below 4 GiB, where PCI space crowds them out: above about 2 GB they fail to boot
+# (nixpkgs #203593, iPXE #526).
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class BuildOptions:
     modules: Path | None = None  # its modules (/lib/modules/<version>)
     init: str = "/sbin/init"  # the init of rootfs or oci
     limits: ImageLimits = field(default_factory=ImageLimits)  # what rootfs or oci may cost
+    fetch: bool = False  # the image as a file of its own, which stage 1 downloads, instead of in the initrd
 
 
 def source_date_epoch() -> int:
@@ -83,6 +87,9 @@ def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]
         require("mksquashfs", "install Debian's squashfs-tools, or use --format direct")
     if opts.format == "erofs":
         require("mkfs.erofs", "install Debian's erofs-utils, or use --format squashfs or direct")
+    if opts.fetch and opts.format not in IMAGE_FORMATS:
+        raise NetbootError(f"--fetch downloads an image at boot: it needs --format {' or '.join(IMAGE_FORMATS)}, "
+                           f"not {opts.format}")
     inputs = [flag for flag, given in (("SYSTEM", opts.system), ("--rootfs", opts.rootfs), ("--oci", opts.oci))
               if given is not None]
     if len(inputs) != 1:
@@ -126,43 +133,56 @@ def _build(opts: BuildOptions) -> dict:
         scratch = work / ".scratch"
         scratch.mkdir(mode=0o700)
         if system is not None:
-            cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
+            init, params = str(system.init), system.params
+            _cmdline(opts.format, init, params, opts.append)  # refused before packing
             described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel
             kernel_version, name = system.kernel_version, str(system.toplevel)
         else:
             root = _root_system(opts, scratch)
-            cmdline = _cmdline(opts.format, root.init, "", opts.append)
+            init, params = root.init, ""
+            _cmdline(opts.format, init, params, opts.append)
             described, kernel = _pack_root(opts, root, packing, work, scratch), root.kernel
             kernel_version, name = root.kernel_version, str(opts.rootfs or opts.oci)
+        image = _describe(work / IMAGE) if opts.fetch else None
+        # With --fetch, the image's sha256 goes on the command line, which stage 1 checks the download against:
+        # in a signed kernel image (a UKI) the command line is signed too, so the image is verified with it.
+        cmdline = _cmdline(opts.format, init, " ".join(x for x in (
+            params, image and f"{IMAGE_SHA256}={image['sha256']}") if x), opts.append)
         # The scratch directory (an erofs image's laid out root: tens of thousands of entries) goes while the
         # rest is written and the initrd hashed; all of it must be gone before the output is published.
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netboot-scratch") as removal:
             removed = removal.submit(remove_tree, scratch)
-            manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described)
+            manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described,
+                               image)
             removed.result()
         for f in work.iterdir():
             f.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
         initrd_size = manifest["artifacts"]["initrd"]["size"]
         if initrd_size > LARGE_INITRD:
             log.warning(
-                "warning: the initrd is %.2f GiB; some firmware and iPXE fail to load initrds above 1 GiB",
-                initrd_size / 2**30,
+                "warning: the initrd is %.2f GiB; some firmware and iPXE fail to load initrds above 1 GiB, and "
+                "iPXE cannot boot one above about 2 GiB (it places initrds below 4 GiB): build with --fetch "
+                "(--format squashfs or erofs), so that the initrd holds stage 1 alone and stage 1 downloads "
+                "the image", initrd_size / 2**30,
             )
         staging.commit()
     log.info(
-        "built %s: initrd %.1f MiB (%s%s) in %.1f s",
-        opts.out, initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
-        time.monotonic() - started,
+        "built %s: initrd %.1f MiB%s (%s%s) in %.1f s",
+        opts.out, initrd_size / 2**20, f", image {image['size'] / 2**20:.1f} MiB" if image else "",
+        compressor.name, f" -{level}" if level is not None else "", time.monotonic() - started,
     )
     return manifest
 
 
 def _finish(opts: BuildOptions, work: Path, kernel: Path, cmdline: str, name: str, kernel_version: str | None,
-            compressor: compress.Compressor, level: int | None, described: dict) -> dict:
-    """The kernel, the command line, the iPXE script and the manifest, beside the initrd."""
+            compressor: compress.Compressor, level: int | None, described: dict, image: dict | None) -> dict:
+    """The kernel, the command line, the iPXE script and the manifest, beside the initrd (and the image)."""
     shutil.copyfile(kernel, work / "bzImage")
     (work / "cmdline").write_text(cmdline + "\n")
-    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline))
+    script = render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline) if image is None else (
+        render("netboot-fetch.ipxe", system=name, format=opts.format, cmdline=cmdline, image=IMAGE,
+               fetch_args=fetch_args("${netboot-base}/" + IMAGE)))
+    (work / "netboot.ipxe").write_text(script)
     manifest = {
         "tool": "netboot",
         "version": __version__,
@@ -175,6 +195,9 @@ def _finish(opts: BuildOptions, work: Path, kernel: Path, cmdline: str, name: st
         **described,
         "artifacts": {f: _describe(work / f) for f in ("bzImage", "initrd", "cmdline", "netboot.ipxe")},
     }
+    if image is not None:
+        manifest["fetch"] = True
+        manifest["artifacts"][IMAGE] = image
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -193,13 +216,14 @@ def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache
     """A Nix system's initrd: its closure, in the format asked; what the manifest says of it."""
     closure = Closure.of(system.toplevel, opts.closure_info)
     # Refused before packing: an image format without the modules to mount it.
-    stage1 = Stage1.prepare(system, closure, opts.format) if opts.format in IMAGE_FORMATS else None
+    stage1 = Stage1.prepare(system, closure, opts.format, fetch=opts.fetch) if opts.format in IMAGE_FORMATS else None
     initrd = work / "initrd"
+    fetched = work / IMAGE if opts.fetch else None
     if stage1 is not None:
         if opts.format == "erofs":
-            stats = write_erofs(initrd, closure, stage1, packing, cache, scratch)
+            stats = write_erofs(initrd, closure, stage1, packing, cache, scratch, fetched=fetched)
         else:
-            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress)
+            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress, fetched=fetched)
         _log_stage1(stage1)
     else:
         progress = Progress("packing", len(closure.paths), enabled=opts.progress)
@@ -234,9 +258,10 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
     """Any other system's initrd: its root filesystem, in the format asked; what the manifest says of it."""
     initrd = work / "initrd"
     if opts.format in IMAGE_FORMATS:
-        stage1 = root.stage1(opts.format)
+        stage1 = root.stage1(opts.format, fetch=opts.fetch)
         files, nbytes = rootfs.count(root.root, opts.limits)  # before mksquashfs or mkfs.erofs reads it
-        rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
+        rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress,
+                           fetched=work / IMAGE if opts.fetch else None)
         _log_stage1(stage1)
     else:
         files, nbytes = rootfs.write_direct(initrd, root, packing, opts.limits)
@@ -248,6 +273,9 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
 def _log_stage1(stage1: Stage1) -> None:
     log.info("stage 1: busybox from %s, modules %s", stage1.busybox,
              " ".join(p for p, _ in stage1.load_order) or "built in")
+    if stage1.network is not None:
+        log.info("stage 1: %d network drivers and their dependencies (%d modules), loaded by modalias",
+                 len(stage1.network.drivers), len(stage1.network.modules))
 
 
 _NEARLY_FULL = 16 << 20  # less free space than a tool's write buffers: what made it fail
