@@ -1,7 +1,7 @@
 """`netboot publish`: a build's artifacts in a content-addressed tree that any static server, CDN or object store
 can serve as it is.
 
-    DEST/<sha256 of manifest.json>/bzImage, initrd, cmdline, netboot.ipxe, manifest.json
+    DEST/<sha256 of manifest.json>/bzImage, initrd, cmdline, netboot.ipxe, manifest.json (and image, from --fetch)
 
 The manifest records every other artifact's sha256, so its own hash names the whole build. A build's directory
 is written under a temporary name, its files checked against the manifest and synced, then renamed into place
@@ -18,7 +18,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from netboot.core.artifacts import FILES
+from netboot.core.artifacts import FILES, IMAGE
 from netboot.core.durable import sync_dir
 from netboot.core.errors import NetbootError
 from netboot.core.remove import remove_tree
@@ -42,7 +42,9 @@ def publish(out: Path, dest: Path) -> tuple[Path, bool]:
         raise NetbootError(f"cannot read {out}/manifest.json: {e.strerror}") from None
     try:
         artifacts = json.loads(manifest_bytes)["artifacts"]
-        expected = {name: str(artifacts[name]["sha256"]) for name in FILES if name != "manifest.json"}
+        # A --fetch build's image is published with the rest: stage 1 fetches it from base_url.
+        names = (*FILES, IMAGE) if IMAGE in artifacts else FILES
+        expected = {name: str(artifacts[name]["sha256"]) for name in names if name != "manifest.json"}
     except (ValueError, KeyError, TypeError) as e:
         raise NetbootError(f"{out}/manifest.json is not a netboot manifest ({e})") from None
     final = dest / manifest_digest(manifest_bytes)
@@ -54,7 +56,7 @@ def publish(out: Path, dest: Path) -> tuple[Path, bool]:
     except OSError as e:
         raise NetbootError(f"cannot write into {dest}: {e.strerror}") from None
     try:
-        for name in FILES:
+        for name in names:
             digest = _copy(out / name, staging / name)
             if name in expected and digest != expected[name]:
                 raise NetbootError(f"{out}/{name} does not match its manifest (sha256 {digest}, the manifest says "

@@ -4,14 +4,18 @@
     machine/<mac>/boot.ipxe            that machine's script (its profile's kernel line plus appends)
     machine/<mac>/<generation>/bzImage the kernel and initrd of the build the script was made from
     machine/<mac>/<generation>/initrd
+    machine/<mac>/<generation>/image   the image stage 1 downloads (a build made with --fetch)
     machine/<mac>/<generation>/overlay that machine's overlay, packed for that build (a profile with overlay =)
     profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
+                                       (and image)
     <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
     undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
 
 Only these names exist, so no request can reach anything else: there is no path to traverse. Scripts refer to
 files by absolute path (/machine/…), which iPXE resolves against the URL the script came from, so a machine
-that started over TFTP stays on TFTP and one that started over HTTP stays on HTTP.
+that started over TFTP stays on TFTP and one that started over HTTP stays on HTTP. The one exception is the
+image of a --fetch build: stage 1, not iPXE, downloads it, over HTTP and by an absolute URL, which the script
+names (the address the machine asked for its script at, or the mirror's).
 
 A build replaces an output directory atomically; each profile's files are held open per generation (a hash of
 its manifest) so that a machine that got its script before a rebuild still boots the kernel and initrd that
@@ -35,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from netboot.core import mac as macs
-from netboot.core.artifacts import FILES, IMAGE_FORMATS
+from netboot.core.artifacts import FILES, IMAGE, IMAGE_FORMATS
 from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
-from netboot.core.ipxe_scripts import render
+from netboot.core.ipxe_scripts import fetch_args, render
 from netboot.core.logtext import clip
 from netboot.core.machines import DEFAULT, Machines, Profile
 from netboot.image.publish import manifest_digest
@@ -48,6 +52,7 @@ from netboot.server.overlay_cache import Broken, Build, Overlays, Prepared
 log = logging.getLogger("netboot.serve")
 
 BOOT_FILES = ("bzImage", "initrd")
+SERVED = (*FILES, IMAGE)  # a build's files by name; the image only in a --fetch build
 IPXE_DIR = Path("/usr/lib/ipxe")  # Debian's ipxe package
 IPXE_BINARIES = ("undionly.kpxe", "ipxe.efi", "snponly.efi")
 ALLOWED_ROOTS = (Path("/nix/store"),)  # output directories may hold symlinks into the store
@@ -106,6 +111,9 @@ class Generation:
             for name in FILES:
                 self.files[name] = _open_in(dir_fd, name, roots, directory)
             manifest_bytes = os.pread(self.files["manifest.json"].fd, 1 << 20, 0)
+            self.fetch = _lists_image(manifest_bytes)  # a --fetch build: its image is served too
+            if self.fetch:
+                self.files[IMAGE] = _open_in(dir_fd, IMAGE, roots, directory)
         except BaseException:
             self.close()
             raise
@@ -142,6 +150,16 @@ def _open_in(dir_fd: int, name: str, roots: list[Root], shown: Path) -> HeldFile
     except OSError as e:
         raise NetbootError(f"cannot open {shown}/{name}: {e.strerror}") from e
     return HeldFile(fd, st.st_size, st.st_mtime)
+
+
+def _lists_image(manifest_bytes: bytes) -> bool:
+    """Whether a manifest lists an image among its artifacts (False for one that does not read: that is
+    reported when it is read in full)."""
+    try:
+        artifacts = json.loads(manifest_bytes).get("artifacts")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(artifacts, dict) and IMAGE in artifacts
 
 
 def manifest_key(directory: Path) -> tuple[int, int, int] | None:
@@ -228,6 +246,9 @@ class Item:
 class Namespace:
     def __init__(self, machines: Machines, *, single_dir: bool, grace: float = 600.0) -> None:
         self.single_dir = single_dir
+        # Where stage 1 downloads a --fetch build's image from, for a script asked for by another way than HTTP
+        # (whose own Host is used): the HTTP listener's URL (server.py sets it once it listens).
+        self.http_origin = ""
         self.grace = grace
         self.machines = machines
         self.profiles: dict[str, ProfileFiles] = {}
@@ -316,33 +337,34 @@ class Namespace:
                 return Name("chain")
             case ["machine", mac_text, "boot.ipxe"]:
                 return Name("script", mac=self._mac(mac_text))
-            case ["machine", mac_text, gen_id, file] if (file in BOOT_FILES or file == "overlay") and (
+            case ["machine", mac_text, gen_id, file] if (file in BOOT_FILES or file in ("overlay", IMAGE)) and (
                     _GENERATION.fullmatch(gen_id)):
                 return Name("build", mac=self._mac(mac_text), generation=gen_id, file=file)
-            case ["profile", profile, file] if file in FILES and profile in self.profiles:
+            case ["profile", profile, file] if file in SERVED and profile in self.profiles:
                 return Name("profile", profile=profile, file=file)
-            case [file] if file in FILES and self.single_dir:
+            case [file] if file in SERVED and self.single_dir:
                 return Name("profile", profile=DEFAULT, file=file)
             case [file] if file in self.binaries:
                 return Name("binary", file=file)
         return None
 
-    def lookup(self, name: str) -> Item:
+    def lookup(self, name: str, origin: str = "") -> Item:
         """What `name` resolves to. On the event loop, a name whose overlay must first be rendered or packed
-        raises Pending (use `resolve` there); elsewhere (a thread, a script) this waits for that work."""
+        raises Pending (use `resolve` there); elsewhere (a thread, a script) this waits for that work.
+        `origin`: the HTTP URL (scheme, host, port) the request came to, if it came over HTTP."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             for _ in range(_STEPS):
                 try:
-                    return self._lookup(name)
+                    return self._lookup(name, origin)
                 except Pending as pending:
                     pending.job.exception()  # waits for it
                     if not self._keep(name, pending, pending.job):
                         raise _unpacked(name) from None
-        return self._lookup(name)
+        return self._lookup(name, origin)
 
-    async def resolve(self, name: str) -> Item:
+    async def resolve(self, name: str, origin: str = "") -> Item:
         """`lookup` for the event loop: what must be rendered or packed first is awaited, in the overlays'
         executor (a script needs its machine's overlay rendered; the overlay, packed). That work is shared by
         the requests for it and outlives each: one that is cancelled (a TFTP request superseded by its client's
@@ -350,7 +372,7 @@ class Namespace:
         what it makes."""
         for _ in range(_STEPS):
             try:
-                return self._lookup(name)
+                return self._lookup(name, origin)
             except Pending as pending:
                 job = asyncio.wrap_future(pending.job)
                 # Stored when done, whether this request still waits or not; and the shield keeps this
@@ -360,7 +382,7 @@ class Namespace:
                     await asyncio.shield(job)
                 except Exception:
                     raise _unpacked(name) from None
-        return self._lookup(name)
+        return self._lookup(name, origin)
 
     @staticmethod
     def _keep(name: str, pending: Pending, job: Future[Any] | asyncio.Future[Any]) -> bool:
@@ -375,7 +397,7 @@ class Namespace:
         pending.finish(job.result())
         return True
 
-    def _lookup(self, name: str) -> Item:
+    def _lookup(self, name: str, origin: str) -> Item:
         parsed = self.parse(name)
         if parsed is None:
             raise NotFound(f"no such file: {clip(name)}")
@@ -385,7 +407,7 @@ class Namespace:
                 return Item("boot.ipxe", render("boot.ipxe").encode())
             case "script":
                 assert mac is not None
-                return self._machine_script(mac, name)
+                return self._machine_script(mac, name, origin or self.http_origin)
             case "build":
                 assert mac is not None and file is not None and parsed.generation is not None
                 found = self.machines.for_mac(mac)
@@ -398,10 +420,10 @@ class Namespace:
                                    "fetch boot.ipxe again")
                 if file == "overlay":
                     return Item(name, self._overlay(mac, profile, gen), mac=mac, profile=profile.name)
-                return Item(name, file=gen.files[file], mac=mac, profile=profile.name)
+                return Item(name, file=_file_of(gen, file), mac=mac, profile=profile.name)
             case "profile":
                 assert parsed.profile is not None and file is not None
-                return Item(name, file=self.profiles[parsed.profile].current.files[file], profile=parsed.profile)
+                return Item(name, file=_file_of(self.profiles[parsed.profile].current, file), profile=parsed.profile)
         assert file is not None
         return Item(name, file=self.binaries[file])
 
@@ -428,7 +450,7 @@ class Namespace:
         except macs.BadMac:
             raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
 
-    def _machine_script(self, mac: str, name: str) -> Item:
+    def _machine_script(self, mac: str, name: str, origin: str) -> Item:
         found = self.machines.for_mac(mac)
         if found is None:
             where = str(self.machines.source) if self.machines.source else "the machines file"
@@ -437,8 +459,13 @@ class Namespace:
             return Item(name, script.encode(), mac=mac)
         profile, append = found
         gen = self.profiles[profile.name].current
-        cmdline = " ".join(x for x in (gen.cmdline, append) if x)
         base = f"/machine/{macs.hyphenated(mac)}/{gen.id}"
+        # With base_url, the kernel, the initrd and the image come from the mirror, by content address.
+        files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
+        # A --fetch build: stage 1 downloads the image over HTTP by this URL, before the appends (which may
+        # name another).
+        fetching = fetch_args((files if profile.base_url else origin + base) + "/" + IMAGE) if gen.fetch else ""
+        cmdline = " ".join(x for x in (gen.cmdline, fetching, append) if x)
         overlay = ("", "# no overlay")
         if profile.overlay is not None:
             rendered = self._rendered(mac, profile)
@@ -448,8 +475,6 @@ class Namespace:
                 return Item(name, script.encode(), mac=mac, profile=profile.name)
             # A second initrd: unpacked after the first, so its files win.
             overlay = (" initrd=overlay", f"initrd --name overlay {base}/overlay")
-        # With base_url, the kernel and initrd come from the mirror, by content address.
-        files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
         script = render(
             "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline, files=files,
             overlay_arg=overlay[0], overlay_initrd=overlay[1],
@@ -476,6 +501,13 @@ class Namespace:
 
 def _unpacked(name: str) -> NotFound:
     return NotFound(f"{clip(name)}: the overlay cannot be packed")
+
+
+def _file_of(gen: Generation, file: str) -> HeldFile:
+    try:
+        return gen.files[file]
+    except KeyError:
+        raise NotFound(f"build {gen.id} has no {file} (it was not built with --fetch)") from None
 
 
 def _echoable(text: str) -> str:

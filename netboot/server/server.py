@@ -204,6 +204,12 @@ class Server:
             raise NetbootError(f"cannot listen for HTTP on {self.opts.http.url('http')}: {e.strerror}") from e
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         self.http_port = sockets[0].getsockname()[1] if sockets else self.opts.http.port
+        # A script fetched over TFTP names the image of a --fetch build by this URL: the HTTP listener's address,
+        # or for a wildcard one, the server iPXE got its boot file from (the DHCP next-server, which a PXE ROM's
+        # TFTP server is), as iPXE expands it.
+        host = self.opts.http.host
+        specific = host not in ("0.0.0.0", "::")
+        self.namespace.http_origin = Endpoint(host if specific else "${next-server}", self.http_port).url("http")
         await _announce("http", self.opts.http, self.http_port)
 
     async def reload(self) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import MARKER, ServerProcess, cli, free_port, need, netboot_ok, netboot_vm
+from support import MARKER, ServerProcess, built, cli, free_port, need, netboot_ok, netboot_vm
 
 from netboot.image.publish import FILES
 
@@ -137,3 +137,11 @@ def test_a_machine_boots_its_kernel_and_initrd_from_a_mirror(outs: dict[str, Pat
     sizes = json.loads((out / "manifest.json").read_text())["artifacts"]
     for name in ("bzImage", "initrd"):
         assert re.search(rf'"GET /{digest}/{name} HTTP/1.1" 200 {sizes[name]["size"]} ', access), access
+
+
+def test_a_fetch_build_is_published_with_its_image(system: Path, tmp_path: Path) -> None:
+    out = built(system, "--format", "squashfs", "--fetch")
+    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    netboot_ok("publish", out, tmp_path / "mirror")
+    assert (tmp_path / "mirror" / digest / "image").read_bytes() == (out / "image").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "mirror" / digest).iterdir()) == sorted([*FILES, "image"])
