@@ -153,14 +153,14 @@ def lan_argv(
 
 
 def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None,
-          marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = ()) -> BootResult:
+          marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = (), until: str | None = None) -> BootResult:
     """Run QEMU until it exits (the guest powered off or panicked) or `timeout` passes; stop it by its PID.
 
     `argv` may start with `ip netns exec NS` (devtools.lan): ip execs QEMU in the namespace, so the PID is QEMU's.
     For each text in `marks`, the time from QEMU's start to when the console first showed it goes into
     `seen_at` (read as it arrives, so to within the pipe's latency). `answers` drive the console (the serial
     port is QEMU's stdin): each (text, keys), in turn, types `keys` once the console shows `text` after what
-    the previous answer waited for.
+    the previous answer waited for. `until`: QEMU is stopped once the console shows this text.
     """
     result = BootResult()
     started = time.monotonic()
@@ -194,6 +194,8 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
             for mark in marks:
                 if mark not in result.seen_at and mark.encode() in buf:
                     result.seen_at[mark] = time.monotonic() - started
+            if until is not None and until.encode() in buf:
+                break
             while pending and (at := buf.find(pending[0][0].encode(), answered_to)) >= 0:
                 assert proc.stdin is not None
                 answered_to = at + len(pending[0][0])

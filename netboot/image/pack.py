@@ -36,9 +36,9 @@ from netboot.image.system import System
 
 log = logging.getLogger(__name__)
 
-LARGE_INITRD = 1 << 30  # firmware and iPXE have failed above this (nixpkgs #73588)
-# iPXE places initrds below 4 GiB, where PCI space crowds them out: above about 2 GB they fail to boot
-# (nixpkgs #203593, iPXE #526).
+# Firmware and iPXE have failed above this (nixpkgs #73588); iPXE places initrds below 4 GiB, where PCI space
+# crowds them out, so above about 2 GB they fail to boot (nixpkgs #203593, iPXE #526): the warning names --fetch.
+LARGE_INITRD = 1 << 30
 
 
 @dataclass(frozen=True)
