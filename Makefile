@@ -14,7 +14,7 @@ DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 DEBIAN_PACKAGES += chromium systemd nginx
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-fetch lint clean
 all: test
 
 deps:
@@ -96,6 +96,11 @@ bench-overlay: deps venv
 # bare mkfs.erofs, and QEMU boots (software emulation) to init and to the store read.
 bench-formats: deps venv
 	$(PY) bench/format_bench.py --update
+
+# Only --fetch (part of make bench): squashfs on the 1 GB closure with and without --fetch, QEMU boots through
+# iPXE over HTTP to init, and stage 1's download of the image against curl's.
+bench-fetch: deps venv
+	$(PY) bench/fetch_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out
