@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> str:
     args = arguments(__doc__, runs=1).parse_args(argv)
     system = build.bench_system()
     outs = {"initrd": WORK / "initrd", "fetch": WORK / "fetch"}
+    WORK.mkdir(parents=True, exist_ok=True)
     for key, out in outs.items():
         subprocess.run([*build.netboot_argv(str(system), "--out", str(out), "--format", "squashfs"),
                         *(["--fetch"] if key == "fetch" else [])], check=True, cwd=build.ROOT)
