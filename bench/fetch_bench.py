@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> str:
                         if m is None:
                             raise RuntimeError(f"stage 1 did not say what it fetched:\n{console[-3000:]}")
                         stage1.append((float(m.group(3)), float(m.group(4))))
-                        url = re.search(r"netboot\.image_url=http://10\.0\.2\.2:\d+(\S+)", console)
+                        url = re.search(r"netboot stage 1: fetching http://10\.0\.2\.2:\d+(\S+) ", console)
                         assert url is not None
                         time.sleep(1)
                         curls.append(curl(f"http://127.0.0.1:{port}{url.group(1)}"))
