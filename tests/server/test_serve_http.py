@@ -367,7 +367,7 @@ profile = "mirrored"
         assert f"netboot.image_url=http://mirror.example/nb/{digest}/image " in script
         assert f"kernel http://mirror.example/nb/{digest}/bzImage " in script
 
-        assert server.logged(f"mac={FETCHER} profile=fetch http {local.removeprefix(server.url(''))} 200")
+        assert server.logged(f"mac={FETCHER} profile=fetch http /{local.removeprefix(server.url(''))} 200")
         status_url = f"http://127.0.0.1:{server.status_port}/api/machines"
         with urllib.request.urlopen(status_url, timeout=30) as r:
             machines = {m["mac"]: m for m in json.load(r)["machines"]}
