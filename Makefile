@@ -19,7 +19,7 @@ DEBIAN_PACKAGES += chromium systemd nginx
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch lint clean
 all: test
 
 deps:
@@ -119,6 +119,11 @@ bench-secureboot: deps venv
 # directly in QEMU under software emulation.
 bench-arch: deps venv
 	$(PY) bench/arch_bench.py --update
+
+# Only --fetch (part of make bench): squashfs on the 1 GB closure with and without --fetch, QEMU boots through
+# iPXE over HTTP to init, and stage 1's download of the image against curl's.
+bench-fetch: deps venv
+	$(PY) bench/fetch_bench.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

@@ -17,6 +17,7 @@ import boot_bench
 import build
 import dhcp_bench
 import dhcp_perf
+import fetch_bench
 import format_bench
 import http_bench
 import load_bench
@@ -55,6 +56,7 @@ def main() -> None:
     system = build.bench_system()
     sections = [build.main(runs), http_bench.main(system, runs), tftp(runs), load_bench.main([]), status_bench.main([]),
                 overlay_bench.main([]), autobuild_bench.main([]), format_bench.main([]),
+                fetch_bench.main([]),
                 boot_bench.main(runs), arch_bench.main(["--runs", str(runs)]), dhcp_bench.main(runs),
                 dhcp_perf.main([]), secureboot_bench.main(runs)]
     text = "\n".join([

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -29,6 +30,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
+
+
+def _expand(chain: str, mac: str) -> str:
+    """boot.ipxe's chain line as iPXE on a BIOS PC expands it: its MAC, its architecture, and nothing for what it
+    does not know (the SMBIOS of a machine that has none)."""
+    known = {"mac:hexhyp": mac, "buildarch:uristring": "i386", "platform:uristring": "pcbios"}
+    return re.sub(r"\$\{([^}]*)\}", lambda m: known.get(m.group(1), ""), chain)
 
 
 @dataclass
@@ -146,7 +154,7 @@ async def _machine(host: str, port: int, mac: str, storm: Storm, check: bool) ->
         if chain is None:
             raise ConnectionError("boot.ipxe has no chain line")
         started = time.perf_counter()
-        script = await fetch(chain.replace("${mac:hexhyp}", mac), True)
+        script = await fetch(_expand(chain, mac), True)
         storm.script_latencies.append(time.perf_counter() - started)
         lines = _script_lines(script)
         kernel = next((w[1] for w in lines if w[0] == "kernel"), None)

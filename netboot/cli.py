@@ -72,6 +72,12 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
         "and 3 and above is lz4hc)",
     )
     p.add_argument("--append", default="", metavar="ARGS", help="extra kernel parameters, after the system's own")
+    p.add_argument(
+        "--fetch", action="store_true",
+        help="squashfs and erofs: write the image as a file of its own (image) instead of into the initrd, which "
+        "then holds stage 1 alone; stage 1 brings up the network and downloads the image into memory over HTTP, "
+        "checked against the sha256 on the kernel command line (for systems too large for one initrd)",
+    )
     p.add_argument("--rootfs", type=Path, metavar="DIR",
                    help="a root filesystem directory to boot instead of a Nix system (owners and modes kept)")
     p.add_argument("--oci", type=Path, metavar="IMAGE.tar",
@@ -143,6 +149,7 @@ def _run_build(args: argparse.Namespace) -> int:
         sign_key=args.sign_key,
         sign_cert=args.sign_cert,
         uki=args.uki,
+        fetch=args.fetch,
     )
     pack.build(opts)
     return 0

@@ -16,9 +16,11 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -225,8 +227,10 @@ def boot(out: Path, *, timeout: float = 240, append: str = "") -> qemu.BootResul
     return result
 
 
-def netboot_vm(url: str, mac: str, *, uefi: bool = False, timeout: float = 300) -> qemu.BootResult:
-    """A VM with `mac` network-booting `url` through QEMU's iPXE ROM, until the test system's marker."""
+def netboot_vm(url: str, mac: str, *, uefi: bool = False, timeout: float = 300, memory: int = 1024,
+               echo: TextIO | None = None) -> qemu.BootResult:
+    """A VM with `mac` network-booting `url` through QEMU's iPXE ROM, until the test system's marker; `memory` in
+    MiB; `echo` is handed the console as it comes (qemu.watch)."""
     need(qemu.qemu_binary())
     vm_accel()
     with tempfile.TemporaryDirectory() as tmp:
@@ -234,7 +238,8 @@ def netboot_vm(url: str, mac: str, *, uefi: bool = False, timeout: float = 300) 
         if uefi:
             vars_copy = Path(tmp) / "vars.fd"
             shutil.copyfile(qemu.OVMF_VARS, vars_copy)
-        result = qemu.watch(qemu.net_argv(url, mac, uefi=uefi, vars_copy=vars_copy), timeout=timeout, expect=MARKER)
+        result = qemu.watch(qemu.net_argv(url, mac, uefi=uefi, vars_copy=vars_copy, memory=str(memory)),
+                            timeout=timeout, expect=MARKER, echo=echo)
     assert not result.timed_out, f"QEMU did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result
 
@@ -364,6 +369,65 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+class Nginx:
+    """Debian's nginx serving `root` on 127.0.0.1:`port`, one process (it stays root, so it can read the test's
+    directories), its access log in `prefix`; stopped by its PID. `limit_rate`: nginx's, bytes a second per
+    connection (0: no limit)."""
+
+    def __init__(self, root: Path, prefix: Path, *, limit_rate: int = 0) -> None:
+        need("nginx")
+        self.port = free_port()
+        self.log = prefix / "access.log"
+        self.conf = prefix / "nginx.conf"
+        self.prefix = prefix
+        self.conf.write_text(f"""
+daemon off;
+master_process off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log;
+events {{ }}
+http {{
+    access_log {self.log};
+    default_type application/octet-stream;
+    limit_rate {limit_rate};
+    client_body_temp_path {prefix};
+    proxy_temp_path {prefix};
+    fastcgi_temp_path {prefix};
+    uwsgi_temp_path {prefix};
+    scgi_temp_path {prefix};
+    server {{ listen 127.0.0.1:{self.port}; root {root}; }}
+}}
+""")
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["nginx", "-c", str(self.conf), "-p", str(self.prefix)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    pytest.fail(f"nginx did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Dies at once, in the middle of what it sends (SIGKILL), to be started again."""
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
 
 
 def closed_by_server(s: socket.socket) -> bool:

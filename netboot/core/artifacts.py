@@ -36,6 +36,15 @@ def arch_of(manifest: object) -> str:
     if arch not in ARCHES:
         raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHES)})")
     return arch
+
+
 # `netboot build --uki`: the unified kernel image (systemd-stub with the kernel, initrd, command line and
 # os-release as PE sections), signed when a key is given. Only in builds made with --uki.
 UKI = "netboot.efi"
+
+# --fetch: the image (a Nix system's store, or a root filesystem) as a file of its own beside the initrd, which
+# then holds stage 1 alone; stage 1 downloads it at boot (image/stage1-init.sh). The kernel command line carries
+# its sha256 (from the build's cmdline) and its URL (added by the iPXE script that boots it).
+IMAGE = "image"
+IMAGE_SHA256 = "netboot.image_sha256"
+IMAGE_URL = "netboot.image_url"

@@ -8,6 +8,8 @@ import re
 from importlib.resources import files
 from pathlib import Path
 
+from netboot.core.artifacts import IMAGE_URL
+
 _PLACEHOLDER = re.compile(r"@([a-z_]+)@")
 
 
@@ -30,3 +32,13 @@ def render(name: str, **values: str) -> str:
         return values[m.group(1)]
 
     return _PLACEHOLDER.sub(substitute, text)
+
+
+def fetch_args(url: str) -> str:
+    """Kernel parameters for a stage 1 that downloads its image (`netboot build --fetch`): where the image is,
+    and what iPXE knew of the network, so that stage 1 needs no DHCP of its own: the interface that booted
+    (BOOTIF, as pxelinux's IPAPPEND 2 writes it) and its address, gateway, netmask and DNS server in the
+    kernel's `ip=` syntax (Documentation/admin-guide/nfs/nfsroot.rst: client:server:gateway:netmask:hostname:
+    device:autoconf:dns0)."""
+    return (f"{IMAGE_URL}={url} BOOTIF=01-${{netX/mac:hexhyp}} "
+            "ip=${netX/ip}::${netX/gateway}:${netX/netmask}:::none:${dns}")

@@ -8,6 +8,8 @@
   recognises an uncompressed member only at a 4-byte aligned offset, which the start of the file is.
 - erofs: likewise with nix-store.erofs, when erofs compresses it (lz4); with any other compressor the image is
   uncompressed and its member is compressed instead.
+- squashfs and erofs with --fetch: the image is a file of its own beside the initrd (artifacts.IMAGE), which
+  holds stage 1 alone; stage 1 downloads the image at boot.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from netboot.image.erofs import lay_out_closure, mkfs_erofs
 from netboot.image.files import Entry, closure_entries
 from netboot.image.progress import Progress
 from netboot.image.squashfs import mksquashfs
-from netboot.image.stage1 import Stage1
+from netboot.image.stage1 import FetchedImage, Stage1
 from netboot.image.tree import Tree
 
 SQUASHFS_NAME = b"nix-store.squashfs"
@@ -266,19 +268,22 @@ def _sendfile(src: int, out: int, count: int, offset: int) -> int:
 
 
 def write_squashfs(
-    path: Path, closure: Closure, stage1: Stage1, packing: Packing, cache: Cache, scratch: Path, show_progress: bool
+    path: Path, closure: Closure, stage1: Stage1, packing: Packing, cache: Cache, scratch: Path, show_progress: bool,
+    *, fetched: Path | None = None,
 ) -> DirectStats:
-    """The store image member (reused whole from the cache when the closure is unchanged), then stage 1."""
+    """The store image member (reused whole from the cache when the closure is unchanged), then stage 1; with
+    `fetched`, the image goes there as a file of its own and the initrd holds stage 1 alone."""
     # mksquashfs writes the image straight into the initrd after room for the cpio header (whose
     # length does not depend on the file size), saving a copy of the whole image.
-    header_len = _header_len(SQUASHFS_NAME)
+    header_len = _header_len(SQUASHFS_NAME) if fetched is None else 0
+    target = fetched or path
     key, cacheable = _image_key(closure, "squashfs-image", packing)
     found = cache.open(key, ".squashfs") if cacheable else None
     stats = DirectStats()
     if found is not None:
         fd, meta = found
         stats.reused = len(closure.paths)
-        with open(path, "wb") as out:
+        with open(target, "wb") as out:
             out.seek(header_len)
             try:
                 _append(out.fileno(), fd)
@@ -287,21 +292,26 @@ def write_squashfs(
     else:
         meta = _closure_meta(closure)
         mksquashfs(
-            closure, path, scratch, packing.compressor, packing.level, packing.explicit_level, packing.mtime,
+            closure, target, scratch, packing.compressor, packing.level, packing.explicit_level, packing.mtime,
             offset=header_len, show_progress=show_progress,
         )
         if cacheable and cache.enabled:
-            image_size = path.stat().st_size - header_len
+            image_size = target.stat().st_size - header_len
 
             def make(dest: Path) -> dict:
-                with open(path, "rb") as src, open(dest, "wb") as out:
+                with open(target, "rb") as src, open(dest, "wb") as out:
                     _copy_range(src.fileno(), out.fileno(), header_len, image_size)
                 return meta
 
             os.close(cache.put(key, ".squashfs", make, scratch)[0])
             cache.evict({key})
     stats.files, stats.bytes = meta["files"], meta["bytes"]
-    size = path.stat().st_size - header_len
+    size = target.stat().st_size - header_len
+    if fetched is not None:
+        with open(target, "rb") as f:
+            image = FetchedImage.of(SQUASHFS_NAME.decode(), f.fileno())
+        append_stage1(path, replace(stage1, image=image), packing)
+        return stats
     check_size(SQUASHFS_NAME, size)
     with open(path, "r+b") as f:
         w = NewcWriter(f.fileno(), packing.mtime)
@@ -316,9 +326,10 @@ def write_squashfs(
     return stats
 
 
-def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, cache: Cache, scratch: Path
-                ) -> DirectStats:
-    """The store image member (reused whole from the cache when the closure is unchanged), then stage 1."""
+def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, cache: Cache, scratch: Path,
+                *, fetched: Path | None = None) -> DirectStats:
+    """The store image member (reused whole from the cache when the closure is unchanged), then stage 1; with
+    `fetched`, the image goes there as a file of its own and the initrd holds stage 1 alone."""
     compressor = packing.compressor
     args = compressor.erofs_args(packing.level)
     # The image is the same whichever compressor the initrd member then gets, when erofs does not compress.
@@ -349,7 +360,12 @@ def write_erofs(path: Path, closure: Closure, stage1: Stage1, packing: Packing, 
             cache.evict({key})
     stats.files, stats.bytes = meta["files"], meta["bytes"]
     try:
-        write_image_member(path, EROFS_NAME, fd, packing)
+        if fetched is not None:
+            stage1 = replace(stage1, image=FetchedImage.of(EROFS_NAME.decode(), fd))
+            with open(fetched, "wb") as out:
+                _append(out.fileno(), fd)
+        else:
+            write_image_member(path, EROFS_NAME, fd, packing)
     finally:
         os.close(fd)
     append_stage1(path, stage1, packing)

@@ -1,6 +1,6 @@
 """`netboot build`: a system closure → the kernel (bzImage, or Image on arm64), initrd, cmdline, netboot.ipxe and
 manifest.json (and with --uki netboot.efi, a unified kernel image; with --sign-key, the kernel and that image signed
-for Secure Boot)."""
+for Secure Boot; with --fetch, the image, which stage 1 downloads)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,18 @@ from pathlib import Path
 
 from netboot import __version__
 from netboot.core import compress
-from netboot.core.artifacts import DEFAULT_COMPRESSION, FORMATS, IMAGE_FORMATS, KERNEL_FILES, UKI, files
+from netboot.core.artifacts import (
+    DEFAULT_COMPRESSION,
+    FORMATS,
+    IMAGE,
+    IMAGE_FORMATS,
+    IMAGE_SHA256,
+    KERNEL_FILES,
+    UKI,
+    files,
+)
 from netboot.core.errors import NetbootError
-from netboot.core.ipxe_scripts import render
+from netboot.core.ipxe_scripts import fetch_args, render
 from netboot.core.remove import remove_tree
 from netboot.core.run import require
 from netboot.image import oci, rootfs, uki
@@ -38,7 +47,9 @@ from netboot.image.system import System
 
 log = logging.getLogger(__name__)
 
-LARGE_INITRD = 1 << 30  # firmware and iPXE have failed above this (nixpkgs #73588)
+# Firmware and iPXE have failed above this (nixpkgs #73588); iPXE places initrds below 4 GiB, where PCI space
+# crowds them out, so above about 2 GB they fail to boot (nixpkgs #203593, iPXE #526): the warning names --fetch.
+LARGE_INITRD = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,7 @@ class BuildOptions:
     sign_key: Path | None = None  # sign the kernel (and the UKI) with this key, for Secure Boot
     sign_cert: Path | None = None  # ... whose certificate this is
     uki: bool = False  # also write netboot.efi, the unified kernel image
+    fetch: bool = False  # the image as a file of its own, which stage 1 downloads, instead of in the initrd
 
 
 def source_date_epoch() -> int:
@@ -90,6 +102,9 @@ def _check_options(opts: BuildOptions) -> tuple[compress.Compressor, int | None]
         require("mksquashfs", "install Debian's squashfs-tools, or use --format direct")
     if opts.format == "erofs":
         require("mkfs.erofs", "install Debian's erofs-utils, or use --format squashfs or direct")
+    if opts.fetch and opts.format not in IMAGE_FORMATS:
+        raise NetbootError(f"--fetch downloads an image at boot: it needs --format {' or '.join(IMAGE_FORMATS)}, "
+                           f"not {opts.format}")
     inputs = [flag for flag, given in (("SYSTEM", opts.system), ("--rootfs", opts.rootfs), ("--oci", opts.oci))
               if given is not None]
     if len(inputs) != 1:
@@ -144,38 +159,48 @@ def _build(opts: BuildOptions) -> dict:
         scratch = work / ".scratch"
         scratch.mkdir(mode=0o700)
         if system is not None:
-            cmdline = _cmdline(opts.format, str(system.init), system.params, opts.append)
+            init, params = str(system.init), system.params
+            _cmdline(opts.format, init, params, opts.append)  # refused before packing
             described, kernel = _pack_nix(opts, system, packing, cache, work, scratch), system.kernel_image
             kernel_version, name = system.kernel_version, str(system.toplevel)
             osrel = system.toplevel / "etc" / "os-release"
         else:
             root = _root_system(opts, scratch)
-            cmdline = _cmdline(opts.format, root.init, "", opts.append)
+            init, params = root.init, ""
+            _cmdline(opts.format, init, params, opts.append)
             described, kernel = _pack_root(opts, root, packing, work, scratch), root.kernel
             kernel_version, name = root.kernel_version, str(opts.rootfs or opts.oci)
             osrel = None  # the root's own is not read: it may lead anywhere on this machine
         secure = _SecureBoot(signer, uki.os_release(name, kernel_version, osrel) if opts.uki else None,
                              packing.mtime)
+        image = _describe(work / IMAGE) if opts.fetch else None
+        # With --fetch, the image's sha256 goes on the command line, which stage 1 checks the download against:
+        # in a signed kernel image (a UKI) the command line is signed too, so the image is verified with it.
+        cmdline = _cmdline(opts.format, init, " ".join(x for x in (
+            params, image and f"{IMAGE_SHA256}={image['sha256']}") if x), opts.append)
         # The scratch directory (an erofs image's laid out root: tens of thousands of entries) goes while the
         # rest is written and the initrd hashed; all of it must be gone before the output is published.
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="netboot-scratch") as removal:
             removed = removal.submit(remove_tree, scratch)
             manifest = _finish(opts, work, kernel, cmdline, name, kernel_version, compressor, level, described,
-                               secure)
+                               secure, image)
             removed.result()
         for f in work.iterdir():
             f.chmod(stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
         initrd_size = manifest["artifacts"]["initrd"]["size"]
         if initrd_size > LARGE_INITRD:
             log.warning(
-                "warning: the initrd is %.2f GiB; some firmware and iPXE fail to load initrds above 1 GiB",
-                initrd_size / 2**30,
+                "warning: the initrd is %.2f GiB; some firmware and iPXE fail to load initrds above 1 GiB, and "
+                "iPXE cannot boot one above about 2 GiB (it places initrds below 4 GiB): build with --fetch "
+                "(--format squashfs or erofs), so that the initrd holds stage 1 alone and stage 1 downloads "
+                "the image", initrd_size / 2**30,
             )
         staging.commit()
     log.info(
-        "built %s for %s: initrd %.1f MiB (%s%s) in %.1f s",
-        opts.out, manifest["arch"], initrd_size / 2**20, compressor.name, f" -{level}" if level is not None else "",
-        time.monotonic() - started,
+        "built %s for %s: initrd %.1f MiB%s (%s%s) in %.1f s",
+        opts.out, manifest["arch"], initrd_size / 2**20,
+        f", image {image['size'] / 2**20:.1f} MiB" if image else "", compressor.name,
+        f" -{level}" if level is not None else "", time.monotonic() - started,
     )
     return manifest
 
@@ -210,14 +235,18 @@ def _signer(opts: BuildOptions, kernel: Path | None) -> Signer | None:
 
 
 def _finish(opts: BuildOptions, work: Path, kernel: Kernel, cmdline: str, name: str, kernel_version: str | None,
-            compressor: compress.Compressor, level: int | None, described: dict, secure: _SecureBoot) -> dict:
-    """The kernel, the command line, the iPXE script and the manifest, beside the initrd (and the UKI)."""
+            compressor: compress.Compressor, level: int | None, described: dict, secure: _SecureBoot,
+            image: dict | None) -> dict:
+    """The kernel, the command line, the iPXE script and the manifest, beside the initrd (and the UKI, the
+    image)."""
     kernel_file = KERNEL_FILES[kernel.arch]
     kernel.copy_to(work / kernel_file)
     signed = secure.finish(work, kernel, cmdline)
     (work / "cmdline").write_text(cmdline + "\n")
-    (work / "netboot.ipxe").write_text(render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline,
-                                              kernel=kernel_file))
+    script = render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline, kernel=kernel_file) if (
+        image is None) else render("netboot-fetch.ipxe", system=name, format=opts.format, cmdline=cmdline,
+                                   kernel=kernel_file, image=IMAGE, fetch_args=fetch_args("${netboot-base}/" + IMAGE))
+    (work / "netboot.ipxe").write_text(script)
     manifest = {
         "tool": "netboot",
         "version": __version__,
@@ -233,6 +262,9 @@ def _finish(opts: BuildOptions, work: Path, kernel: Kernel, cmdline: str, name: 
         "artifacts": {f: _describe(work / f) for f in (*files(kernel.arch), UKI)
                       if f != "manifest.json" and (work / f).exists()},
     }
+    if image is not None:
+        manifest["fetch"] = True
+        manifest["artifacts"][IMAGE] = image
     (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -251,13 +283,15 @@ def _pack_nix(opts: BuildOptions, system: System, packing: Packing, cache: Cache
     """A Nix system's initrd: its closure, in the format asked; what the manifest says of it."""
     closure = Closure.of(system.toplevel, opts.closure_info)
     # Refused before packing: an image format without the modules to mount it.
-    stage1 = Stage1.prepare(system, closure, opts.format, opts.busybox) if opts.format in IMAGE_FORMATS else None
+    stage1 = (Stage1.prepare(system, closure, opts.format, opts.busybox, fetch=opts.fetch)
+              if opts.format in IMAGE_FORMATS else None)
     initrd = work / "initrd"
+    fetched = work / IMAGE if opts.fetch else None
     if stage1 is not None:
         if opts.format == "erofs":
-            stats = write_erofs(initrd, closure, stage1, packing, cache, scratch)
+            stats = write_erofs(initrd, closure, stage1, packing, cache, scratch, fetched=fetched)
         else:
-            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress)
+            stats = write_squashfs(initrd, closure, stage1, packing, cache, scratch, opts.progress, fetched=fetched)
         _log_stage1(stage1, opts)
     else:
         progress = Progress("packing", len(closure.paths), enabled=opts.progress)
@@ -294,9 +328,10 @@ def _pack_root(opts: BuildOptions, root: rootfs.RootSystem, packing: Packing, wo
     """Any other system's initrd: its root filesystem, in the format asked; what the manifest says of it."""
     initrd = work / "initrd"
     if opts.format in IMAGE_FORMATS:
-        stage1 = root.stage1(opts.format, opts.busybox)
+        stage1 = root.stage1(opts.format, opts.busybox, fetch=opts.fetch)
         files, nbytes = rootfs.count(root.root, opts.limits)  # before mksquashfs or mkfs.erofs reads it
-        rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress)
+        rootfs.write_image(initrd, root, opts.format, packing, scratch, stage1, opts.progress,
+                           fetched=work / IMAGE if opts.fetch else None)
         _log_stage1(stage1, opts)
     else:
         files, nbytes = rootfs.write_direct(initrd, root, packing, opts.limits)
@@ -312,6 +347,9 @@ def _log_stage1(stage1: Stage1, opts: BuildOptions) -> None:
         log.warning("warning: stage 1 loads modules that carry no signature (%s): with Secure Boot on, the kernel is "
                     "locked down and refuses them; sign them with the kernel's module key, or use --format direct",
                     ", ".join(unsigned))
+    if stage1.network is not None:
+        log.info("stage 1: %d network drivers and their dependencies (%d modules), loaded by modalias",
+                 len(stage1.network.drivers), len(stage1.network.modules))
 
 
 _NEARLY_FULL = 16 << 20  # less free space than a tool's write buffers: what made it fail

@@ -1,7 +1,8 @@
 """`netboot publish`: a build's artifacts in a content-addressed tree that any static server, CDN or object store
 can serve as it is.
 
-    DEST/<sha256 of manifest.json>/bzImage (Image for arm64), initrd, cmdline, netboot.ipxe, manifest.json
+    DEST/<sha256 of manifest.json>/bzImage (Image for arm64), initrd, cmdline, netboot.ipxe, manifest.json (and
+    image, from --fetch)
 
 The manifest records every other artifact's sha256, so its own hash names the whole build. A build's directory
 is written under a temporary name, its files checked against the manifest and synced, then renamed into place
@@ -18,7 +19,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from netboot.core.artifacts import arch_of, files
+from netboot.core.artifacts import IMAGE, arch_of, files
 from netboot.core.durable import sync_dir
 from netboot.core.errors import NetbootError
 from netboot.core.remove import remove_tree
@@ -42,8 +43,10 @@ def publish(out: Path, dest: Path) -> tuple[Path, bool]:
         raise NetbootError(f"cannot read {out}/manifest.json: {e.strerror}") from None
     try:
         manifest = json.loads(manifest_bytes)
-        names = files(arch_of(manifest))
-        expected = {name: str(manifest["artifacts"][name]["sha256"]) for name in names if name != "manifest.json"}
+        artifacts = manifest["artifacts"]
+        # A --fetch build's image is published with the rest: stage 1 fetches it from base_url.
+        names = (*files(arch_of(manifest)), IMAGE) if IMAGE in artifacts else files(arch_of(manifest))
+        expected = {name: str(artifacts[name]["sha256"]) for name in names if name != "manifest.json"}
     except (ValueError, KeyError, TypeError) as e:
         raise NetbootError(f"{out}/manifest.json is not a netboot manifest ({e})") from None
     final = dest / manifest_digest(manifest_bytes)

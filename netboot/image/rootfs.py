@@ -16,7 +16,7 @@ import json
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from netboot.core.artifacts import STAGE1_PREFIX
@@ -29,7 +29,7 @@ from netboot.image.kernel import Kernel
 from netboot.image.limits import ImageLimits, LimitError, Tally, check_name, shown
 from netboot.image.modules import Locate, ModuleTree, version_dir
 from netboot.image.squashfs import mksquashfs_root
-from netboot.image.stage1 import Stage1, find_busybox
+from netboot.image.stage1 import FetchedImage, Stage1, find_busybox
 from netboot.image.tree import Tree
 
 _MAX_LINKS = 40  # symlinks followed while resolving a path inside the root, as the kernel allows
@@ -76,7 +76,7 @@ class RootSystem:
             tree = ModuleTree.at(root / own, locate) if own and locate and locate("modules.dep") else None
         return cls(root, kernel, version, init, tree, modules is not None, all_root, input)
 
-    def stage1(self, fstype: str, busybox: Path | None = None) -> Stage1:
+    def stage1(self, fstype: str, busybox: Path | None = None, *, fetch: bool = False) -> Stage1:
         if self.modules is None:
             raise NetbootError(
                 f"the {fstype} format needs the kernel's loop, {fstype} and overlay modules: give --modules DIR, "
@@ -84,7 +84,7 @@ class RootSystem:
             )
         found = (resolve_in_root(self.root, p) for p in ("/bin/busybox", "/usr/bin/busybox", "/sbin/busybox"))
         return Stage1.of(self.modules, fstype, find_busybox([self.root / p for p in found if p], self.kernel.arch,
-                                                             busybox))
+                                                             busybox), fetch=fetch)
 
     def modules_destination(self) -> bytes:
         """Where the modules go in the root, its symlinks resolved (/lib is often a link to usr/lib)."""
@@ -154,8 +154,9 @@ def write_direct(path: Path, system: RootSystem, packing: Packing, limits: Image
 
 
 def write_image(path: Path, system: RootSystem, fstype: str, packing: Packing, scratch: Path, stage1: Stage1,
-                show_progress: bool) -> None:
-    """An image format: the root as one image, stage 1, and the added modules (copied in by stage 1)."""
+                show_progress: bool, *, fetched: Path | None = None) -> None:
+    """An image format: the root as one image, stage 1, and the added modules (copied in by stage 1); with
+    `fetched`, the image goes there as a file of its own and the initrd holds the rest."""
     image = scratch / f"root.{fstype}"
     if fstype == "erofs":
         mkfs_erofs(system.root, image, packing.compressor, packing.level, packing.mtime,
@@ -163,12 +164,17 @@ def write_image(path: Path, system: RootSystem, fstype: str, packing: Packing, s
     else:
         mksquashfs_root(system.root, image, packing.compressor, packing.level, packing.explicit_level,
                         packing.mtime, all_root=system.all_root, show_progress=show_progress)
-    fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        write_image_member(path, os.fsencode(image.name), fd, packing)
-    finally:
-        os.close(fd)
-    image.unlink()
+    if fetched is not None:
+        with open(image, "rb") as f:
+            stage1 = replace(stage1, image=FetchedImage.of(image.name, f.fileno()))
+        image.rename(fetched)  # the scratch directory is beside the output's files: no copy
+    else:
+        fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            write_image_member(path, os.fsencode(image.name), fd, packing)
+        finally:
+            os.close(fd)
+        image.unlink()
     append_stage1(path, stage1, packing)
     if system.add_modules:
         _append_modules(path, system, packing, STAGE1_PREFIX.encode() + b"/")

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import time
 import weakref
 from typing import Any
@@ -34,6 +35,8 @@ from netboot.status.record import BootRecord
 log = logging.getLogger("netboot.serve")
 
 _LIMIT_LOG_INTERVAL = 10.0
+# A Host header that can go into a script as it is: a name or IPv4 address, or a bracketed IPv6 address, and a port.
+_HOST = re.compile(r"(?:(?:[A-Za-z0-9-]{1,63}\.){0,126}[A-Za-z0-9-]{1,63}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?")
 _TEXT = {"cmdline", "netboot.ipxe"}
 _JSON = {"manifest.json"}
 
@@ -129,6 +132,21 @@ class LimitedRunner(web.AppRunner):
                               loop=asyncio.get_running_loop(), **self._kwargs)
 
 
+def origin_of(request: web.BaseRequest) -> str:
+    """The URL the client reached this server at, for what it must fetch by absolute URL (a --fetch build's image,
+    which stage 1 downloads): its Host header, which says how the client knows us (a VM behind NAT, as on QEMU's
+    user network, knows us by an address that is not ours), if it is a plain host and port, else the address
+    the connection came to. A client that sends another only misleads itself."""
+    host = request.headers.get("Host", "")
+    if not _HOST.fullmatch(host):
+        sockname = request.transport.get_extra_info("sockname") if request.transport else None
+        if not sockname:
+            return ""
+        address, port = sockname[0], sockname[1]
+        host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return f"http://{host}"
+
+
 def describe(peer: str, proto: str, item: Item | None, name: str, status: object, nbytes: int, started: float) -> str:
     """The one log line per boot step: client, MAC, profile, protocol, file, outcome."""
     mac = item.mac if item and item.mac else "-"
@@ -201,7 +219,7 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
         name = request.match_info["path"]
         peer = request.remote or "?"
         try:
-            item = await namespace.resolve(name)
+            item = await namespace.resolve(name, origin_of(request))
         except BadRequest as e:
             return refused(peer, name, 400, e, started)
         except NotFound as e:

@@ -7,8 +7,10 @@
     machine/<mac>/<arch>/boot.ipxe     the same for a machine of <arch> (a loader's own name for it)
     machine/<mac>/[<match>/]<generation>/bzImage   the kernel and initrd of the build the script was made from (the
     machine/<mac>/[<match>/]<generation>/initrd    kernel is `Image` in an arm64 build: core/artifacts.KERNEL_FILES)
+    machine/<mac>/[<match>/]<generation>/image     the image stage 1 downloads (a build made with --fetch)
     machine/<mac>/[<match>/]<generation>/overlay   that machine's overlay, packed for that build (overlay =)
     profile/<name>/<file>              a profile's current bzImage, initrd, cmdline, netboot.ipxe, manifest.json
+                                       (and image)
     <file>                             with --dir: the directory's own files at the root, as its netboot.ipxe expects
     undionly.kpxe, ipxe.efi, snponly.efi   Debian's iPXE binaries, when the ipxe package is installed
     grub/grub.cfg                      what GRUB reads first: sources the machine's own by ${net_default_mac}
@@ -26,7 +28,9 @@ files are found the same way without the server remembering anything.
 
 Only these names exist, so no request can reach anything else: there is no path to traverse. Scripts refer to
 files by absolute path (/machine/…), which iPXE resolves against the URL the script came from, so a machine
-that started over TFTP stays on TFTP and one that started over HTTP stays on HTTP.
+that started over TFTP stays on TFTP and one that started over HTTP stays on HTTP. The one exception is the
+image of a --fetch build: stage 1, not iPXE, downloads it, over HTTP and by an absolute URL, which the script
+names (the address the machine asked for its script at, or the mirror's).
 
 A build replaces an output directory atomically; each profile's files are held open per generation (a hash of
 its manifest) so that a machine that got its script before a rebuild still boots the kernel and initrd that
@@ -53,10 +57,10 @@ from typing import Any
 from netboot.core import artifacts
 from netboot.core import loaders as _loaders
 from netboot.core import mac as macs
-from netboot.core.artifacts import ANY_FILE, IMAGE_FORMATS, KERNEL_FILES, UKI, arch_of
+from netboot.core.artifacts import ANY_FILE, IMAGE, IMAGE_FORMATS, IMAGE_URL, KERNEL_FILES, UKI, arch_of
 from netboot.core.beneath import NotRegular, Outside, Root, open_file
 from netboot.core.errors import NetbootError
-from netboot.core.ipxe_scripts import render
+from netboot.core.ipxe_scripts import fetch_args, render
 from netboot.core.logtext import clip
 from netboot.core.machines import DEFAULT, IPXE_BINARIES, Machine, Machines, Profile, ipxe_binary
 from netboot.image.publish import manifest_digest
@@ -145,6 +149,9 @@ class Generation:
                     self.files[name] = _open_in(dir_fd, name, roots, directory)
             with contextlib.suppress(FileNotFoundError):  # only in builds made with --uki
                 self.files[UKI] = _open_in(dir_fd, UKI, roots, directory, missing_ok=True)
+            self.fetch = _lists_image(manifest_bytes)  # a --fetch build: its image is served too
+            if self.fetch:
+                self.files[IMAGE] = _open_in(dir_fd, IMAGE, roots, directory)
         except BaseException:
             self.close()
             raise
@@ -184,6 +191,16 @@ def _open_in(dir_fd: int, name: str, roots: list[Root], shown: Path, missing_ok:
     except OSError as e:
         raise NetbootError(f"cannot open {shown}/{name}: {e.strerror}") from e
     return HeldFile(fd, st.st_size, st.st_mtime)
+
+
+def _lists_image(manifest_bytes: bytes) -> bool:
+    """Whether a manifest lists an image among its artifacts (False for one that does not read: that is
+    reported when it is read in full)."""
+    try:
+        artifacts = json.loads(manifest_bytes).get("artifacts")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(artifacts, dict) and IMAGE in artifacts
 
 
 def manifest_key(directory: Path) -> tuple[int, int, int] | None:
@@ -247,8 +264,8 @@ class ProfileFiles:
 # A build's id: the start of its manifest's digest (hexadecimal); `Generation.id`.
 _GENERATION = re.compile(r"[0-9a-f]{1,64}")
 _LOADER_ARCH = re.compile(r"[a-z0-9_]{1,16}")  # iPXE's ${buildarch}, GRUB's $grub_cpu: x86_64, i386, arm64
-_BUILD_FILES = (*BOOT_FILES, "overlay", UKI)  # machine/<mac>/<generation>/<file>
-_PROFILE_FILES = (*ANY_FILE, UKI)  # profile/<name>/<file>, and with --dir at the root
+_BUILD_FILES = (*BOOT_FILES, "overlay", UKI, IMAGE)  # machine/<mac>/<generation>/<file>
+_PROFILE_FILES = (*ANY_FILE, UKI, IMAGE)  # profile/<name>/<file>, and with --dir at the root
 
 
 @dataclass(frozen=True)
@@ -297,6 +314,9 @@ class Namespace:
     def __init__(self, machines: Machines, *, single_dir: bool, grace: float = 600.0,
                  loaders: _loaders.Loaders | None = None) -> None:
         self.single_dir = single_dir
+        # Where stage 1 downloads a --fetch build's image from, for a script asked for by another way than HTTP
+        # (whose own Host is used): the HTTP listener's URL (server.py sets it once it listens).
+        self.http_origin = ""
         self.grace = grace
         self.machines = machines
         self.profiles: dict[str, ProfileFiles] = {}
@@ -438,22 +458,23 @@ class Namespace:
                 return Name("binary", file=file)
         return None
 
-    def lookup(self, name: str) -> Item:
+    def lookup(self, name: str, origin: str = "") -> Item:
         """What `name` resolves to. On the event loop, a name whose overlay must first be rendered or packed
-        raises Pending (use `resolve` there); elsewhere (a thread, a script) this waits for that work."""
+        raises Pending (use `resolve` there); elsewhere (a thread, a script) this waits for that work.
+        `origin`: the HTTP URL (scheme, host, port) the request came to, if it came over HTTP."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
             for _ in range(_STEPS):
                 try:
-                    return self._lookup(name)
+                    return self._lookup(name, origin)
                 except Pending as pending:
                     pending.job.exception()  # waits for it
                     if not self._keep(name, pending, pending.job):
                         raise _unpacked(name) from None
-        return self._lookup(name)
+        return self._lookup(name, origin)
 
-    async def resolve(self, name: str) -> Item:
+    async def resolve(self, name: str, origin: str = "") -> Item:
         """`lookup` for the event loop: what must be rendered or packed first is awaited, in the overlays'
         executor (a script needs its machine's overlay rendered; the overlay, packed). That work is shared by
         the requests for it and outlives each: one that is cancelled (a TFTP request superseded by its client's
@@ -461,7 +482,7 @@ class Namespace:
         what it makes."""
         for _ in range(_STEPS):
             try:
-                return self._lookup(name)
+                return self._lookup(name, origin)
             except Pending as pending:
                 job = asyncio.wrap_future(pending.job)
                 # Stored when done, whether this request still waits or not; and the shield keeps this
@@ -471,7 +492,7 @@ class Namespace:
                     await asyncio.shield(job)
                 except Exception:
                     raise _unpacked(name) from None
-        return self._lookup(name)
+        return self._lookup(name, origin)
 
     @staticmethod
     def _keep(name: str, pending: Pending, job: Future[Any] | asyncio.Future[Any]) -> bool:
@@ -486,7 +507,7 @@ class Namespace:
         pending.finish(job.result())
         return True
 
-    def _lookup(self, name: str) -> Item:
+    def _lookup(self, name: str, origin: str) -> Item:
         parsed = self.parse(name)
         if parsed is None:
             raise NotFound(f"no such file: {clip(name)}")
@@ -498,7 +519,7 @@ class Namespace:
                 return Item(name, render("grub.cfg").encode())
             case "script" | "grub":
                 assert mac is not None
-                return self._machine_script(mac, parsed, grub=parsed.kind == "grub")
+                return self._machine_script(mac, parsed, origin or self.http_origin, grub=parsed.kind == "grub")
             case "build":
                 assert mac is not None and file is not None and parsed.generation is not None
                 found = self._found(parsed)
@@ -558,9 +579,10 @@ class Namespace:
         except macs.BadMac:
             raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
 
-    def _machine_script(self, mac: str, parsed: Name, grub: bool = False) -> Item:
+    def _machine_script(self, mac: str, parsed: Name, origin: str, grub: bool = False) -> Item:
         """A machine's iPXE script, or with `grub` its GRUB configuration: the same profile, build and appends;
-        for a machine whose loader named its architecture (parsed.arch), its profile's build for it."""
+        for a machine whose loader named its architecture (parsed.arch), its profile's build for it. `origin`: the
+        HTTP URL the machine asked at (where stage 1 downloads the image of a --fetch build)."""
         name, facts, arch = parsed.path, parsed.facts, parsed.arch
         # Asking again carries the facts again, so that a table keyed by UUID or serial added meanwhile is found.
         again = f"/machine/{macs.hyphenated(mac)}/{FACTS_PATH}/boot.ipxe"
@@ -586,8 +608,15 @@ class Namespace:
                 script = render("broken.ipxe", mac=mac, error=_echoable(error), retry=retry,
                                 again=again if facts else "/" + name.lstrip("/"))
             return Item(name, script.encode(), mac=mac, profile=profile.name)
-        cmdline = " ".join(x for x in (gen.cmdline, append) if x)
         base = f"/machine/{macs.hyphenated(mac)}{_match(mac, machine)}/{gen.id}"
+        # With base_url, the kernel, the initrd and the image come from the mirror, by content address.
+        files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
+        # A --fetch build: stage 1 downloads the image over HTTP by this URL, before the appends (which may
+        # name another).
+        image_url = (files if profile.base_url else origin + base) + "/" + IMAGE
+        # GRUB knows no iPXE settings: its stage 1 asks DHCP for an address, and finds the image by its URL alone.
+        fetching = (f"{IMAGE_URL}={image_url}" if grub else fetch_args(image_url)) if gen.fetch else ""
+        cmdline = " ".join(x for x in (gen.cmdline, fetching, append) if x)
         overlay = ("", "# no overlay")
         if profile.overlay is not None:
             rendered = self._rendered(mac, profile, machine)
@@ -602,8 +631,6 @@ class Namespace:
         if grub:
             return Item(name, self._grub_config(mac, profile, gen, cmdline, base).encode(), mac=mac,
                         profile=profile.name)
-        # With base_url, the kernel and initrd come from the mirror, by content address.
-        files = f"{profile.base_url}/{gen.digest}" if profile.base_url else base
         script = render(
             "machine.ipxe", mac=mac, profile=profile.name, system=gen.system, cmdline=cmdline, files=files,
             kernel=gen.kernel, overlay_arg=overlay[0], overlay_initrd=overlay[1],
@@ -736,6 +763,8 @@ def grub_words(cmdline: str) -> str:
 
 def _held(gen: Generation, file: str) -> HeldFile:
     held = gen.files.get(file)
-    if held is None:  # the UKI of a build made without --uki; another architecture's kernel name
-        raise NotFound(f"build {gen.id} ({gen.arch}) has no {file}")
+    if held is None:  # the UKI of a build made without --uki, the image of one without --fetch; another
+        # architecture's kernel name
+        why = " (it was not built with --fetch)" if file == IMAGE else ""
+        raise NotFound(f"build {gen.id} ({gen.arch}) has no {file}{why}")
     return held

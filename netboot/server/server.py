@@ -228,6 +228,12 @@ class Server:
         self.namespace.http_port = self.http_port
         if _specific_ipv4(self.opts.http.host):
             self.namespace.http_host = self.opts.http.host
+        # A script fetched over TFTP names the image of a --fetch build by this URL: the HTTP listener's address,
+        # or for a wildcard one, the server iPXE got its boot file from (the DHCP next-server, which a PXE ROM's
+        # TFTP server is), as iPXE expands it.
+        host = self.opts.http.host
+        specific = host not in ("0.0.0.0", "::")
+        self.namespace.http_origin = Endpoint(host if specific else "${next-server}", self.http_port).url("http")
         await _announce("http", self.opts.http, self.http_port)
 
     async def reload(self, only_if_changed: bool = False) -> None:

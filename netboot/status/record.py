@@ -13,7 +13,8 @@ for a file are kept for the last `MAX_LOOSE` of them.
 A machine's states:
     configured     in the machines file, not seen since netboot started
     booting        it fetched its script (which starts a new boot) or a file
-    handed-over    its initrd was sent whole (and then its overlay, if it has one): the kernel has all it needs
+    handed-over    its initrd was sent whole (and then its overlay, if it has one): the kernel has all it needs;
+                   a build made with --fetch stays so while stage 1 downloads its image (a step of its own)
     failed         a transfer was aborted or timed out, or it was answered with an error
     unknown-mac    it asked for its script and no profile matched
 """
@@ -79,6 +80,11 @@ def overlay_path(path: str) -> bool:
     return path[-8:] == "/overlay"
 
 
+def image_path(path: str) -> bool:
+    """The image of a --fetch build, which stage 1 downloads after the kernel started (whole or in ranges)."""
+    return path[-6:] == "/image"
+
+
 _PATH, _STATUS, _OK, _PROFILE = (BootEvent._fields.index(f) for f in ("path", "status", "ok", "profile"))
 
 
@@ -94,7 +100,7 @@ def state_of(events: tuple[tuple[Any, ...], ...]) -> str:
             return UNKNOWN_MAC
         if not e[_OK]:
             return FAILED
-        if initrd_sent(True, path, status) or overlay_path(path):
+        if initrd_sent(True, path, status) or overlay_path(path) or image_path(path):
             return HANDED_OVER
         return BOOTING
     return CONFIGURED

@@ -291,3 +291,54 @@ def test_progress_on_a_terminal_only(system: Path, closure: list[str], tmp_path:
     assert quiet == b""
     piped = netboot_ok("build", system, "--out", tmp_path / "d", "--format", "direct")
     assert "packing:" not in piped.stderr and "\r" not in piped.stderr
+
+
+@pytest.mark.parametrize("fmt", ["squashfs", "erofs"])
+def test_fetch_writes_the_image_beside_a_small_initrd(system: Path, closure: list[str], tmp_path: Path,
+                                                      fmt: str) -> None:
+    """--fetch: the image is a file of its own, its sha256 on the command line; the initrd holds stage 1 with the
+    network drivers and modules.alias to load them by modalias, and names the image it downloads."""
+    out = tmp_path / "out"
+    netboot_ok("build", system, "--out", out, "--format", fmt, "--fetch")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bzImage", "cmdline", "image", "initrd", "manifest.json", "netboot.ipxe"]
+    image = (out / "image").read_bytes()
+    digest = hashlib.sha256(image).hexdigest()
+    cmdline = (out / "cmdline").read_text().split()
+    assert f"netboot.image_sha256={digest}" in cmdline and f"init={system}/init" in cmdline
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"]["image"] == {"size": len(image), "sha256": digest}
+    assert manifest["cmdline"] == " ".join(cmdline)
+    if fmt == "squashfs":
+        assert image[:4] == b"hsqs"
+    else:
+        assert image[1024:1028] == b"\xe2\xe1\xf5\xe0"  # erofs's superblock magic, at 1 KiB
+
+    initrd = (out / "initrd").read_bytes()
+    assert len(initrd) < len(image) / 4
+    image_member, rest = split(initrd)
+    assert image_member is None  # no image in the initrd: stage 1 alone
+    stage1 = {e.name: e for e in items(rest)}
+    assert not any(n.startswith("nix-store.") for n in stage1)
+    name, size, first = stage1["etc/netboot-image"].data.decode().split()
+    assert (name, int(size), int(first)) == (f"nix-store.{fmt}", len(image), image[0])
+    version = manifest["kernel_version"]
+    dep = stage1[f"lib/modules/{version}/modules.dep"].data.decode()
+    assert "kernel/drivers/net/virtio_net.ko:" in dep and "kernel/drivers/net/ethernet/intel/e1000/e1000.ko:" in dep
+    for line in dep.splitlines():
+        for module in line.replace(":", "").split():
+            assert stage1[f"lib/modules/{version}/{module}"].data[:4] == b"\x7fELF"
+    aliases = stage1[f"lib/modules/{version}/modules.alias"].data.decode().splitlines()
+    assert "alias virtio:d00000001v* virtio_net" in aliases  # a virtio network device (ID 1)
+    assert any(a.startswith("alias pci:v00008086d0000100E") and a.endswith(" e1000") for a in aliases)
+
+    script = (out / "netboot.ipxe").read_text()
+    assert f"kernel bzImage initrd=initrd {' '.join(cmdline)} netboot.image_url=${{netboot-base}}/image " in script
+    assert "BOOTIF=01-${netX/mac:hexhyp}" in script
+
+
+def test_fetch_needs_an_image_format(system: Path, tmp_path: Path) -> None:
+    proc = netboot("build", system, "--out", tmp_path / "out", "--format", "direct", "--fetch")
+    assert proc.returncode == 2, proc.stderr
+    assert "--fetch downloads an image at boot: it needs --format squashfs or erofs, not direct" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -6,13 +6,10 @@ import hashlib
 import json
 import re
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from support import MARKER, ServerProcess, cli, free_port, need, netboot_ok, netboot_vm
+from support import MARKER, Nginx, ServerProcess, built, cli, netboot_ok, netboot_vm
 
 from netboot.core.artifacts import FILES
 
@@ -63,50 +60,6 @@ def test_publish_refuses_what_is_not_a_build(tmp_path: Path) -> None:
     assert not (tmp_path / "mirror").exists()
 
 
-class Nginx:
-    """Debian's nginx serving `root` on 127.0.0.1:`port`, one process (it stays root, so it can read the test's
-    directories), its access log in `prefix`; stopped by its PID."""
-
-    def __init__(self, root: Path, prefix: Path) -> None:
-        need("nginx")
-        self.port = free_port()
-        self.log = prefix / "access.log"
-        conf = prefix / "nginx.conf"
-        conf.write_text(f"""
-daemon off;
-master_process off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log;
-events {{ }}
-http {{
-    access_log {self.log};
-    default_type application/octet-stream;
-    client_body_temp_path {prefix};
-    proxy_temp_path {prefix};
-    fastcgi_temp_path {prefix};
-    uwsgi_temp_path {prefix};
-    scgi_temp_path {prefix};
-    server {{ listen 127.0.0.1:{self.port}; root {root}; }}
-}}
-""")
-        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(prefix)], stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"nginx did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=20)
-
-
 @pytest.mark.vm
 def test_a_machine_boots_its_kernel_and_initrd_from_a_mirror(outs: dict[str, Path], tmp_path: Path) -> None:
     out, dest = outs["squashfs"], tmp_path / "mirror"
@@ -137,3 +90,11 @@ def test_a_machine_boots_its_kernel_and_initrd_from_a_mirror(outs: dict[str, Pat
     sizes = json.loads((out / "manifest.json").read_text())["artifacts"]
     for name in ("bzImage", "initrd"):
         assert re.search(rf'"GET /{digest}/{name} HTTP/1.1" 200 {sizes[name]["size"]} ', access), access
+
+
+def test_a_fetch_build_is_published_with_its_image(system: Path, tmp_path: Path) -> None:
+    out = built(system, "--format", "squashfs", "--fetch")
+    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    netboot_ok("publish", out, tmp_path / "mirror")
+    assert (tmp_path / "mirror" / digest / "image").read_bytes() == (out / "image").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "mirror" / digest).iterdir()) == sorted([*FILES, "image"])

@@ -3,17 +3,19 @@ kernel given apart, in every format; booted in QEMU."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 from initrd_reader import archives, decompress, items, split
 from ocimake import directory, file, oci_archive, symlink, whiteout
-from support import ServerProcess, boot, cli, netboot_ok, netboot_vm
+from support import ServerProcess, boot, cli, need, netboot_ok, netboot_vm
 
 # The root's init (reached through an absolute symlink, resolved inside the root): says what it sees.
 INIT = b"""#!/bin/sh
@@ -234,3 +236,21 @@ def test_rootfs_network_boot(root: Path, system: Path, tmp_path: Path) -> None:
     seen = report(result.lines)
     assert seen["root"] == "overlay" and seen["owner"] == "1234:5678 640" and seen["modules"] == modules_of(system).name
     assert "tftp /machine/52-54-00-00-0f-01/" in server.log
+
+
+def test_rootfs_fetch_writes_the_root_image_beside_stage1(root: Path, system: Path, tmp_path: Path) -> None:
+    """--fetch with a root filesystem: the root's image is the `image` file, named in stage 1 and on the command
+    line by its sha256."""
+    need("unsquashfs")
+    args = ["--rootfs", root, "--kernel", system / "kernel", "--modules", modules_of(system), "--fetch"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    netboot_ok("build", *args, "--out", a)
+    netboot_ok("build", *args, "--out", b)
+    image = (a / "image").read_bytes()
+    assert image == (b / "image").read_bytes() and image[:4] == b"hsqs"
+    assert f"netboot.image_sha256={hashlib.sha256(image).hexdigest()}" in (a / "cmdline").read_text().split()
+    listing = subprocess.run(["unsquashfs", "-d", "", "-l", a / "image"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert "/etc/marker" in listing and "/sbin/init" in listing
+    stage1 = {e.name: e for e in items(split((a / "initrd").read_bytes())[1])}
+    assert stage1["etc/netboot-image"].data.decode().split() == ["root.squashfs", str(len(image)), str(image[0])]

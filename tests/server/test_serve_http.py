@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ from email.message import Message
 from pathlib import Path
 
 import pytest
-from support import ServerProcess, fake_out, netboot, netboot_ok, write_machines
+from support import ServerProcess, built, fake_out, netboot, netboot_ok, write_machines
 
 MAC = "52:54:00:12:34:56"
 
@@ -334,3 +335,75 @@ def test_each_build_served_by_its_kernels_name(tmp_path: Path) -> None:
             assert get(s.url(f"profile/{profile}/{absent}"))[0] == 404
     finally:
         s.stop()
+
+
+FETCHER, MIRRORED = "52:54:00:12:34:70", "52:54:00:12:34:71"
+
+
+def test_a_fetch_build_serves_its_image_and_names_it_in_the_script(system: Path, outs: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """A --fetch build: the script names the image by the address the machine asked at (its Host), or on the
+    mirror; the image is served with Range and HEAD; the status shows its download as a step of the boot."""
+    out = built(system, "--format", "squashfs", "--fetch")
+    image = (out / "image").read_bytes()
+    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    f = tmp_path / "machines.toml"
+    f.write_text(f"""
+[profiles.fetch]
+dir = "{out}"
+
+[profiles.mirrored]
+dir = "{out}"
+base_url = "http://mirror.example/nb/"
+
+[profiles.plain]
+dir = "{outs["squashfs"]}"
+
+[machines."{FETCHER}"]
+profile = "fetch"
+append = "hostname=f1"
+
+[machines."{MIRRORED}"]
+profile = "mirrored"
+""")
+    server = ServerProcess("--machines", f, "--http", "127.0.0.1:0", "--no-tftp")
+    try:
+        script = get(server.url(f"machine/{FETCHER}/boot.ipxe"), {"Host": f"10.0.2.2:{server.http_port}"})[2].decode()
+        (kernel,) = [ln for ln in script_lines(script.encode()) if ln.startswith("kernel ")]
+        args = kernel.split()
+        (url,) = [a.split("=", 1)[1] for a in args if a.startswith("netboot.image_url=")]
+        base = f"http://10.0.2.2:{server.http_port}/machine/{FETCHER.replace(':', '-')}/"
+        assert url.startswith(base) and url.endswith("/image"), kernel
+        assert f"netboot.image_sha256={hashlib.sha256(image).hexdigest()}" in args
+        assert "BOOTIF=01-${netX/mac:hexhyp}" in args and args[-1] == "hostname=f1"  # the appends last
+        assert "ip=${netX/ip}::${netX/gateway}:${netX/netmask}:::none:${dns}" in args
+        # A Host that is not a plain host and port is not written into a script: the address asked at is.
+        script = get(server.url(f"machine/{FETCHER}/boot.ipxe"), {"Host": "x/${evil} y"})[2].decode()
+        assert f"netboot.image_url=http://127.0.0.1:{server.http_port}/machine/" in script and "evil" not in script
+
+        local = server.url(url.removeprefix(f"http://10.0.2.2:{server.http_port}/"))
+        status, headers, body = get(local)
+        assert status == 200 and body == image and headers["Accept-Ranges"] == "bytes"
+        status, headers, body = get(local, {"Range": f"bytes=4096-{len(image) - 1}"})
+        assert (status, body) == (206, image[4096:])
+        assert headers["Content-Range"] == f"bytes 4096-{len(image) - 1}/{len(image)}"
+        status, headers, body = get(local, method="HEAD")
+        assert (status, body, int(headers["Content-Length"])) == (200, b"", len(image))
+        assert get(server.url("profile/fetch/image"))[2] == image
+        status, _, body = get(server.url("profile/plain/image"))
+        assert status == 404 and b"was not built with --fetch" in body
+
+        script = get(server.url(f"machine/{MIRRORED}/boot.ipxe"))[2].decode()
+        assert f"netboot.image_url=http://mirror.example/nb/{digest}/image " in script
+        assert f"kernel http://mirror.example/nb/{digest}/bzImage " in script
+
+        assert server.logged(f"mac={FETCHER} profile=fetch http /{local.removeprefix(server.url(''))} 200")
+        status_url = f"http://127.0.0.1:{server.status_port}/api/machines"
+        with urllib.request.urlopen(status_url, timeout=30) as r:
+            machines = {m["mac"]: m for m in json.load(r)["machines"]}
+        fetcher = machines[FETCHER]
+        assert fetcher["state"] == "handed-over", fetcher
+        assert any(e["path"].endswith("/image") and e["status"] == "200" and e["bytes"] == len(image)
+                   for e in fetcher["events"]), fetcher
+    finally:
+        server.stop()

@@ -16,6 +16,9 @@
 , archModules ? [ "kernel/crypto/crc32c_generic.ko" "kernel/arch/x86/crypto/crc32c-intel.ko" ]
   # Extra host directories, each copied into a store path of its own (benchmarks use this for bulk).
 , payload ? [ ]
+  # Bytes of random (incompressible) data in a store path of their own; the init checks their size, not their
+  # sha256 (which stage 1 of --fetch checked for the whole image already).
+, randomBytes ? 0
   # How the selected modules are stored: "none", "xz" or "zst" (the kernel's own choices).
 , moduleCompression ? "none"
 , name ? "netboot-test"
@@ -40,8 +43,9 @@ let
     cp ${kernelImage} $out/${kernelFile}
   '';
 
-  # What the squashfs and erofs formats need (loop, squashfs, erofs and its soft dependency crc32c, overlay)
-  # plus a module with a chain of dependencies.
+  # What the squashfs and erofs formats need (loop, squashfs, erofs and its soft dependency crc32c, overlay),
+  # a module with a chain of dependencies, and network drivers for --fetch (virtio's and an Intel card's, with
+  # virtio_pci, the bus virtio's sits on).
   modules = mk "linux-${kernelVersion}-modules" {
     hash = builtins.hashFile "sha256" "${hostModules}/modules.dep";
     inherit moduleCompression;
@@ -53,6 +57,8 @@ let
              kernel/fs/isofs/isofs.ko \
              $(grep '^kernel/drivers/target/loopback/tcm_loop.ko:' $src/modules.dep | tr -d :) \
              $(grep '^kernel/fs/erofs/erofs.ko:' $src/modules.dep | tr -d :) \
+             $(grep -E '^kernel/drivers/(net/virtio_net|virtio/virtio_pci|net/ethernet/intel/e1000/e1000).ko:' \
+                 $src/modules.dep | tr -d :) \
              ${toString archModules}; do
       mkdir -p $dst/$(dirname $m)
       case $moduleCompression in
@@ -99,6 +105,9 @@ let
     else
       echo "NETBOOT-TEST: store not writable"; ok=0
     fi
+    while read -r f size; do
+      [ "\$(stat -c %s "\$f")" = "\$size" ] || { echo "NETBOOT-TEST: size differs \$f"; ok=0; }
+    done < \$top/closure-bulk
     [ \$ok = 1 ] && echo "NETBOOT-TEST-OK paths=\$n files=\$checked"
     poweroff -f
     EOF
@@ -121,7 +130,14 @@ let
     mk "netboot-payload-${toString i}-${baseNameOf src}" { inherit src; } "cp -r $src $out"
   ) (builtins.length payload);
 
-  deps = [ busybox kernel modules testInit motd motdLink hardlinks ] ++ payloadPaths;
+  random = mk "netboot-random" { inherit randomBytes; } ''
+    mkdir -p $out
+    head -c $randomBytes /dev/urandom > $out/data
+  '';
+  bulk = if randomBytes > 0 then [ random ] else [ ];
+
+  checked = [ busybox kernel modules testInit motd motdLink hardlinks ] ++ payloadPaths;
+  deps = checked ++ bulk;
 in
 mk "nixos-system-${name}-${kernelVersion}" { } ''
   mkdir -p $out
@@ -131,11 +147,13 @@ mk "nixos-system-${name}-${kernelVersion}" { } ''
   ln -s ${motdLink} $out/motd
   ln -s ${hardlinks} $out/hardlinks
   ${builtins.concatStringsSep "\n" (map (p: "ln -s ${p} $out/payload-$(basename ${p})") payloadPaths)}
+  ${builtins.concatStringsSep "\n" (map (p: "ln -s ${p} $out/random") bulk)}
   cat > $out/init <<EOF
   #!${busybox}/bin/sh
   exec ${testInit}/bin/init $out
   EOF
   chmod 555 $out/init
   for p in ${toString deps} $out; do echo $p; done > $out/closure-paths
-  (cd / && find ${toString deps} -type f | sort | xargs -d '\n' sha256sum) > $out/closure-files.sha256
+  (cd / && find ${toString checked} -type f | sort | xargs -d '\n' sha256sum) > $out/closure-files.sha256
+  for p in ${toString bulk}; do find $p -type f -printf '%p %s\n'; done > $out/closure-bulk
 ''
