@@ -25,6 +25,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -54,6 +55,24 @@ def ip(*args: str) -> str:
     return _run(["ip", *args])
 
 
+# Router advertisements on the LAN's bridge, twice a second: ICMPv6 type 134 (RFC 4861 §4.2) with router lifetime
+# 0 and no options, so no host gets a route or an address from them. iPXE configures IPv6 beside DHCP and, on a
+# LAN where no router answers its solicitations, waits about 18 s (its "Configuring ..." dots) before it goes on;
+# with an advertisement it goes on once DHCP is done. The kernel fills in the checksum (RFC 3542 §3.1).
+_ADVERTISE = """
+import socket, sys, time
+index = socket.if_nametoindex(sys.argv[1])
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+while True:
+    try:
+        s.sendto(bytes([134]) + bytes(15), ("ff02::1", 0, 0, index))
+    except OSError:  # the bridge has no link-local address until a port is up
+        pass
+    time.sleep(0.5)
+"""
+
+
 class Lan:
     """A bridge in a "switch" namespace; hosts on veth pairs and VMs on taps join it. A context manager."""
 
@@ -64,6 +83,7 @@ class Lan:
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen] = []
         self._links = itertools.count(1)
+        self._advertising = False
         _remove_orphans(name)
         try:
             self._add_namespace(self.switch)
@@ -96,10 +116,15 @@ class Lan:
         return host
 
     def tap(self) -> str:
-        """A tap device on the bridge, up, in the switch namespace; run its QEMU with `vm()`."""
+        """A tap device on the bridge, up, in the switch namespace; run its QEMU with `vm()`. The first also starts
+        the LAN's router advertisements (_ADVERTISE), for the VMs' iPXE."""
         tap = f"tap{next(self._links)}"
         ip("-n", self.switch, "tuntap", "add", tap, "mode", "tap")
         ip("-n", self.switch, "link", "set", tap, "master", "br0", "up")
+        if not self._advertising:
+            self._procs.append(subprocess.Popen(self.vm([sys.executable, "-c", _ADVERTISE, "br0"]),
+                                                stdin=subprocess.DEVNULL))
+            self._advertising = True
         return tap
 
     def vm(self, argv: Sequence[str]) -> list[str]:

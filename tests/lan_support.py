@@ -10,10 +10,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
@@ -63,35 +60,6 @@ def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
     return LanServer(host, *strs)
 
 
-# Router advertisements on the LAN's bridge, twice a second: ICMPv6 type 134 (RFC 4861 §4.2) with router lifetime
-# 0 and no options, so no host gets a route or an address from them. iPXE configures IPv6 beside DHCP and, on a
-# LAN where no router answers its solicitations, waits about 18 s (its "Configuring ..." dots) before it goes on;
-# with an advertisement it goes on once DHCP is done. The kernel fills in the checksum (RFC 3542 §3.1).
-ADVERTISE = """
-import socket, sys, time
-index = socket.if_nametoindex(sys.argv[1])
-s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
-while True:
-    try:
-        s.sendto(bytes([134]) + bytes(15), ("ff02::1", 0, 0, index))
-    except OSError:  # the bridge has no link-local address until a port is up
-        pass
-    time.sleep(0.5)
-"""
-
-
-@contextlib.contextmanager
-def router_advertisements(lan: Lan) -> Iterator[None]:
-    """An IPv6 router that routes nothing, advertised on `lan` while the block runs; stopped by its PID."""
-    proc = subprocess.Popen(lan.vm([sys.executable, "-c", ADVERTISE, "br0"]), stdin=subprocess.DEVNULL)
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300,
             arch: str = qemu.DEFAULT_ARCH, **secure) -> qemu.BootResult:
     """Network-boot a VM of `arch` on a new tap of `lan` until it powers off; fail if it did not within
@@ -101,8 +69,7 @@ def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: fl
     if uefi:
         code = qemu.UEFI[arch][0]
         assert code.is_file(), f"{code} is not installed (make deps installs Debian's ovmf and qemu-efi-aarch64)"
-    with router_advertisements(lan):
-        result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, arch=arch, **secure)
+    result = lanboot.boot_vm(lan, mac, uefi=uefi, pxe_rom=pxe_rom, timeout=timeout, arch=arch, **secure)
     firmware = f"{arch} UEFI" if uefi else "BIOS"
     assert not result.timed_out, f"the {firmware} VM {mac} did not finish in {timeout} s:\n{result.console[-3000:]}"
     return result
