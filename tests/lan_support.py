@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support import ServerProcess, need, vm_accel
@@ -58,6 +59,13 @@ def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
     if not any(a in ("--tftp", "--no-tftp") or a.startswith("--tftp=") for a in strs):
         strs += ["--tftp", "0.0.0.0:69"]
     return LanServer(host, *strs)
+
+
+def grub_site(lan: Lan, leasefile: Path) -> None:
+    """The site's DHCP server (plain leases) naming netboot's address (192.0.2.10) as the next server: GRUB 2.06
+    takes its TFTP server from the acknowledgement of its address, not from the proxy's offer the firmware followed
+    (README, "Boot with Secure Boot on")."""
+    lan.host("site", "192.0.2.2/24").dnsmasq("--dhcp-option=option:server-ip-address,192.0.2.10", leasefile=leasefile)
 
 
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool = True, timeout: float = 300,

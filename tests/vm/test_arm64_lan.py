@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from dhcp_support import DISCOVER, request
-from lan_support import boot_vm, lan_fixture  # noqa: F401  (lan_fixture: the `lan` fixture)
+from lan_support import boot_vm, grub_site, lan_fixture  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import assert_booted, built
 from test_dhcp_live import probe, start, wait_for
 
@@ -44,10 +44,7 @@ profile = "arm-squash"
 [machines."{ARM_ON_X86}"]
 profile = "x86"
 """)
-    # Plain leases, naming netboot as the next server: GRUB takes its TFTP server from the acknowledgement of its
-    # address, not from the proxy's offer the firmware followed (README, "Boot with Secure Boot on").
-    lan.host("site", "192.0.2.2/24").dnsmasq("--dhcp-option=option:server-ip-address,192.0.2.10",
-                                             leasefile=tmp_path / "dnsmasq.leases")
+    grub_site(lan, tmp_path / "dnsmasq.leases")
     server = start(lan.host("netboot", "192.0.2.10/24"), "--machines", fleet, "--dhcp", "proxy",
                    "--loaders", f"arm64={arm64_loaders}")
     with concurrent.futures.ThreadPoolExecutor(3) as pool:

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
+from lan_support import boot_vm, grub_site, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import assert_booted, need, signed_build, signing_keys
 from test_dhcp_live import start
 
@@ -82,10 +82,7 @@ profile = "signed"
 [machines."{IPXE}"]
 profile = "ipxe"
 """)
-    # The site's DHCP server hands out addresses and names netboot as the next server: GRUB 2.06 takes its server
-    # from the acknowledgement of the address, not from the proxy's offer (README, "Boot with Secure Boot on").
-    lan.host("site", "192.0.2.2/24").dnsmasq("--dhcp-option=option:server-ip-address,192.0.2.10",
-                                             leasefile=tmp_path / "dnsmasq.leases")
+    grub_site(lan, tmp_path / "dnsmasq.leases")
     server = start(lan.host("netboot", "192.0.2.10/24"), "--machines", machines, "--dhcp", "proxy")
     debian, signed_vm = both(vm(lan, DEBIAN, secure_boot=True), vm(lan, SIGNED, secure_boot=True, mok=[cert]))
     no_mok, ipxe = both(vm(lan, SIGNED_NO_MOK, secure_boot=True, until=[REFUSED]), vm(lan, IPXE))
