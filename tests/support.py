@@ -255,6 +255,11 @@ def assert_booted(result: qemu.BootResult, closure: list[str], system: Path) -> 
     assert "NETBOOT-TEST: store writable" in console
 
 
+def hostname_seen(console_lines: list[str]) -> str:
+    """The /etc/hostname the test system's init found (an overlay's, when one was served)."""
+    return next(ln for ln in console_lines if ln.startswith("NETBOOT-TEST: hostname:")).split(": ", 2)[2].strip()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A loopback port nothing listens on (TCP, or UDP with SOCK_DGRAM)."""
     with socket.socket(socket.AF_INET, kind) as s:

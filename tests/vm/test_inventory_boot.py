@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 from browser import Browser
-from support import MARKER, ServerProcess, need, vm_accel
-from test_overlay_boot import hostname_seen
+from support import MARKER, ServerProcess, hostname_seen, need, vm_accel
 
 from devtools import qemu
 
