@@ -1,19 +1,17 @@
-"""`netboot publish` and base_url: a build in a content-addressed tree, served by nginx, booted from there."""
+"""`netboot publish` and base_url: a build in a content-addressed tree (a machine booting from such a mirror:
+tests/vm/test_fetch_boot.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
-from support import MARKER, Nginx, ServerProcess, built, cli, netboot_ok, netboot_vm
+from support import built, cli, netboot_ok
 
 from netboot.core.artifacts import FILES
-
-NODE = "52:54:00:00:0d:01"
 
 
 def published(dest: Path) -> list[Path]:
@@ -61,37 +59,6 @@ def test_publish_refuses_what_is_not_a_build(tmp_path: Path) -> None:
 
 
 @pytest.mark.vm
-def test_a_machine_boots_its_kernel_and_initrd_from_a_mirror(outs: dict[str, Path], tmp_path: Path) -> None:
-    out, dest = outs["squashfs"], tmp_path / "mirror"
-    netboot_ok("publish", out, dest)
-    digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
-    (tmp_path / "nginx").mkdir()
-    nginx = Nginx(dest, tmp_path / "nginx")
-    try:
-        (tmp_path / "overlay/etc").mkdir(parents=True)
-        (tmp_path / "overlay/etc/hostname.j2").write_text("{{ hostname }}\n")
-        machines = tmp_path / "machines.toml"
-        machines.write_text(f'[profiles.rack]\ndir = "{out}"\noverlay = "overlay"\n'
-                            f'base_url = "http://10.0.2.2:{nginx.port}/"\n\n'
-                            f'[machines."{NODE}"]\nprofile = "rack"\nhostname = "mirrored"\n')
-        server = ServerProcess("--machines", machines, "--http", "127.0.0.1:0", "--no-tftp")
-        try:
-            result = netboot_vm(f"http://10.0.2.2:{server.http_port}/boot.ipxe", NODE)
-            assert any(line.startswith(MARKER) for line in result.lines), result.console[-3000:]
-            assert "NETBOOT-TEST: hostname: mirrored" in result.lines
-            served = [ln for ln in server.log.splitlines() if f"mac={NODE}" in ln]
-            paths = [re.search(r" http (\S+) ", ln).group(1).rsplit("/", 1)[-1] for ln in served]  # type: ignore[union-attr]
-            assert paths == ["boot.ipxe", "overlay"], server.log  # the script and the overlay, nothing else
-        finally:
-            server.stop()
-    finally:
-        nginx.stop()
-    access = nginx.log.read_text()
-    sizes = json.loads((out / "manifest.json").read_text())["artifacts"]
-    for name in ("bzImage", "initrd"):
-        assert re.search(rf'"GET /{digest}/{name} HTTP/1.1" 200 {sizes[name]["size"]} ', access), access
-
-
 def test_a_fetch_build_is_published_with_its_image(system: Path, tmp_path: Path) -> None:
     out = built(system, "--format", "squashfs", "--fetch")
     digest = hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()

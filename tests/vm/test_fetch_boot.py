@@ -8,6 +8,7 @@ its size) does not depend on the file system inside it, and a 2.5 GB boot costs 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import threading
@@ -97,7 +98,8 @@ def test_stage1_refuses_a_changed_image_retries_a_dying_mirror_and_fetches_from_
         system: Path, closure: list[str], tmp_path: Path) -> None:
     """A machine on a base_url mirror, booting an erofs image it downloads in two ranged requests at once: its
     first download has a changed byte (refused with the mismatch message), the mirror dies in the middle of its
-    second, and the third boots; netboot serves the script alone."""
+    second, and the third boots. Kernel, initrd and image come from the mirror; netboot serves the script and
+    the machine's overlay alone."""
     out = built(system, "--format", "erofs", "--fetch")
     mirror = tmp_path / "mirror"
     netboot_ok("publish", out, mirror)
@@ -121,10 +123,12 @@ def test_stage1_refuses_a_changed_image_retries_a_dying_mirror_and_fetches_from_
         "does not match its sha256": threading.Timer(0, lambda: image.write_bytes(good)),
         "attempt 2 of": threading.Timer(1.5, die_and_restart),
     })
+    (tmp_path / "overlay/etc").mkdir(parents=True)
+    (tmp_path / "overlay/etc/hostname.j2").write_text("{{ hostname }}\n")
     machines = tmp_path / "machines.toml"
     machines.write_text(f'[profiles.rack]\ndir = "{out}"\nbase_url = "http://10.0.2.2:{nginx.port}/"\n'
-                        'append = "netboot.fetch_streams=2"\n\n'
-                        f'[machines."{MIRRORED}"]\nprofile = "rack"\n')
+                        'append = "netboot.fetch_streams=2"\noverlay = "overlay"\n\n'
+                        f'[machines."{MIRRORED}"]\nprofile = "rack"\nhostname = "mirrored"\n')
     server = ServerProcess("--machines", machines, "--http", "127.0.0.1:0", "--no-tftp")
     try:
         result = netboot_vm(f"http://10.0.2.2:{server.http_port}/boot.ipxe", MIRRORED, echo=console)
@@ -145,11 +149,16 @@ def test_stage1_refuses_a_changed_image_retries_a_dying_mirror_and_fetches_from_
     assert "netboot stage 1: trying again in 2 s" in lines  # the backoff doubles
     assert any(ln.startswith(f"netboot stage 1: fetched {len(good)} bytes in ") for ln in lines), said
     assert console.text.index("attempt 3 of") < console.text.index(MARKER)  # neither image before was booted
+    assert "NETBOOT-TEST: hostname: mirrored" in result.lines  # the overlay, from netboot
 
-    # The image came from the mirror in two ranges, twice (the changed one, then the good one; the ranges cut
-    # short died with their server, unlogged); netboot sent the script.
+    # Kernel and initrd came from the mirror whole, the image in two ranges, twice (the changed one, then the
+    # good one; the ranges cut short died with their server, unlogged); netboot sent the script and the overlay.
     access = nginx.log.read_text()
+    sizes = json.loads((out / "manifest.json").read_text())["artifacts"]
+    for name in ("bzImage", "initrd"):
+        assert re.search(rf'"GET /{digest}/{name} HTTP/1.1" 200 {sizes[name]["size"]} ', access), access
     ranges = [int(n) for n in re.findall(rf'"GET /{digest}/image HTTP/1.1" 206 (\d+) ', access)]
     assert len(ranges) == 4 and sum(ranges) == 2 * (len(good) - 1), access  # stage 1 holds the first byte
     served = [ln for ln in server.log.splitlines() if f"mac={MIRRORED}" in ln]
-    assert [re.search(r" http (\S+) ", ln).group(1).rsplit("/", 1)[-1] for ln in served] == ["boot.ipxe"], served  # type: ignore[union-attr]
+    paths = [re.search(r" http (\S+) ", ln).group(1).rsplit("/", 1)[-1] for ln in served]  # type: ignore[union-attr]
+    assert paths == ["boot.ipxe", "overlay"], served
