@@ -32,7 +32,7 @@ def _option() -> st.SearchStrategy[tuple[int, bytes]]:
     return st.one_of(fixed, text, raw, kind)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.sampled_from([DISCOVER, REQUEST, 4, 7, 8]), st.lists(_option(), max_size=10), st.integers(0, 30),
        st.binary(min_size=6, max_size=6), st.integers(0, 0xFFFF))
 def test_requests_read_alike(kind: int, options: list[tuple[int, bytes]], cut: int, mac: bytes, flags: int) -> None:
@@ -64,7 +64,7 @@ def _replies(draw: st.DrawFn) -> Reply:
                  sname=draw(_TEXT), file=draw(_TEXT), options=options)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(_replies())
 def test_replies_are_built_alike(reply: Reply) -> None:
     reply.encode()  # conftest.py: pyroute2's codec must build the same bytes

@@ -89,7 +89,7 @@ def test_fuzz_anything_is_a_request_or_refused(data: bytes) -> None:
         message.parse(data)
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 254), st.binary(max_size=40)), max_size=12), st.integers(0, 60))
 def test_fuzz_options_of_a_real_request(options: list[tuple[int, bytes]], cut: int) -> None:
     data = edk2(extra=options)
