@@ -70,7 +70,7 @@ demo-proxy: deps venv
 
 # The README's picture of the status page, taken by the test that loads it in headless Chromium.
 screenshot: deps venv
-	NETBOOT_SCREENSHOT=$(CURDIR)/docs/status-page.png $(VENV)/bin/pytest -q tests/vm/test_status_boot.py -k page
+	NETBOOT_SCREENSHOT=$(CURDIR)/docs/status-page.png $(VENV)/bin/pytest -q tests/vm/test_fleet_boot.py -k page
 
 # Reference tools for the side-by-side benchmarks (kea-admin ships perfdhcp).
 BENCH_PACKAGES := nginx wrk curl tftpd-hpa atftp
