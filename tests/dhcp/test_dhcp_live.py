@@ -27,8 +27,11 @@ NODE1, OTHER = "52:54:00:00:03:01", "52:54:00:00:03:02"
 
 
 def probe(host: Host, *datagrams: bytes, to: str = "255.255.255.255:67", port: int = 68,
-          wait: float = 2.0) -> list[tuple[str, object]]:
-    proc = host.run([sys.executable, PROBE, "--to", to, "--port", str(port), "--wait", str(wait),
+          wait: float = 2.0, expect: int | None = None) -> list[tuple[str, object]]:
+    """What comes back to `datagrams` sent from `host`: for `wait` seconds, or (`expect`) until that many replies
+    and a short grace for one too many."""
+    extra = ["--expect", str(expect)] if expect else []
+    proc = host.run([sys.executable, PROBE, "--to", to, "--port", str(port), "--wait", str(wait), *extra,
                      *(d.hex() for d in datagrams)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return [(line.split()[0], parse_reply(bytes.fromhex(line.split()[1]))) for line in proc.stdout.splitlines()]
@@ -51,7 +54,7 @@ def start(host: Host, *args: str | os.PathLike[str]) -> LanServer:
 def test_proxy_answers_pxe_clients_only_and_on_port_4011(lan: Lan, outs: dict[str, Path]) -> None:
     server = start(lan.host("netboot", "192.0.2.10/24"), "--dir", outs["direct"], "--dhcp", "proxy")
     client = lan.host("client", "192.0.2.50/24")
-    replies = probe(client, edk2(mac=NODE1), plain(mac=OTHER))
+    replies = probe(client, edk2(mac=NODE1), plain(mac=OTHER), expect=1)
     assert len(replies) == 1, replies  # the ordinary client is left to the site's server
     source, offer = replies[0]
     assert source == "192.0.2.10:67"
@@ -59,7 +62,7 @@ def test_proxy_answers_pxe_clients_only_and_on_port_4011(lan: Lan, outs: dict[st
         OFFER, NODE1, "0.0.0.0", "192.0.2.10", "ipxe.efi")
     assert offer.text(60) == "PXEClient" and offer.address(54) == "192.0.2.10"
     # Boot server discovery: the client, now configured, asks port 4011 and is answered there.
-    replies = probe(client, edk2(REQUEST, mac=NODE1, ciaddr="192.0.2.50", flags=0), to="192.0.2.10:4011")
+    replies = probe(client, edk2(REQUEST, mac=NODE1, ciaddr="192.0.2.50", flags=0), to="192.0.2.10:4011", expect=1)
     assert [(s, r.type, r.file) for s, r in replies] == [("192.0.2.10:4011", ACK, "ipxe.efi")]
     wait_for(server, f"{NODE1} uefi-x64-pxe ACK address=192.0.2.50 boot=tftp://192.0.2.10/ipxe.efi")
     assert f"dhcp: {NODE1} uefi-x64-pxe OFFER address=- boot=tftp://192.0.2.10/ipxe.efi" in server.log
@@ -99,10 +102,15 @@ hostname = "node1"
     return f
 
 
+def asked(address: str) -> list[tuple[int, bytes]]:
+    """A REQUEST's options for `address`, offered by netboot (192.0.2.10)."""
+    return [(50, ip(address)), (54, ip("192.0.2.10"))]
+
+
 def dora(host: Host, mac: str) -> tuple[str, object]:
-    (_, offer), = probe(host, edk2(DISCOVER, mac=mac))
+    (_, offer), = probe(host, edk2(DISCOVER, mac=mac), expect=1)
     assert offer.type == OFFER
-    replies = probe(host, edk2(REQUEST, mac=mac, extra=[(50, ip(offer.yiaddr)), (54, ip("192.0.2.10"))]))
+    replies = probe(host, edk2(REQUEST, mac=mac, extra=asked(offer.yiaddr)), expect=1)
     (_, ack), = replies
     assert ack.type == ACK and ack.yiaddr == offer.yiaddr
     return ack.yiaddr, ack
@@ -253,6 +261,6 @@ def test_dhcp_interface_limits_where_it_answers(lan: Lan, outs: dict[str, Path])
     assert probe(client, edk2(mac=NODE1), wait=1) == []
     elsewhere.stop()
     here = start(host, "--dir", outs["direct"], "--dhcp", "proxy", "--dhcp-interface", "eth0")
-    assert [r.type for _, r in probe(client, edk2(mac=NODE1))] == [OFFER]
+    assert [r.type for _, r in probe(client, edk2(mac=NODE1), expect=1)] == [OFFER]
     assert "dhcp: proxy DHCP on eth0, ports 67 and 4011" in here.log
     here.stop()

@@ -10,10 +10,10 @@ import re
 import signal
 from pathlib import Path
 
-from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, ip, ipxe
+from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, ipxe
 from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import assert_booted
-from test_dhcp_live import probe, start, wait_for
+from test_dhcp_live import asked, probe, start, wait_for
 
 from devtools.lan import Lan
 from netboot.dhcp import journal
@@ -82,10 +82,10 @@ def test_authoritative_mode_alone_with_a_reservation_and_a_restart(lan: Lan, out
     server = start(host, *args)
     client = lan.host("client", "192.0.2.50/24")
     # A BIOS machine's iPXE ROM takes an address from the range (SeaBIOS's boot itself is the proxy test's).
-    (_, offer), = probe(client, ipxe(DISCOVER, mac=BIOS_MAC, arch=0))
+    (_, offer), = probe(client, ipxe(DISCOVER, mac=BIOS_MAC, arch=0), expect=1)
     other = offer.yiaddr
     assert RANGE[0] <= ipaddress.IPv4Address(other) <= RANGE[1]
-    (_, ack), = probe(client, ipxe(REQUEST, mac=BIOS_MAC, arch=0, extra=[(50, ip(other)), (54, ip("192.0.2.10"))]))
+    (_, ack), = probe(client, ipxe(REQUEST, mac=BIOS_MAC, arch=0, extra=asked(other)), expect=1)
     assert (ack.type, ack.yiaddr, ack.file) == (ACK, other, "http://192.0.2.10:8080/boot.ipxe")
     uefi = boot_vm(lan, UEFI_MAC, uefi=True, pxe_rom=False)
     assert_booted(uefi, closure, system)
@@ -97,9 +97,9 @@ def test_authoritative_mode_alone_with_a_reservation_and_a_restart(lan: Lan, out
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=20) == 0
     again = start(host, *args)
-    (_, offer), = probe(client, ipxe(DISCOVER, mac=BIOS_MAC, arch=0))
+    (_, offer), = probe(client, ipxe(DISCOVER, mac=BIOS_MAC, arch=0), expect=1)
     assert (offer.type, offer.yiaddr) == (OFFER, other)
-    (_, ack), = probe(client, ipxe(REQUEST, mac=BIOS_MAC, arch=0, extra=[(50, ip(other)), (54, ip("192.0.2.10"))]))
+    (_, ack), = probe(client, ipxe(REQUEST, mac=BIOS_MAC, arch=0, extra=asked(other)), expect=1)
     assert (ack.type, ack.yiaddr, ack.file) == (ACK, other, "http://192.0.2.10:8080/boot.ipxe")
     wait_for(again, f"{BIOS_MAC} ipxe-bios ACK address={other} ")
     again.stop()
