@@ -61,10 +61,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
 
 def weight(item: pytest.Item) -> int:
-    """A rough rank of a test's time: VMs on a namespace LAN (firmware, often two VMs at once), other VM boots,
-    then namespaces, Nix builds and large packing, then the rest."""
+    """A rough rank of a test's time: VM boots marked slow (minutes of emulated CPU in one VM), VMs on a namespace
+    LAN (firmware, often two VMs at once), other VM boots, then namespaces, Nix builds and large packing, then the
+    rest."""
     marks = {m.name for m in item.iter_markers()}
     if "vm" in marks:
+        if "slow" in marks:
+            return 4
         return 3 if "lan" in getattr(item, "fixturenames", ()) else 2
     return 1 if marks & {"root", "nix", "slow"} else 0
 

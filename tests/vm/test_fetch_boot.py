@@ -14,6 +14,7 @@ import re
 import threading
 from pathlib import Path
 
+import pytest
 from support import (
     MARKER,
     Nginx,
@@ -48,6 +49,7 @@ def memory_for(out: Path) -> int:
     return (out / "image").stat().st_size // 2**20 + 400
 
 
+@pytest.mark.slow  # about 150 s of one VM (its download and sha256 of 2.5 GB): started first (conftest.py)
 def test_a_system_too_large_for_one_initrd_boots_by_fetch(tmp_path: Path) -> None:
     system = big_system()
     closure = (system / "closure-paths").read_text().split()
