@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("out", type=Path, metavar="DIR", help="an output directory of `netboot build`")
     p.add_argument("--append", default="", help="extra kernel parameters for this boot")
+    p.add_argument("--kernel", type=Path, help="boot this kernel in place of the build's (e.g. its vmlinux, which "
+                   "QEMU starts at its PVH entry without bzImage's decompressor)")
     _common(p)
     args = p.parse_args(argv)
     for name in (KERNEL_FILES[build_arch(args.out)], "initrd", "cmdline"):
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"boot-dir: error: {args.out} has no {name}; is it an output of netboot build?", file=sys.stderr)
             return 2
     result = watch(
-        direct_argv(args.out, append=args.append, memory=args.memory, accel=args.accel),
+        direct_argv(args.out, append=args.append, memory=args.memory, accel=args.accel, kernel=args.kernel),
         timeout=args.timeout, expect=args.expect, echo=None if args.quiet else sys.stdout,
     )
     return _report("boot-dir", result, args)
