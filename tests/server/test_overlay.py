@@ -388,6 +388,7 @@ def test_a_template_that_loops_or_renders_a_gigabyte_is_refused_and_others_keep_
         for mac, reason in reasons.items():
             assert f"this machine ({mac}) cannot boot:" in answers[mac] and reason in answers[mac], answers[mac]
             assert "initrd" not in answers[mac]
+            assert server.logged(f"machine {mac}"), server.log  # the log is read after the answer comes
             lines = [line for line in server.log.splitlines() if f"machine {mac}" in line]
             assert len(lines) == 1 and reason in lines[0] and len(lines[0]) < 400, lines
         # And the server goes on rendering for new machines.
