@@ -343,7 +343,8 @@ class ServerProcess:
                 self.status_port = int(m.group(1))
         import threading
 
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
 
     def _drain(self) -> None:
         assert self.proc.stderr is not None
@@ -367,6 +368,7 @@ class ServerProcess:
         return text in self.log
 
     def stop(self) -> None:
+        """Stop the server by its PID; its log is whole afterwards (read to its end)."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -374,6 +376,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        drainer = getattr(self, "_drainer", None)  # none yet if it did not start
+        if drainer is not None:
+            drainer.join(timeout=10)
 
 
 class Nginx:

@@ -336,7 +336,7 @@ def test_serve_renders_again_when_a_template_is_edited(fleet: Path, tmp_path: Pa
             assert time.monotonic() < deadline, "the edited template was not rendered again"
             time.sleep(0.2)
         assert {e.name: e.data for e in items(first)}["netboot-overlay/etc/hostname"] == b"node1\n"
-        assert f"mac={NODE1} profile=squash http /machine/{NODE1.replace(':', '-')}/" in server.log
+        assert server.logged(f"mac={NODE1} profile=squash http /machine/{NODE1.replace(':', '-')}/"), server.log
     finally:
         server.stop()
 
