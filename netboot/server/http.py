@@ -31,6 +31,7 @@ from netboot.core.logtext import clip
 from netboot.server.http_limits import HttpLimits
 from netboot.server.namespace import BadRequest, Item, Namespace, NotFound
 from netboot.status.record import BootRecord
+from netboot.tftp.transfer import format_peer
 
 log = logging.getLogger("netboot.serve")
 
@@ -142,8 +143,7 @@ def origin_of(request: web.BaseRequest) -> str:
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         if not sockname:
             return ""
-        address, port = sockname[0], sockname[1]
-        host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+        host = format_peer(sockname)
     return f"http://{host}"
 
 

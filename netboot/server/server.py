@@ -34,6 +34,7 @@ from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
 from netboot.tftp.content import NotFound as TftpNotFound
 from netboot.tftp.server import TftpConfig, TftpServer, TransferStats, start_tftp_server
+from netboot.tftp.transfer import format_peer
 
 log = logging.getLogger("netboot.serve")
 
@@ -54,8 +55,7 @@ class Endpoint:
         return cls(host, port)
 
     def url(self, scheme: str, port: int | None = None) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{scheme}://{host}:{port if port is not None else self.port}"
+        return f"{scheme}://{format_peer((self.host, port if port is not None else self.port))}"
 
 
 @dataclass(frozen=True)
