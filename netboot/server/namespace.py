@@ -149,7 +149,7 @@ class Generation:
                     self.files[name] = _open_in(dir_fd, name, roots, directory)
             with contextlib.suppress(FileNotFoundError):  # only in builds made with --uki
                 self.files[UKI] = _open_in(dir_fd, UKI, roots, directory, missing_ok=True)
-            self.fetch = _lists_image(manifest_bytes)  # a --fetch build: its image is served too
+            self.fetch = _lists_image(manifest)  # a --fetch build: its image is served too
             if self.fetch:
                 self.files[IMAGE] = _open_in(dir_fd, IMAGE, roots, directory)
         except BaseException:
@@ -193,13 +193,10 @@ def _open_in(dir_fd: int, name: str, roots: list[Root], shown: Path, missing_ok:
     return HeldFile(fd, st.st_size, st.st_mtime)
 
 
-def _lists_image(manifest_bytes: bytes) -> bool:
-    """Whether a manifest lists an image among its artifacts (False for one that does not read: that is
-    reported when it is read in full)."""
-    try:
-        artifacts = json.loads(manifest_bytes).get("artifacts")
-    except (ValueError, AttributeError):
-        return False
+def _lists_image(manifest: object) -> bool:
+    """Whether a manifest lists an image among its artifacts (False for one that does not say: what else it
+    lacks is reported where it is read)."""
+    artifacts = manifest.get("artifacts") if isinstance(manifest, dict) else None
     return isinstance(artifacts, dict) and IMAGE in artifacts
 
 
