@@ -243,9 +243,11 @@ def _finish(opts: BuildOptions, work: Path, kernel: Kernel, cmdline: str, name: 
     kernel.copy_to(work / kernel_file)
     signed = secure.finish(work, kernel, cmdline)
     (work / "cmdline").write_text(cmdline + "\n")
-    script = render("netboot.ipxe", system=name, format=opts.format, cmdline=cmdline, kernel=kernel_file) if (
-        image is None) else render("netboot-fetch.ipxe", system=name, format=opts.format, cmdline=cmdline,
-                                   kernel=kernel_file, image=IMAGE, fetch_args=fetch_args("${netboot-base}/" + IMAGE))
+    values = {"system": name, "format": opts.format, "cmdline": cmdline, "kernel": kernel_file}
+    if image is None:
+        script = render("netboot.ipxe", **values)
+    else:
+        script = render("netboot-fetch.ipxe", **values, image=IMAGE, fetch_args=fetch_args("${netboot-base}/" + IMAGE))
     (work / "netboot.ipxe").write_text(script)
     manifest = {
         "tool": "netboot",

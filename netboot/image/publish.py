@@ -45,7 +45,9 @@ def publish(out: Path, dest: Path) -> tuple[Path, bool]:
         manifest = json.loads(manifest_bytes)
         artifacts = manifest["artifacts"]
         # A --fetch build's image is published with the rest: stage 1 fetches it from base_url.
-        names = (*files(arch_of(manifest)), IMAGE) if IMAGE in artifacts else files(arch_of(manifest))
+        names = files(arch_of(manifest))
+        if IMAGE in artifacts:
+            names = (*names, IMAGE)
         expected = {name: str(artifacts[name]["sha256"]) for name in names if name != "manifest.json"}
     except (ValueError, KeyError, TypeError) as e:
         raise NetbootError(f"{out}/manifest.json is not a netboot manifest ({e})") from None
