@@ -7,21 +7,21 @@
 /bin/busybox --install -s /bin
 export PATH=/bin
 
+say() {
+    echo "netboot stage 1: $*"
+}
+
 # A rescue shell on the console, then on with the boot. Its input is the console whatever the caller's is (the
 # module loop reads the module list on stdin); setsid and cttyhack make the console's real terminal its
 # controlling one, so Ctrl-C reaches what it runs. Never exec'd: PID 1 exiting would panic the kernel.
 fail() {
-    echo "netboot stage 1: $*" >&2
-    echo "netboot stage 1: the system cannot start; here is a shell (exit it to go on with the boot)" >&2
+    say "$*" >&2
+    say "the system cannot start; here is a shell (exit it to go on with the boot)" >&2
     if [ -x /bin/cttyhack ] && [ -x /bin/setsid ]; then
         setsid cttyhack sh </dev/console >/dev/console 2>&1
     else
         sh </dev/console >/dev/console 2>&1
     fi
-}
-
-say() {
-    echo "netboot stage 1: $*"
 }
 
 mount -t proc proc /proc || fail "cannot mount /proc"
@@ -31,7 +31,7 @@ mount -t devtmpfs devtmpfs /dev || fail "cannot mount /dev"
 # One module a line, dependencies first; "optional" ones are soft dependencies, which may refuse this machine.
 while read -r module optional; do
     if [ "$module" = optional ]; then
-        insmod "/$optional" 2>/dev/null || echo "netboot stage 1: optional module /$optional not loaded"
+        insmod "/$optional" 2>/dev/null || say "optional module /$optional not loaded"
     else
         insmod "/$module" || fail "cannot load module /$module"
     fi
@@ -353,5 +353,5 @@ for fs in dev proc sys; do
     mkdir -p "/mnt-root/$fs"
     mount --move "/$fs" "/mnt-root/$fs" || fail "cannot move /$fs"
 done
-echo "netboot stage 1: starting $init"
+say "starting $init"
 exec switch_root /mnt-root "$init"
