@@ -260,6 +260,12 @@ def hostname_seen(console_lines: list[str]) -> str:
     return next(ln for ln in console_lines if ln.startswith("NETBOOT-TEST: hostname:")).split(": ", 2)[2].strip()
 
 
+def curl_tftp(port: int, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """curl's TFTP GET of `name` from a server on loopback (`extra`: curl's options, e.g. --tftp-blksize)."""
+    need("curl")
+    return subprocess.run(["curl", "-sS", *extra, f"tftp://127.0.0.1:{port}/{name}"], capture_output=True, timeout=60)
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A loopback port nothing listens on (TCP, or UDP with SOCK_DGRAM)."""
     with socket.socket(socket.AF_INET, kind) as s:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from initrd_reader import archives, decompress, items, split
 from ocimake import directory, file, oci_archive, symlink, whiteout
-from support import ServerProcess, boot, cli, need, netboot_ok
+from support import ServerProcess, boot, cli, curl_tftp, need, netboot_ok
 
 # The root's init (reached through an absolute symlink, resolved inside the root): says what it sees.
 INIT = b"""#!/bin/sh
@@ -232,22 +232,17 @@ def test_rootfs_build_is_served_like_any_other(root: Path, system: Path, tmp_pat
                "--format", "squashfs", "--append", APPEND, "--out", out)
     server = ServerProcess("--dir", out, "--http", "127.0.0.1:0", "--tftp", "127.0.0.1:0")
     try:
-        script = tftp_get(server, "machine/52-54-00-00-0f-01/boot.ipxe").decode()
+        got = curl_tftp(server.tftp_port, "machine/52-54-00-00-0f-01/boot.ipxe")
+        assert got.returncode == 0, got.stderr
+        script = got.stdout.decode()
         words = {ln.split()[0]: ln.split() for ln in script.splitlines() if ln and not ln.startswith("#")}
-        kernel, initrd = words["kernel"][1], words["initrd"][-1]
         assert all(w in words["kernel"] for w in APPEND.split()), script
-        assert tftp_get(server, kernel) == (out / "bzImage").read_bytes()
-        assert tftp_get(server, initrd) == (out / "initrd").read_bytes()
+        for path, built_file in ((words["kernel"][1], "bzImage"), (words["initrd"][-1], "initrd")):
+            got = curl_tftp(server.tftp_port, path.lstrip("/"))
+            assert got.returncode == 0 and got.stdout == (out / built_file).read_bytes(), (path, got.stderr)
     finally:
         server.stop()
     assert "tftp /machine/52-54-00-00-0f-01/" in server.log
-
-
-def tftp_get(server: ServerProcess, path: str) -> bytes:
-    got = subprocess.run(["curl", "-sSf", f"tftp://127.0.0.1:{server.tftp_port}/{path.lstrip('/')}"],
-                         capture_output=True, timeout=60)
-    assert got.returncode == 0, got.stderr
-    return got.stdout
 
 
 def test_rootfs_fetch_writes_the_root_image_beside_stage1(root: Path, system: Path, tmp_path: Path) -> None:

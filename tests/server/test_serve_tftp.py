@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import ServerProcess, need
+from support import ServerProcess, curl_tftp, need
 
 MAC = "52-54-00-12-34-56"
 
@@ -18,11 +18,6 @@ def server(outs: dict[str, Path]):
     )
     yield s
     s.stop()
-
-
-def curl_tftp(port: int, name: str, *extra: str) -> subprocess.CompletedProcess:
-    need("curl")
-    return subprocess.run(["curl", "-sS", *extra, f"tftp://127.0.0.1:{port}/{name}"], capture_output=True, timeout=60)
 
 
 @pytest.mark.parametrize("name", ["boot.ipxe", f"machine/{MAC}/boot.ipxe"])
