@@ -41,6 +41,10 @@ $(VENV)/.installed: pyproject.toml hatch_build.py netboot/tftp/_lockstep.c
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	@# The lowest tomlkit that pyproject.toml allows, beside the environment (which has the newest): the machines
+	@# file's writer is tested with both.
+	$(VENV)/bin/pip install -q --no-deps --target $(VENV)/tomlkit-oldest \
+	    "tomlkit==$$(sed -n 's/.*"tomlkit>=\([0-9.]*\)".*/\1/p' pyproject.toml)"
 	touch $@
 
 venv: $(VENV)/.installed

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import tempfile
 import tomllib
 from collections.abc import Callable, Mapping
@@ -71,18 +72,56 @@ def put_machine(text: str, mac: str, table: Mapping[str, Any]) -> tuple[str, boo
         raise NetbootError(f"machines.{key!r} must be a table")
     for k in [k for k in current if k not in table]:
         del current[k]
+    added: dict[str, Any] = {}
     for k, v in table.items():
         if k in current:
             if current[k] != v:  # (unchanged values keep their spelling)
                 current[k] = _value(v)
-        elif isinstance(current, tomlkit.items.Table) and (keys := list(current)):
-            # Table.add would put it after the comments at its end, which belong to the table below.
-            current.value._insert_after(keys[-1], k, _value(v))
         elif isinstance(current, tomlkit.items.Table):
-            current.value._insert_at(0, k, _value(v))
+            added[k] = v
         else:
             current[k] = _value(v)
-    return doc.as_string(), False
+    if not added:
+        return doc.as_string(), False
+    return _with_keys(doc, current, added), False
+
+
+_ANCHOR = "# netboot: new keys go after this line "
+
+
+def _with_keys(doc: tomlkit.TOMLDocument, table: tomlkit.items.Table, added: Mapping[str, Any]) -> str:
+    """`doc`'s text with `added` put in `table` after its last key, or after its header when it has none.
+
+    Table.add would put them after the comments at the table's end, which are often the heading of the table
+    below (tomlkit keeps a comment with the table above it), and tomlkit has no public way to insert a key
+    elsewhere. So: the line to follow is marked with a comment, the new keys' lines go after it in the text, and
+    the mark gives the line its own comment back."""
+    if table.is_super_table():  # (no header: its keys are dotted, `"52:54:…".profile = …`; tomlkit spells them)
+        for k, v in added.items():
+            table.add(k, _value(v))
+        return doc.as_string()
+    items = table.value
+    plain = [k for k in items if not isinstance(items.item(k), tomlkit.items.Table | tomlkit.items.AoT)]
+    anchor: tomlkit.items.Item = items.item(plain[-1]) if plain else table
+    trivia = anchor.trivia
+    ws, comment = trivia.comment_ws, trivia.comment
+    mark = _ANCHOR + secrets.token_hex(16)  # (text that no file holds)
+    anchor.comment(mark)
+    text = doc.as_string()
+    trivia.comment_ws, trivia.comment = ws, comment
+    mark = " " + mark
+    at = text.find(mark)
+    if at < 0:  # (every table with a header renders the header's comment: not expected)
+        raise NetbootError("the machines file cannot take a new key there; add it by hand")
+    end = text.find("\n", at)
+    end = len(text) if end < 0 else end + 1
+    lines = tomlkit.document()
+    for k, v in added.items():
+        lines.add(k, _value(v))
+    indent = trivia.indent if plain else ""
+    new = "".join(indent + line for line in lines.as_string().splitlines(keepends=True))
+    head = text[:at] + ws + comment + text[at + len(mark):end]
+    return head + ("" if head.endswith("\n") else "\n") + new + text[end:]
 
 
 def delete_machine(text: str, mac: str) -> str:

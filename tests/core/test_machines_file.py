@@ -4,11 +4,15 @@ the file replaced whole, without losing what another writer saved meanwhile."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 import threading
 import tomllib
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from netboot.core.errors import NetbootError
 from netboot.core.machines_file import NotListed, delete_machine, put_machine, rewrite
@@ -50,6 +54,45 @@ def test_a_machine_replaced_in_place_keeps_its_comments_in_any_spelling() -> Non
     assert text == FILE.replace('hostname = "node1"\nrole = "db"\n', 'hostname = "db1"\nip = "192.0.2.7"\n')
     # The same table, nothing changed: the same text.
     assert put_machine(FILE, "52:54:00:00:00:02", {"profile": "rack"}) == (FILE, False)
+
+
+def test_new_keys_go_after_the_last_key_in_its_indentation_before_sub_tables_and_comments() -> None:
+    text = '[machines."52:54:00:00:00:09"]  # head\n  profile = "a"   # c\n  # tail\n'
+    assert put_machine(text, "52:54:00:00:00:09", {"profile": "a", "hostname": "h", "tags": ["x"]})[0] == (
+        '[machines."52:54:00:00:00:09"]  # head\n  profile = "a"   # c\n  hostname = "h"\n  tags = ["x"]\n'
+        '  # tail\n')
+    # A sub-table written as a table of its own: the new key is the machine's, not the sub-table's.
+    text = '[machines."52:54:00:00:00:09"]\nprofile = "a"\n[machines."52:54:00:00:00:09".disks]\nroot = "x"\n'
+    new = put_machine(text, "52:54:00:00:00:09", {"profile": "a", "disks": {"root": "x"}, "hostname": "h"})[0]
+    assert new == text.replace('profile = "a"\n', 'profile = "a"\nhostname = "h"\n')
+    # A table with no key yet: after its header, before its comments; a file without a last newline.
+    text = '[machines."52:54:00:00:00:09"]\n# to come\n\n[machines.b]\nprofile = "a"'
+    assert put_machine(text, "52:54:00:00:00:09", {"profile": "r"})[0] == text.replace("]\n#", ']\nprofile = "r"\n#')
+    text = '[machines."52:54:00:00:00:09"]\nprofile = "a"'
+    assert put_machine(text, "52:54:00:00:00:09", {"profile": "a", "ip": "192.0.2.9"})[0] == (
+        text + '\nip = "192.0.2.9"\n')
+
+
+def test_new_keys_of_a_machine_written_with_dotted_keys_are_dotted_too() -> None:
+    text = '[machines]\n"52:54:00:00:00:09".profile = "a"\n'
+    new = put_machine(text, "52:54:00:00:00:09", {"profile": "a", "hostname": "h"})[0]
+    assert new == text + '"52:54:00:00:00:09".hostname = "h"\n'
+
+
+def test_the_oldest_tomlkit_allowed_writes_the_same() -> None:
+    """pyproject.toml's lowest tomlkit, installed beside the environment by `make venv`: this module's tests pass
+    with it too (the environment itself has the newest, as a new user's does)."""
+    pin = re.search(r'"tomlkit>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin is not None, "pyproject.toml names no lowest tomlkit"
+    oldest = Path(sys.prefix) / "tomlkit-oldest"
+    assert (oldest / "tomlkit").is_dir(), f"{oldest} is missing: `make venv` installs tomlkit {pin[1]} there"
+    env = {**os.environ, "PYTHONPATH": f"{oldest}:{ROOT}"}
+    version = subprocess.run([sys.executable, "-c", "import tomlkit; print(tomlkit.__version__)"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    assert version == pin[1]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0",
+                           "-k", "not oldest", __file__], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:]
 
 
 def test_a_file_without_machines_gets_them() -> None:
