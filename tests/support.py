@@ -67,6 +67,27 @@ def signing_keys() -> Path:
     return memoized("signing-keys", make)
 
 
+def status_pki() -> Path:
+    """A directory with a throwaway CA (ca.pem), a server certificate it signed for 127.0.0.1 (server.pem,
+    server-key.pem), that key encrypted (encrypted-key.pem) and a key of no certificate here (other-key.pem), made
+    with openssl once per test session: for the status listener over HTTPS."""
+    def make(path: Path) -> None:
+        def openssl(*args: str) -> None:
+            subprocess.run([need("openssl"), *args], cwd=path, check=True, capture_output=True, timeout=60)
+
+        p256 = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes")
+        openssl("req", "-x509", *p256, "-days", "30", "-subj", "/CN=netboot test CA", "-keyout", "ca-key.pem",
+                "-out", "ca.pem")
+        openssl("req", "-new", *p256, "-subj", "/CN=127.0.0.1", "-keyout", "server-key.pem", "-out", "server.csr")
+        (path / "san.ext").write_text("subjectAltName = IP:127.0.0.1\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                "-days", "30", "-extfile", "san.ext", "-out", "server.pem")
+        openssl("genpkey", "-algorithm", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "other-key.pem")
+        openssl("pkey", "-in", "server-key.pem", "-aes256", "-passout", "pass:x", "-out", "encrypted-key.pem")
+
+    return memoized("status-pki", make)
+
+
 def signed_build(system: Path) -> Path:
     """The test system in the squashfs format, its kernel and its unified kernel image signed with
     `signing_keys()` (built once per test session)."""
@@ -81,6 +102,58 @@ def need(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed (make test installs it)")
     return path
+
+
+NOBODY = 65534
+
+
+def nobody_python(base: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that run this project's Python as user nobody, who may not enter where the
+    clone, its environment or even the interpreter live (a clone under /root, which is 0700 on Debian): the
+    package, the environment's packages and, when nobody cannot reach it, the interpreter itself are copied under
+    `base` (a directory of the test's, which it removes; hard links where the file system allows)."""
+    need("setpriv")
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o755)
+    src = base / "src"
+    for part in ("netboot", "ipxe-scripts"):
+        _readable_copy(ROOT / part, src / part)
+    site = Path(next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)))
+    _readable_copy(site, base / "site-packages", skip=("netboot",))  # (the package: src's)
+    python = Path(os.path.realpath(sys._base_executable))
+    env = {**os.environ, "PYTHONPATH": f"{src}:{base / 'site-packages'}", "PYTHONNOUSERSITE": "1"}
+    if not _reachable_by_others(python):
+        prefix = Path(sys.base_prefix)
+        version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+        copy = base / "python"
+        _readable_copy(python, copy / "bin" / version)
+        _readable_copy(prefix / "lib" / version, copy / "lib" / version, skip=("site-packages", "test"))
+        for lib in prefix.joinpath("lib").glob("libpython*.so*"):
+            _readable_copy(lib, copy / "lib" / lib.name)
+        python = copy / "bin" / version
+        env["LD_LIBRARY_PATH"] = str(copy / "lib")  # (before its RUNPATH, which names the original)
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", str(python), "-s"], env
+
+
+def _reachable_by_others(path: Path) -> bool:
+    return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents))
+
+
+def _readable_copy(source: Path, target: Path, skip: Sequence[str] = ()) -> None:
+    """`source` at `target`, each file a hard link when it can be (else a copy), its directories 0755."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if source.is_dir():
+        shutil.copytree(source, target, symlinks=True, copy_function=link, ignore=shutil.ignore_patterns(*skip))
+        for d in (target, *(p for p in target.rglob("*") if p.is_dir() and not p.is_symlink())):
+            d.chmod(0o755)
+    else:
+        link(str(source), str(target))
 
 
 def netboot(*args: str | os.PathLike[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
@@ -345,7 +418,7 @@ class ServerProcess:
                 self.http_port = int(m.group(1))
             if m := re.search(r"tftp: serving tftp://\S+:(\d+)/", line):
                 self.tftp_port = int(m.group(1))
-            if m := re.search(r"status: http://\S+:(\d+)/ ", line):
+            if m := re.search(r"status: https?://\S+:(\d+)/ ", line):
                 self.status_port = int(m.group(1))
         import threading
 

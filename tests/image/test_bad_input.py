@@ -8,13 +8,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fakestore import closure_info, make_system, store_path
-from support import ROOT, cli, need, netboot, netboot_ok
+from support import cli, need, netboot, netboot_ok, nobody_python
 
 
 def snapshot(d: Path) -> dict[str, bytes] | None:
@@ -112,7 +111,6 @@ def test_missing_store_path(tmp_path: Path, previous: Path) -> None:
 @pytest.mark.root
 def test_unreadable_store_path(tmp_path: Path) -> None:
     """Run as an unprivileged user (root reads everything) on a store path it may not read."""
-    need("setpriv")
     base = Path("/tmp") / f"netboot-unreadable-{os.getpid()}"
     base.mkdir(mode=0o755)
     try:
@@ -131,12 +129,11 @@ def test_unreadable_store_path(tmp_path: Path) -> None:
         outs.chmod(0o777)
         out = outs / "out"
 
+        python, python_env = nobody_python(base / "python")
+
         def as_nobody(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-            argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m", "netboot"]
-            return subprocess.run(
-                [*argv, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
-            )
+            return subprocess.run([*python, "-m", "netboot", *map(str, args)], capture_output=True, text=True,
+                                  cwd="/", env=python_env)
 
         args = ["build", top, "--out", out, "--format", "direct", "--closure-info", info, "--no-cache"]
         expect_error(out, args, f"cannot read {secret}: Permission denied", run=as_nobody)

@@ -16,10 +16,8 @@ from pathlib import Path
 import pytest
 from initrd_reader import items, split
 from ocimake import Entry, compress, device, directory, fifo, file, layer_tar, oci_archive, symlink
-from support import ROOT, need, netboot, netboot_ok
+from support import NOBODY, ROOT, need, netboot, netboot_ok, nobody_python
 from test_rootfs import INIT, modules_of
-
-NOBODY = 65534
 
 
 @pytest.fixture
@@ -48,7 +46,17 @@ HOSTILE = [directory("dev"), device("dev/exposed", 1, 3, 0o666), directory("usr/
            file("usr/bin/rootshell", b"#!/bin/sh\nexec /bin/sh\n", 0o4755), file("usr/bin/groupshell", b"", 0o2755)]
 
 
-def as_nobody(paths: list[Path]) -> dict[str, str]:
+@pytest.fixture
+def python_of_nobody() -> Iterator[tuple[list[str], dict[str, str]]]:
+    """This project's Python, as nobody runs it (support.nobody_python), in a directory of its own."""
+    path = Path("/tmp") / f"netboot-nobody-{os.getpid()}"
+    try:
+        yield nobody_python(path)
+    finally:
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+def as_nobody(python: tuple[list[str], dict[str, str]], paths: list[Path]) -> dict[str, str]:
     """What `nobody` gets trying to list, stat and open each path: "ok" or the error's name."""
     script = (
         "import json, os, sys\n"
@@ -65,8 +73,9 @@ def as_nobody(paths: list[Path]) -> dict[str, str]:
         "        seen[p] = type(e).__name__\n"
         "print(json.dumps(seen))\n"
     )
-    done = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
-                           "-c", script, *map(str, paths)], capture_output=True, text=True, check=True)
+    argv, env = python
+    done = subprocess.run([*argv, "-c", script, *map(str, paths)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
 
@@ -101,8 +110,8 @@ def paused_build(tmp_path: Path, archive: Path, out: Path, system: Path) -> tupl
 
 @pytest.mark.parametrize("end", ["published", "killed"])
 def test_nothing_an_image_brings_is_reachable_by_another_user(system: Path, tmp_path: Path, shared: Path,
+                                                             python_of_nobody: tuple[list[str], dict[str, str]],
                                                              end: str) -> None:
-    need("setpriv")
     archive = oci_archive(tmp_path / "image.tar", [root_layer(), HOSTILE])
     out = shared / "out"
     proc, staging, go = paused_build(tmp_path, archive, out, system)
@@ -115,12 +124,12 @@ def test_nothing_an_image_brings_is_reachable_by_another_user(system: Path, tmp_
         assert setgid.lstat().st_mode & stat.S_ISGID
         assert stat.S_IMODE(staging.stat().st_mode) == 0o700
         tried = [staging, unpacked, node, setuid, setgid]
-        assert as_nobody(tried) == {str(p): "PermissionError" for p in tried}
+        assert as_nobody(python_of_nobody, tried) == {str(p): "PermissionError" for p in tried}
         if end == "killed":
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
-            assert staging.exists()  # what kill -9 leaves ...
-            assert as_nobody(tried) == {str(p): "PermissionError" for p in tried}  # ... is still out of reach
+            assert staging.exists()  # what kill -9 leaves is still out of reach
+            assert as_nobody(python_of_nobody, tried) == {str(p): "PermissionError" for p in tried}
             netboot_ok("build", "--oci", archive, "--kernel", system / "kernel", "--modules", modules_of(system),
                        "--format", "squashfs", "--out", out)
         else:
@@ -136,7 +145,7 @@ def test_nothing_an_image_brings_is_reachable_by_another_user(system: Path, tmp_
     assert sorted(p.name for p in shared.iterdir()) == ["out"]
     assert sorted(p.name for p in out.iterdir()) == ["bzImage", "cmdline", "initrd", "manifest.json", "netboot.ipxe"]
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert set(as_nobody([out, out / "initrd"]).values()) == {"ok"}
+    assert set(as_nobody(python_of_nobody, [out, out / "initrd"]).values()) == {"ok"}
 
 
 def cli_refusal(system: Path, tmp_path: Path, layers: list, *flags: str) -> str:
