@@ -282,12 +282,14 @@ def _value(value: Any) -> Any:
 
 
 MAX_DEPTH = 8  # tables and arrays within a machine's table, at most
+MAX_VALUES = 512  # keys and array items in a machine's table, at most: tomlkit takes seconds for thousands
 
 
 def table_from_json(body: Any) -> dict[str, Any]:
     """A machine's table from a JSON object: `profile`, `hostname`, `ip`, `append`, `ipxe_binary`, and its template
-    variables, as keys of their own or gathered in `vars`; what TOML cannot hold (null) is refused. Whether the
-    file loads with it is the caller's to check."""
+    variables, as keys of their own or gathered in `vars`; what TOML cannot hold (null, a string that is not
+    Unicode) is refused, and so is a table too large to be a machine's. Whether the file loads with it is the
+    caller's to check."""
     if not isinstance(body, dict):
         raise NetbootError("the body must be a JSON object: the machine's table")
     table = {k: v for k, v in body.items() if k != "vars"}
@@ -296,20 +298,47 @@ def table_from_json(body: Any) -> dict[str, Any]:
         raise NetbootError("vars must be an object of template variables")
     for key in variables:
         if key in table:
-            raise NetbootError(f"{key} is given twice: as a key and in vars")
+            raise NetbootError(f"{_shown(key)} is given twice: as a key and in vars")
     table.update(variables)
-    _check_value(table, "the table", 0)
+    _check_value(table, "the table", 0, [MAX_VALUES])
     return table
 
 
-def _check_value(value: Any, where: str, depth: int) -> None:
+def _check_value(value: Any, where: str, depth: int, left: list[int]) -> None:
     if value is None:
         raise NetbootError(f"{where}: null has no TOML spelling (leave the key out)")
     if depth > MAX_DEPTH:
         raise NetbootError(f"{where}: nested deeper than {MAX_DEPTH}")
+    if isinstance(value, str):
+        _check_text(value, where)
+    elif isinstance(value, dict | list):
+        left[0] -= len(value)
+        if left[0] < 0:
+            raise NetbootError(f"the table has more than {MAX_VALUES} keys and array items")
     if isinstance(value, dict):
         for k, v in value.items():
-            _check_value(v, k if depth == 0 else f"{where}.{k}", depth + 1)
+            _check_text(k, f"{where}: a key")
+            inner = _shown(k) if depth == 0 else f"{where}.{_shown(k)}"
+            _check_value(v, inner, depth + 1, left)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            _check_value(v, f"{where}[{i}]", depth + 1)
+            _check_value(v, f"{where}[{i}]", depth + 1, left)
+
+
+def _check_text(text: str, where: str) -> None:
+    # JSON's \ud800-\udfff escapes decode to lone surrogates, which no UTF-8 file can hold.
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise NetbootError(f"{where}: a string with a lone surrogate (\\u{ord(text[_bad(text)]):04x}) is not "
+                           "Unicode text") from None
+
+
+def _bad(text: str) -> int:
+    return next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+
+
+def _shown(key: str) -> str:
+    """A key as an error names it: escaped, and cut to a length that fits a line."""
+    shown = key.encode("unicode_escape", "backslashreplace").decode("ascii")
+    return shown if len(shown) <= 64 else shown[:61] + "..."

@@ -101,6 +101,15 @@ def test_put_and_delete_keep_the_file_as_it_was_around_the_machine(server: Serve
                                                                     "role": "db"})
     assert status == 200
     assert lab.read_text().startswith(FILE.replace('hostname = "node1"', 'hostname = "db1"'))
+    # A key added to it goes after its last key, in the newest tomlkit as in the oldest; then taken out again.
+    status, _ = call(server, "PUT", "/api/machines/525400000ea1", {"profile": "rack", "hostname": "db1",
+                                                                    "role": "db", "row": "b"})
+    assert status == 200
+    assert lab.read_text().startswith(FILE.replace('hostname = "node1"\nrole = "db"\n',
+                                                   'hostname = "db1"\nrole = "db"\nrow = "b"\n'))
+    status, _ = call(server, "PUT", "/api/machines/525400000ea1", {"profile": "rack", "hostname": "db1",
+                                                                    "role": "db"})
+    assert status == 200
 
     # A write the file would not load with: 400 with the reason, and the file untouched.
     before, inode = lab.read_text(), os.stat(lab).st_ino
@@ -109,6 +118,8 @@ def test_put_and_delete_keep_the_file_as_it_was_around_the_machine(server: Serve
                            ({"profile": "rack", "ip": "192.0.2.77"}, "ip 192.0.2.77 is already reserved"),
                            ({"profile": "rack", "ipxe_binary": "x.efi"}, "ipxe_binary 'x.efi' is not one of"),
                            ({"profile": "rack", "hostname": None}, "hostname: null has no TOML spelling"),
+                           ({"profile": "rack", "vars": {"role": "\udfff"}}, "role: a string with a lone surrogate"),
+                           ({"profile": "rack", **{f"k{i}": i for i in range(600)}}, "more than 512 keys"),
                            ([1, 2], "the body must be a JSON object")):
         status, body = call(server, "PUT", f"/api/machines/{OTHER}", change)
         assert (status, reason in body.decode()) == (400, True), (change, body)
