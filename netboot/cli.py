@@ -262,12 +262,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     token.add_argument("--status-token", metavar="TOKEN",
                        help="require this bearer token on every status route (and allow changes)")
     token.add_argument("--status-token-file", type=Path, metavar="FILE",
-                       help="the token from a file (its first line), kept out of the process list")
+                       help="the token from a file (the whole file, on one line), kept out of the process list; "
+                            "the file must be its owner's alone (chmod 600)")
     g.add_argument("--status-public", action="store_true",
                    help="allow a non-loopback --status address without a token")
     g.add_argument("--status-name", action="append", default=[], metavar="NAME",
                    help="a host name the status listener answers to, besides its own address (and localhost on "
                         "loopback); without a token, requests for any other name are refused (DNS rebinding)")
+    g.add_argument("--status-cert", type=Path, metavar="FILE",
+                   help="make the status listener HTTPS only (TLS 1.2 and later), with this PEM certificate (its "
+                        "chain after it); the token's cookie is then Secure. With --status-key")
+    g.add_argument("--status-key", type=Path, metavar="FILE",
+                   help="the unencrypted PEM private key of --status-cert")
     tftp_command.add_arguments(p)
     dhcp_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
@@ -275,20 +281,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _status(args: argparse.Namespace) -> StatusConfig | None:
     from netboot.server.server import Endpoint
+    from netboot.status import credentials
 
     if args.status == "none":
         return None
     where = Endpoint.parse(args.status, "--status")
     token = args.status_token
     if args.status_token_file is not None:
-        try:
-            lines = args.status_token_file.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise NetbootError(f"--status-token-file {args.status_token_file}: {getattr(e, 'strerror', e)}") from None
-        token = lines[0].strip() if lines else ""
-        if not token:
-            raise NetbootError(f"--status-token-file {args.status_token_file}: the file holds no token")
-    return StatusConfig(where.host, where.port, token, args.status_public, tuple(args.status_name))
+        token = credentials.token_from_file(args.status_token_file)
+    if (args.status_cert is None) != (args.status_key is None):
+        raise NetbootError("--status-cert and --status-key go together: give both, or neither")
+    tls = credentials.tls_context(args.status_cert, args.status_key) if args.status_cert is not None else None
+    return StatusConfig(where.host, where.port, token, args.status_public, tuple(args.status_name), tls)
 
 
 def _http_limits(args: argparse.Namespace) -> HttpLimits:

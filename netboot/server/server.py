@@ -142,7 +142,7 @@ class Server:
         inventory = ServerInventory(self.write_machines if self.opts.machines is not None else None,
                                     lambda: sorted(self.namespace.machines.profiles), self._seen)
         self._status, self.status_port = await start_status(config, self.record, live, inventory)
-        where = Endpoint(config.host, self.status_port).url("http")
+        where = Endpoint(config.host, self.status_port).url("https" if config.tls else "http")
         log.info("status: %s/ (machines page), /api/machines, /api/events, /metrics%s", where,
                  "; a token is required" if config.token else "")
 

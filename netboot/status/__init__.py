@@ -2,14 +2,16 @@
 
 `record` keeps the events and each machine's state; `metrics` turns them into Prometheus' format; `app` is the
 listener's aiohttp application (its pages: `page.html` and `machine.html`, Jinja2 templates on `base.html`, with
-`chart` drawing the boots of the last hour); `inventory` is what it may change, through the server. `start_status`
-binds it, refusing to expose it beyond loopback without a token.
+`chart` drawing the boots of the last hour); `inventory` is what it may change, through the server; `credentials`
+reads its token file and its certificate. `start_status` binds it, HTTPS only with a certificate, refusing to
+expose it beyond loopback without a token.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,6 +34,7 @@ class StatusConfig:
     token: str | None = None
     public: bool = False  # allow a non-loopback address without a token
     names: tuple[str, ...] = ()  # host names it answers to besides its address (see app.py: DNS rebinding)
+    tls: ssl.SSLContext | None = None  # HTTPS only (--status-cert, --status-key: credentials.tls_context)
 
     def __post_init__(self) -> None:
         if self.token is not None and not self.token.strip():
@@ -48,7 +51,7 @@ async def start_status(config: StatusConfig, record: BootRecord, live: Live,
     runner = web.AppRunner(make_status_app(record, Metrics(record, live), config.token, config.names, inventory),
                            access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
+    site = web.TCPSite(runner, config.host, config.port, reuse_address=True, ssl_context=config.tls)
     try:
         await site.start()
     except OSError as e:

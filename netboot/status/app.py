@@ -22,9 +22,9 @@ Without a token, only requests for the listener's own address (Host: its IP[:por
 or a name given with --status-name) are answered, so that a web page a browser on this host visits cannot
 read the inventory by pointing its own name at 127.0.0.1 (DNS rebinding). With a token, every route wants
 `Authorization: Bearer TOKEN`, the cookie the page sets, or `?token=TOKEN` (for a browser's first visit of the
-page, which then sets an HttpOnly SameSite=Strict cookie and drops the token from its address) and answers 401
-otherwise. A change authorized by the cookie must also come from the listener's own page, if its browser says
-where from (Origin), besides the cookie's SameSite=Strict.
+page, which then sets an HttpOnly SameSite=Strict cookie, Secure over HTTPS, and drops the token from its
+address) and answers 401 otherwise. A change authorized by the cookie must also come from the listener's own
+page, if its browser says where from (Origin), besides the cookie's SameSite=Strict.
 """
 
 from __future__ import annotations
@@ -227,7 +227,8 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
         response = await handler(request)
         if by_token and request.method in _READING and request.path == "/":
             # The page and what it fetches (its own table, the event stream) go by the cookie from now on.
-            response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/")
+            # Secure over HTTPS: a browser then never sends it in clear, to this port or another of the host's.
+            response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/", secure=request.secure)
         return response
 
     def html(text: str, status: int = 200) -> web.Response:

@@ -225,6 +225,7 @@ def test_the_page_without_javascript(server: ServerProcess) -> None:
 def test_a_token_guards_every_route(machines_file: Path, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
+    token.chmod(0o600)
     server = ServerProcess("--machines", machines_file, "--http", "127.0.0.1:0", "--no-tftp",
                            "--status", "127.0.0.1:0", "--status-token-file", token)
     try:
@@ -248,6 +249,7 @@ def test_status_listener_errors(machines_file: Path, tmp_path: Path) -> None:
     assert len(public.stderr.strip().splitlines()) == 1, public.stderr
     empty = tmp_path / "empty"
     empty.write_text("\n")
+    empty.chmod(0o600)
     no_token = cli(*args, "--status-token-file", empty, timeout=30)
     assert no_token.returncode != 0 and "holds no token" in no_token.stderr
     bad = cli(*args, "--status", "localhost:x", timeout=30)

@@ -188,6 +188,7 @@ def test_without_a_token_only_requests_for_the_listeners_own_address_are_answere
 def test_a_token_becomes_an_httponly_cookie_for_the_page(machines_file: Path, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
+    token.chmod(0o600)
     server = ServerProcess("--machines", machines_file, "--http", "127.0.0.1:0", "--no-tftp",
                            "--status-token-file", token)
     try:
@@ -195,6 +196,7 @@ def test_a_token_becomes_an_httponly_cookie_for_the_page(machines_file: Path, tm
         assert status == 200
         cookie = headers["Set-Cookie"]
         assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "s3cret" not in cookie
+        assert "Secure" not in cookie  # over plain HTTP a browser would drop a Secure cookie (test_status_tls.py)
         assert b"s3cret" not in body and b"token=" not in body.split(b"<script>")[0]
         value = cookie.split(";")[0]
         assert value == f"netboot_status={cookie_value('s3cret')}"
