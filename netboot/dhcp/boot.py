@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from netboot.core import loaders
-from netboot.dhcp.message import Request
+from netboot.dhcp.message import Malformed, Request
 
 PXE, HTTP, IPXE = "PXEClient", "HTTPClient", "iPXE"
 BIOS_ARCH = 0
@@ -62,6 +62,7 @@ class Client:
 
 
 def classify(request: Request) -> Client:
+    """What sent `request`; raises Malformed for a vendor class (option 60) whose architecture is not a number."""
     arch = request.arches[0] if request.arches else _arch_of(request.vendor_class)
     # iPXE also says PXEClient in option 60; its user class (or its feature option 175) tells it apart.
     if b"iPXE" in request.user_class or request.ipxe_features:
@@ -74,11 +75,17 @@ def classify(request: Request) -> Client:
 
 
 def _arch_of(vendor_class: str) -> int | None:
-    """PXEClient:Arch:00007:UNDI:003000 → 7, for clients that leave out option 93."""
-    parts = vendor_class.split(":")
-    if len(parts) >= 3 and parts[1] == "Arch" and parts[2].isdigit():
-        return int(parts[2])
-    return None
+    """PXEClient:Arch:00007:UNDI:003000 (or HTTPClient:…) → 7, for clients that leave out option 93; raises
+    Malformed for an Arch field that is not a number of at most 5 ASCII digits."""
+    parts = vendor_class.split(":", 3)
+    if len(parts) < 3 or parts[0] not in (PXE, HTTP) or parts[1] != "Arch":
+        return None
+    field = parts[2]
+    # PXE 2.1's class identifier "PXEClient:Arch:xxxxx:UNDI:yyyzzz" (UEFI 2.5's HTTPClient alike): five decimal
+    # digits. str.isdigit() alone also takes "²" and other Unicode digits, which int() refuses: ASCII digits only.
+    if not (field.isascii() and field.isdigit() and len(field) <= 5):
+        raise Malformed(f"option 60 {vendor_class[:40]!r}: its Arch field is not a number")
+    return int(field)
 
 
 @dataclass(frozen=True)

@@ -93,24 +93,27 @@ class Responder:
         return self.leases is None
 
     def handle(self, arrival: Arrival) -> Answer | Ignored | None:
-        """The answer to one datagram; raises message.Malformed for anything that is not a valid request."""
+        """The answer to one datagram; raises message.Malformed for anything that is not a valid request.
+
+        What a request asks for (an offer held, a lease granted, its client seen) happens only once its answer
+        is built: a request that raises, Malformed or by a bug, leaves the leases as they were."""
         request = message.parse(arrival.data)
+        client = boot.classify(request)
         if arrival.server is None:
             return Ignored(request.mac, f"interface {arrival.ifindex} has no IPv4 address to answer from")
         if self.proxy:
-            return self._proxy(request, arrival)
+            return self._proxy(request, client, arrival)
         if arrival.port != SERVER_PORT:
             return None
-        return self._authoritative(request, arrival)
+        return self._authoritative(request, client, arrival)
 
     # Proxy mode
 
-    def _proxy(self, request: Request, arrival: Arrival) -> Answer | Ignored | None:
+    def _proxy(self, request: Request, client: boot.Client, arrival: Arrival) -> Answer | Ignored | None:
         if arrival.port == SERVER_PORT and request.type != MessageType.DISCOVER:
             return None  # the site server's business
         if arrival.port == PXE_PORT and request.type not in (MessageType.REQUEST, MessageType.INFORM):
             return None
-        client = boot.classify(request)
         if not client.firmware:
             return None  # not booting from the network: never disturb it
         server = arrival.address
@@ -151,7 +154,7 @@ class Responder:
 
     # Authoritative mode
 
-    def _authoritative(self, request: Request, arrival: Arrival) -> Answer | Ignored | None:
+    def _authoritative(self, request: Request, client: boot.Client, arrival: Arrival) -> Answer | Ignored | None:
         leases = self.leases
         assert leases is not None and arrival.server is not None
         pool = leases.pool
@@ -163,10 +166,12 @@ class Responder:
         reserved = self.reservations
         kind = request.type
         if kind == MessageType.DISCOVER:
-            ip = leases.choose(mac, request.requested_ip, now, reserved, request.client_id)
+            ip = leases.pick(mac, request.requested_ip, now, reserved)
             if ip is None:
                 return Ignored(mac, f"no free address left in {pool.first}-{pool.last}")
-            return self._lease_reply(request, arrival, MessageType.OFFER, ip)
+            offer = self._lease_reply(request, client, arrival, MessageType.OFFER, ip, now)
+            leases.hold(mac, ip, now, request.client_id)  # only once the OFFER is built
+            return offer
         if kind == MessageType.REQUEST:
             if request.server_id is not None and request.server_id != arrival.address:
                 leases.forget_offer(mac)  # it chose another server
@@ -178,8 +183,8 @@ class Responder:
             if not (in_range and leases.free_for(mac, ip, now, reserved)):
                 # Authoritative for its subnet: a client asking for an address it may not have is told at once
                 # rather than left to time out (RFC 2131 §4.3.2, as dnsmasq's dhcp-authoritative).
-                return self._nak(request, arrival, f"{ip} is not available to it")
-            return self._lease_reply(request, arrival, MessageType.ACK, ip)
+                return self._nak(request, client, arrival, f"{ip} is not available to it")
+            return self._lease_reply(request, client, arrival, MessageType.ACK, ip, now)
         if kind == MessageType.DECLINE:
             if request.server_id != arrival.address or not request.requested_ip:
                 return None
@@ -191,10 +196,13 @@ class Responder:
                 return Ignored(mac, f"RELEASE of {request.ciaddr}, which is not its lease: dropped")
             return None
         if kind == MessageType.INFORM:
-            return self._lease_reply(request, arrival, MessageType.ACK, None)
+            return self._lease_reply(request, client, arrival, MessageType.ACK, None, now)
         return None
 
-    def _lease_reply(self, request: Request, arrival: Arrival, kind: MessageType, ip: str | None) -> Answer:
+    def _lease_reply(self, request: Request, client: boot.Client, arrival: Arrival, kind: MessageType,
+                     ip: str | None, now: float) -> Answer:
+        """An OFFER or ACK with `ip` (None: an ACK to an INFORM); an ACK of an address commits its lease, once the
+        answer is built."""
         leases = self.leases
         assert leases is not None and arrival.server is not None
         pool = leases.pool
@@ -204,7 +212,6 @@ class Responder:
         machine = _machine(self.machines(), request)
         if machine is not None and machine.hostname:
             options["host_name"] = machine.hostname
-        client = boot.classify(request)
         reply = Reply(request, kind, yiaddr=ip or ZERO, options=options)
         note = ""
         if client.firmware:
@@ -219,26 +226,27 @@ class Responder:
         if request.relay_info is not None:
             options["relay_agent_information"] = request.relay_info
         committed = ip is not None and kind == MessageType.ACK
+        answer = self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-", note,
+                              durable_first=committed)
         if committed:
-            leases.commit(request.mac, ip, self.clock(), options.get("host_name", ""), request.client_id)
-        return self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-", note,
-                            durable_first=committed)
+            leases.commit(request.mac, ip, now, options.get("host_name", ""), request.client_id)
+        return answer
 
-    def _nak(self, request: Request, arrival: Arrival, why: str) -> Answer:
+    def _nak(self, request: Request, client: boot.Client, arrival: Arrival, why: str) -> Answer:
         assert arrival.server is not None
         reply = Reply(request, MessageType.NAK, options={"server_id": arrival.address, "message": why})
-        client = boot.classify(request)
         return self._answer(reply, client, _destination(request, MessageType.NAK), arrival.ifindex, "-",
                             note=f" ({why})")
 
     def _answer(self, reply: Reply, client: boot.Client, dest: tuple[str, int], ifindex: int, address: str,
                 note: str = "", durable_first: bool = False) -> Answer:
+        data = reply.encode()  # first: a reply that cannot be built tells nobody it was seen
         if self.seen is not None and client.firmware:
             self.seen(reply.request.mac, client, ifindex)
         shown = reply.file if not reply.file or "://" in reply.file else f"tftp://{reply.siaddr}/{reply.file}"
         line = (f"{reply.request.mac} {client.kind} {reply.type.name} address={address} "
                 f"boot={shown or '-'}{note}")
-        return Answer(reply.encode(), dest, ifindex if dest[0] == BROADCAST else 0, line, durable_first)
+        return Answer(data, dest, ifindex if dest[0] == BROADCAST else 0, line, durable_first)
 
 
 def _machine(machines: Machines, request: Request) -> Machine | None:

@@ -248,6 +248,15 @@ class Leases:
     def choose(self, mac: str, requested: str | None, now: float, reserved: dict[str, str],
                client_id: bytes = b"") -> str | None:
         """The address to offer `mac`, held for it for OFFER_HOLD seconds; None when the range is exhausted."""
+        chosen = self.pick(mac, requested, now, reserved)
+        if chosen is not None:
+            self.hold(mac, chosen, now, client_id)
+        return chosen
+
+    def pick(self, mac: str, requested: str | None, now: float, reserved: dict[str, str]) -> str | None:
+        """The address `choose` would offer `mac`, not held yet (`hold` does, once the OFFER is built); None when
+        the range is exhausted. What it changes is only catching up: offers and declines whose time is up end,
+        the reservations follow the machines file, entries found stale leave the indexes."""
         self.prune(now)
         self._sync(reserved)
         offer = self.offers.get(mac)
@@ -259,13 +268,15 @@ class Leases:
             chosen = self._never_leased(now)
             if chosen is None:
                 chosen = self._expired_longest(now)
-        if chosen is not None:
-            self._end_offer(mac)
-            until = now + OFFER_HOLD
-            self.offers[mac] = (chosen, until, client_id)
-            self._offered[chosen] = mac
-            self._deadline(until, "offer", mac)
         return chosen
+
+    def hold(self, mac: str, ip: str, now: float, client_id: bytes = b"") -> None:
+        """Offer `ip` (from `pick`, at the same `now`) to `mac`: held for it for OFFER_HOLD seconds."""
+        self._end_offer(mac)
+        until = now + OFFER_HOLD
+        self.offers[mac] = (ip, until, client_id)
+        self._offered[ip] = mac
+        self._deadline(until, "offer", mac)
 
     def _fits(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
         return (self.in_range(ip) or reserved.get(mac) == ip) and self.free_for(mac, ip, now, reserved)

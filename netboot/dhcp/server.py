@@ -8,9 +8,9 @@ This layer receives with recvmsg() and IP_PKTINFO to learn the interface each da
 responder our address there (from a snapshot of the interfaces, refreshed in a thread because pyroute2's calls
 must not run on this loop), and sends the answer with sendmsg() and IP_PKTINFO naming the interface and source
 address: that is how a broadcast to 255.255.255.255 leaves by the interface the request came in on, on a
-machine with several. Malformed datagrams are dropped with at most one log line, and fewer under a flood; a
-request that gets no answer for a reason the operator can fix (an unknown MAC, no free address) is logged once
-per machine and reason.
+machine with several. Malformed datagrams, and any that a bug kept from being answered, are dropped with at most
+one log line every 10 seconds however many arrive (never a traceback per datagram); a request that gets no
+answer for a reason the operator can fix (an unknown MAC, no free address) is logged once per machine and reason.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import socket
 import struct
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable
 from functools import partial
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
 
 from netboot.core.addresses import ipv4_interfaces
 from netboot.core.machines import Machines
@@ -161,8 +163,10 @@ class DhcpServer:
         except Malformed as e:
             self._drop(source, str(e))
             return
-        except Exception:  # a bug must not stop the server: log it, answer nothing, carry on
-            log.exception("dhcp: failed to answer a datagram from %s:%d", *source)
+        except Exception as e:
+            # A bug must not stop the server, nor let one unauthenticated datagram buy a traceback in the log:
+            # it costs what a malformed one does (the responder changed nothing), and the line says where it was.
+            self._drop(source, f"not answered: {_fault(e)}")
             return
         if isinstance(result, Ignored):
             self._ignore(result)
@@ -285,6 +289,13 @@ class DhcpServer:
         self._sockets.clear()
         if self._refreshing is not None:
             self._refreshing.cancel()
+
+
+def _fault(e: Exception) -> str:
+    """An unexpected exception on one line: its type, message and where it was raised (file:line in function)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(e).__name__}: {str(e)[:200]!r}{where}"
 
 
 def _address(host: str) -> IPv4Address | None:

@@ -30,10 +30,12 @@ from dhcp_support import (
 )
 
 from netboot.core.machines import Machine, Machines, Profile
+from netboot.dhcp import boot, message
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.journal import Journal
 from netboot.dhcp.leases import Leases, Pool
+from netboot.dhcp.message import Malformed
 from netboot.dhcp.server import DhcpServer
 
 SERVER = IPv4Interface("192.0.2.10/24")
@@ -556,3 +558,68 @@ def test_arm64_machine_without_an_arm64_loader_is_not_answered() -> None:
     assert isinstance(result, Ignored) and result.reason == (
         "uefi-arm64-pxe: shimaa64.efi is not served (Debian's shim-signed, or --loaders arm64=DIR (or ipxe.efi in "
         "DIR))"), result
+
+
+# Hostile requests and bugs: nothing held, nothing granted, one log line at most every 10 seconds
+
+def vendor(text: str, mac: str = STRANGER, kind: int = DISCOVER) -> bytes:
+    """A request whose only clue is its option 60 (no option 93): the architecture comes from `text`."""
+    return request(kind, mac, options=[(60, text.encode())])
+
+
+@pytest.mark.parametrize(("text", "arch"), [
+    ("PXEClient:Arch:00007:UNDI:003000", 7), ("PXEClient:Arch:7", 7), ("HTTPClient:Arch:00016:UNDI:003000", 16),
+    ("PXEClient", None), ("MSFT 5.0", None), ("Vendor:Arch:²", None),  # not PXE's class identifier: no Arch read
+])
+def test_the_architecture_of_a_client_without_option_93_is_read_from_option_60(text: str, arch: int | None) -> None:
+    assert boot.classify(message.parse(vendor(text))).arch == arch
+
+
+@pytest.mark.parametrize("text", ["PXEClient:Arch:²", "PXEClient:Arch:٣:UNDI:003000", "PXEClient:Arch:00007x",
+                                  "HTTPClient:Arch:-16", "PXEClient:Arch:", "PXEClient:Arch:000007"])
+def test_an_architecture_that_is_not_ascii_digits_is_malformed_and_holds_nothing(text: str, leases: Leases) -> None:
+    """`²` passes str.isdigit() and fails int(): once a traceback per datagram and, in authoritative mode, an
+    address held for a minute with no OFFER sent. Now a malformed request, in both modes, before anything."""
+    for r in (responder(fleet()), responder(fleet(), leases)):
+        with pytest.raises(Malformed, match="Arch field is not a number"):
+            arrive(r, vendor(text))
+    assert leases.offers == {} and leases.store.take() is None
+
+
+def test_a_reply_that_cannot_be_built_changes_nothing(leases: Leases) -> None:
+    """Whatever raises while an answer is built (here option 12 too long to encode, which the machines file would
+    have refused): the OFFER's address is not held, the ACK's lease not granted, nothing goes to the journal and
+    the client is not reported seen; the next machine gets the first address."""
+    r = responder(fleet(**{STRANGER: Machine(STRANGER, "squash", hostname="h" * 300)}), leases)
+    seen: list[str] = []
+    r.seen = lambda mac, client, ifindex: seen.append(mac)
+    with pytest.raises(ValueError, match="does not fit"):
+        arrive(r, edk2(DISCOVER, mac=STRANGER))
+    with pytest.raises(ValueError, match="does not fit"):
+        arrive(r, edk2(REQUEST, mac=STRANGER, extra=[(50, ip("192.0.2.100")), (54, ip("192.0.2.10"))]))
+    assert (leases.offers, leases.by_mac, leases.store.take(), seen) == ({}, {}, None, [])
+    assert dora(r, edk2, NODE2)[0] == "192.0.2.100"
+
+
+async def test_a_bug_costs_what_a_malformed_datagram_does(caplog: pytest.LogCaptureFixture) -> None:
+    """An exception the responder did not expect: one drop line naming it and where it was raised, then quiet for
+    10 seconds however many datagrams follow (a flood of them once wrote a traceback each), and no traceback."""
+    def broken() -> Offerings:
+        raise RuntimeError("a bug")
+
+    r = responder(fleet())
+    r.offerings = broken
+    interfaces = {7: ("eth0", [SERVER])}
+    server = DhcpServer(r, interfaces, snapshot=lambda: interfaces)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    caplog.set_level(logging.DEBUG, logger="netboot.dhcp")
+    try:
+        for i in range(50):
+            server._datagram(sock, 67, edk2(mac=f"52:54:00:00:0f:{i:02x}"), ("192.0.2.50", 68), 7)
+            server._datagram(sock, 67, b"garbage", ("192.0.2.50", 68), 7)
+    finally:
+        server.close()
+        sock.close()
+    assert [(x.levelname, x.getMessage(), x.exc_info) for x in caplog.records] == [
+        ("WARNING", "dhcp: dropped a datagram from 192.0.2.50:68: not answered: RuntimeError: 'a bug' at "
+                    "test_dhcp_exchange.py:" f"{broken.__code__.co_firstlineno + 1} in broken", None)]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, edk2, ip, parse_reply, plain
+from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, edk2, ip, parse_reply, plain, request
 from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import cli
 from test_dhcp_message import HOSTILE
@@ -87,6 +87,27 @@ def test_garbage_does_not_stop_a_live_server(lan: Lan, outs: dict[str, Path]) ->
     dropped = [ln for ln in server.lines if "dhcp: dropped a datagram" in ln]
     assert 1 <= len(dropped) <= 2, dropped  # one line, then quiet under a flood
     assert "Traceback" not in server.log
+    server.stop()
+
+
+def test_a_flood_of_pxe_clients_whose_architecture_is_not_a_number_costs_one_line_and_no_address(
+        lan: Lan, outs: dict[str, Path], tmp_path: Path) -> None:
+    """50 made-up machines whose option 60 says `PXEClient:Arch:²` (a digit to str.isdigit(), not to int()): once
+    904 lines of tracebacks and 50 addresses held with no OFFER sent. Now one drop line and nothing held: the next
+    machine gets the first address of the range."""
+    server = start(lan.host("netboot", "192.0.2.10/24"), "--dir", outs["direct"], "--dhcp", "192.0.2.100-192.0.2.199",
+                   "--state-dir", tmp_path / "state")
+    client = lan.host("client", "192.0.2.50/24")
+    before = len(server.lines)
+    flood = [request(DISCOVER, f"52:54:00:00:05:{i:02x}", options=[(60, "PXEClient:Arch:²".encode())])
+             for i in range(50)]
+    assert probe(client, *flood, wait=1) == []
+    assert dora(client, OTHER)[0] == "192.0.2.100"  # answered after the flood (one socket, in order)
+    wait_for(server, f"{OTHER} uefi-x64-pxe ACK address=192.0.2.100 ")
+    lines = server.lines[before:]
+    assert [ln for ln in lines if OTHER not in ln] == [
+        "netboot: dhcp: dropped a datagram from 192.0.2.50:68: option 60 'PXEClient:Arch:²': its Arch field is not a "
+        "number\n"], lines
     server.stop()
 
 
