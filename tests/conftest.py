@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import support
+from postgres import Cluster
 from support import ROOT, build_system, built, memoized
 
 TESTS = Path(__file__).resolve().parent
@@ -130,3 +131,11 @@ def many_files() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 8192)), hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.fixture
+def postgres() -> Iterator[Cluster]:
+    """A started throwaway PostgreSQL cluster (tests/postgres.py): role and database netboot, `postgres.url` to
+    connect; removed after the test."""
+    with Cluster() as cluster:
+        yield cluster
