@@ -41,6 +41,7 @@ class DhcpConfig:
     state_dir: Path = Path("/var/lib/netboot")
     uefi_binary: str = "ipxe.efi"
     host: str = "0.0.0.0"
+    relays: tuple[IPv4Address, ...] = ()  # giaddr values answered whoever sends them (--dhcp-relay)
 
     @property
     def mode(self) -> str:
@@ -78,7 +79,7 @@ async def start_dhcp_server(config: DhcpConfig, *, machines: Callable[[], Machin
             state.close()
             raise
         prefer = home.network
-    responder = Responder(offerings, machines, leases)
+    responder = Responder(offerings, machines, leases, relays=frozenset(map(str, config.relays)))
     server = DhcpServer(responder, interfaces, config.interfaces, prefer)
     if seen is not None:
         report = seen

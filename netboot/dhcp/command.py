@@ -19,6 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "and 4011), or a range such as 192.0.2.100-192.0.2.199 to be the network's DHCP server")
     g.add_argument("--dhcp-interface", action="append", default=[], metavar="NAME",
                    help="answer DHCP on this interface only (repeatable; default: every interface)")
+    g.add_argument("--dhcp-relay", action="append", default=[], metavar="ADDR",
+                   help="a DHCP relay agent's address as it writes it in giaddr (its address on the machines' "
+                   "network): requests relayed with that giaddr are answered there even when the relay sends them "
+                   "from another of its addresses, as routers do. A relay that sends from the address it writes "
+                   "needs none; a request naming any other giaddr is dropped (repeatable)")
     g.add_argument("--dhcp-router", metavar="ADDR", help="router (option 3) to hand out with addresses")
     g.add_argument("--dhcp-dns", metavar="ADDR[,ADDR…]", help="DNS servers (option 6) to hand out with addresses")
     g.add_argument("--dhcp-domain", metavar="NAME", help="domain name (option 15) to hand out with addresses")
@@ -34,10 +39,12 @@ def config_from_args(args: argparse.Namespace) -> DhcpConfig | None:
                "--dhcp-lease-time": args.dhcp_lease_time}
     if args.dhcp is None:
         given = [k for k, v in leasing.items() if v is not None] + ["--dhcp-interface"] * bool(args.dhcp_interface)
+        given += ["--dhcp-relay"] * bool(args.dhcp_relay)
         if given:
             raise NetbootError(f"{given[0]} needs --dhcp")
         return None
-    common = dict(interfaces=tuple(args.dhcp_interface), state_dir=args.state_dir, uefi_binary=args.dhcp_uefi_binary)
+    common = dict(interfaces=tuple(args.dhcp_interface), state_dir=args.state_dir, uefi_binary=args.dhcp_uefi_binary,
+                  relays=tuple(_relay(a) for a in args.dhcp_relay))
     if args.dhcp == "proxy":
         given = [k for k, v in leasing.items() if v is not None]
         if given:
@@ -61,6 +68,14 @@ def _address(text: str | None, what: str) -> IPv4Address | None:
         return IPv4Address(text.strip())
     except ValueError:
         raise NetbootError(f"{what} {text!r} is not an IPv4 address") from None
+
+
+def _relay(text: str) -> IPv4Address:
+    address = _address(text, "--dhcp-relay")
+    assert address is not None
+    if address.is_unspecified or address.is_multicast or address == IPv4Address("255.255.255.255"):
+        raise NetbootError(f"--dhcp-relay {text!r}: expected a relay agent's unicast address")
+    return address
 
 
 def _domain(text: str | None) -> str:

@@ -26,7 +26,7 @@ from pyroute2.dhcp.enums.dhcp import MessageType
 from netboot.core.machines import DEFAULT, Machine, Machines, ipxe_binary
 from netboot.dhcp import boot, message
 from netboot.dhcp.leases import Leases
-from netboot.dhcp.message import ZERO, Reply, Request
+from netboot.dhcp.message import ZERO, Malformed, Reply, Request
 
 SERVER_PORT, CLIENT_PORT, PXE_PORT = 67, 68, 4011
 BROADCAST = "255.255.255.255"
@@ -75,6 +75,7 @@ class Responder:
     clock: Callable[[], float] = time.time
     # Told of every network-boot client answered: its MAC, what it is, the interface its request came in on.
     seen: Callable[[str, boot.Client, int], None] | None = None
+    relays: frozenset[str] = frozenset()  # giaddr values honoured from any sender (--dhcp-relay)
     _reserved_of: Machines | None = field(default=None, init=False, repr=False)
     _reserved: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
@@ -99,6 +100,16 @@ class Responder:
         is built: a request that raises, Malformed or by a bug, leaves the leases as they were."""
         request = message.parse(arrival.data)
         client = boot.classify(request)
+        if request.giaddr != ZERO and request.giaddr != arrival.source[0] and request.giaddr not in self.relays:
+            # Answers go to giaddr, port 67 (RFC 2131 §4.1): a giaddr that is not its sender's address, nor a relay
+            # the operator named, would aim them at any host (a reflector); real relays write their own address.
+            raise Malformed(f"giaddr {request.giaddr} is neither the sender's address nor a --dhcp-relay")
+        if request.type == MessageType.DISCOVER and request.ciaddr != ZERO:
+            # RFC 2131 §4.4.1 (Table 5): ciaddr is 0 in a DISCOVER, the client (INIT state) having no address to
+            # be reached at, so a non-zero one names nobody to send to. Answered as if it were 0, by broadcast on
+            # the link (or to the relay) with ciaddr 0 in the OFFER (Table 3), rather than dropped: a broadcast
+            # reaches the client wherever the field points, and goes nowhere else.
+            request.ciaddr = ZERO
         if arrival.server is None:
             return Ignored(request.mac, f"interface {arrival.ifindex} has no IPv4 address to answer from")
         if self.proxy:
@@ -130,6 +141,8 @@ class Responder:
         reply = Reply(request, kind, siaddr=found.server, sname=found.server if found.over_tftp else "",
                       file=found.name, options=options)
         if arrival.port == PXE_PORT:
+            # Back where the request came from (PXE 2.1: the client asks port 4011 from its address), never to
+            # its ciaddr, which a datagram can fill with any address.
             dest = arrival.source if arrival.source[0] != ZERO else (BROADCAST, CLIENT_PORT)
             return self._answer(reply, client, dest, arrival.ifindex, request.ciaddr)
         return self._answer(reply, client, _destination(request, kind), arrival.ifindex, "-")
@@ -226,7 +239,11 @@ class Responder:
         if request.relay_info is not None:
             options["relay_agent_information"] = request.relay_info
         committed = ip is not None and kind == MessageType.ACK
-        answer = self._answer(reply, client, _destination(request, kind), arrival.ifindex, ip or "-", note,
+        # RFC 2131 §4.1 unicasts to ciaddr, which any datagram can fill: only an address leased to this client
+        # (the one this ACK leases, or its lease when it INFORMs) is sent to; anything else is broadcast on the link.
+        ciaddr = request.ciaddr
+        unicast = ciaddr != ZERO and (ciaddr == ip if committed else leases.leased_to(request.mac, ciaddr, now))
+        answer = self._answer(reply, client, _destination(request, kind, unicast), arrival.ifindex, ip or "-", note,
                               durable_first=committed)
         if committed:
             leases.commit(request.mac, ip, now, options.get("host_name", ""), request.client_id)
@@ -268,10 +285,11 @@ def _boot_options(options: dict[str, Any], request: Request, found: boot.BootFil
         options["bootfile_name"] = found.name
 
 
-def _destination(request: Request, kind: MessageType) -> tuple[str, int]:
-    """RFC 2131 §4.1: to the relay; a NAK broadcast; to a configured client; else broadcast on the link."""
+def _destination(request: Request, kind: MessageType, unicast: bool = False) -> tuple[str, int]:
+    """RFC 2131 §4.1: to the relay (a giaddr `handle` let through); a NAK broadcast; to the client at its ciaddr
+    when `unicast` (that address is known to be its own); else broadcast on the link."""
     if request.giaddr != ZERO:
         return request.giaddr, SERVER_PORT
-    if kind != MessageType.NAK and request.ciaddr != ZERO:
+    if unicast and kind != MessageType.NAK:
         return request.ciaddr, CLIENT_PORT
     return BROADCAST, CLIENT_PORT

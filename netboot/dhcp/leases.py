@@ -243,6 +243,11 @@ class Leases:
         return (lease is not None and lease.ip == ip and lease.expires > now and _same(lease.client_id, client_id)
                 ) or (offer is not None and offer[0] == ip and offer[1] > now and _same(offer[2], client_id))
 
+    def leased_to(self, mac: str, ip: str, now: float) -> bool:
+        """Is `ip` leased to `mac` right now (an unexpired lease; an offer is not)?"""
+        lease = self.by_mac.get(mac)
+        return lease is not None and lease.ip == ip and lease.expires > now
+
     # Choosing
 
     def choose(self, mac: str, requested: str | None, now: float, reserved: dict[str, str],

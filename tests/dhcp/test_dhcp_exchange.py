@@ -52,10 +52,11 @@ def fleet(default: bool = True, **extra: Machine) -> Machines:
     return Machines(profiles, machines)
 
 
-def responder(machines: Machines, leases: Leases | None = None, **offer) -> Responder:
+def responder(machines: Machines, leases: Leases | None = None, relays: frozenset[str] = frozenset(),
+              **offer) -> Responder:
     offerings = Offerings(**{"binaries": ALL, "http_port": 8080, "tftp": True, **offer})
     clock = [1_000_000.0]
-    r = Responder(lambda: offerings, lambda: machines, leases, clock=lambda: clock[0])
+    r = Responder(lambda: offerings, lambda: machines, leases, clock=lambda: clock[0], relays=relays)
     r.now = clock  # type: ignore[attr-defined]
     return r
 
@@ -150,7 +151,7 @@ def test_snponly_and_fixed_addresses() -> None:
 
 
 def test_relayed_request_goes_back_to_the_relay() -> None:
-    reply, sent = answer(responder(fleet()), edk2(mac=NODE1, giaddr="192.0.2.1"))
+    reply, sent = answer(responder(fleet()), edk2(mac=NODE1, giaddr="192.0.2.1"), source=("192.0.2.1", 67))
     assert sent.dest == ("192.0.2.1", 67) and reply.giaddr == "192.0.2.1"
 
 
@@ -275,9 +276,9 @@ def test_a_busy_reserved_address_is_not_taken_from_its_holder(leases: Leases) ->
 def test_requests_from_other_subnets_are_not_answered(leases: Leases) -> None:
     r = responder(fleet(), leases)
     assert r.handle(Arrival(plain(), ("0.0.0.0", 68), 67, 7, IPv4Interface("198.51.100.1/24"))) is None
-    relayed, sent = answer(r, plain(mac=STRANGER, giaddr="192.0.2.1"))
+    relayed, sent = answer(r, plain(mac=STRANGER, giaddr="192.0.2.1"), source=("192.0.2.1", 67))
     assert sent.dest == ("192.0.2.1", 67) and relayed.yiaddr == "192.0.2.100"
-    assert arrive(r, plain(mac=STRANGER, giaddr="198.51.100.1")) is None
+    assert arrive(r, plain(mac=STRANGER, giaddr="198.51.100.1"), source=("198.51.100.1", 67)) is None
 
 
 def test_a_strangers_decline_and_release_change_nothing(tmp_path: Path) -> None:
@@ -623,3 +624,67 @@ async def test_a_bug_costs_what_a_malformed_datagram_does(caplog: pytest.LogCapt
     assert [(x.levelname, x.getMessage(), x.exc_info) for x in caplog.records] == [
         ("WARNING", "dhcp: dropped a datagram from 192.0.2.50:68: not answered: RuntimeError: 'a bug' at "
                     "test_dhcp_exchange.py:" f"{broken.__code__.co_firstlineno + 1} in broken", None)]
+
+
+# Where answers go: to a relay that sent the request or that the operator named, to the client's own address, or
+# by broadcast on the link; never to an address a datagram merely names
+
+@pytest.mark.parametrize("mode", ["proxy", "authoritative"])
+@pytest.mark.parametrize(("giaddr", "source"), [
+    ("203.0.113.5", ("127.0.0.1", 68)),  # the report: from loopback, naming a host elsewhere
+    ("192.0.2.1", ("192.0.2.50", 67)),  # a neighbour naming the router of the subnet
+    ("192.0.2.1", ("0.0.0.0", 68)),
+])
+def test_a_giaddr_that_is_neither_the_sender_nor_a_named_relay_is_dropped(mode: str, giaddr: str, source: tuple,
+                                                                          leases: Leases) -> None:
+    r = responder(fleet(), leases if mode == "authoritative" else None)
+    with pytest.raises(Malformed, match=f"giaddr {giaddr} is neither the sender's address nor a --dhcp-relay"):
+        arrive(r, edk2(mac=NODE1, giaddr=giaddr), source=source)
+    assert leases.offers == {}
+
+
+@pytest.mark.parametrize("mode", ["proxy", "authoritative"])
+def test_a_named_relay_is_answered_whichever_of_its_addresses_it_sends_from(mode: str, leases: Leases) -> None:
+    """A router relays from its address toward the server and writes its address on the machines' network in
+    giaddr: answered at giaddr, port 67, once --dhcp-relay names it (RFC 2131 §4.1, RFC 3046)."""
+    r = responder(fleet(), leases if mode == "authoritative" else None, relays=frozenset({"192.0.2.1"}))
+    reply, sent = answer(r, edk2(mac=NODE1, giaddr="192.0.2.1"), source=("198.51.100.1", 67))
+    assert (reply.type, reply.giaddr, sent.dest, sent.ifindex) == (OFFER, "192.0.2.1", ("192.0.2.1", 67), 0)
+    with pytest.raises(Malformed):
+        arrive(r, edk2(mac=NODE1, giaddr="192.0.2.2"), source=("198.51.100.1", 67))
+
+
+@pytest.mark.parametrize("mode", ["proxy", "authoritative"])
+def test_a_discover_naming_a_ciaddr_is_answered_by_broadcast(mode: str, leases: Leases) -> None:
+    """RFC 2131 Table 5: a DISCOVER's ciaddr is 0. One that names an address gets its OFFER by broadcast on the
+    link it came from, with ciaddr 0 (Table 3), never at the address named."""
+    r = responder(fleet(), leases if mode == "authoritative" else None)
+    reply, sent = answer(r, edk2(mac=NODE1, ciaddr="198.51.100.9", flags=0), source=("127.0.0.1", 68))
+    assert (reply.type, reply.ciaddr, sent.dest, sent.ifindex) == (OFFER, "0.0.0.0", ("255.255.255.255", 68), 7)
+
+
+def test_an_ack_goes_to_ciaddr_only_when_that_is_the_clients_lease(leases: Leases) -> None:
+    r = responder(fleet(), leases)
+    address, _ = dora(r, plain, STRANGER)
+    other, _ = dora(r, plain, NODE2)
+    # RENEWING (RFC 2131 §4.3.2): ciaddr is its lease, unicast there.
+    renew, sent = answer(r, plain(REQUEST, mac=STRANGER, ciaddr=address, flags=0), source=(address, 68))
+    assert (renew.type, renew.yiaddr, sent.dest) == (ACK, address, (address, 68))
+    # Option 50 and a ciaddr elsewhere (RFC 2131 §4.3.2 allows neither together): the ACK is broadcast.
+    forged, sent = answer(r, plain(REQUEST, mac=STRANGER, ciaddr="198.51.100.9", flags=0,
+                                   extra=[(50, ip(address)), (54, ip("192.0.2.10"))]), source=("127.0.0.1", 68))
+    assert (forged.type, sent.dest, sent.ifindex) == (ACK, ("255.255.255.255", 68), 7)
+    # INFORM: to its lease; from an address that is not its lease (another's, or none of ours), by broadcast.
+    for ciaddr, dest in ((address, (address, 68)), (other, ("255.255.255.255", 68)),
+                         ("198.51.100.9", ("255.255.255.255", 68))):
+        inform, sent = answer(r, plain(INFORM, mac=STRANGER, ciaddr=ciaddr, flags=0), source=(ciaddr, 68))
+        assert (inform.type, sent.dest) == (ACK, dest), ciaddr
+    # A NAK is broadcast whatever it says (RFC 2131 §4.1).
+    nak, sent = answer(r, plain(REQUEST, mac=STRANGER, ciaddr="198.51.100.9", flags=0), source=("127.0.0.1", 68))
+    assert (nak.type, sent.dest) == (NAK, ("255.255.255.255", 68))
+
+
+def test_boot_server_discovery_is_answered_where_it_came_from_not_at_its_ciaddr() -> None:
+    reply, sent = answer(responder(fleet()), edk2(REQUEST, mac=NODE1, ciaddr="198.51.100.9", flags=0), port=4011,
+                         source=("192.0.2.150", 68))
+    assert (reply.type, sent.dest) == (ACK, ("192.0.2.150", 68))

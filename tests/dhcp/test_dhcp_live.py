@@ -266,6 +266,9 @@ def test_corrupt_lease_journal_stops_the_start_and_is_left_alone(lan: Lan, outs:
     (["--dhcp", "198.51.100.10-198.51.100.20"],
      "--dhcp 198.51.100.10-198.51.100.20: no interface has an address in a subnet holding this whole range"),
     (["--dhcp", "proxy", "--dhcp-interface", "nosuch0"], "--dhcp-interface nosuch0: no such network interface"),
+    (["--dhcp-relay", "192.0.2.1"], "--dhcp-relay needs --dhcp"),
+    (["--dhcp", "proxy", "--dhcp-relay", "relay.example"], "--dhcp-relay 'relay.example' is not an IPv4 address"),
+    (["--dhcp", "proxy", "--dhcp-relay", "0.0.0.0"], "--dhcp-relay '0.0.0.0': expected a relay agent's unicast"),
 ])
 def test_bad_dhcp_options(outs: dict[str, Path], tmp_path: Path, args: list[str], message: str) -> None:
     proc = cli("serve", "--dir", outs["direct"], "--http", "127.0.0.1:0", "--no-tftp", "--status", "none",
@@ -285,3 +288,27 @@ def test_dhcp_interface_limits_where_it_answers(lan: Lan, outs: dict[str, Path])
     assert [r.type for _, r in probe(client, edk2(mac=NODE1), expect=1)] == [OFFER]
     assert "dhcp: proxy DHCP on eth0, ports 67 and 4011" in here.log
     here.stop()
+
+
+def test_answers_go_to_the_relay_that_sent_them_or_one_named_and_a_discover_is_never_sent_to_its_ciaddr(
+        lan: Lan, outs: dict[str, Path]) -> None:
+    """A relay host with two addresses, sending from 192.0.2.50 and naming 192.0.2.51 in giaddr: dropped with one
+    line, unless --dhcp-relay names 192.0.2.51, which then gets the answer on port 67. A DISCOVER naming a ciaddr
+    (192.0.2.77, nobody's) gets its OFFER by broadcast, so its client hears it. (Addresses beyond the LAN are the
+    exchange tests': no packet here goes to an address outside it.)"""
+    host = lan.host("netboot", "192.0.2.10/24")
+    relay = lan.host("relay", "192.0.2.50/24")
+    relay.run(["ip", "addr", "add", "192.0.2.51/24", "dev", "eth0"], check=True)
+    relayed = edk2(mac=NODE1, giaddr="192.0.2.51", flags=0)
+    server = start(host, "--dir", outs["direct"], "--dhcp", "proxy")
+    assert probe(relay, relayed, to="192.0.2.10:67", port=67, wait=1) == []
+    wait_for(server, "dhcp: dropped a datagram from 192.0.2.50:67: giaddr 192.0.2.51 is neither the sender's address "
+                     "nor a --dhcp-relay")
+    replies = probe(relay, edk2(mac=NODE1, ciaddr="192.0.2.77", flags=0), to="192.0.2.10:67", expect=1)
+    assert [(r.type, r.mac, r.ciaddr) for _, r in replies] == [(OFFER, NODE1, "0.0.0.0")]
+    server.stop()
+    named = start(host, "--dir", outs["direct"], "--dhcp", "proxy", "--dhcp-relay", "192.0.2.51")
+    replies = probe(relay, relayed, to="192.0.2.10:67", port=67, expect=1)
+    assert [(s, r.type, r.giaddr, r.file) for s, r in replies] == [("192.0.2.10:67", OFFER, "192.0.2.51", "ipxe.efi")]
+    assert "dropped" not in named.log
+    named.stop()
