@@ -30,6 +30,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from netboot.core.addresses import ipv4_interfaces
+from netboot.core.logbudget import LogBudget
 from netboot.core.machines import Machines
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.leases import check_reservations
@@ -42,39 +43,8 @@ _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
 _REFRESH = 10.0  # seconds between looks at the interfaces' addresses
 _QUIET = 10.0  # seconds between log lines about dropped datagrams, and per ignored machine and reason: 600
 _IGNORED_AGAIN = 600.0
-# Answers logged one by one per second (and as many requests not answered); beyond, one line a second counts
-# them. A line costs about as much as the answer itself (Python's logging), and the rule is to keep logging off
-# the per-packet path under load (fbtftp, tftpy #59); a rack powering on stays within it.
-_LOGGED_PER_SECOND = 100
 
 Interfaces = dict[int, tuple[str, list[IPv4Interface]]]
-
-
-class _Budget:
-    """Log lines of one kind, at most _LOGGED_PER_SECOND a second: beyond, the count of the rest comes a second
-    after the first of them, whether more follow or not."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, what: str) -> None:
-        self._loop = loop
-        self._what = what  # the kind, plural, for the line that counts them
-        self._second = 0.0  # the second whose lines are being logged, how many were, how many not
-        self._logged = self._unlogged = 0
-
-    def log(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._second >= 1.0 and not self._unlogged:
-            self._second, self._logged = now, 0
-        if self._logged < _LOGGED_PER_SECOND:
-            self._logged += 1
-            log.info(message, *args)
-            return
-        self._unlogged += 1
-        if self._unlogged == 1:
-            self._loop.call_at(self._loop.time() + self._second + 1.0 - now, self._count)
-
-    def _count(self) -> None:
-        log.info("dhcp: and %d more %s in the last second, not logged one by one", self._unlogged, self._what)
-        self._second, self._logged, self._unlogged = time.monotonic(), 0, 0
 
 
 class DhcpServer:
@@ -94,8 +64,8 @@ class DhcpServer:
         self._drop_logged = 0.0
         self._ignored: dict[tuple[str, str], float] = {}
         self.answered = 0
-        self._answers = _Budget(self._loop, "answers")
-        self._not_answered = _Budget(self._loop, "requests not answered")
+        self._answers = LogBudget(self._loop, log, "answers", prefix="dhcp: ")
+        self._not_answered = LogBudget(self._loop, log, "requests not answered", prefix="dhcp: ")
         self.ports: list[int] = []
         self._store = responder.leases.store if responder.leases is not None else None
         self._waiting: list[tuple[socket.socket, Answer, IPv4Interface | None]] = []  # ACKs for the next write

@@ -247,5 +247,6 @@ def make_app(namespace: Namespace, record: BootRecord | None = None) -> web.Appl
         return _HeldFileResponse(item, peer, started, headers, record)
 
     app = web.Application()
-    app.router.add_get("/{path:.*}", handle)
+    # Any path, a newline in it too (which "." would not match: aiohttp would answer 404 itself, unlogged).
+    app.router.add_get("/{path:(?s:.*)}", handle)
     return app

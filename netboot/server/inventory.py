@@ -10,6 +10,7 @@ from typing import Any
 
 from netboot.core.addresses import ipv4_interfaces
 from netboot.core.errors import NetbootError
+from netboot.core.logtext import clip
 from netboot.core.machines_file import NotListed, Unwritable, delete_machine, put_machine
 from netboot.server import wake
 from netboot.status.inventory import Refused
@@ -40,7 +41,7 @@ class ServerInventory:
 
         await self._edit(edit)
         log.info("machines file: %s %s (%s)", mac, "added" if added[-1] else "replaced",
-                 ", ".join(f"{k}={v!r}" for k, v in table.items())[:200])
+                 clip(", ".join(f"{k}={v!r}" for k, v in table.items()), 200))
         return added[-1]
 
     async def delete(self, mac: str) -> None:

@@ -572,9 +572,9 @@ class Namespace:
     @staticmethod
     def _mac(text: str) -> str:
         try:
-            return macs.normalize(text)
+            return macs.exact(text)
         except macs.BadMac:
-            raise BadRequest(f"invalid MAC address {clip(text)!r}") from None
+            raise BadRequest(f"invalid MAC address '{clip(text)}'") from None
 
     def _machine_script(self, mac: str, parsed: Name, origin: str, grub: bool = False) -> Item:
         """A machine's iPXE script, or with `grub` its GRUB configuration: the same profile, build and appends;
@@ -597,7 +597,7 @@ class Namespace:
         gen = self.profiles[profile.name].current
         if arch is not None and arch != gen.arch:
             # Never hand a machine a kernel its CPU cannot run: it would hang where nobody sees why.
-            error = f"profile {profile.name} is for {gen.arch}, and this machine is {arch.lstrip('?')}"
+            error = f"profile {profile.name} is for {gen.arch}, and this machine is {clip(arch.lstrip('?'))}"
             log.warning("mac=%s profile=%s refused: %s", mac, profile.name, error)
             if grub:
                 script = render("broken.grub", mac=mac, error=_grub_text(error), retry=retry)

@@ -28,6 +28,7 @@ from typing import Any
 import pebble
 
 from netboot.core import compress
+from netboot.core.logtext import clip
 from netboot.core.machines import DEFAULT, Machine, Machines, Profile, template_vars
 from netboot.server.overlay import (
     OverlayDir,
@@ -53,6 +54,7 @@ MAX_RENDERING = 1024
 MAX_PACKED_BYTES = 64 << 20  # packed overlays kept, by least recent use
 SAMPLE_MAC = "00:00:00:00:00:00"  # stands for the machines not in the file when checking a default overlay
 _LOGGED = 5  # render errors logged one by one at a reload; the rest are counted
+ERROR_SHOWN = 1000  # characters of a render error kept (it starts with the template's file and line)
 
 
 @dataclass(frozen=True)
@@ -100,21 +102,25 @@ class Renderer:
         where = f"{source.path}: machine {machine}"
         try:
             out.set_result(job.result())
+            return
         except SourceMissing:
             if entries is None:  # this worker was not sent the overlay yet: again, with its entries
                 self._schedule(source, variables, machine, source.entries, out)
-            else:
-                out.set_result(Broken(f"{where}: the render worker lost the overlay"))
+                return
+            error = f"{where}: the render worker lost the overlay"
         except OverlayError as e:
-            out.set_result(Broken(str(e)))
+            error = str(e)
         except concurrent.futures.TimeoutError:
-            out.set_result(Broken(f"{where}: rendering took longer than {self.timeout:g} s (stopped)"))
+            error = f"{where}: rendering took longer than {self.timeout:g} s (stopped)"
         except pebble.ProcessExpired as e:
-            out.set_result(Broken(f"{where}: rendering ended its worker process (exit status {e.exitcode})"))
+            error = f"{where}: rendering ended its worker process (exit status {e.exitcode})"
         except concurrent.futures.CancelledError:
-            out.set_result(Broken(f"{where}: rendering was cancelled"))
+            error = f"{where}: rendering was cancelled"
         except Exception as e:  # what a worker raised outside the template (MemoryError while pickling, ...)
-            out.set_result(Broken(f"{where}: rendering failed: {type(e).__name__}: {e}"))
+            error = f"{where}: rendering failed: {type(e).__name__}: {e}"
+        # Escaped once, here: what a template raised may quote the machine's variables, which the write API takes
+        # from its clients, and the error goes into log lines, TFTP errors and the machine's script.
+        out.set_result(Broken(clip(error, ERROR_SHOWN)))
 
     def pack(self, rendered: Rendered, build: Build) -> Future[bytes]:
         return self._packers.submit(pack, rendered, stage1=build.stage1, compressor=compress.get(build.compression),

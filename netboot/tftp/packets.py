@@ -112,7 +112,7 @@ def parse_request(datagram: bytes) -> Request:
     filename = strings[0].decode("utf-8", "surrogateescape")
     mode = _text(strings[1]).lower()
     if mode not in MODES:
-        raise PacketError(f"unsupported transfer mode {clip(mode, 16)!r}")
+        raise PacketError(f"unsupported transfer mode '{clip(mode, 16)}'")
     options: dict[str, str] = {}
     # Old PXE ROMs append garbage (0xFF padding, half an option) after the last option: pairs are read
     # while they are complete and NUL-terminated, and anything after them is ignored (tftp-hpa does the same).

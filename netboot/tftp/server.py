@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from netboot.core.clients import client_of
+from netboot.core.logbudget import LogBudget
 from netboot.core.logtext import clip
 from netboot.tftp import mtu, packets
 from netboot.tftp.content import Content, ContentError, FileContent, Peer, Resolver
@@ -196,6 +197,7 @@ class TftpServer:
         self._admitting = False
         self._overload = _OverloadCounts()
         self._overload_logged = 0.0
+        self._refusals = LogBudget(self.loop, log, "requests refused")
         self._closing = False
 
     # -- public ------------------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ class TftpServer:
             self._refuse(family, local, ifindex, peer, e.tftp_code, str(e), request.filename)
             return
         except Exception:
-            log.exception("%s %r: resolving the name failed", format_peer(peer), clip(request.filename))
+            log.exception("%s '%s': resolving the name failed", format_peer(peer), clip(request.filename))
             self._refuse(family, local, ifindex, peer, ErrorCode.NOT_DEFINED, "internal error",
                          request.filename)
             return
@@ -365,7 +367,7 @@ class TftpServer:
         elif isinstance(error, ContentError):
             refusal = (error.tftp_code, str(error))
         elif error is not None:
-            log.error("%s %r: resolving the name failed: %r", format_peer(peer), clip(request.filename), error)
+            log.error("%s '%s': resolving the name failed: %r", format_peer(peer), clip(request.filename), error)
             refusal = (ErrorCode.NOT_DEFINED, "internal error")
         else:
             content = task.result()
@@ -401,7 +403,7 @@ class TftpServer:
             sock = self._transfer_socket(family, local, ifindex, peer)
         except OSError as e:
             content.close()
-            log.warning("%s %r: cannot open a transfer socket: %s", format_peer(peer), clip(request.filename), e)
+            log.warning("%s '%s': cannot open a transfer socket: %s", format_peer(peer), clip(request.filename), e)
             return
         limit = None
         if self.config.use_mtu and ifindex:
@@ -440,12 +442,15 @@ class TftpServer:
     def _refuse(self, family: int, local: str, ifindex: int, peer: Peer, code: int, message: str,
                 filename: str | None = None) -> None:
         """An ERROR for a request, sent like a transfer's first packet: from a fresh port (RFC 1350 §4), and
-        one log line, with what the client sent cut short (`filename`: None when the request was unreadable)."""
+        one log line, with what the client sent escaped and cut short (`filename`: None when the request was
+        unreadable). `message` is the server's own: any client text in it was escaped where it was put in. A flood
+        of requests to refuse, which anyone can send with any source address, is counted beyond a hundred lines a
+        second."""
         self.refused += 1
         if filename is None:
-            log.info("%s: refused, %s (ERROR %d)", format_peer(peer), clip(message), code)
+            self._refusals.log("%s: refused, %s (ERROR %d)", format_peer(peer), message, code)
         else:
-            log.info("%s %r: refused, %s (ERROR %d)", format_peer(peer), clip(filename), clip(message), code)
+            self._refusals.log("%s '%s': refused, %s (ERROR %d)", format_peer(peer), clip(filename), message, code)
             if self.on_refused is not None:
                 self.on_refused(peer, filename, code, message)
         try:

@@ -182,7 +182,7 @@ class Session:
                 assert isinstance(error, packets.Error)
                 probe = self._acked == -1 and error.code == ErrorCode.OPTION_REFUSED
                 self._finish(now, Outcome.SIZE_PROBE if probe else Outcome.CLIENT_ABORT,
-                             f"ERROR {error.code} {clip(error.message)!r}")
+                             f"ERROR {error.code} '{clip(error.message)}'")
                 return []
         # Anything else from the peer (a DATA, a repeated request, noise) is ignored: the transfer goes on.
         self.ignored += 1

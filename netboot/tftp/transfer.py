@@ -47,7 +47,7 @@ class TransferStats:
     def line(self) -> str:
         options = " ".join(f"{k}={v}" for k, v in self.options) or "no options"
         detail = f" ({self.detail})" if self.detail else ""
-        return (f"{self.peer} {clip(self.filename)!r} [{options}]: {self.outcome}{detail}, "
+        return (f"{self.peer} '{clip(self.filename)}' [{options}]: {self.outcome}{detail}, "
                 f"{self.bytes_sent}/{self.size} bytes in {self.duration:.3f}s, "
                 f"{self.retransmissions} retransmissions")
 

@@ -8,7 +8,7 @@ import pytest
 from support import cli
 
 from netboot.core.errors import NetbootError
-from netboot.core.mac import BadMac, normalize
+from netboot.core.mac import BadMac, exact, normalize
 from netboot.core.machines import Machines
 
 
@@ -34,6 +34,14 @@ def test_every_mac_spelling(spelling: str) -> None:
 def test_invalid_macs(bad: str) -> None:
     with pytest.raises(BadMac, match="invalid MAC address"):
         normalize(bad)
+
+
+@pytest.mark.parametrize("blanks", [" 525400123456", "52:54:00:12:34:56\n", "52-54-00-12-34-56\r\n", "\t525400123456"])
+def test_a_mac_a_client_names_has_nothing_around_it(blanks: str) -> None:
+    """What an operator types may have blanks around it; what a client sends in a name may not (namespace.py)."""
+    assert normalize(blanks) == exact(blanks.strip()) == "52:54:00:12:34:56"
+    with pytest.raises(BadMac, match="invalid MAC address"):
+        exact(blanks)
 
 
 def fake_out(d: Path) -> Path:
