@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -232,6 +233,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/netboot"), metavar="DIR",
                    help="netboot serve's own files: the DHCP leases, and the builds of profiles that name a system "
                    "(default /var/lib/netboot)")
+    p.add_argument("--database", type=_database_url, metavar="URL",
+                   help="the site's PostgreSQL database, shared by several netboot servers, as a libpq URL (e.g. "
+                   "postgresql://netboot@db.example/netboot or postgresql:///netboot?host=/run/postgresql): "
+                   "with --dhcp START-END the leases are kept there, so that servers on one network never give an "
+                   "address twice and each renews the others' leases. The schema is created or upgraded at start")
+    p.add_argument("--name", default=socket.gethostname(), metavar="NAME",
+                   help="this server's name in the shared database (default: the host name)")
     p.add_argument("--loaders", action="append", default=[], metavar="ARCH=DIR",
                    help="shim, GRUB and MokManager of one architecture (x86_64 or arm64) for profiles with loader = "
                    "\"grub\" or \"uki\", and for every arm64 UEFI machine (DHCP architecture 11 or 19), from DIR "
@@ -303,6 +311,15 @@ def _http_limits(args: argparse.Namespace) -> HttpLimits:
         raise NetbootError(str(e)) from None
 
 
+def _database_url(text: str) -> str:
+    from netboot.state.database import check_url
+
+    try:
+        return check_url(text)
+    except NetbootError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+
+
 def serve_options(args: argparse.Namespace):  # -> server.ServeOptions (imported late: the CLI loads fast)
     from netboot.server import server
 
@@ -317,6 +334,7 @@ def serve_options(args: argparse.Namespace):  # -> server.ServeOptions (imported
         status=_status(args),
         grace=args.grace,
         state_dir=args.state_dir,
+        database=args.database,
         loaders=Loaders.from_options(args.loaders),
     )
 

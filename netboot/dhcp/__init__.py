@@ -23,7 +23,8 @@ from netboot.core.machines import Machines
 from netboot.dhcp.boot import Client, Offerings
 from netboot.dhcp.exchange import PXE_PORT, SERVER_PORT, Responder
 from netboot.dhcp.journal import Journal
-from netboot.dhcp.leases import Leases, Pool, check_reservations, network_of
+from netboot.dhcp.lease_database import LeaseDatabase
+from netboot.dhcp.leases import Leases, LeaseStore, Pool, check_reservations, network_of
 from netboot.dhcp.server import DhcpServer
 
 __all__ = ["Client", "DhcpConfig", "DhcpServer", "Offerings", "start_dhcp_server"]
@@ -40,6 +41,8 @@ class DhcpConfig:
     lease_time: int = 3600
     state_dir: Path = Path("/var/lib/netboot")
     uefi_binary: str = "ipxe.efi"
+    database: str | None = None  # a PostgreSQL URL: leases shared with the site's other servers (lease_database)
+    name: str = ""  # this server's name in the shared lease table
     host: str = "0.0.0.0"
     relays: tuple[IPv4Address, ...] = ()  # giaddr values answered whoever sends them (--dhcp-relay)
 
@@ -72,7 +75,8 @@ async def start_dhcp_server(config: DhcpConfig, *, machines: Callable[[], Machin
         pool = Pool(first, last, home.network, config.lease_time, config.router, config.dns, config.domain,
                     frozenset(excluded))
         check_reservations(machines(), pool)
-        state = Journal(config.state_dir)
+        state: LeaseStore = (await LeaseDatabase.open(config.database, config.name) if config.database
+                             else Journal(config.state_dir))
         try:
             leases = Leases(pool, state)
         except BaseException:

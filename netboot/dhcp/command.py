@@ -44,7 +44,7 @@ def config_from_args(args: argparse.Namespace) -> DhcpConfig | None:
             raise NetbootError(f"{given[0]} needs --dhcp")
         return None
     common = dict(interfaces=tuple(args.dhcp_interface), state_dir=args.state_dir, uefi_binary=args.dhcp_uefi_binary,
-                  relays=tuple(_relay(a) for a in args.dhcp_relay))
+                  relays=tuple(_relay(a) for a in args.dhcp_relay), database=args.database, name=args.name)
     if args.dhcp == "proxy":
         given = [k for k, v in leasing.items() if v is not None]
         if given:

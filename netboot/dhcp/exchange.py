@@ -57,6 +57,7 @@ class Answer:
     ifindex: int  # the interface a broadcast leaves by; 0 to route by destination
     line: str  # the log line: MAC, client kind, message, address, boot file
     durable_first: bool = False  # an ACK: sent only once the lease store has made the lease durable
+    claim: tuple[str, str] | None = None  # with a shared store, the (MAC, address) an OFFER or ACK claims
 
 
 @dataclass(frozen=True)
@@ -243,8 +244,12 @@ class Responder:
         # (the one this ACK leases, or its lease when it INFORMs) is sent to; anything else is broadcast on the link.
         ciaddr = request.ciaddr
         unicast = ciaddr != ZERO and (ciaddr == ip if committed else leases.leased_to(request.mac, ciaddr, now))
+        # With a shared store an offer is a claim as well, which another server may win (lease_database).
+        claimed = ip is not None and leases.shared is not None
         answer = self._answer(reply, client, _destination(request, kind, unicast), arrival.ifindex, ip or "-", note,
-                              durable_first=committed)
+                              durable_first=committed or claimed)
+        if claimed:
+            answer.claim = (request.mac, ip)
         if committed:
             leases.commit(request.mac, ip, now, options.get("host_name", ""), request.client_id)
         return answer

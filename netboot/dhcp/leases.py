@@ -26,10 +26,10 @@ import heapq
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
@@ -143,6 +143,30 @@ class LeaseStore(Protocol):
     def close(self) -> None: ...
 
 
+class SharedLeaseStore(LeaseStore, Protocol):
+    """A store that several servers share (netboot.dhcp.lease_database): offers and declines are claims too, a
+    claim can be lost to another server, and what the others hold is told to the view (`Leases.learn`)."""
+
+    claims_offers: bool
+    learn: Callable[[list[Any]], None] | None
+
+    def held(self) -> list[Any]:
+        """The offers and declines at start (rows with `lease` and `state`)."""
+        ...
+
+    def offer(self, lease: Lease) -> None:
+        """An address offered until `lease.expires`."""
+        ...
+
+    def decline(self, lease: Lease) -> None:
+        """An address set aside until `lease.expires`."""
+        ...
+
+    def release_offer(self, mac: str) -> None:
+        """The client took another server's offer: this server's ends."""
+        ...
+
+
 def bind(by_mac: dict[str, Lease], by_ip: dict[str, Lease], lease: Lease) -> Lease | None:
     """Apply a lease to the tables: it replaces its MAC's lease, and an expired lease of another machine on its
     address gives way. Returns the MAC's previous lease, if it was on another address."""
@@ -180,6 +204,7 @@ class Leases:
         self.by_ip: dict[str, Lease] = {}
         for lease in store.load():
             bind(self.by_mac, self.by_ip, lease)
+        self.shared: SharedLeaseStore | None = store if getattr(store, "claims_offers", False) else None  # type: ignore[assignment]
         self.offers: dict[str, tuple[str, float, bytes]] = {}  # mac -> (ip, until, client id)
         self._offered: dict[str, str] = {}  # ip -> mac
         self.declined: dict[str, float] = {}  # ip -> until, oldest first
@@ -190,6 +215,9 @@ class Leases:
         self._rebuild_expired()
         self._reserved_from: dict[str, str] | None = None
         self._reserved: dict[str, str] = {}  # ip -> mac
+        if self.shared is not None:
+            self.shared.learn = self.learn
+            self.learn(self.shared.held())
 
     # Reservations
 
@@ -279,6 +307,11 @@ class Leases:
         """Offer `ip` (from `pick`, at the same `now`) to `mac`: held for it for OFFER_HOLD seconds."""
         self._end_offer(mac)
         until = now + OFFER_HOLD
+        self._offer(mac, ip, until, client_id)
+        if self.shared is not None:
+            self.shared.offer(Lease(mac, ip, until, "", client_id))
+
+    def _offer(self, mac: str, ip: str, until: float, client_id: bytes) -> None:
         self.offers[mac] = (ip, until, client_id)
         self._offered[ip] = mac
         self._deadline(until, "offer", mac)
@@ -398,6 +431,8 @@ class Leases:
         until = now + DECLINE_HOLD
         self.declined[ip] = until
         self._deadline(until, "decline", ip)
+        if self.shared is not None:
+            self.shared.decline(Lease(mac, ip, until, "", client_id))
         offered = self._end_offer(mac, reconsider=False)
         if offered is not None and offered != ip:
             self._reconsider(offered)
@@ -409,7 +444,44 @@ class Leases:
 
     def forget_offer(self, mac: str) -> None:
         """The client took another server's offer."""
-        self._end_offer(mac)
+        if self._end_offer(mac) is not None and self.shared is not None:
+            self.shared.release_offer(mac)
+
+    # What other servers hold (a shared store)
+
+    def lost(self, mac: str, ip: str) -> None:
+        """This server's claim on `ip` for `mac` did not hold (another server's client has it): undone here; the
+        winner's row comes through `learn`."""
+        offer = self.offers.get(mac)
+        if offer is not None and offer[0] == ip:
+            self._end_offer(mac, reconsider=False)
+        lease = self.by_mac.get(mac)
+        if lease is not None and lease.ip == ip:
+            drop(self.by_mac, self.by_ip, mac)
+
+    def learn(self, rows: list[Any]) -> None:
+        """Rows of the shared table (`lease`, `state`: 0 leased, 1 offered, 2 declined), as another server wrote
+        them: the view holds their addresses for their clients until they expire."""
+        for row in rows:
+            lease: Lease = row.lease
+            if row.state == 0:
+                current = self.by_ip.get(lease.ip)
+                if current is not None and current.mac == lease.mac and current.expires >= lease.expires:
+                    continue
+                old = bind(self.by_mac, self.by_ip, lease)
+                n = to_int(lease.ip)
+                if self._first <= n <= self._last:
+                    heapq.heappush(self._expired, (lease.expires, n))
+                if old is not None:
+                    self._reconsider(old.ip)
+            elif row.state == 1:
+                if self._offered.get(lease.ip) != lease.mac:
+                    self._end_offer(lease.mac)
+                    self._offer(lease.mac, lease.ip, lease.expires, lease.client_id)
+            elif self.declined.get(lease.ip, 0.0) < lease.expires:
+                self.declined.pop(lease.ip, None)
+                self.declined[lease.ip] = lease.expires
+                self._deadline(lease.expires, "decline", lease.ip)
 
     def prune(self, now: float) -> None:
         """End the offers and declines whose time is up (each once, from the heap of deadlines)."""

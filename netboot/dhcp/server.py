@@ -45,6 +45,10 @@ _QUIET = 10.0  # seconds between log lines about dropped datagrams, and per igno
 _IGNORED_AGAIN = 600.0
 
 Interfaces = dict[int, tuple[str, list[IPv4Interface]]]
+# An answer waiting for the store's write: its socket, the answer, our address, and how to answer its request
+# again should its claim be lost.
+_Waiting = tuple[socket.socket, Answer, IPv4Interface | None, Callable[[], None] | None]
+_CLAIMS_PER_REQUEST = 3  # claims lost to other servers, at most, before a request is left to its client's retry
 
 
 class DhcpServer:
@@ -68,12 +72,14 @@ class DhcpServer:
         self._not_answered = LogBudget(self._loop, log, "requests not answered", prefix="dhcp: ")
         self.ports: list[int] = []
         self._store = responder.leases.store if responder.leases is not None else None
-        self._waiting: list[tuple[socket.socket, Answer, IPv4Interface | None]] = []  # ACKs for the next write
+        self._waiting: list[_Waiting] = []  # answers for the next write
         self._writing = False
         self._write_failed = 0.0
         self._closed = False
+        # A shared store (lease_database) writes on this loop; the journal in a thread of its own.
+        self._shared = responder.leases.shared if responder.leases is not None else None
         self._journal = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhcp-journal")
-                         if self._store is not None else None)
+                         if self._store is not None and self._shared is None else None)
         if self._journal is not None:
             # Once its fdatasync returns, the journal's thread waits for the GIL, and the ACKs with it: by default
             # up to 5 ms while the loop is busy answering. At 0.5 ms, ACKs to perfdhcp at 500 exchanges a second
@@ -113,7 +119,8 @@ class DhcpServer:
             self._datagram(sock, port, data, source, ifindex)
         self._commit()
 
-    def _datagram(self, sock: socket.socket, port: int, data: bytes, source: tuple[str, int], ifindex: int) -> None:
+    def _datagram(self, sock: socket.socket, port: int, data: bytes, source: tuple[str, int], ifindex: int,
+                  tries: int = 0) -> None:
         name, addresses = self.interfaces.get(ifindex, ("", []))
         if not name:
             self._refresh_soon(force=True)  # an interface that appeared since the last look
@@ -142,7 +149,9 @@ class DhcpServer:
             self._ignore(result)
         elif isinstance(result, Answer):
             if result.durable_first:
-                self._waiting.append((sock, result, server))
+                again = (partial(self._datagram, sock, port, data, source, ifindex, tries + 1)
+                         if result.claim is not None and tries < _CLAIMS_PER_REQUEST - 1 else None)
+                self._waiting.append((sock, result, server, again))
             else:
                 self._send(sock, result, server)
 
@@ -154,19 +163,25 @@ class DhcpServer:
         batch = self._store.take()
         answers, self._waiting = self._waiting, []
         if batch is None:  # nothing new: what they wait for was written already
-            for sock, answer, server in answers:
+            for sock, answer, server, _ in answers:
                 self._send(sock, answer, server)
             return
         self._writing = True
-        future = self._loop.run_in_executor(self._journal, self._store.write, batch)
+        if self._shared is not None:
+            future: asyncio.Future = asyncio.ensure_future(self._store.write(batch))
+        else:
+            future = self._loop.run_in_executor(self._journal, self._store.write, batch)
         future.add_done_callback(partial(self._written, batch, answers))
 
-    def _written(self, batch: object, answers: list[tuple[socket.socket, Answer, IPv4Interface | None]],
-                 future: asyncio.Future) -> None:
+    def _written(self, batch: object, answers: list[_Waiting], future: asyncio.Future) -> None:
         self._writing = False
         if self._closed or future.cancelled():
             return
         error = future.exception()
+        if error is None and self._shared is not None:
+            self._claimed(answers, future.result())
+            self._commit()
+            return
         if error is not None:
             assert self._store is not None
             self._store.restore(batch)  # tried again; the clients, unanswered, ask again
@@ -176,9 +191,26 @@ class DhcpServer:
                 self._write_failed = now
             self._loop.call_later(1.0, self._commit)
             return
-        for sock, answer, server in answers:
+        for sock, answer, server, _ in answers:
             self._send(sock, answer, server)
         self._commit()
+
+    def _claimed(self, answers: list[_Waiting], lost: set[str]) -> None:
+        """A shared store's write returned: answers whose claims held go out; a claim lost to another server is
+        undone, and its request is answered again (the view now knows the winner), up to _CLAIMS_PER_REQUEST
+        times; with the database away, not at all (its client asks again)."""
+        leases = self.responder.leases
+        assert leases is not None and self._shared is not None
+        again = []
+        for sock, answer, server, retry in answers:
+            if answer.claim is None or answer.claim[1] not in lost:
+                self._send(sock, answer, server)
+                continue
+            leases.lost(*answer.claim)
+            if retry is not None and self._shared.reachable:
+                again.append(retry)
+        for retry in again:
+            retry()
 
     def _server(self, addresses: list[IPv4Interface], source: str) -> IPv4Interface | None:
         """Our address on the interface: the one in the pool's subnet, else the client's, else the first."""

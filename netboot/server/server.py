@@ -29,6 +29,7 @@ from netboot.server.inventory import ServerInventory
 from netboot.server.namespace import BadRequest, Item, Namespace, NotFound, Pending
 from netboot.server.overlay import tree_stat
 from netboot.server.overlay_cache import Prepared
+from netboot.state import database
 from netboot.status import BootRecord, Live, StatusConfig, start_status
 from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
@@ -71,6 +72,7 @@ class ServeOptions:
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
     state_dir: Path = Path("/var/lib/netboot")  # builds of profiles with a system (and DHCP leases, in dhcp)
+    database: str | None = None  # the site's PostgreSQL database (--database), shared with its other servers
     loaders: Loaders = field(default_factory=Loaders)  # shim, GRUB and MokManager per architecture (--loaders)
 
 
@@ -116,6 +118,9 @@ class Server:
         return (st.st_ino, st.st_mtime_ns, st.st_size, *(tree_stat(Path(d)) for d in overlays))
 
     async def start(self) -> None:
+        if self.opts.database is not None:
+            # First: a wrong URL or credentials, or a newer schema, is a one-line error before anything listens.
+            await database.check(self.opts.database)
         if self.opts.status is not None:
             await self._start_status(self.opts.status)
         await self._start_http()
@@ -152,7 +157,7 @@ class Server:
         where = ", ".join(config.interfaces) or "every interface"
         log.info("dhcp: %s on %s, port%s %s", "proxy DHCP" if config.proxy else f"DHCP server for {config.mode}",
                  where, "s" * (len(self._dhcp.ports) > 1), " and ".join(map(str, self._dhcp.ports)))
-        if not config.proxy:
+        if not config.proxy and config.database is None:
             log.info("dhcp: leases in %s", config.state_dir)
         offer = self._offerings()
         if not offer.tftp:

@@ -1,0 +1,270 @@
+"""Leases in the site's PostgreSQL database, shared by every server of the site (`netboot serve --database`).
+
+The database decides who gets an address: its key is the address (netboot.state.database), and every claim (an
+offer, a lease, a decline) is an insert that, on a conflict, takes the row over only when the row is the same
+client's or has expired. A claim not taken over was won by another server: it is reported lost, the server does
+not answer with it, and the allocator chooses again with the winner's row in view (Kea, several servers on one
+lease database: a duplicate key sends the allocator to another address).
+
+Each server keeps the lease table in memory as well (netboot.dhcp.leases), to choose without asking: the
+database is asked once per group of claims (the same group commit as the journal's), never scanned per packet.
+That view is fed by this server's claims, by the rows that beat them, and by a full read at start, every
+RESYNC seconds and after the database comes back: what another server changed is learned at the latest then, and a
+stale view costs a lost claim, never a duplicate.
+
+When the database cannot be reached, no claim is made: no address is granted, nothing can be given twice, and the
+store tries again every RETRY seconds; one log line when it goes away, one when it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from netboot.dhcp.leases import Lease, to_int, to_text
+from netboot.state import database
+
+log = logging.getLogger("netboot.dhcp")
+
+LEASED, OFFERED, DECLINED = 0, 1, 2
+RETRY = 1.0  # seconds between attempts to reach the database again
+RESYNC = 30.0  # seconds between full reads of the lease table
+QUIET = 10.0  # seconds between log lines about failed claims
+# What says the connection is gone (the server stopped or restarted, the network cut), rather than one statement
+# failing.
+_GONE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+         asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
+
+# One round trip for a whole group of claims. Rows not returned were lost: another client holds them.
+_CLAIM = """
+WITH wanted AS (
+    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::float8[], $5::int2[], $6::text[])
+        AS w(address, mac, client_id, expires, state, hostname)
+)
+INSERT INTO lease4 AS l (address, mac, client_id, expires, state, hostname, server)
+SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted
+ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, client_id = excluded.client_id, expires = excluded.expires,
+    state = excluded.state, hostname = excluded.hostname, server = excluded.server
+WHERE l.mac = excluded.mac OR l.expires <= $8
+RETURNING l.address
+"""
+# A client's offers elsewhere end when it takes a lease (the offer it did not take is released), and its lease
+# ends where it moved or declined; rows of the addresses it claims now stay.
+_RELEASE = """
+DELETE FROM lease4 WHERE mac = ANY($1::text[]) AND state <> 2 AND NOT (address = ANY($2::bigint[]))
+    AND (state = 1 OR mac = ANY($3::text[]))
+"""
+# The client took another server's offer: this server's offers to it end (the winner's row may be the same row:
+# both offered it the same address; it is the winner's then).
+_UNOFFER = "DELETE FROM lease4 WHERE mac = ANY($1::text[]) AND state = 1 AND server = $2"
+_ROWS = "SELECT address, mac, client_id, expires, state, hostname FROM lease4"
+_ROWS_AT = _ROWS + " WHERE address = ANY($1::bigint[])"
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row of lease4 as the view learns it."""
+
+    lease: Lease
+    state: int
+
+
+@dataclass
+class Batch:
+    claims: dict[str, Row] = field(default_factory=dict)  # address -> the claim (the last one for it)
+    released: set[str] = field(default_factory=set)  # MACs whose offers (and leases elsewhere) end
+    unoffered: set[str] = field(default_factory=set)  # MACs that took another server's offer
+
+    def __bool__(self) -> bool:
+        return bool(self.claims or self.released or self.unoffered)
+
+
+class LeaseDatabase:
+    """A LeaseStore whose writes are claims that can be lost (see the module's docstring)."""
+
+    claims_offers = True  # offers are claimed too: an OFFER waits for its claim, as an ACK for its lease
+
+    def __init__(self, url: str, name: str, rows: list[Row], connection: asyncpg.Connection) -> None:
+        self.url = url
+        self.name = name
+        self._rows = rows
+        self._connection: asyncpg.Connection | None = connection
+        self._batch = Batch()
+        self._reconnecting: asyncio.Task | None = None
+        self._resyncing: asyncio.Task | None = None
+        self._synced = time.monotonic()
+        self._failed_logged = -QUIET
+        self._turn = asyncio.Lock()  # one statement at a time on the connection: claims, or a resync
+        self.learn: Callable[[list[Row]], None] | None = None  # the view's (Leases.learn), set by it
+        self.closed = False
+
+    @classmethod
+    async def open(cls, url: str, name: str) -> LeaseDatabase:
+        """Connected, the schema ready, the table read; a one-line NetbootError if the database cannot be used."""
+        connection = await database.connect(url)
+        try:
+            await database.prepare(connection)
+            rows = _rows(await connection.fetch(_ROWS))
+        except BaseException:
+            await connection.close()
+            raise
+        log.info("dhcp: leases in the database %s (%d rows), as server %s", database.shown(url), len(rows), name)
+        return cls(url, name, rows, connection)
+
+    @property
+    def reachable(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed()
+
+    # LeaseStore
+
+    def load(self) -> list[Lease]:
+        return [row.lease for row in self._rows if row.state == LEASED]
+
+    def held(self) -> list[Row]:
+        """The offers and declines at start (another server's), for the view."""
+        rows, self._rows = [row for row in self._rows if row.state != LEASED], []
+        return rows
+
+    def record(self, lease: Lease) -> None:
+        self._batch.claims[lease.ip] = Row(lease, LEASED)
+        self._batch.released.add(lease.mac)
+
+    def offer(self, lease: Lease) -> None:
+        self._batch.claims[lease.ip] = Row(lease, OFFERED)
+
+    def decline(self, lease: Lease) -> None:
+        self._batch.claims[lease.ip] = Row(lease, DECLINED)
+        self._batch.released.add(lease.mac)
+
+    def forget(self, mac: str) -> None:
+        self._batch.released.add(mac)
+
+    def release_offer(self, mac: str) -> None:
+        self._batch.unoffered.add(mac)
+
+    def take(self) -> Batch | None:
+        batch, self._batch = self._batch, Batch()
+        return batch or None
+
+    async def write(self, batch: Batch) -> set[str]:
+        """Make the claims; returns the addresses whose claims were lost (every one, when the database cannot be
+        reached), with the rows that hold them told to the view."""
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            self._away(None)
+            return set(batch.claims)
+        # In address order, as every server's: transactions that lock rows in one order do not deadlock.
+        claims = sorted(batch.claims.values(), key=lambda r: to_int(r.lease.ip))
+        addresses = [to_int(r.lease.ip) for r in claims]
+        now = time.time()
+        leased_macs = [r.lease.mac for r in claims if r.state != OFFERED]
+        try:
+            async with self._turn, connection.transaction():
+                won: set[str] = set()
+                if claims:
+                    got = await connection.fetch(
+                        _CLAIM, addresses, [r.lease.mac for r in claims], [r.lease.client_id for r in claims],
+                        [r.lease.expires for r in claims], [r.state for r in claims],
+                        [r.lease.hostname for r in claims], self.name, now)
+                    won = {to_text(r[0]) for r in got}
+                if batch.released:
+                    await connection.execute(_RELEASE, sorted(batch.released), addresses, leased_macs)
+                if batch.unoffered:
+                    await connection.execute(_UNOFFER, sorted(batch.unoffered), self.name)
+                lost = set(batch.claims) - won
+                winners = _rows(await connection.fetch(_ROWS_AT, [to_int(ip) for ip in lost])) if lost else []
+        except _GONE as e:
+            self._away(e)
+            return set(batch.claims)
+        except asyncpg.PostgresError as e:
+            # A deadlock or a serialization failure between servers: nothing was made; the clients ask again.
+            self._failed(e)
+            return set(batch.claims)
+        if winners and self.learn is not None:
+            self.learn(winners)
+        self._resync_soon()
+        return lost
+
+    def _failed(self, error: asyncpg.PostgresError) -> None:
+        now = time.monotonic()
+        if now - self._failed_logged >= QUIET:
+            log.warning("dhcp: claims not made, their clients will ask again: %s", database.line(error))
+            self._failed_logged = now
+
+    def restore(self, batch: object) -> None:
+        """Nothing to restore: a claim not made is lost, and its client asks again."""
+
+    def close(self) -> None:
+        self.closed = True
+        for task in (self._reconnecting, self._resyncing):
+            if task is not None:
+                task.cancel()
+        if self._connection is not None:
+            self._connection.terminate()
+            self._connection = None
+
+    # The database away and back
+
+    def _away(self, error: BaseException | None) -> None:
+        if self._reconnecting is not None or self.closed:
+            return
+        why = f": {database.line(error) or type(error).__name__}" if error is not None else ""
+        log.error("dhcp: the database %s cannot be reached%s; no address is granted until it is back",
+                  database.shown(self.url), why)
+        if self._connection is not None:
+            self._connection.terminate()
+            self._connection = None
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            while not self.closed:
+                await asyncio.sleep(RETRY)
+                with contextlib.suppress(Exception):
+                    connection = await database.connect(self.url)
+                    try:
+                        rows = _rows(await connection.fetch(_ROWS))
+                    except BaseException:
+                        await connection.close()
+                        raise
+                    self._connection = connection
+                    log.info("dhcp: the database %s is back; granting addresses again", database.shown(self.url))
+                    if self.learn is not None:
+                        self.learn(rows)
+                    self._synced = time.monotonic()
+                    return
+        finally:
+            self._reconnecting = None
+
+    def _resync_soon(self) -> None:
+        if self._resyncing is not None or time.monotonic() - self._synced < RESYNC:
+            return
+        self._synced = time.monotonic()
+
+        async def resync() -> None:
+            connection = self._connection
+            try:
+                if connection is not None:
+                    async with self._turn:
+                        rows = _rows(await connection.fetch(_ROWS))
+                    if self.learn is not None:
+                        self.learn(rows)
+            except _GONE as e:
+                self._away(e)
+            except asyncpg.PostgresError as e:
+                self._failed(e)
+            finally:
+                self._resyncing = None
+
+        self._resyncing = asyncio.get_running_loop().create_task(resync())
+
+
+def _rows(records: list[asyncpg.Record]) -> list[Row]:
+    return [Row(Lease(r["mac"], to_text(r["address"]), r["expires"], r["hostname"], bytes(r["client_id"])),
+                r["state"]) for r in records]

@@ -1,0 +1,109 @@
+"""The connection to the site's PostgreSQL database, and its schema: created and upgraded at start, under a lock.
+
+The driver is asyncpg (asyncio, the binary protocol, statements prepared and cached by default); psycopg 3's
+async API was measured beside it on the DHCP path's statement (bench/db_driver.py, BENCHMARKS.md).
+
+The schema has a version (table netboot_schema). A server upgrades an older schema at start, one step at a time,
+inside one transaction holding the advisory lock SCHEMA_LOCK, so that servers starting together neither race
+nor see half an upgrade; a newer schema than it knows is a one-line error naming both versions: an older server
+never writes into a newer layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+
+import asyncpg
+
+from netboot.core.errors import NetbootError
+
+log = logging.getLogger("netboot.state")
+
+# Every advisory lock netboot takes, by name (as MAAS's locks.py): contention is visible in one place.
+SCHEMA_LOCK = 0x6E62_0001  # creating or upgrading the schema
+
+CONNECT_TIMEOUT = 5.0
+
+# Step n takes a schema of version n - 1 to version n.
+_STEPS: tuple[str, ...] = (
+    # 1: leases. The address is the key: the database, not timing, keeps an address to one client (as Kea's
+    # lease4). state: 0 leased, 1 offered, 2 declined (set aside); expires in seconds since the epoch.
+    """
+    CREATE TABLE lease4 (
+        address bigint PRIMARY KEY,
+        mac text NOT NULL,
+        client_id bytea NOT NULL DEFAULT '',
+        expires double precision NOT NULL,
+        state smallint NOT NULL,
+        hostname text NOT NULL DEFAULT '',
+        server text NOT NULL
+    );
+    CREATE INDEX lease4_mac ON lease4 (mac);
+    """,
+)
+VERSION = len(_STEPS)
+
+
+def check_url(url: str) -> str:
+    """A libpq URL (postgresql://…); anything else is a one-line error naming the flag."""
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in ("postgresql", "postgres"):
+        raise NetbootError(f"--database {url!r}: expected a PostgreSQL URL, e.g. postgresql://netboot@db/netboot "
+                           "or postgresql:///netboot?host=/run/postgresql")
+    return url
+
+
+def shown(url: str) -> str:
+    """The URL as a log line shows it: without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+
+
+async def connect(url: str) -> asyncpg.Connection:
+    """A connection, or a one-line NetbootError saying why not (unreachable, refused, bad credentials)."""
+    try:
+        return await asyncpg.connect(check_url(url), timeout=CONNECT_TIMEOUT)
+    except asyncpg.InvalidPasswordError:
+        raise NetbootError(f"--database {shown(url)}: the database refused the credentials") from None
+    except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError) as e:
+        raise NetbootError(f"--database {shown(url)}: {line(e)}") from None  # (no such role, no such database)
+    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+        raise NetbootError(f"--database {shown(url)}: cannot connect: {line(e) or type(e).__name__}") from None
+
+
+async def prepare(connection: asyncpg.Connection) -> int:
+    """Bring the schema to VERSION (from nothing, or from an older version); returns the version found."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
+        await connection.execute("CREATE TABLE IF NOT EXISTS netboot_schema (version integer NOT NULL)")
+        found = await connection.fetchval("SELECT max(version) FROM netboot_schema")
+        found = 0 if found is None else found
+        if found > VERSION:
+            raise NetbootError(f"the database's schema is version {found}, newer than this netboot's "
+                               f"({VERSION}): upgrade netboot")
+        for step in _STEPS[found:]:
+            await connection.execute(step)
+        if found < VERSION:
+            await connection.execute("DELETE FROM netboot_schema")
+            await connection.execute("INSERT INTO netboot_schema (version) VALUES ($1)", VERSION)
+            log.info("database: schema %s version %d", "created at" if found == 0 else f"upgraded from {found} to",
+                     VERSION)
+    return found
+
+
+async def check(url: str) -> None:
+    """Connect, bring the schema up to date, and disconnect: what `netboot serve --database` does first."""
+    connection = await connect(url)
+    try:
+        await prepare(connection)
+    finally:
+        await connection.close()
+
+
+def line(error: BaseException) -> str:
+    return str(error).splitlines()[0].strip() if str(error) else ""
