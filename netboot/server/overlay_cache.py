@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pebble
 
@@ -42,11 +42,19 @@ from netboot.server.overlay import (
 
 log = logging.getLogger("netboot.serve")
 
+K = TypeVar("K")
+V = TypeVar("V")
+
 RENDER_SECONDS = 10.0  # one machine's templates, at most
 RENDER_MEMORY = 1 << 30  # bytes of address space a render worker may take beyond what it starts with
 WORKERS = 2  # render processes and packing threads
 
-MAX_UNLISTED = 10_000  # rendered overlays of machines not in the machines file, kept by least recent use
+# Rendered overlays of machines not in the machines file, kept by least recent use, in bytes: a made-up MAC costs
+# what its overlay renders, so a count would let a flood of them under a default profile's 1 MiB overlay hold
+# gigabytes; overlays of a few KiB, as they usually are, are thousands of machines.
+MAX_UNLISTED_BYTES = 32 << 20
+_KEPT_OVERHEAD = 512  # bytes of a kept overlay beyond its entries (its key, the objects holding it)
+_ENTRY_OVERHEAD = 128  # bytes of each of its entries beyond its data and name
 # Renders of machines not in the file under way or queued. A request that goes away leaves its render running
 # (namespace.Namespace.resolve), so without a bound a flood of made-up MACs whose requests are dropped at once
 # would queue renders faster than the workers end them; beyond it, a machine is told to ask again.
@@ -161,9 +169,8 @@ class Overlays:
         self.rendered: dict[str, Rendered | Broken] = {}  # the listed machines'
         # Machines not in the file: what they got, errors too (a flood of made-up MACs under a broken default
         # overlay is then one render each, not one a request).
-        self._unlisted: collections.OrderedDict[tuple[str, str, str], Rendered | Broken] = collections.OrderedDict()
-        self._packed: collections.OrderedDict[tuple[str, str], bytes] = collections.OrderedDict()
-        self._packed_bytes = 0
+        self._unlisted: _Kept[tuple[str, str, str], Rendered | Broken] = _Kept(MAX_UNLISTED_BYTES, _bytes_of)
+        self._packed: _Kept[tuple[str, str], bytes] = _Kept(MAX_PACKED_BYTES, len)
         # Work under way, so that requests for the same overlay wait for one job.
         self._rendering: dict[tuple[str, str, str], Future[Rendered | Broken]] = {}
         self._packing: dict[tuple[str, str], Future[bytes]] = {}
@@ -250,7 +257,6 @@ class Overlays:
         key = (mac, profile.name, machine.key if machine else "")
         found = self._unlisted.get(key)
         if found is not None:
-            self._unlisted.move_to_end(key)
             return found
         source = self.sources.get(profile.name)
         if source is None:
@@ -268,16 +274,13 @@ class Overlays:
             return  # stored by another request waiting for the same job, or a reload has replaced the overlay
         if isinstance(result, Broken):
             log.error("overlay: %s", result.error)
-        self._unlisted[key] = result
-        if len(self._unlisted) > MAX_UNLISTED:
-            self._unlisted.popitem(last=False)
+        self._unlisted.put(key, result)
 
     def packed(self, rendered: Rendered, build: Build) -> bytes | tuple[Future[bytes], Callable[[Any], None]]:
         """The overlay packed for `build`, or the job packing it and what stores its result (first request)."""
         key = (build.id, rendered.digest)
         data = self._packed.get(key)
         if data is not None:
-            self._packed.move_to_end(key)
             return data
         job = self._packing.get(key)
         if job is None:
@@ -289,11 +292,49 @@ class Overlays:
         if self._packing.pop(key, None) is None or data is None or key in self._packed:
             return  # stored by another request waiting for the same job
         self.packs += 1
-        self._packed[key] = data
-        self._packed_bytes += len(data)
-        while self._packed_bytes > MAX_PACKED_BYTES and len(self._packed) > 1:
-            _, dropped = self._packed.popitem(last=False)
-            self._packed_bytes -= len(dropped)
+        self._packed.put(key, data)
 
     def close(self) -> None:
         self.renderer.close()
+
+
+class _Kept(Generic[K, V]):
+    """Values kept by least recent use, bounded in bytes (`size` of each): beyond `max_bytes`, the least recently
+    used go first, down to the newest alone."""
+
+    def __init__(self, max_bytes: int, size: Callable[[V], int]) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._size = size
+        self._values: collections.OrderedDict[K, tuple[V, int]] = collections.OrderedDict()
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._values
+
+    def get(self, key: K) -> V | None:
+        found = self._values.get(key)
+        if found is None:
+            return None
+        self._values.move_to_end(key)
+        return found[0]
+
+    def put(self, key: K, value: V) -> None:
+        if (old := self._values.pop(key, None)) is not None:
+            self.bytes -= old[1]
+        size = self._size(value)
+        self._values[key] = (value, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes and len(self._values) > 1:
+            _, (_, dropped) = self._values.popitem(last=False)
+            self.bytes -= dropped
+
+    def clear(self) -> None:
+        self._values.clear()
+        self.bytes = 0
+
+
+def _bytes_of(kept: Rendered | Broken) -> int:
+    """What a kept overlay holds in memory, near enough: its entries' data and names, or its error."""
+    if isinstance(kept, Broken):
+        return _KEPT_OVERHEAD + len(kept.error)
+    return _KEPT_OVERHEAD + sum(_ENTRY_OVERHEAD + len(e.data) + len(e.name) for e in kept.entries)
