@@ -8,9 +8,9 @@ lease database: a duplicate key sends the allocator to another address).
 
 Each server keeps the lease table in memory as well (netboot.dhcp.leases), to choose without asking: the
 database is asked once per group of claims (the same group commit as the journal's), never scanned per packet.
-That view is fed by this server's claims, by the rows that beat them, and by a full read at start, every
-RESYNC seconds and after the database comes back: what another server changed is learned at the latest then, and a
-stale view costs a lost claim, never a duplicate.
+That view is fed by this server's claims, by the rows that beat them, by the rows any server changed since it
+last looked (every FOLLOW seconds: each write takes a number from one sequence), and by a full read at start,
+every RESYNC seconds and when the database comes back. A stale view costs a lost claim, never a duplicate.
 
 When the database cannot be reached, no claim is made: no address is granted, nothing can be given twice, and the
 store tries again every RETRY seconds; one log line when it goes away, one when it is back.
@@ -35,6 +35,7 @@ log = logging.getLogger("netboot.dhcp")
 LEASED, OFFERED, DECLINED = 0, 1, 2
 RETRY = 1.0  # seconds between attempts to reach the database again
 RESYNC = 30.0  # seconds between full reads of the lease table
+FOLLOW = 0.5  # seconds between reads of the rows changed since the last (by any server)
 QUIET = 10.0  # seconds between log lines about failed claims
 # What says the connection is gone (the server stopped or restarted, the network cut), rather than one statement
 # failing.
@@ -50,7 +51,7 @@ WITH wanted AS (
 INSERT INTO lease4 AS l (address, mac, client_id, expires, state, hostname, server)
 SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted
 ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, client_id = excluded.client_id, expires = excluded.expires,
-    state = excluded.state, hostname = excluded.hostname, server = excluded.server
+    state = excluded.state, hostname = excluded.hostname, server = excluded.server, changed = nextval('lease4_changes')
 WHERE l.mac = excluded.mac OR l.expires <= $8
 RETURNING l.address
 """
@@ -63,8 +64,9 @@ DELETE FROM lease4 WHERE mac = ANY($1::text[]) AND state <> 2 AND NOT (address =
 # The client took another server's offer: this server's offers to it end (the winner's row may be the same row:
 # both offered it the same address; it is the winner's then).
 _UNOFFER = "DELETE FROM lease4 WHERE mac = ANY($1::text[]) AND state = 1 AND server = $2"
-_ROWS = "SELECT address, mac, client_id, expires, state, hostname FROM lease4"
+_ROWS = "SELECT address, mac, client_id, expires, state, hostname, changed FROM lease4"
 _ROWS_AT = _ROWS + " WHERE address = ANY($1::bigint[])"
+_CHANGED = _ROWS + " WHERE changed > $1 ORDER BY changed LIMIT 4096"
 
 
 @dataclass(frozen=True)
@@ -90,15 +92,16 @@ class LeaseDatabase:
 
     claims_offers = True  # offers are claimed too: an OFFER waits for its claim, as an ACK for its lease
 
-    def __init__(self, url: str, name: str, rows: list[Row], connection: asyncpg.Connection) -> None:
+    def __init__(self, url: str, name: str, rows: list[tuple[Row, int]], connection: asyncpg.Connection) -> None:
         self.url = url
         self.name = name
-        self._rows = rows
+        self._rows = [row for row, _ in rows]
         self._connection: asyncpg.Connection | None = connection
         self._batch = Batch()
         self._reconnecting: asyncio.Task | None = None
-        self._resyncing: asyncio.Task | None = None
         self._synced = time.monotonic()
+        self._seen = max((row[1] for row in rows), default=0)  # the last change read
+        self._following = asyncio.get_running_loop().create_task(self._follow())
         self._failed_logged = -QUIET
         self._turn = asyncio.Lock()  # one statement at a time on the connection: claims, or a resync
         self.learn: Callable[[list[Row]], None] | None = None  # the view's (Leases.learn), set by it
@@ -110,7 +113,7 @@ class LeaseDatabase:
         connection = await database.connect(url)
         try:
             await database.prepare(connection)
-            rows = _rows(await connection.fetch(_ROWS))
+            rows = [(row, r["changed"]) for r in await connection.fetch(_ROWS) for row in _rows([r])]
         except BaseException:
             await connection.close()
             raise
@@ -188,7 +191,6 @@ class LeaseDatabase:
             return set(batch.claims)
         if winners and self.learn is not None:
             self.learn(winners)
-        self._resync_soon()
         return lost
 
     def _failed(self, error: asyncpg.PostgresError) -> None:
@@ -202,7 +204,7 @@ class LeaseDatabase:
 
     def close(self) -> None:
         self.closed = True
-        for task in (self._reconnecting, self._resyncing):
+        for task in (self._reconnecting, self._following):
             if task is not None:
                 task.cancel()
         if self._connection is not None:
@@ -229,40 +231,46 @@ class LeaseDatabase:
                 with contextlib.suppress(Exception):
                     connection = await database.connect(self.url)
                     try:
-                        rows = _rows(await connection.fetch(_ROWS))
+                        records = await connection.fetch(_ROWS)
                     except BaseException:
                         await connection.close()
                         raise
                     self._connection = connection
                     log.info("dhcp: the database %s is back; granting addresses again", database.shown(self.url))
-                    if self.learn is not None:
-                        self.learn(rows)
+                    self._learn(records)
                     self._synced = time.monotonic()
                     return
         finally:
             self._reconnecting = None
 
-    def _resync_soon(self) -> None:
-        if self._resyncing is not None or time.monotonic() - self._synced < RESYNC:
-            return
-        self._synced = time.monotonic()
-
-        async def resync() -> None:
+    async def _follow(self) -> None:
+        """Every FOLLOW seconds, the rows changed since the last look (by any server) into the view; every RESYNC
+        seconds the whole table, for a change whose number was taken before one already read but committed after
+        it (sequence numbers are not commit order)."""
+        while not self.closed:
+            await asyncio.sleep(FOLLOW)
             connection = self._connection
+            if connection is None or connection.is_closed():
+                continue
+            whole = time.monotonic() - self._synced >= RESYNC
             try:
-                if connection is not None:
-                    async with self._turn:
-                        rows = _rows(await connection.fetch(_ROWS))
-                    if self.learn is not None:
-                        self.learn(rows)
+                async with self._turn:
+                    records = await (connection.fetch(_ROWS) if whole else connection.fetch(_CHANGED, self._seen))
             except _GONE as e:
                 self._away(e)
+                continue
             except asyncpg.PostgresError as e:
                 self._failed(e)
-            finally:
-                self._resyncing = None
+                continue
+            if whole:
+                self._synced = time.monotonic()
+            self._learn(records)
 
-        self._resyncing = asyncio.get_running_loop().create_task(resync())
+    def _learn(self, records: list[asyncpg.Record]) -> None:
+        if records:
+            self._seen = max(self._seen, max(r["changed"] for r in records))
+            if self.learn is not None:
+                self.learn(_rows(records))
 
 
 def _rows(records: list[asyncpg.Record]) -> list[Row]:

@@ -29,7 +29,9 @@ CONNECT_TIMEOUT = 5.0
 _STEPS: tuple[str, ...] = (
     # 1: leases. The address is the key: the database, not timing, keeps an address to one client (as Kea's
     # lease4). state: 0 leased, 1 offered, 2 declined (set aside); expires in seconds since the epoch.
+    # `changed` numbers every write from one sequence, so that each server reads what changed since it last looked.
     """
+    CREATE SEQUENCE lease4_changes;
     CREATE TABLE lease4 (
         address bigint PRIMARY KEY,
         mac text NOT NULL,
@@ -37,9 +39,11 @@ _STEPS: tuple[str, ...] = (
         expires double precision NOT NULL,
         state smallint NOT NULL,
         hostname text NOT NULL DEFAULT '',
-        server text NOT NULL
+        server text NOT NULL,
+        changed bigint NOT NULL DEFAULT nextval('lease4_changes')
     );
     CREATE INDEX lease4_mac ON lease4 (mac);
+    CREATE INDEX lease4_changed ON lease4 (changed);
     """,
 )
 VERSION = len(_STEPS)
