@@ -18,11 +18,16 @@
  *
  * With `may_spin` (the worker has a single transfer), after a block it polls the socket for a short window
  * instead of sleeping in epoll, as worker._Loop._poll does in Python.
+ *
+ * Arguments from Python are checked before use (an open descriptor, a size an off_t holds, block numbers
+ * within the file), so that sizes and offsets are computed in unsigned 64-bit or size_t arithmetic that cannot
+ * wrap; anything else raises ValueError (OSError for a descriptor that is not open).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
 #include <stdint.h>
@@ -46,24 +51,28 @@ typedef struct {
     int active;
     int file_fd;
     uint32_t blksize;
-    uint64_t size;
-    int64_t last; /* the number of the final block */
-    int64_t acked; /* -1: the OACK awaits ACK 0 */
-    int64_t sent;
+    uint64_t size; /* at most MAX_SIZE */
+    int64_t last; /* the number of the final block: size / blksize + 1, at most 2^60 */
+    int64_t acked; /* -1: the OACK awaits ACK 0; at most `last` */
+    int64_t sent; /* acked + 1 */
     double progress;
     unsigned misses;
 } slot_t;
 
 typedef struct {
     int fd;
-    int length; /* -1: no datagram, the descriptor is Python's */
+    ssize_t length; /* -1: no datagram, the descriptor is Python's */
     unsigned char data[RECV_SIZE];
 } event_t;
 
-/* One loop per process (the worker's), so the table is the module's. Indexed by socket descriptor. */
+/* The largest file size: what off_t holds, so that every offset below it is a valid pread offset. */
+#define MAX_SIZE ((uint64_t)INT64_MAX)
+
+/* One loop per process (the worker's), so the table is the module's. Indexed by socket descriptor, which
+ * lockstep_add checks is open: the table is never larger than the process's descriptor table. */
 static slot_t *slots;
-static int slot_count;
-static int active;
+static size_t slot_count;
+static size_t active;
 static event_t events_out[MAX_EVENTS + 1];
 static int events_out_count;
 static unsigned char packet[4 + MAX_BLKSIZE];
@@ -77,10 +86,10 @@ static double monotonic_now(void)
 
 static slot_t *slot_of(int fd)
 {
-    return fd >= 0 && fd < slot_count && slots[fd].active ? &slots[fd] : NULL;
+    return fd >= 0 && (size_t)fd < slot_count && slots[fd].active ? &slots[fd] : NULL;
 }
 
-static void hand_back(int fd, const unsigned char *data, int length)
+static void hand_back(int fd, const unsigned char *data, ssize_t length)
 {
     event_t *e = &events_out[events_out_count++];
     e->fd = fd;
@@ -101,6 +110,7 @@ static int readable(int fd, slot_t *s, double now)
         int64_t sent = s->sent;
         unsigned block = ((unsigned)packet[2] << 8) | packet[3];
         if (sent == s->acked + 1 && block == (uint64_t)sent % 65536 && sent < s->last) {
+            /* 0 <= sent < last = size / blksize + 1: offset <= size <= MAX_SIZE, and want <= blksize. */
             uint64_t offset = (uint64_t)sent * s->blksize;
             size_t want = sent + 1 < s->last ? s->blksize : (size_t)(s->size - offset);
             /* The ACK's four bytes stay in place: on a failed read they go back to Python unchanged. */
@@ -117,7 +127,7 @@ static int readable(int fd, slot_t *s, double now)
             }
         }
     }
-    hand_back(fd, packet, (int)n);
+    hand_back(fd, packet, n);
     return HANDED_BACK;
 }
 
@@ -139,25 +149,74 @@ static void spin(int fd, slot_t *s)
     }
 }
 
+/* An integer argument within [min, max], else ValueError naming it ("<context>: <what> <value> is not ...").
+ * Any Python int is read, however large, so that no value wraps on its way into C (as the "I" and "K" formats
+ * do) and none is refused with a bare OverflowError (as "i" and "L" do). */
+static int integer_arg(PyObject *obj, const char *context, const char *what, long long min, long long max,
+                       long long *out)
+{
+    int overflow;
+    long long value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+    if (value == -1 && PyErr_Occurred())
+        return 0;
+    if (overflow || value < min || value > max) {
+        PyErr_Format(PyExc_ValueError, "%s: %s %R is not between %lld and %lld", context, what, obj, min, max);
+        return 0;
+    }
+    *out = value;
+    return 1;
+}
+
+#define NOT_LOCKSTEP "not a lock-step transfer"
+
+/* An open descriptor, else OSError with its errno (EBADF), as os.fstat would raise, naming the argument. */
+static int open_descriptor(int fd, const char *what)
+{
+    if (fcntl(fd, F_GETFD) >= 0)
+        return 1;
+    int error = errno;
+    char why[160];
+    snprintf(why, sizeof why, NOT_LOCKSTEP ": %s %d is not an open descriptor (%s)", what, fd, strerror(error));
+    PyObject *exception = PyObject_CallFunction(PyExc_OSError, "is", error, why);
+    if (exception != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exception), exception);
+        Py_DECREF(exception);
+    }
+    return 0;
+}
+
 static PyObject *lockstep_add(PyObject *self, PyObject *args)
 {
-    int fd, file_fd;
-    unsigned int blksize;
-    unsigned long long size;
-    long long acked, sent;
+    PyObject *fd_arg, *file_fd_arg, *blksize_arg, *size_arg, *acked_arg, *sent_arg;
+    long long fd, file_fd, blksize, size, acked, sent;
     (void)self;
-    if (!PyArg_ParseTuple(args, "iiIKLL", &fd, &file_fd, &blksize, &size, &acked, &sent))
+    if (!PyArg_ParseTuple(args, "OOOOOO", &fd_arg, &file_fd_arg, &blksize_arg, &size_arg, &acked_arg, &sent_arg))
         return NULL;
-    if (fd < 0 || blksize < 8 || blksize > MAX_BLKSIZE || sent != acked + 1 || acked < -1) {
-        PyErr_SetString(PyExc_ValueError, "not a lock-step transfer");
+    if (!integer_arg(fd_arg, NOT_LOCKSTEP, "sock_fd", 0, INT_MAX, &fd)
+        || !integer_arg(file_fd_arg, NOT_LOCKSTEP, "file_fd", 0, INT_MAX, &file_fd)
+        || !integer_arg(blksize_arg, NOT_LOCKSTEP, "blksize", 8, MAX_BLKSIZE, &blksize)
+        || !integer_arg(size_arg, NOT_LOCKSTEP, "size", 0, (long long)MAX_SIZE, &size))
+        return NULL;
+    int64_t last = (int64_t)((uint64_t)size / (uint64_t)blksize) + 1; /* at most 2^63 / 8 + 1: no overflow */
+    if (!integer_arg(acked_arg, NOT_LOCKSTEP, "acked", -1, last, &acked)
+        || !integer_arg(sent_arg, NOT_LOCKSTEP, "sent", 0, last + 1, &sent))
+        return NULL;
+    if (sent != acked + 1) { /* both bounded above: no overflow */
+        PyErr_Format(PyExc_ValueError, NOT_LOCKSTEP ": sent %lld is not acked %lld + 1", sent, acked);
         return NULL;
     }
-    if (fd >= slot_count) {
-        int count = fd + 1 > 2 * slot_count ? fd + 1 : 2 * slot_count;
-        slot_t *grown = realloc(slots, (size_t)count * sizeof(slot_t));
+    if (!open_descriptor((int)fd, "sock_fd") || !open_descriptor((int)file_fd, "file_fd"))
+        return NULL;
+    if ((size_t)fd >= slot_count) {
+        /* In size_t: fd + 1 <= INT_MAX + 1, and 2 * slot_count cannot wrap while slot_count * sizeof(slot_t)
+         * fits (checked below for the new count). */
+        size_t count = (size_t)fd + 1 > 2 * slot_count ? (size_t)fd + 1 : 2 * slot_count;
+        if (count > SIZE_MAX / sizeof(slot_t))
+            return PyErr_NoMemory();
+        slot_t *grown = realloc(slots, count * sizeof(slot_t));
         if (grown == NULL)
             return PyErr_NoMemory();
-        memset(grown + slot_count, 0, (size_t)(count - slot_count) * sizeof(slot_t));
+        memset(grown + slot_count, 0, (count - slot_count) * sizeof(slot_t));
         slots = grown;
         slot_count = count;
     }
@@ -165,10 +224,10 @@ static PyObject *lockstep_add(PyObject *self, PyObject *args)
     if (!s->active)
         active++;
     s->active = 1;
-    s->file_fd = file_fd;
-    s->blksize = blksize;
-    s->size = size;
-    s->last = (int64_t)(size / blksize) + 1;
+    s->file_fd = (int)file_fd;
+    s->blksize = (uint32_t)blksize;
+    s->size = (uint64_t)size;
+    s->last = last;
     s->acked = acked;
     s->sent = sent;
     s->progress = 0;
@@ -177,11 +236,16 @@ static PyObject *lockstep_add(PyObject *self, PyObject *args)
 
 static PyObject *lockstep_take(PyObject *self, PyObject *args)
 {
-    int fd;
+    PyObject *fd_arg;
+    int overflow;
     (void)self;
-    if (!PyArg_ParseTuple(args, "i", &fd))
+    if (!PyArg_ParseTuple(args, "O", &fd_arg))
         return NULL;
-    slot_t *s = slot_of(fd);
+    long long fd = PyLong_AsLongLongAndOverflow(fd_arg, &overflow);
+    if (fd == -1 && PyErr_Occurred())
+        return NULL;
+    /* Any other int is a descriptor never registered (a closed socket's fileno() is -1): nothing to take. */
+    slot_t *s = !overflow && fd >= 0 && fd <= INT_MAX ? slot_of((int)fd) : NULL;
     if (s == NULL)
         Py_RETURN_NONE;
     s->active = 0;
@@ -191,12 +255,20 @@ static PyObject *lockstep_take(PyObject *self, PyObject *args)
 
 static PyObject *lockstep_pump(PyObject *self, PyObject *args)
 {
-    int epfd, may_spin, failed = 0;
+    PyObject *epfd_arg;
+    long long epfd;
+    int may_spin, failed = 0;
     double until;
     struct epoll_event ready[MAX_EVENTS];
     (void)self;
-    if (!PyArg_ParseTuple(args, "idp", &epfd, &until, &may_spin))
+    if (!PyArg_ParseTuple(args, "Odp", &epfd_arg, &until, &may_spin))
         return NULL;
+    if (!integer_arg(epfd_arg, "pump", "epoll_fd", 0, INT_MAX, &epfd))
+        return NULL;
+    if (isnan(until)) {
+        PyErr_SetString(PyExc_ValueError, "pump: until is NaN (a time.monotonic() value, or negative: no limit)");
+        return NULL;
+    }
     events_out_count = 0;
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
@@ -206,7 +278,7 @@ static PyObject *lockstep_pump(PyObject *self, PyObject *args)
             double ms = ceil((until - now) * 1000);
             timeout = ms <= 0 ? 0 : ms >= INT_MAX ? INT_MAX : (int)ms;
         }
-        int n = epoll_wait(epfd, ready, MAX_EVENTS, timeout);
+        int n = epoll_wait((int)epfd, ready, MAX_EVENTS, timeout);
         if (n < 0) {
             failed = errno == EINTR ? 0 : errno; /* a signal: back to Python, which handles it */
             break;

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import select
 import socket
+import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import need
 
 from netboot.tftp import packets
 from netboot.tftp.content import FileContent
@@ -130,6 +134,52 @@ def test_bad_registrations_are_refused() -> None:
     for args in ((5, 6, 512, 100, 0, 2), (5, 6, 4, 100, 0, 1), (5, 6, 70000, 100, 0, 1), (-1, 6, 512, 100, 0, 1)):
         with pytest.raises(ValueError, match="lock-step"):
             _lockstep.add(*args)
+
+
+SOURCE = Path(__file__).resolve().parents[2] / "netboot/tftp/_lockstep.c"
+HOSTILE = Path(__file__).with_name("lockstep_hostile.py")
+NOT_LOCKSTEP = "ValueError: not a lock-step transfer"
+EBADF = "OSError: [Errno 9] not a lock-step transfer"
+
+
+def test_hostile_arguments_are_refused_with_no_undefined_behaviour(tmp_path: Path) -> None:
+    """The loop built as hatch_build.py builds it, with UBSan aborting at the first undefined behaviour, and
+    called with descriptors past INT_MAX, sizes and block numbers that would wrap: each is a clear exception,
+    and transfers at offsets past 2^32 and at the end of off_t send the right blocks, with no UBSan report."""
+    target = tmp_path / ("_lockstep" + sysconfig.get_config_var("EXT_SUFFIX"))
+    subprocess.run([need("gcc"), "-O1", "-g", "-Wall", "-fsanitize=undefined,float-cast-overflow",
+                    "-fno-sanitize-recover=all", "-shared", "-fPIC", f"-I{sysconfig.get_paths()['include']}",
+                    SOURCE, "-o", target, "-lm"], check=True)
+    proc = subprocess.run([sys.executable, HOSTILE, tmp_path], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "UBSAN_OPTIONS": "print_stacktrace=1"})
+    assert proc.returncode == 0 and "runtime error" not in proc.stderr, proc.stdout + proc.stderr
+    between = "is not between 0 and 2147483647"
+    assert dict(line.split(": ", 1) for line in proc.stdout.splitlines()) == {
+        "add sock_fd INT_MAX": f"{EBADF}: sock_fd 2147483647 is not an open descriptor (Bad file descriptor)",
+        "add sock_fd 2^31": f"{NOT_LOCKSTEP}: sock_fd 2147483648 {between}",
+        "add sock_fd -1": f"{NOT_LOCKSTEP}: sock_fd -1 {between}",
+        "add sock_fd 2^100": f"{NOT_LOCKSTEP}: sock_fd {2**100} {between}",
+        "add sock_fd closed": f"{EBADF}: sock_fd 1000 is not an open descriptor (Bad file descriptor)",
+        "add file_fd 2^31": f"{NOT_LOCKSTEP}: file_fd 2147483648 {between}",
+        "add file_fd -2^31": f"{NOT_LOCKSTEP}: file_fd -2147483648 {between}",
+        "add file_fd closed": f"{EBADF}: file_fd 1000 is not an open descriptor (Bad file descriptor)",
+        "add blksize 2^32 + 512": f"{NOT_LOCKSTEP}: blksize 4294967808 is not between 8 and 65464",
+        "add blksize -1": f"{NOT_LOCKSTEP}: blksize -1 is not between 8 and 65464",
+        "add size -1": f"{NOT_LOCKSTEP}: size -1 is not between 0 and {2**63 - 1}",
+        "add size 2^64 - 1": f"{NOT_LOCKSTEP}: size {2**64 - 1} is not between 0 and {2**63 - 1}",
+        "add size 2^63": f"{NOT_LOCKSTEP}: size {2**63} is not between 0 and {2**63 - 1}",
+        "add acked 2^63 - 1": f"{NOT_LOCKSTEP}: acked {2**63 - 1} is not between -1 and {2**63 // 512}",
+        "add acked -2^63": f"{NOT_LOCKSTEP}: acked {-(2**63)} is not between -1 and 1",
+        "add acked past the end": f"{NOT_LOCKSTEP}: acked 5 is not between -1 and 1",
+        "add sent not acked + 1": f"{NOT_LOCKSTEP}: sent 2 is not acked 0 + 1",
+        # Any other int names a descriptor never registered: nothing to take.
+        **{f"take {fd}": "ok None" for fd in (2**31 - 1, 2**31, -1, -(2**63) - 1, 2**100)},
+        "pump epoll_fd 2147483648": f"ValueError: pump: epoll_fd 2147483648 {between}",
+        "pump epoll_fd -1": f"ValueError: pump: epoll_fd -1 {between}",
+        "pump until nan": "ValueError: pump: until is NaN (a time.monotonic() value, or negative: no limit)",
+        "transfer past 2^32": f"ok ({2**24 + 1}, {2**24 + 2})",
+        "transfer at the end of off_t": f"ok ({2**60 - 2}, {2**60 - 1})",
+    }
 
 
 @settings(max_examples=40, deadline=None)
