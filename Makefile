@@ -21,7 +21,7 @@ DEBIAN_PACKAGES += postgresql
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db lint clean
 all: test
 
 deps:
@@ -81,9 +81,13 @@ screenshot: deps venv
 # Reference tools for the side-by-side benchmarks (kea-admin ships perfdhcp).
 BENCH_PACKAGES := nginx wrk curl tftpd-hpa atftp
 DHCP_BENCH_PACKAGES := kea-dhcp4-server kea-admin
+# The reference PostgreSQL driver of bench-db (netboot itself uses asyncpg): the benchmark's alone, never a
+# dependency of the package.
+BENCH_PIP := 'psycopg[binary]>=3.2'
 
 bench: deps venv
 	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES) $(DHCP_BENCH_PACKAGES)"
+	$(VENV)/bin/pip install -q $(BENCH_PIP)
 	$(PY) bench/run.py
 
 # Only the DHCP comparisons (part of make bench): UEFI PXE boots through proxy DHCP against dnsmasq, and perfdhcp
@@ -130,6 +134,12 @@ bench-arch: deps venv
 # iPXE over HTTP to init, and stage 1's download of the image against curl's.
 bench-fetch: deps venv
 	$(PY) bench/fetch_bench.py --update
+
+# Only the PostgreSQL drivers (part of make bench): asyncpg against psycopg 3 on the DHCP path's claim statement,
+# single claims, batches and two servers at once, on a throwaway cluster.
+bench-db: deps venv
+	$(VENV)/bin/pip install -q $(BENCH_PIP)
+	$(PY) bench/db_driver.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

@@ -15,6 +15,7 @@ import arch_bench
 import autobuild_bench
 import boot_bench
 import build
+import db_driver
 import dhcp_bench
 import dhcp_perf
 import fetch_bench
@@ -58,7 +59,7 @@ def main() -> None:
                 overlay_bench.main([]), autobuild_bench.main([]), format_bench.main([]),
                 fetch_bench.main([]),
                 boot_bench.main(runs), arch_bench.main(["--runs", str(runs)]), dhcp_bench.main(runs),
-                dhcp_perf.main([]), secureboot_bench.main(runs)]
+                dhcp_perf.main([]), db_driver.main([]), secureboot_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",
