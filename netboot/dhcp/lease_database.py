@@ -49,7 +49,7 @@ WITH wanted AS (
         AS w(address, mac, client_id, expires, state, hostname)
 )
 INSERT INTO lease4 AS l (address, mac, client_id, expires, state, hostname, server)
-SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted
+SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted ORDER BY address
 ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, client_id = excluded.client_id, expires = excluded.expires,
     state = excluded.state, hostname = excluded.hostname, server = excluded.server, changed = nextval('lease4_changes')
 WHERE l.mac = excluded.mac OR l.expires <= $8
