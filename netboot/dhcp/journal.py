@@ -6,7 +6,9 @@ with one fdatasync in the journal's own thread (`write`), and the ACKs of that t
 A group ends with a line counting its records and holding their CRC-32, so a group cut short by a crash (`kill
 -9`, power) is recognised: the last group of a journal may be torn and is ignored, as Kea's memfile ignores a
 torn last line; those changes were never acknowledged. Anything else that does not read is a corrupt journal:
-the server does not start, says so in one line, and leaves the file as it was.
+the server does not start, says so in one line, and leaves the file as it was. Whatever a file holds, reading
+it raises nothing else, and costs time linear in its size: no line is longer than MAX_LINE, and each is read by
+splitting and one pass over each field (a host name is a JSON string, never any JSON value).
 
     dhcp-leases.journal      the active journal (generation G), appended to
     dhcp-leases.journal.2    the previous active journal, while it is being compacted
@@ -46,13 +48,18 @@ LOCK = LEGACY + ".lock"  # the lock earlier versions take too, so that no two se
 FORMAT = "netboot-dhcp-journal"
 VERSION = 1
 COMPACT_AFTER = 10_000  # records in the active journal before it is compacted (or as many as there are leases)
+# The longest line of a journal: a record netboot writes is under 900 bytes (a MAC, an address, an expiry, a client
+# identifier of at most 255 bytes in hex, a host name of at most 253 characters quoted), so anything much longer
+# is damage, refused before it is parsed. A lease that would not fit is refused where it comes from (_legacy).
+MAX_LINE = 4096
+_MAX_WHY = 200  # characters of a problem quoted in the error: it names what is wrong, never echoes a whole line
 
 Change = Lease | str  # a lease recorded, or the MAC whose lease is dropped
 
 
 class _Unreadable(ValueError):
     def __init__(self, line: int, why: str) -> None:
-        super().__init__(f"line {line}: {why}")
+        super().__init__(f"line {line}: {why if len(why) <= _MAX_WHY else why[:_MAX_WHY] + '...'}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,10 @@ def _decode(line: bytes) -> Change:
     if macs.normalize(mac) != mac or str(IPv4Address(ip)) != ip:
         raise ValueError(f"not a MAC and an address: {mac[:20]!r} {ip[:20]!r}")
     seconds = float(expires)
+    # A JSON string and nothing else: given `[[[…`, json.loads would recurse once per bracket (RecursionError).
+    # From its opening quote the decoder reads one string and stops, so anything after it is "Extra data".
+    if not hostname.startswith('"'):
+        raise ValueError(f"bad hostname: {hostname[:40]!r}")
     name = json.loads(hostname)
     if not math.isfinite(seconds) or not isinstance(name, str):
         raise ValueError(f"bad expiry or hostname: {expires[:20]!r} {hostname[:40]!r}")
@@ -101,6 +112,8 @@ def _read(path: Path, torn_allowed: bool) -> _File:
     tail = lines.pop()  # what follows the last newline: a line cut short, if anything
     if not lines:
         raise _Unreadable(1, "no header")
+    if len(lines[0]) > MAX_LINE:
+        raise _Unreadable(1, "not a netboot lease journal")
     fields = dict(w.split(b"=", 1) for w in lines[0].split(b" ")[1:] if b"=" in w)
     if not lines[0].startswith(FORMAT.encode() + b" "):
         raise _Unreadable(1, "not a netboot lease journal")
@@ -116,6 +129,9 @@ def _read(path: Path, torn_allowed: bool) -> _File:
     start = 1  # where the group being read starts
     problem: _Unreadable | None = None
     for number, line in enumerate(lines[1:], start=1):
+        if len(line) > MAX_LINE:
+            problem = _Unreadable(number + 1, f"a line of {len(line)} bytes, longer than any record ({MAX_LINE})")
+            break
         if line.startswith(b"commit "):
             words = line.split(b" ")
             body = b"".join(raw)
@@ -382,6 +398,8 @@ def _legacy(path: Path) -> dict[str, Lease]:
                 raise ValueError(f"bad entry {entry!r}")
             lease = Lease(macs.normalize(entry["mac"]), str(IPv4Address(entry["ip"])), float(entry["expires"]),
                           str(entry.get("hostname", "")))
+            if len(_encode(lease)) > MAX_LINE:  # the journal it becomes could not be read back
+                raise ValueError(f"{lease.mac}: a hostname of {len(lease.hostname)} characters")
             if lease.mac in by_mac or lease.ip in ips:
                 raise ValueError(f"{lease.mac} / {lease.ip} appears twice")
             by_mac[lease.mac] = lease

@@ -197,6 +197,135 @@ def test_a_corrupt_journal_is_a_clear_error_and_is_left_alone(tmp_path: Path, da
     assert files(tmp_path) == before
 
 
+# Hostile journals: what a record can hold when the file was damaged or written by someone else.
+RECORD = b"lease 52:54:00:00:00:0b 192.0.2.102 100.0 - "
+HOSTILE = {
+    "brackets": RECORD + b"[" * 100_000,  # once a RecursionError from json.loads, even in a torn group
+    "brackets within the longest line": RECORD + b"[" * 4000,
+    "braces": RECORD + b'{"a":' * 50_000,
+    "a string never closed": RECORD + b'"' + b"\\" * 100_000,
+    "digits": RECORD + b"9" * 100_000,
+    "an expiry of many digits": b"lease 52:54:00:00:00:0b 192.0.2.102 " + b"1" * 4000 + b' - "h"',
+    "a drop of a long name": b"drop " + b"a" * 200_000,
+    "a long commit line": b"commit " + b"1" * 10_000,
+}
+
+
+def test_the_longest_record_netboot_writes_is_read_back(tmp_path: Path) -> None:
+    """A host name of 253 characters (the machines file's longest), a client identifier of 255 bytes (option 61's
+    longest), the longest expiry: within MAX_LINE, so a journal netboot writes is never refused for a long line."""
+    lease = Lease("ff:ff:ff:ff:ff:ff", "255.255.255.255", -1.7976931348623157e308, ".".join(["a" * 63] * 4)[:253],
+                  b"\xff" * 255)
+    assert len(journal._encode(lease)) <= journal.MAX_LINE
+    store = Journal(tmp_path)
+    store.load()
+    store.record(lease)
+    store.close()
+    assert journal.read(tmp_path)[0] == {lease.mac: lease}
+
+
+def whole_journal(d: Path) -> bytes:
+    """A journal of three groups (A, B, C), as the server leaves it."""
+    leases = open_leases(d)
+    for i, mac in enumerate((A, B, C)):
+        leases.commit(mac, f"192.0.2.{101 + i}", 100.0, "h")
+        leases.store.flush()
+    leases.store.close()
+    return (d / JOURNAL).read_bytes()
+
+
+def start(d: Path) -> None:
+    """What a server's start does with its state directory (netboot.dhcp.start_dhcp_server)."""
+    store = Journal(d)
+    try:
+        Leases(POOL, store)
+    finally:
+        store.close()
+
+
+def assert_one_line_error(d: Path, path: Path, line: int) -> None:
+    """Reading and starting both refuse the journal in one short line naming it, and leave every file alone."""
+    before = files(d)
+    for read in (journal.read, start):
+        with pytest.raises(NetbootError) as info:
+            read(d)
+        message = str(info.value)
+        assert message.startswith(f"{path}: corrupt lease journal (line {line}: "), message[:300]
+        assert "\n" not in message and len(message) < len(str(path)) + 400, message[:300]
+        assert message.endswith("left as it is: repair or remove it to start")
+    assert files(d) == before
+
+
+@pytest.mark.parametrize("hostile", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_record_in_the_torn_last_group_is_ignored(tmp_path: Path, hostile: bytes) -> None:
+    path = tmp_path / JOURNAL
+    path.write_bytes(whole_journal(tmp_path) + hostile + b"\n")
+    assert set(journal.read(tmp_path)[0]) == {A, B, C}
+    path.write_bytes(whole_journal(tmp_path / "again") + hostile)  # cut short before its newline too
+    assert set(journal.read(tmp_path)[0]) == {A, B, C}
+    again = open_leases(tmp_path)
+    assert set(again.by_mac) == {A, B, C}
+    again.store.close()
+    assert hostile not in path.read_bytes()  # the start wrote a new base and an empty active journal
+
+
+@pytest.mark.parametrize("hostile", HOSTILE.values(), ids=HOSTILE.keys())
+def test_a_hostile_record_before_a_whole_group_is_a_clear_error(tmp_path: Path, hostile: bytes) -> None:
+    whole = whole_journal(tmp_path)
+    lines = whole.split(b"\n")
+    path = tmp_path / JOURNAL
+    path.write_bytes(b"\n".join([*lines[:3], hostile, b"commit 1 00000000", *lines[3:]]))
+    assert_one_line_error(tmp_path, path, 4)
+
+
+def test_a_hostile_base_is_a_clear_error(tmp_path: Path) -> None:
+    """The compacted base is never torn: whatever follows its last group is corruption."""
+    whole_journal(tmp_path)
+    base = tmp_path / (JOURNAL + ".1")
+    for hostile in HOSTILE.values():
+        base.write_bytes(journal._header(0, 1) + hostile + b"\n")
+        assert_one_line_error(tmp_path, base, 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tail=st.one_of(
+    st.binary(max_size=2000),
+    st.lists(st.sampled_from([*HOSTILE.values(), RECORD + b'"h"', b"drop " + A.encode(), b"", b"\0" * 100]),
+             max_size=4).map(b"\n".join),
+).filter(lambda b: b"commit" not in b))
+def test_whatever_follows_the_last_group_without_a_commit_line_is_ignored(
+        tmp_path_factory: pytest.TempPathFactory, tail: bytes) -> None:
+    """The documented recovery, for any bytes at all: a last group cut short (no commit line) is never more than
+    a warning, and the groups before it are read."""
+    d = tmp_path_factory.mktemp("torn")
+    (d / JOURNAL).write_bytes(whole_journal(d) + tail)
+    assert set(journal.read(d)[0]) == {A, B, C}
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data(), name=st.sampled_from([JOURNAL, JOURNAL + ".1", JOURNAL + ".2"]))
+def test_any_damage_reads_or_is_the_one_line_error(tmp_path_factory: pytest.TempPathFactory,
+                                                   data: st.DataObject, name: str) -> None:
+    """A journal file with any span replaced by any bytes (or by a hostile record) reads, or is refused as a
+    corrupt journal in one line: no other exception, whichever of the three files it is."""
+    d = tmp_path_factory.mktemp("damaged")
+    whole = whole_journal(d)
+    if name != JOURNAL:
+        os.rename(d / JOURNAL, d / name)
+        (d / JOURNAL).write_bytes(journal._header(1, 0))  # the base holds generation 0: the others are read
+    start = data.draw(st.integers(0, len(whole)))
+    end = data.draw(st.integers(start, len(whole)))
+    insert = data.draw(st.one_of(st.binary(max_size=200), st.sampled_from(list(HOSTILE.values()))))
+    path = d / name
+    path.write_bytes(whole[:start] + insert + whole[end:])
+    try:
+        journal.read(d)
+    except NetbootError as e:
+        message = str(e)
+        assert message.startswith(f"{path}: corrupt lease journal (line "), message[:300]
+        assert "\n" not in message and len(message) < len(str(path)) + 400, message[:300]
+
+
 def test_compaction_folds_the_journal_into_the_base_in_the_background(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(journal, "COMPACT_AFTER", 20)

@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, edk2, ip, parse_reply, plain, request
 from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
-from support import cli
+from support import cli, fake_out
 from test_dhcp_message import HOSTILE
 
 from devtools.lan import Host, Lan
 from netboot.dhcp import journal
-from netboot.dhcp.journal import JOURNAL
+from netboot.dhcp.journal import JOURNAL, Journal
+from netboot.dhcp.leases import Lease
 
 PROBE = Path(__file__).with_name("probe.py")
 DORA = Path(__file__).with_name("dora.py")
@@ -252,6 +253,44 @@ def test_corrupt_lease_journal_stops_the_start_and_is_left_alone(lan: Lan, outs:
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
     assert len(errors) == 1 and errors[0].startswith(f"netboot: error: {path}: corrupt lease journal (line "), errors
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("torn", [True, False], ids=["in the torn last group", "before a whole group"])
+def test_a_journal_record_of_100000_brackets_at_start(lan: Lan, tmp_path: Path, torn: bool) -> None:
+    """A host name of 100,000 `[` (once a RecursionError at start): in the last group, cut short, it is ignored as
+    any torn group and NODE1 keeps its address; followed by a whole group, the start stops with the one-line
+    error and the journal is left as it was."""
+    host = lan.host("netboot", "192.0.2.10/24")
+    state = tmp_path / "state"
+    store = Journal(state)
+    store.load()
+    store.record(Lease(NODE1, "192.0.2.150", time.time() + 3600, "", b""))
+    store.flush()
+    store.close()
+    path = state / JOURNAL
+    record = b"lease " + OTHER.encode() + b" 192.0.2.151 2000000000.0 - " + b"[" * 100_000
+    hostile = record + b"\n"
+    if not torn:
+        hostile += b"commit 1 00000000\n" + journal._group([Lease(OTHER, "192.0.2.152", time.time() + 3600)])
+    path.write_bytes(path.read_bytes() + hostile)
+    before = path.read_bytes()
+    args = ("--dir", fake_out(tmp_path / "out"), "--dhcp", "192.0.2.100-192.0.2.199", "--state-dir", state)
+    if torn:
+        server = start(host, *args)
+        wait_for(server, "dhcp: leases in")
+        assert f"dhcp: {path}: ignored a last group of changes cut short (never acknowledged)" in server.log
+        assert dora(lan.host("client", "192.0.2.50/24"), NODE1)[0] == "192.0.2.150"
+        server.stop()
+        assert "Traceback" not in server.log
+        return
+    proc = host.run([sys.executable, "-m", "netboot", "serve", *args, "--http", "0.0.0.0:0", "--no-tftp"],
+                    capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert errors == [f"netboot: error: {path}: corrupt lease journal (line 4: a line of {len(record)} bytes, "
+                      "longer than any record (4096)); left as it is: repair or remove it to start"], proc.stderr
     assert path.read_bytes() == before
 
 
