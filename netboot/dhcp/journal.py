@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import zlib
 from collections.abc import Iterable
@@ -57,9 +58,14 @@ _MAX_WHY = 200  # characters of a problem quoted in the error: it names what is 
 Change = Lease | str  # a lease recorded, or the MAC whose lease is dropped
 
 
+def _cut(why: object) -> str:
+    text = str(why)
+    return text if len(text) <= _MAX_WHY else text[:_MAX_WHY] + "..."
+
+
 class _Unreadable(ValueError):
     def __init__(self, line: int, why: str) -> None:
-        super().__init__(f"line {line}: {why if len(why) <= _MAX_WHY else why[:_MAX_WHY] + '...'}")
+        super().__init__(f"line {line}: {_cut(why)}")
 
 
 @dataclass(frozen=True)
@@ -393,11 +399,19 @@ def _legacy(path: Path) -> dict[str, Lease]:
             raise ValueError(f"version {data.get('version')!r}, expected 1")
         by_mac: dict[str, Lease] = {}
         ips: set[str] = set()
-        for entry in data["leases"]:
+        for number, entry in enumerate(data["leases"], start=1):
+            bad = ValueError(f"lease {number} is not a mac, an ip, a finite expires and a hostname")
             if not isinstance(entry, dict) or set(entry) - {"mac", "ip", "expires", "hostname"}:
-                raise ValueError(f"bad entry {entry!r}")
-            lease = Lease(macs.normalize(entry["mac"]), str(IPv4Address(entry["ip"])), float(entry["expires"]),
-                          str(entry.get("hostname", "")))
+                raise bad
+            mac, ip, expires, hostname = entry["mac"], entry["ip"], entry["expires"], entry.get("hostname", "")
+            # What earlier versions wrote: strings and a number of seconds. A number that is not a finite float would
+            # be converted into a journal that cannot be read back; compared, not converted (an int past float's
+            # range raises OverflowError in float(), and NaN compares false).
+            if (not isinstance(mac, str) or not isinstance(ip, str) or not isinstance(hostname, str)
+                    or not isinstance(expires, int | float) or isinstance(expires, bool)
+                    or not -sys.float_info.max <= expires <= sys.float_info.max):
+                raise bad
+            lease = Lease(macs.normalize(mac), str(IPv4Address(ip)), float(expires), hostname)
             if len(_encode(lease)) > MAX_LINE:  # the journal it becomes could not be read back
                 raise ValueError(f"{lease.mac}: a hostname of {len(lease.hostname)} characters")
             if lease.mac in by_mac or lease.ip in ips:
@@ -405,5 +419,8 @@ def _legacy(path: Path) -> dict[str, Lease]:
             by_mac[lease.mac] = lease
             ips.add(lease.ip)
         return by_mac
-    except (ValueError, KeyError, TypeError, macs.BadMac) as e:
-        raise NetbootError(f"{path}: corrupt lease state ({e}); left as it is: repair or remove it to start") from None
+    # RecursionError: JSON arrays or objects nested past the interpreter's limit (json.loads recurses), which no
+    # lease file is.
+    except (ValueError, KeyError, TypeError, RecursionError, macs.BadMac) as e:
+        raise NetbootError(f"{path}: corrupt lease state ({_cut(e)}); left as it is: repair or remove it to start"
+                           ) from None

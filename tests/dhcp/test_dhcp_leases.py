@@ -391,6 +391,9 @@ def test_a_lease_file_beside_a_journal_is_what_was_converted(tmp_path: Path) -> 
     again.store.close()
 
 
+LEGACY_HEAD = '{"format": "netboot-dhcp-leases", "version": 1, "leases": '
+
+
 @pytest.mark.parametrize("content", [
     "{not json", '{"format": "something else"}', '{"format": "netboot-dhcp-leases", "version": 9, "leases": []}',
     '{"format": "netboot-dhcp-leases", "version": 1, "leases": [{"mac": "zz", "ip": "192.0.2.1", "expires": 1}]}',
@@ -399,15 +402,70 @@ def test_a_lease_file_beside_a_journal_is_what_was_converted(tmp_path: Path) -> 
     '{"format": "netboot-dhcp-leases", "version": 1, "leases": [{"mac": "52:54:00:00:00:01", "ip": "192.0.2.1", '
     '"expires": 1}, {"mac": "52:54:00:00:00:02", "ip": "192.0.2.1", "expires": 1}]}',
     "\udcff",
+    # Hostile: once a RecursionError, an AttributeError, an OverflowError, or a conversion into a journal that
+    # the next start refused (a NaN or infinite expiry, a host name longer than a journal line).
+    *(pytest.param(LEGACY_HEAD + body, id=name) for name, body in {
+        "brackets": "[" * 100_000,
+        "a MAC that is a number": '[{"mac": 5, "ip": "192.0.2.1", "expires": 1}]}',
+        "an expiry past float": '[{"mac": "52:54:00:00:00:01", "ip": "192.0.2.1", "expires": 1' + "0" * 400 + "}]}",
+        "a NaN expiry": '[{"mac": "52:54:00:00:00:01", "ip": "192.0.2.1", "expires": NaN}]}',
+        "an infinite expiry": '[{"mac": "52:54:00:00:00:01", "ip": "192.0.2.1", "expires": Infinity}]}',
+        "an expiry of true": '[{"mac": "52:54:00:00:00:01", "ip": "192.0.2.1", "expires": true}]}',
+        "a hostname list": '[{"mac": "52:54:00:00:00:01", "ip": "192.0.2.1", "expires": 1, "hostname": ["x"]}]}',
+        "a long hostname": '[{"mac": "52:54:00:00:00:01", "ip": "192.0.2.1", "expires": 1, "hostname": "'
+                           + "h" * 5000 + '"}]}',
+        "a long MAC": '[{"mac": "' + "a" * 100_000 + '", "ip": "192.0.2.1", "expires": 1}]}',
+    }.items()),
 ])
 def test_a_corrupt_lease_file_is_a_clear_error_and_is_left_alone(tmp_path: Path, content: str) -> None:
     path = tmp_path / LEGACY
     path.write_bytes(content.encode(errors="surrogateescape"))
     before = files(tmp_path)
     with pytest.raises(NetbootError) as info:
-        open_leases(tmp_path)
-    assert str(path) in str(info.value) and "\n" not in str(info.value)
+        start(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: corrupt lease state (") or message.startswith(f"cannot read the lease state "
+                                                                                         f"{path}: "), message[:300]
+    assert "\n" not in message and len(message) < len(str(path)) + 400, message[:300]
     assert files(tmp_path) == before  # nothing written, nothing converted
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=6)
+
+
+# An entry as earlier versions wrote it (or in another spelling), half the time with one field replaced by any
+# JSON value.
+LEGACY_ENTRY = st.fixed_dictionaries({
+    "mac": st.sampled_from([*(f"52:54:00:00:00:{i:02x}" for i in range(8)), C.upper(), C.replace(":", "-")]),
+    "ip": st.sampled_from([f"192.0.2.{i}" for i in range(100, 108)]),
+    "expires": st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.floats(), st.integers()),
+}, optional={"hostname": st.sampled_from(["", "node1", "h" * 5000])}).flatmap(
+    lambda entry: st.one_of(st.just(entry), st.sampled_from(sorted(entry)).flatmap(
+        lambda key: JSON.map(lambda value: {**entry, key: value}))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(entries=st.lists(LEGACY_ENTRY, max_size=3))
+def test_a_lease_file_converts_into_a_journal_that_reads_back_or_is_refused(
+        tmp_path_factory: pytest.TempPathFactory, entries: list[dict]) -> None:
+    """Whatever the entries of a lease file of earlier versions hold: it is refused in one line (left as it is),
+    or converted into a journal that the next start reads back as the same leases."""
+    d = tmp_path_factory.mktemp("legacy")
+    (d / LEGACY).write_text(json.dumps({"format": "netboot-dhcp-leases", "version": 1, "leases": entries}))
+    store = Journal(d)
+    try:
+        loaded = store.load()
+    except NetbootError as e:
+        message = str(e)
+        assert message.startswith(f"{d / LEGACY}: corrupt lease state (") and "\n" not in message, message[:300]
+        assert (d / LEGACY).exists() and not (d / JOURNAL).exists()
+        return
+    finally:
+        store.close()
+    assert not (d / LEGACY).exists()
+    assert journal.read(d)[0] == {lease.mac: lease for lease in loaded}
 
 
 def test_a_failed_write_leaves_the_journal_whole(tmp_path: Path) -> None:
