@@ -185,15 +185,16 @@ class LeaseDatabase:
         except _GONE as e:
             self._away(e)
             return set(batch.claims)
-        except asyncpg.PostgresError as e:
-            # A deadlock or a serialization failure between servers: nothing was made; the clients ask again.
+        except (asyncpg.PostgresError, ValueError) as e:
+            # A deadlock or a serialization failure between servers, or a value the database refuses (a hostname
+            # that is not Unicode): nothing was made; the clients ask again.
             self._failed(e)
             return set(batch.claims)
         if winners and self.learn is not None:
             self.learn(winners)
         return lost
 
-    def _failed(self, error: asyncpg.PostgresError) -> None:
+    def _failed(self, error: Exception) -> None:
         now = time.monotonic()
         if now - self._failed_logged >= QUIET:
             log.warning("dhcp: claims not made, their clients will ask again: %s", database.line(error))

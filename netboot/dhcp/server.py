@@ -178,8 +178,11 @@ class DhcpServer:
         if self._closed or future.cancelled():
             return
         error = future.exception()
-        if error is None and self._shared is not None:
-            self._claimed(answers, future.result())
+        if self._shared is not None:
+            if error is not None:  # (a bug: the store reports what it expects as lost claims)
+                log.error("dhcp: claims not made: %s", _fault(error))
+            self._claimed(answers, future.result() if error is None else {a.claim[1] for _, a, _, _ in answers
+                                                                          if a.claim is not None})
             self._commit()
             return
         if error is not None:
