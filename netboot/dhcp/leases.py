@@ -204,7 +204,8 @@ class Leases:
         self.by_ip: dict[str, Lease] = {}
         for lease in store.load():
             bind(self.by_mac, self.by_ip, lease)
-        self.shared: SharedLeaseStore | None = store if getattr(store, "claims_offers", False) else None  # type: ignore[assignment]
+        shared = store if getattr(store, "claims_offers", False) else None
+        self.shared: SharedLeaseStore | None = shared  # type: ignore[assignment]
         self.offers: dict[str, tuple[str, float, bytes]] = {}  # mac -> (ip, until, client id)
         self._offered: dict[str, str] = {}  # ip -> mac
         self.declined: dict[str, float] = {}  # ip -> until, oldest first
