@@ -31,6 +31,7 @@ from netboot.dhcp.message import ZERO, Malformed, Reply, Request
 SERVER_PORT, CLIENT_PORT, PXE_PORT = 67, 68, 4011
 BROADCAST = "255.255.255.255"
 DISCOVERY_CONTROL_BOOT_FILE = bytes([6, 1, 8, 255])  # PXE option 43: sub-option 6 = 8 (use the boot file), END
+IPXE_NO_PXEDHCP = bytes([176, 1, 1])  # in iPXE's option 175: sub-option 176 (no-pxedhcp), 1 byte, = 1
 TFTP_SERVER_NAME, BOOTFILE_NAME = 66, 67
 
 
@@ -237,6 +238,13 @@ class Responder:
                 if found_file.vendor_class == boot.HTTP:
                     options["vendor_id"] = boot.HTTP
                 _boot_options(options, request, found_file)
+        if client.firmware == boot.IPXE:
+            # After an OFFER, iPXE waits for ProxyDHCP offers until DHCP_DISC_PROXY_TIMEOUT_SEC (2 s) have passed,
+            # which it notices at its next retransmission (3 s, measured), unless the OFFER says no-pxedhcp (its
+            # include/ipxe/dhcp.h: DHCP_EB_NO_PXEDHCP, 175.176). This server hands out the address and the boot
+            # file both: there is nothing to wait for. (A proxy cannot say it: iPXE reads it from the offer that
+            # gives the address.)
+            options["ipxe_encapsulated"] = IPXE_NO_PXEDHCP
         if request.relay_info is not None:
             options["relay_agent_information"] = request.relay_info
         committed = ip is not None and kind == MessageType.ACK

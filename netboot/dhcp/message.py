@@ -54,6 +54,7 @@ OPTIONS = {
     "lease_time": (51, _INT32), "server_id": (54, _IP), "message": (56, _TEXT), "renewal_time": (58, _INT32),
     "rebinding_time": (59, _INT32), "vendor_id": (60, _TEXT), "tftp_server_name": (66, _TEXT),
     "bootfile_name": (67, _TEXT), "relay_agent_information": (82, _BYTES), "pxe_client_id": (97, _BYTES),
+    "ipxe_encapsulated": (175, _BYTES),  # iPXE's own options (pyroute2 has no name for 175: the tests give it this)
 }
 _INT32_BE = struct.Struct("!i")
 

@@ -1,8 +1,9 @@
 """The DHCP codec through pyroute2's `dhcp4msg`: what netboot's own codec (`netboot.dhcp.message`) is checked against.
 
-netboot's codec is hand-written for speed; this one is the maintained library's, with the two additions netboot
+netboot's codec is hand-written for speed; this one is the maintained library's, with the three additions netboot
 needs (the options area walked once to check its structure, since pyroute2 stops at the first option it cannot
-decode and keeps what it had; the options netboot reads as bytes decoded as byte arrays rather than text). Every
+decode and keeps what it had; the options netboot reads as bytes decoded as byte arrays rather than text; iPXE's
+option 175, which pyroute2 reads as "option175" but cannot write, named as netboot's codec names it). Every
 message the tests send goes through both (tests/dhcp/conftest.py), and test_dhcp_codec.py has hypothesis draw many
 more: both must parse a request the same or both refuse it, and build the same bytes for a reply.
 """
@@ -13,6 +14,7 @@ import ipaddress
 import logging
 from typing import Any
 
+from pyroute2.dhcp import CodeMapping
 from pyroute2.dhcp.dhcp4msg import dhcp4msg
 from pyroute2.dhcp.enums.dhcp import MessageType, Option
 
@@ -47,8 +49,18 @@ RAW = (
 )
 
 
+IPXE_ENCAPSULATED = 175  # not in pyroute2's Option enum
+
+
 class Codec(dhcp4msg):
     options = (*((c, f) for c, f in dhcp4msg.options if c not in RAW), *((c, "array8") for c in RAW))
+
+    def _register_options(self) -> None:
+        super()._register_options()
+        # What pyroute2 does with an option it does not know when it reads one (a byte array), under the name
+        # netboot's codec gives it (message.OPTIONS), so that it can write it too.
+        self._decode_map[IPXE_ENCAPSULATED] = self._encode_map["ipxe_encapsulated"] = CodeMapping(
+            "ipxe_encapsulated", IPXE_ENCAPSULATED, "array8")
 
 
 def _walk(data: bytes) -> list[int]:
@@ -118,7 +130,7 @@ def parse(data: bytes) -> Request:
         user_class=bytes(options.get("user_class_information", [])),
         arches=tuple(int.from_bytes(arches[i : i + 2], "big") for i in range(0, len(arches), 2)),
         uuid=bytes(options["pxe_client_id"]) if "pxe_client_id" in options else None,
-        ipxe_features="option175" in options,
+        ipxe_features="ipxe_encapsulated" in options,
         params=params,
         relay_info=bytes(options["relay_agent_information"]) if "relay_agent_information" in options else None,
         hostname=_text(options.get("host_name", "")),

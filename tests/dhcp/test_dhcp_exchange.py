@@ -14,6 +14,7 @@ from dhcp_support import (
     DECLINE,
     DISCOVER,
     INFORM,
+    IPXE_UEFI_VENDOR,
     NAK,
     OFFER,
     RELEASE,
@@ -688,3 +689,45 @@ def test_boot_server_discovery_is_answered_where_it_came_from_not_at_its_ciaddr(
     reply, sent = answer(responder(fleet()), edk2(REQUEST, mac=NODE1, ciaddr="198.51.100.9", flags=0), port=4011,
                          source=("192.0.2.150", 68))
     assert (reply.type, sent.dest) == (ACK, ("192.0.2.150", 68))
+
+
+# iPXE told not to wait for ProxyDHCP offers
+
+NO_PXEDHCP = bytes([175, 3, 176, 1, 1])  # option 175 holding sub-option 176 (no-pxedhcp) = 1
+
+
+def ipxe_175_only(kind: int = DISCOVER, mac: str = STRANGER, extra=(), **kw) -> bytes:
+    """iPXE known by its option 175 alone (no user class)."""
+    return request(kind, mac, options=[(60, IPXE_UEFI_VENDOR), (93, b"\x00\x07"),
+                                       (175, b"\xb1\x05\x01\x80\x86\x10\x0e"), *extra], **kw)
+
+
+@pytest.mark.parametrize(("datagram", "mac", "file"), [
+    (ipxe, NODE1, "http://192.0.2.10:8080/boot.ipxe"),
+    (lambda kind, mac, **kw: ipxe(kind, mac, arch=0, **kw), NODE2, "http://192.0.2.10:8080/boot.ipxe"),
+    (ipxe_175_only, STRANGER, ""),  # no default profile: an address without a boot file, and still 175
+])
+def test_authoritative_offers_and_acks_tell_ipxe_not_to_wait_for_proxydhcp(datagram, mac: str, file: str,
+                                                                           leases: Leases) -> None:
+    """iPXE waits up to 2 s after an OFFER for ProxyDHCP offers unless the OFFER carries 175.176 = 1: every OFFER
+    and ACK to iPXE carries it, beside everything else they say."""
+    r = responder(fleet(default=False), leases)
+    offer, sent = answer(r, datagram(DISCOVER, mac))
+    assert (offer.type, offer.options[175], offer.file) == (OFFER, NO_PXEDHCP[2:], file)
+    assert NO_PXEDHCP in sent.data
+    ack, sent = answer(r, datagram(REQUEST, mac, extra=[(50, ip(offer.yiaddr)), (54, ip("192.0.2.10"))]))
+    assert (ack.type, ack.yiaddr, ack.options[175], ack.file, ack.number(51)) == (
+        ACK, offer.yiaddr, NO_PXEDHCP[2:], file, 600)
+    assert NO_PXEDHCP in sent.data
+
+
+@pytest.mark.parametrize("datagram", [edk2, bios, http_boot, plain])
+def test_only_ipxe_is_told_about_proxydhcp(datagram, leases: Leases) -> None:
+    _, ack = dora(responder(fleet(), leases), datagram, NODE2)
+    assert 175 not in ack.options
+
+
+def test_proxy_offers_to_ipxe_carry_no_option_175() -> None:
+    """iPXE reads no-pxedhcp only from the offer that gives the address: a proxy's would tell it nothing."""
+    reply, _ = answer(responder(fleet()), ipxe(mac=NODE1))
+    assert 175 not in reply.options and reply.file == "http://192.0.2.10:8080/boot.ipxe"

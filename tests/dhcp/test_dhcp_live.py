@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -9,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, edk2, ip, parse_reply, plain, request
-from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
+from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, edk2, ip, ipxe, parse_reply, plain, request
+from lan_support import DNSMASQ_PXE, LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import cli, fake_out
 from test_dhcp_message import HOSTILE
 
@@ -35,7 +37,30 @@ def probe(host: Host, *datagrams: bytes, to: str = "255.255.255.255:67", port: i
     proc = host.run([sys.executable, PROBE, "--to", to, "--port", str(port), "--wait", str(wait), *extra,
                      *(d.hex() for d in datagrams)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    return [(line.split()[0], parse_reply(bytes.fromhex(line.split()[1]))) for line in proc.stdout.splitlines()]
+    return _replies(proc.stdout)
+
+
+def _replies(printed: str) -> list[tuple[str, object]]:
+    return [(line.split()[0], parse_reply(bytes.fromhex(line.split()[1]))) for line in printed.splitlines()]
+
+
+@contextlib.contextmanager
+def listening(host: Host, port: int = 68) -> Iterator[list[tuple[str, object]]]:
+    """What reaches `host` on `port` while the block runs (port 68: every answer broadcast on the LAN), as
+    `probe` gives it; filled in once the block ends. probe.py sending nothing, started before the block."""
+    proc = host.popen([sys.executable, PROBE, "--port", str(port), "--wait", "3600"], stdout=subprocess.PIPE,
+                      text=True)
+    deadline = time.monotonic() + 30
+    while not host.listening(port, proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, "probe.py did not listen"
+        time.sleep(0.05)
+    heard: list[tuple[str, object]] = []
+    try:
+        yield heard
+    finally:
+        proc.terminate()
+        printed, _ = proc.communicate(timeout=30)
+        heard.extend(_replies(printed))
 
 
 def wait_for(server: LanServer, text: str, timeout: float = 10) -> None:
@@ -151,6 +176,12 @@ def test_authoritative_reservations_and_leases_across_a_kill(lan: Lan, outs: dic
     assert ack.address(3) == "192.0.2.1" and ack.address(1) == "255.255.255.0"
     other, _ = dora(client, OTHER)
     assert other == "192.0.2.100"
+    # The same machine's iPXE next: its OFFER and ACK say no-pxedhcp (option 175 holding 176 = 1), so that it does
+    # not wait for ProxyDHCP offers.
+    (_, offer), = probe(client, ipxe(DISCOVER, mac=NODE1), expect=1)
+    (_, ack), = probe(client, ipxe(REQUEST, mac=NODE1, extra=asked(offer.yiaddr)), expect=1)
+    assert [(r.type, r.yiaddr, r.file, r.options.get(175)) for r in (offer, ack)] == [
+        (kind, "192.0.2.42", "http://192.0.2.10:8080/boot.ipxe", bytes([176, 1, 1])) for kind in (OFFER, ACK)]
     # A reload whose reservation this server could not honour keeps the previous configuration.
     machines_file(tmp_path, outs["direct"], node1_ip="198.51.100.1")
     server.proc.send_signal(signal.SIGHUP)
@@ -351,3 +382,15 @@ def test_answers_go_to_the_relay_that_sent_them_or_one_named_and_a_discover_is_n
     assert [(s, r.type, r.giaddr, r.file) for s, r in replies] == [("192.0.2.10:67", OFFER, "192.0.2.51", "ipxe.efi")]
     assert "dropped" not in named.log
     named.stop()
+
+
+def test_the_readmes_dnsmasq_line_tells_ipxe_not_to_wait(lan: Lan, tmp_path: Path) -> None:
+    """README's line for a dnsmasq that hands out iPXE's boot file itself ("With your own DHCP server instead"):
+    its OFFER to iPXE says no-pxedhcp (option 175 holding 176 = 1), as netboot's authoritative mode's does."""
+    lan.host("site", "192.0.2.2/24").dnsmasq(*DNSMASQ_PXE, "--dhcp-option=encap:175, 176, 1b",
+                                             leasefile=tmp_path / "leases")
+    client = lan.host("client", "192.0.2.50/24")
+    (_, offer), = probe(client, ipxe(DISCOVER, mac=NODE1), wait=10, expect=1)  # dnsmasq pings the address first
+    # dnsmasq names the boot file in option 67 (with a NUL), and ends option 175 with its own END (255).
+    assert (offer.type, offer.options[67], offer.options[175]) == (
+        OFFER, b"http://192.0.2.10:8080/boot.ipxe\0", bytes([176, 1, 1, 255]))

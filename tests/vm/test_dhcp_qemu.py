@@ -1,6 +1,6 @@
 """Real firmware through netboot's own DHCP on a namespace LAN: EDK2's PXE client (OVMF, no option ROM) and
-SeaBIOS with QEMU's iPXE ROM in proxy mode beside Debian's dnsmasq; EDK2 in authoritative mode alone, then restarted
-(a second machine's exchanges there played by its iPXE's messages)."""
+SeaBIOS with QEMU's iPXE ROM in proxy mode beside Debian's dnsmasq; EDK2 then its iPXE in authoritative mode alone,
+then restarted (a second machine's exchanges there played by its iPXE's messages)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from pathlib import Path
 from dhcp_support import ACK, DISCOVER, OFFER, REQUEST, ipxe
 from lan_support import boot_vm, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
 from support import assert_booted
-from test_dhcp_live import asked, probe, start, wait_for
+from test_dhcp_live import asked, listening, probe, start, wait_for
 
 from devtools.lan import Lan
 from netboot.dhcp import journal
 
 UEFI_MAC, BIOS_MAC = "52:54:00:00:04:01", "52:54:00:00:04:02"
+NO_PXEDHCP = bytes([176, 1, 1])  # option 175's value in an answer to iPXE: sub-option 176 (no-pxedhcp) = 1
 RANGE = (ipaddress.IPv4Address("192.0.2.100"), ipaddress.IPv4Address("192.0.2.199"))
 
 
@@ -87,8 +88,16 @@ def test_authoritative_mode_alone_with_a_reservation_and_a_restart(lan: Lan, out
     assert RANGE[0] <= ipaddress.IPv4Address(other) <= RANGE[1]
     (_, ack), = probe(client, ipxe(REQUEST, mac=BIOS_MAC, arch=0, extra=asked(other)), expect=1)
     assert (ack.type, ack.yiaddr, ack.file) == (ACK, other, "http://192.0.2.10:8080/boot.ipxe")
-    uefi = boot_vm(lan, UEFI_MAC, uefi=True, pxe_rom=False)
+    assert offer.options[175] == ack.options[175] == NO_PXEDHCP  # iPXE: no ProxyDHCP offers to wait for
+    with listening(lan.host("watcher", "192.0.2.60/24")) as heard:  # every answer to the VM is broadcast
+        uefi = boot_vm(lan, UEFI_MAC, uefi=True, pxe_rom=False)
     assert_booted(uefi, closure, system)
+    # EDK2 got ipxe.efi without option 175; its iPXE, booting on, got the script's URL with no-pxedhcp.
+    answers = [(r.type, r.file, r.options.get(175)) for _, r in heard if r.mac == UEFI_MAC]
+    assert {(OFFER, "ipxe.efi", None), (ACK, "ipxe.efi", None)} <= set(answers), answers
+    assert {(OFFER, "http://192.0.2.10:8080/boot.ipxe", NO_PXEDHCP),
+            (ACK, "http://192.0.2.10:8080/boot.ipxe", NO_PXEDHCP)} <= set(answers), answers
+    assert all(option == NO_PXEDHCP for _, file, option in answers if file.endswith("/boot.ipxe")), answers
     assert address_used(server.log, UEFI_MAC) == "192.0.2.42"  # its reservation
     assert f"{UEFI_MAC} uefi-x64-pxe ACK address=192.0.2.42 boot=tftp://192.0.2.10/ipxe.efi" in server.log
     leases = journal.read(tmp_path / "state")[0]
