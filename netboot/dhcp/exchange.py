@@ -103,8 +103,9 @@ class Responder:
         request = message.parse(arrival.data)
         client = boot.classify(request)
         if request.giaddr != ZERO and request.giaddr != arrival.source[0] and request.giaddr not in self.relays:
-            # Answers go to giaddr, port 67 (RFC 2131 §4.1): a giaddr that is not its sender's address, nor a relay
-            # the operator named, would aim them at any host (a reflector); real relays write their own address.
+            # Answers go to giaddr, port 67 (RFC 2131 §4.1): a giaddr that is neither its sender's address nor a
+            # relay the operator named would aim them at any host. A relay that sends from another of its addresses
+            # than the one it writes, as routers do, is one to name (--dhcp-relay).
             raise Malformed(f"giaddr {request.giaddr} is neither the sender's address nor a --dhcp-relay")
         if request.type == MessageType.DISCOVER and request.ciaddr != ZERO:
             # RFC 2131 §4.4.1 (Table 5): ciaddr is 0 in a DISCOVER, the client (INIT state) having no address to
