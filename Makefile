@@ -90,8 +90,9 @@ bench: deps venv
 	$(VENV)/bin/pip install -q $(BENCH_PIP)
 	$(PY) bench/run.py
 
-# Only the DHCP comparisons (part of make bench): UEFI PXE boots through proxy DHCP against dnsmasq, and perfdhcp
-# against Kea's kea-dhcp4; each rewrites its section of BENCHMARKS.md.
+# Only the DHCP comparisons (part of make bench): UEFI PXE boots through proxy DHCP against dnsmasq, through iPXE
+# over the authoritative mode with and without no-pxedhcp, and perfdhcp against Kea's kea-dhcp4; each rewrites its
+# section of BENCHMARKS.md.
 bench-dhcp: deps venv
 	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(DHCP_BENCH_PACKAGES)"
 	$(PY) bench/dhcp_bench.py --update

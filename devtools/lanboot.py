@@ -49,13 +49,15 @@ class LanBoot:
     dhcp_log: str
 
 
-def start_serve(host: Host, log: Path, *args: str, timeout: float = 30) -> None:
-    """`netboot serve ARGS` in `host`'s namespace, its log in `log`; returns once it serves (and answers DHCP)."""
+def start_serve(host: Host, log: Path, *args: str, timeout: float = 30,
+                command: Sequence[str] = (sys.executable, "-m", "netboot")) -> None:
+    """`netboot serve ARGS` in `host`'s namespace, its log in `log`; returns once it serves (and answers DHCP).
+    `command`: another command line whose `serve` serves as netboot's does (and logs the same)."""
     out = log.open("w")
-    proc = host.popen([sys.executable, "-m", "netboot", "serve", *args], stdin=subprocess.DEVNULL,
+    proc = host.popen([*command, "serve", *args], stdin=subprocess.DEVNULL,
                       stdout=subprocess.DEVNULL, stderr=out, cwd=Path(__file__).resolve().parent.parent)
     out.close()
-    ready = re.compile(r"dhcp: (proxy DHCP|DHCP server) on" if "--dhcp" in args else r"http: serving")
+    ready = re.compile(r"dhcp: (proxy DHCP|DHCP server for \S+) on" if "--dhcp" in args else r"http: serving")
     deadline = time.monotonic() + timeout
     while not ready.search(log.read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
