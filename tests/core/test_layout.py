@@ -19,12 +19,13 @@ PACKAGE = ROOT / "netboot"
 # Each part and the parts it may import, besides itself and the package's root (`netboot.__version__`).
 BELOW = {
     "core": set(),
+    "state": {"core"},
     "image": {"core"},
     "tftp": {"core"},
-    "dhcp": {"core"},
+    "dhcp": {"core", "state"},
     "status": {"core"},
-    "server": {"core", "image", "tftp", "dhcp", "status"},
-    "cli": {"core", "image", "tftp", "dhcp", "status", "server"},
+    "server": {"core", "state", "image", "tftp", "dhcp", "status"},
+    "cli": {"core", "state", "image", "tftp", "dhcp", "status", "server"},
 }
 _CODE_IMPORT = re.compile(r"\b(?:from|import)\s+(netboot(?:\.\w+)*)")
 
