@@ -92,15 +92,15 @@ class LeaseDatabase:
 
     claims_offers = True  # offers are claimed too: an OFFER waits for its claim, as an ACK for its lease
 
-    def __init__(self, url: str, name: str, rows: list[tuple[Row, int]], connection: asyncpg.Connection) -> None:
+    def __init__(self, url: str, name: str, records: list[asyncpg.Record], connection: asyncpg.Connection) -> None:
         self.url = url
         self.name = name
-        self._rows = [row for row, _ in rows]
+        self._rows = _rows(records)
         self._connection: asyncpg.Connection | None = connection
         self._batch = Batch()
         self._reconnecting: asyncio.Task | None = None
         self._synced = time.monotonic()
-        self._seen = max((row[1] for row in rows), default=0)  # the last change read
+        self._seen = max((r["changed"] for r in records), default=0)  # the last change read
         self._following = asyncio.get_running_loop().create_task(self._follow())
         self._failed_logged = -QUIET
         self._turn = asyncio.Lock()  # one statement at a time on the connection: claims, or a resync
@@ -113,12 +113,12 @@ class LeaseDatabase:
         connection = await database.connect(url)
         try:
             await database.prepare(connection)
-            rows = [(row, r["changed"]) for r in await connection.fetch(_ROWS) for row in _rows([r])]
+            records = await connection.fetch(_ROWS)
         except BaseException:
             await connection.close()
             raise
-        log.info("dhcp: leases in the database %s (%d rows), as server %s", database.shown(url), len(rows), name)
-        return cls(url, name, rows, connection)
+        log.info("dhcp: leases in the database %s (%d rows), as server %s", database.shown(url), len(records), name)
+        return cls(url, name, records, connection)
 
     @property
     def reachable(self) -> bool:

@@ -166,6 +166,11 @@ class SharedLeaseStore(LeaseStore, Protocol):
         """The client took another server's offer: this server's ends."""
         ...
 
+    @property
+    def reachable(self) -> bool:
+        """Whether claims can be made now (a claim lost while not is not worth making again at once)."""
+        ...
+
 
 def bind(by_mac: dict[str, Lease], by_ip: dict[str, Lease], lease: Lease) -> Lease | None:
     """Apply a lease to the tables: it replaces its MAC's lease, and an expired lease of another machine on its
@@ -390,7 +395,8 @@ class Leases:
                 self._reconsider(offer[0])
         return offer[0]
 
-    def _bind(self, lease: Lease) -> None:
+    def _bind(self, lease: Lease, record: bool = True) -> None:
+        """A lease into the view; recorded in the store unless it comes from there (`learn`)."""
         old = bind(self.by_mac, self.by_ip, lease)
         n = to_int(lease.ip)
         if self._first <= n <= self._last:
@@ -399,7 +405,8 @@ class Leases:
                 self._rebuild_expired()
         if old is not None:
             self._reconsider(old.ip)  # no longer leased at all: never leased, as far as choosing goes
-        self.store.record(lease)
+        if record:
+            self.store.record(lease)
 
     def commit(self, mac: str, ip: str, now: float, hostname: str = "", client_id: bytes = b"") -> Lease:
         """Lease `ip` to `mac` for the pool's lease time, recorded in the store."""
@@ -467,14 +474,8 @@ class Leases:
             lease: Lease = row.lease
             if row.state == 0:
                 current = self.by_ip.get(lease.ip)
-                if current is not None and current.mac == lease.mac and current.expires >= lease.expires:
-                    continue
-                old = bind(self.by_mac, self.by_ip, lease)
-                n = to_int(lease.ip)
-                if self._first <= n <= self._last:
-                    heapq.heappush(self._expired, (lease.expires, n))
-                if old is not None:
-                    self._reconsider(old.ip)
+                if current is None or current.mac != lease.mac or current.expires < lease.expires:
+                    self._bind(lease, record=False)
             elif row.state == 1:
                 if self._offered.get(lease.ip) != lease.mac:
                     self._end_offer(lease.mac)
