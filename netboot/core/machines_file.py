@@ -34,6 +34,7 @@ from tomlkit.exceptions import TOMLKitError
 from netboot.core import mac as macs
 from netboot.core.durable import exchange, sync_dir
 from netboot.core.errors import NetbootError
+from netboot.core.logtext import clip
 
 log = logging.getLogger("netboot.serve")
 
@@ -283,6 +284,7 @@ def _value(value: Any) -> Any:
 
 MAX_DEPTH = 8  # tables and arrays within a machine's table, at most
 MAX_VALUES = 512  # keys and array items in a machine's table, at most: tomlkit takes seconds for thousands
+_KEY_SHOWN = 64  # characters of a key an error names
 
 
 def table_from_json(body: Any) -> dict[str, Any]:
@@ -298,7 +300,7 @@ def table_from_json(body: Any) -> dict[str, Any]:
         raise NetbootError("vars must be an object of template variables")
     for key in variables:
         if key in table:
-            raise NetbootError(f"{_shown(key)} is given twice: as a key and in vars")
+            raise NetbootError(f"{clip(key, _KEY_SHOWN)} is given twice: as a key and in vars")
     table.update(variables)
     _check_value(table, "the table", 0, [MAX_VALUES])
     return table
@@ -318,7 +320,7 @@ def _check_value(value: Any, where: str, depth: int, left: list[int]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
             _check_text(k, f"{where}: a key")
-            inner = _shown(k) if depth == 0 else f"{where}.{_shown(k)}"
+            inner = clip(k, _KEY_SHOWN) if depth == 0 else f"{where}.{clip(k, _KEY_SHOWN)}"
             _check_value(v, inner, depth + 1, left)
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -329,16 +331,6 @@ def _check_text(text: str, where: str) -> None:
     # JSON's \ud800-\udfff escapes decode to lone surrogates, which no UTF-8 file can hold.
     try:
         text.encode()
-    except UnicodeEncodeError:
-        raise NetbootError(f"{where}: a string with a lone surrogate (\\u{ord(text[_bad(text)]):04x}) is not "
+    except UnicodeEncodeError as e:
+        raise NetbootError(f"{where}: a string with a lone surrogate (\\u{ord(text[e.start]):04x}) is not "
                            "Unicode text") from None
-
-
-def _bad(text: str) -> int:
-    return next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
-
-
-def _shown(key: str) -> str:
-    """A key as an error names it: escaped, and cut to a length that fits a line."""
-    shown = key.encode("unicode_escape", "backslashreplace").decode("ascii")
-    return shown if len(shown) <= 64 else shown[:61] + "..."
