@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import zlib
@@ -118,7 +119,7 @@ def nobody_python(base: Path) -> tuple[list[str], dict[str, str]]:
     src = base / "src"
     for part in ("netboot", "ipxe-scripts"):
         _readable_copy(ROOT / part, src / part)
-    site = Path(next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)))
+    site = Path(sysconfig.get_paths()["purelib"])
     _readable_copy(site, base / "site-packages", skip=("netboot",))  # (the package: src's)
     python = Path(os.path.realpath(sys._base_executable))
     env = {**os.environ, "PYTHONPATH": f"{src}:{base / 'site-packages'}", "PYTHONNOUSERSITE": "1"}
