@@ -237,9 +237,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the site's PostgreSQL database, shared by several netboot servers, as a libpq URL (e.g. "
                    "postgresql://netboot@db.example/netboot or postgresql:///netboot?host=/run/postgresql): "
                    "with --dhcp START-END the leases are kept there, so that servers on one network never give an "
-                   "address twice and each renews the others' leases. The schema is created or upgraded at start")
+                   "address twice and each renews the others' leases; machines written through the status API are "
+                   "kept there (over each server's machines file) and served by every server; and every server "
+                   "shows the boots of all. The schema is created or upgraded at start")
     p.add_argument("--name", default=socket.gethostname(), metavar="NAME",
-                   help="this server's name in the shared database (default: the host name)")
+                   help="this server's name in the shared database and on its boot events (default: the host name)")
     p.add_argument("--loaders", action="append", default=[], metavar="ARCH=DIR",
                    help="shim, GRUB and MokManager of one architecture (x86_64 or arm64) for profiles with loader = "
                    "\"grub\" or \"uki\", and for every arm64 UEFI machine (DHCP architecture 11 or 19), from DIR "
@@ -335,6 +337,7 @@ def serve_options(args: argparse.Namespace):  # -> server.ServeOptions (imported
         grace=args.grace,
         state_dir=args.state_dir,
         database=args.database,
+        name=args.name,
         loaders=Loaders.from_options(args.loaders),
     )
 

@@ -31,6 +31,7 @@ import ipaddress
 import re
 import tomllib
 import uuid as uuids
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,7 @@ class Machines:
     source: Path | None = None
     by_uuid: dict[str, Machine] = field(default_factory=dict)  # tables keyed uuid:…, by uuid_key()
     by_serial: dict[str, Machine] = field(default_factory=dict)  # tables keyed serial:…, by serial_key()
+    from_database: frozenset[str] = frozenset()  # MACs whose tables are the site database's (with_tables)
 
     @classmethod
     def single(cls, out: Path) -> Machines:
@@ -244,43 +246,89 @@ class Machines:
         reserved: dict[str, str] = {}
         for key, entry in _table(data, "machines", where).items():
             ref = f"machines.{key!r}"
-            mac, identity, normalized = _identity(key, ref, where)
+            machine, identity = _machine(key, entry, profiles, where)
             if identity in spelled:
                 raise NetbootError(
                     f"{where.of(key)}: {ref} is the same machine as machines.{spelled[identity]!r} ({identity})"
                 )
             spelled[identity] = key
-            if not isinstance(entry, dict):
-                raise NetbootError(f"{where.of(key)}: {ref} must be a table")
-            profile = entry.get("profile", DEFAULT)
-            if profile not in profiles:
-                raise NetbootError(f"{where.of(key)}: {ref}: profile {profile!r} is not defined in [profiles]")
-            if profiles[profile].overlay is None:
-                _only(entry, MACHINE_KEYS, ref, where, f"; other keys are variables of an overlay, and profile "
-                                                        f"{profile!r} has none")
-            elif "mac" in entry:
-                raise NetbootError(f"{where.of(key)}: {ref}: mac is the table's name; it cannot be set here")
-            if profiles[profile].loader == "uki":
-                _sealed(entry, f"{where.of(key)}: {ref}")
-            ip = _ip(entry, ref, where, key)
-            if ip and not mac:
-                raise NetbootError(f"{where.of(key)}: {ref}: ip reserves an address for a MAC (DHCP knows no "
-                                   "serial numbers, nor UUIDs before the address); key this machine by its MAC")
-            if ip and ip in reserved:
-                raise NetbootError(f"{where.of(key)}: {ref}: ip {ip} is already reserved for machines.{reserved[ip]!r}")
-            if ip:
-                reserved[ip] = key
-            hostname = _hostname(entry, ref, where, key)
-            variables = {k: v for k, v in entry.items() if k not in MACHINE_KEYS}
-            machine = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname, variables,
-                              _ipxe_binary(entry, ref, where.of(key)), normalized)
-            if mac:
-                machines[mac] = machine
+            if machine.ip and machine.ip in reserved:
+                raise NetbootError(f"{where.of(key)}: {ref}: ip {machine.ip} is already reserved for "
+                                   f"machines.{reserved[machine.ip]!r}")
+            if machine.ip:
+                reserved[machine.ip] = key
+            if machine.mac:
+                machines[machine.mac] = machine
             elif identity.startswith(UUID):
                 by_uuid[identity.removeprefix(UUID)] = machine
             else:
                 by_serial[serial_key(identity.removeprefix(SERIAL))] = machine
         return cls(profiles, machines, path, by_uuid, by_serial)
+
+    def with_tables(self, tables: Mapping[str, dict[str, Any] | None], strict: bool = True,
+                    ) -> tuple[Machines, list[str]]:
+        """These machines with the site database's tables laid over them (netboot.state.machine_tables): by MAC,
+        each a table as the machines file has it, or None for a machine removed. A table that does not load with
+        this file's profiles is an error (`strict`), or is left out and its error returned: the file's table of
+        that machine, if any, stays."""
+        machines = dict(self.machines)
+        reserved = {m.ip: mac for mac, m in machines.items() if m.ip}
+        where = _Locator("the database", "")
+        errors: list[str] = []
+        ours: set[str] = set()
+        for mac, table in sorted(tables.items()):
+            held = machines.pop(mac, None)
+            if held is not None and held.ip:
+                del reserved[held.ip]
+            try:
+                if table is None:
+                    continue
+                machine, _ = _machine(mac, table, self.profiles, where)
+                if machine.mac != mac:
+                    raise NetbootError(f"the database: machines.{mac!r}: not a MAC address as netboot writes it")
+                if machine.ip and machine.ip in reserved:
+                    raise NetbootError(f"the database: machines.{mac!r}: ip {machine.ip} is already reserved for "
+                                       f"machines.{reserved[machine.ip]!r}")
+            except NetbootError as e:
+                if strict:
+                    raise
+                errors.append(str(e))
+                machine = held  # type: ignore[assignment]
+                if machine is None:
+                    continue
+            else:
+                ours.add(mac)
+            machines[mac] = machine
+            if machine.ip:
+                reserved[machine.ip] = mac
+        return replace(self, machines=machines, from_database=frozenset(ours)), errors
+
+
+def _machine(key: str, entry: Any, profiles: dict[str, Profile], where: _Locator) -> tuple[Machine, str]:
+    """A machine's table checked against the profiles, and what tells it apart from every other (_identity)."""
+    ref = f"machines.{key!r}"
+    mac, identity, normalized = _identity(key, ref, where)
+    if not isinstance(entry, dict):
+        raise NetbootError(f"{where.of(key)}: {ref} must be a table")
+    profile = entry.get("profile", DEFAULT)
+    if profile not in profiles:
+        raise NetbootError(f"{where.of(key)}: {ref}: profile {profile!r} is not defined in [profiles]")
+    if profiles[profile].overlay is None:
+        _only(entry, MACHINE_KEYS, ref, where, f"; other keys are variables of an overlay, and profile "
+                                                f"{profile!r} has none")
+    elif "mac" in entry:
+        raise NetbootError(f"{where.of(key)}: {ref}: mac is the table's name; it cannot be set here")
+    if profiles[profile].loader == "uki":
+        _sealed(entry, f"{where.of(key)}: {ref}")
+    ip = _ip(entry, ref, where, key)
+    if ip and not mac:
+        raise NetbootError(f"{where.of(key)}: {ref}: ip reserves an address for a MAC (DHCP knows no "
+                           "serial numbers, nor UUIDs before the address); key this machine by its MAC")
+    hostname = _hostname(entry, ref, where, key)
+    variables = {k: v for k, v in entry.items() if k not in MACHINE_KEYS}
+    machine = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname, variables,
+                      _ipxe_binary(entry, ref, where.of(key)), normalized)
+    return machine, identity
 
 
 def _identity(key: str, ref: str, where: _Locator) -> tuple[str, str, str]:
@@ -314,7 +362,7 @@ def _ipxe_binary(entry: dict, ref: str, at: str) -> str:
 class _Locator:
     """Line numbers for messages: tomllib reports them only for syntax errors, so look for the key's text."""
 
-    def __init__(self, path: Path, text: str) -> None:
+    def __init__(self, path: Path | str, text: str) -> None:
         self.path = path
         self.lines = text.splitlines()
 

@@ -13,13 +13,12 @@ last looked (every FOLLOW seconds: each write takes a number from one sequence),
 every RESYNC seconds and when the database comes back. A stale view costs a lost claim, never a duplicate.
 
 When the database cannot be reached, no claim is made: no address is granted, nothing can be given twice, and the
-store tries again every RETRY seconds; one log line when it goes away, one when it is back.
+store tries again every second (database.Link); one log line when it goes away, one when it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -33,14 +32,9 @@ from netboot.state import database
 log = logging.getLogger("netboot.dhcp")
 
 LEASED, OFFERED, DECLINED = 0, 1, 2
-RETRY = 1.0  # seconds between attempts to reach the database again
 RESYNC = 30.0  # seconds between full reads of the lease table
 FOLLOW = 0.5  # seconds between reads of the rows changed since the last (by any server)
 QUIET = 10.0  # seconds between log lines about failed claims
-# What says the connection is gone (the server stopped or restarted, the network cut), rather than one statement
-# failing.
-_GONE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
-         asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
 
 # One round trip for a whole group of claims. Rows not returned were lost: another client holds them.
 _CLAIM = """
@@ -96,14 +90,14 @@ class LeaseDatabase:
         self.url = url
         self.name = name
         self._rows = _rows(records)
-        self._connection: asyncpg.Connection | None = connection
+        self._link = database.Link(url, connection, log, "dhcp", "no address is granted until it is back",
+                                   "granting addresses again")
+        self._link.on_back.append(self._back)
         self._batch = Batch()
-        self._reconnecting: asyncio.Task | None = None
         self._synced = time.monotonic()
         self._seen = max((r["changed"] for r in records), default=0)  # the last change read
         self._following = asyncio.get_running_loop().create_task(self._follow())
         self._failed_logged = -QUIET
-        self._turn = asyncio.Lock()  # one statement at a time on the connection: claims, or a resync
         self.learn: Callable[[list[Row]], None] | None = None  # the view's (Leases.learn), set by it
         self.closed = False
 
@@ -122,7 +116,7 @@ class LeaseDatabase:
 
     @property
     def reachable(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed()
+        return self._link.reachable
 
     # LeaseStore
 
@@ -158,9 +152,9 @@ class LeaseDatabase:
     async def write(self, batch: Batch) -> set[str]:
         """Make the claims; returns the addresses whose claims were lost (every one, when the database cannot be
         reached), with the rows that hold them told to the view."""
-        connection = self._connection
+        connection = self._link.connection
         if connection is None or connection.is_closed():
-            self._away(None)
+            self._link.away(None)
             return set(batch.claims)
         # In address order, as every server's: transactions that lock rows in one order do not deadlock.
         claims = sorted(batch.claims.values(), key=lambda r: to_int(r.lease.ip))
@@ -168,7 +162,7 @@ class LeaseDatabase:
         now = time.time()
         leased_macs = [r.lease.mac for r in claims if r.state != OFFERED]
         try:
-            async with self._turn, connection.transaction():
+            async with self._link.turn, connection.transaction():
                 won: set[str] = set()
                 if claims:
                     got = await connection.fetch(
@@ -182,8 +176,8 @@ class LeaseDatabase:
                     await connection.execute(_UNOFFER, sorted(batch.unoffered), self.name)
                 lost = set(batch.claims) - won
                 winners = _rows(await connection.fetch(_ROWS_AT, [to_int(ip) for ip in lost])) if lost else []
-        except _GONE as e:
-            self._away(e)
+        except database.GONE as e:
+            self._link.away(e)
             return set(batch.claims)
         except (asyncpg.PostgresError, ValueError) as e:
             # A deadlock or a serialization failure between servers, or a value the database refuses (a hostname
@@ -205,44 +199,13 @@ class LeaseDatabase:
 
     def close(self) -> None:
         self.closed = True
-        for task in (self._reconnecting, self._following):
-            if task is not None:
-                task.cancel()
-        if self._connection is not None:
-            self._connection.terminate()
-            self._connection = None
+        self._following.cancel()
+        self._link.close()
 
-    # The database away and back
-
-    def _away(self, error: BaseException | None) -> None:
-        if self._reconnecting is not None or self.closed:
-            return
-        why = f": {database.line(error) or type(error).__name__}" if error is not None else ""
-        log.error("dhcp: the database %s cannot be reached%s; no address is granted until it is back",
-                  database.shown(self.url), why)
-        if self._connection is not None:
-            self._connection.terminate()
-            self._connection = None
-        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
-
-    async def _reconnect(self) -> None:
-        try:
-            while not self.closed:
-                await asyncio.sleep(RETRY)
-                with contextlib.suppress(Exception):
-                    connection = await database.connect(self.url)
-                    try:
-                        records = await connection.fetch(_ROWS)
-                    except BaseException:
-                        await connection.close()
-                        raise
-                    self._connection = connection
-                    log.info("dhcp: the database %s is back; granting addresses again", database.shown(self.url))
-                    self._learn(records)
-                    self._synced = time.monotonic()
-                    return
-        finally:
-            self._reconnecting = None
+    async def _back(self, connection: asyncpg.Connection) -> None:
+        """The database is back: the whole table into the view."""
+        self._learn(await connection.fetch(_ROWS))
+        self._synced = time.monotonic()
 
     async def _follow(self) -> None:
         """Every FOLLOW seconds, the rows changed since the last look (by any server) into the view; every RESYNC
@@ -250,15 +213,15 @@ class LeaseDatabase:
         it (sequence numbers are not commit order)."""
         while not self.closed:
             await asyncio.sleep(FOLLOW)
-            connection = self._connection
+            connection = self._link.connection
             if connection is None or connection.is_closed():
                 continue
             whole = time.monotonic() - self._synced >= RESYNC
             try:
-                async with self._turn:
+                async with self._link.turn:
                     records = await (connection.fetch(_ROWS) if whole else connection.fetch(_CHANGED, self._seen))
-            except _GONE as e:
-                self._away(e)
+            except database.GONE as e:
+                self._link.away(e)
                 continue
             except asyncpg.PostgresError as e:
                 self._failed(e)

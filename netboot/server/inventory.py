@@ -18,13 +18,18 @@ from netboot.status.inventory import Refused
 log = logging.getLogger("netboot.serve")
 
 Write = Callable[[Callable[[str], str]], Awaitable[None]]  # the server's: edit, check, replace, serve (see Server)
+# With --database: a machine's table (None: removed) written into the site's database; True when added (Server).
+WriteTable = Callable[[str, dict[str, Any] | None], Awaitable[bool]]
 Seen = Callable[[str], tuple[str, str]]  # a MAC -> (the interface DHCP saw it on, the address of its last request)
 
 
 class ServerInventory:
-    def __init__(self, write: Write | None, profiles: Callable[[], list[str]], seen: Seen) -> None:
-        """`write`: None without a machines file (netboot serve --dir)."""
+    def __init__(self, write: Write | None, profiles: Callable[[], list[str]], seen: Seen,
+                 write_table: WriteTable | None = None) -> None:
+        """`write`: None without a machines file (netboot serve --dir); `write_table`: with a database, which
+        then takes every write instead of the file."""
         self._write = write
+        self._write_table = write_table
         self._profiles = profiles
         self._seen = seen
 
@@ -32,6 +37,8 @@ class ServerInventory:
         return self._profiles()
 
     async def put(self, mac: str, table: dict[str, Any]) -> bool:
+        if self._write_table is not None:
+            return await self._write_table(mac, table)
         added: list[bool] = []
 
         def edit(text: str) -> str:
@@ -45,6 +52,9 @@ class ServerInventory:
         return added[-1]
 
     async def delete(self, mac: str) -> None:
+        if self._write_table is not None:
+            await self._write_table(mac, None)
+            return
         await self._edit(lambda text: delete_machine(text, mac))
         log.info("machines file: %s removed", mac)
 

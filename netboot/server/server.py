@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,10 @@ from netboot.server.namespace import BadRequest, Item, Namespace, NotFound, Pend
 from netboot.server.overlay import tree_stat
 from netboot.server.overlay_cache import Prepared
 from netboot.state import database
+from netboot.state.boot_log import BootLog
+from netboot.state.machine_tables import MachineTables, Unreachable
 from netboot.status import BootRecord, Live, StatusConfig, start_status
+from netboot.status.inventory import Refused
 from netboot.tftp.command import parse_listen
 from netboot.tftp.content import BytesContent, Content, ContentError, FileContent, Peer, Resolver
 from netboot.tftp.content import NotFound as TftpNotFound
@@ -73,6 +77,7 @@ class ServeOptions:
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
     state_dir: Path = Path("/var/lib/netboot")  # builds of profiles with a system (and DHCP leases, in dhcp)
     database: str | None = None  # the site's PostgreSQL database (--database), shared with its other servers
+    name: str = field(default_factory=socket.gethostname)  # this server's name there, and on its events (--name)
     loaders: Loaders = field(default_factory=Loaders)  # shim, GRUB and MokManager per architecture (--loaders)
 
 
@@ -81,14 +86,18 @@ class Server:
         if (opts.out is None) == (opts.machines is None):
             raise NetbootError("give either --dir OUT or --machines FILE")
         self.opts = opts
-        machines = (Machines.single(opts.out) if opts.out
-                    else Machines.load(opts.machines, opts.state_dir))  # type: ignore[arg-type]
+        machines = self._file()
         # Profiles that name a system: built here; a new build is served as soon as it is in place.
         self.builds = SystemBuilds(opts.state_dir, switched=lambda: self.namespace.refresh())
         self.builds.prepare(machines)
         self.namespace = Namespace(machines, single_dir=opts.out is not None, grace=opts.grace, loaders=opts.loaders)
         # What the status listener shows; without one, nothing is recorded.
-        self.record = BootRecord(self._build_of) if opts.status is not None else None
+        self.record = BootRecord(self._build_of, server=opts.name) if opts.status is not None else None
+        # With --database: the machines written through the API (laid over the file's), and the site's boots.
+        self._site: database.Link | None = None
+        self._tables: MachineTables | None = None
+        self._table_errors: set[str] = set()
+        self._boot_log: BootLog | None = None
         self._configure_record(machines)
         self._machines_seen = self._machines_stat()
         self._runner: web.AppRunner | None = None
@@ -121,6 +130,7 @@ class Server:
         if self.opts.database is not None:
             # First: a wrong URL or credentials, or a newer schema, is a one-line error before anything listens.
             await database.check(self.opts.database)
+            await self._start_database(self.opts.database)
         if self.opts.status is not None:
             await self._start_status(self.opts.status)
         await self._start_http()
@@ -128,6 +138,35 @@ class Server:
             await self._start_tftp(self.opts.tftp)
         if self.opts.dhcp is not None:
             await self._start_dhcp(self.opts.dhcp)
+
+    async def _start_database(self, url: str) -> None:
+        self._site = await database.Link.open(
+            url, log, "site", "machines written through the API stay as they were read last, and the other "
+            "servers' boots are not shown", "the site's machines and boots are read again")
+        self._tables = await MachineTables.open(self._site, self.opts.name, self._reload.set)
+        log.info("machines: %d written through the API, in the database %s", sum(
+            t is not None for t in self._tables.tables.values()), database.shown(url))
+        if self._tables.tables:
+            await self.reload()
+        if self.record is not None:
+            self._boot_log = await BootLog.open(self._site, self.opts.name, self.record.learn)
+            self.record.sink = self._boot_log.add
+
+    def _file(self) -> Machines:
+        """The machines file as it is on disk, or --dir's one profile."""
+        return (Machines.single(self.opts.out) if self.opts.out
+                else Machines.load(self.opts.machines, self.opts.state_dir))  # type: ignore[arg-type]
+
+    def _load(self) -> Machines:
+        """The machines file with the database's machines over it."""
+        machines = self._file()
+        if self._tables is None:
+            return machines
+        laid, errors = machines.with_tables(self._tables.tables, strict=False)
+        for error in sorted(set(errors) - self._table_errors):
+            log.error("machines: not served here: %s", clip(error, 300))
+        self._table_errors = set(errors)
+        return laid
 
     def _build_of(self, profile: str) -> tuple[str, str] | None:
         files = self.namespace.profiles.get(profile)
@@ -138,14 +177,15 @@ class Server:
 
     def _configure_record(self, machines: Machines) -> None:
         if self.record is not None:
-            self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
+            self.record.configure({mac: m.profile for mac, m in machines.machines.items()}, machines.from_database)
 
     async def _start_status(self, config: StatusConfig) -> None:
         assert self.record is not None
         live = Live(tftp_in_flight=lambda: self._tftp.transfers if self._tftp else 0,
                     tftp_refused=lambda: self._tftp.refused if self._tftp else 0, builds=self._builds)
         inventory = ServerInventory(self.write_machines if self.opts.machines is not None else None,
-                                    lambda: sorted(self.namespace.machines.profiles), self._seen)
+                                    lambda: sorted(self.namespace.machines.profiles), self._seen,
+                                    self.write_table if self.opts.database is not None else None)
         self._status, self.status_port = await start_status(config, self.record, live, inventory)
         where = Endpoint(config.host, self.status_port).url("https" if config.tls else "http")
         log.info("status: %s/ (machines page), /api/machines, /api/events, /metrics%s", where,
@@ -244,7 +284,7 @@ class Server:
     async def reload(self, only_if_changed: bool = False) -> None:
         """Re-read the machines file now (SIGHUP); a file with an error keeps the previous configuration.
         `only_if_changed`: unless it is the version served already (a write of the status listener's)."""
-        if self.opts.machines is None:
+        if self.opts.machines is None and self._tables is None:
             self.namespace.refresh()
             return
         async with self._reloading:
@@ -253,7 +293,7 @@ class Server:
             if self.record is not None:
                 self.record.reloads += 1
             try:
-                machines = Machines.load(self.opts.machines, self.opts.state_dir)
+                machines = self._load()
                 await asyncio.to_thread(self.builds.prepare, machines)  # a new profile's system: built first
                 if self._dhcp is not None:
                     self._dhcp.check(machines)
@@ -288,6 +328,43 @@ class Server:
             self._machines_seen = self._machines_stat(written)  # this very file: a later edit is still seen
             self._configure_record(machines)
             log.info("machines file written: %d profiles, %d machines", len(machines.profiles), self._count(machines))
+
+    async def write_table(self, mac: str, table: dict | None) -> bool:
+        """The status listener's write with --database: a machine's table (None: removed) checked as the file's
+        with it would be, written into the database for every server, and served here before returning; True
+        when the machine was not served before. Refused (400, 404, 503) when it cannot be."""
+        assert self._tables is not None
+        async with self._reloading:
+            served = mac in self.namespace.machines.machines
+            if table is None and not served:
+                raise Refused(404, f"{mac} is not a machine of the machines file or the database")
+            tables = {**self._tables.tables, mac: table}
+            try:
+                machines, overlays = await asyncio.to_thread(self._checked_tables, mac, tables)
+            except NetbootError as e:
+                raise Refused(400, f"not written: {e}") from None
+            try:
+                await self._tables.put(mac, table)
+            except Unreachable as e:
+                raise Refused(503, str(e)) from None
+            if self.record is not None:
+                self.record.reloads += 1
+            self.namespace.reload(machines, overlays)
+            self._configure_record(machines)
+            log.info("machines: %s %s in the database (%s)", mac,
+                     "removed" if table is None else "replaced" if served else "added",
+                     clip(", ".join(f"{k}={v!r}" for k, v in (table or {}).items()), 200))
+            return not served
+
+    def _checked_tables(self, mac: str, tables: dict[str, dict | None]) -> tuple[Machines, Prepared]:
+        """The machines with `tables` over the file, as a load checks them, `mac`'s table strictly (in a thread)."""
+        machines, _ = self._file().with_tables(tables, strict=False)
+        if tables[mac] is not None and mac not in machines.from_database:
+            machines.with_tables({mac: tables[mac]})  # raises its error
+        self.builds.prepare(machines)
+        if self._dhcp is not None:
+            self._dhcp.check(machines)
+        return machines, self.namespace.overlays.prepare(machines, strict=True)
 
     def _checked(self, text: str) -> tuple[Machines, Prepared]:
         """The machines file's new text checked as a load at start checks it (in a thread)."""
@@ -327,6 +404,9 @@ class Server:
 
     async def close(self) -> None:
         await self.builds.close()
+        for part in (self._tables, self._boot_log, self._site):
+            if part is not None:
+                part.close()
         if self._dhcp is not None:
             self._dhcp.close()
         if self._tftp is not None:

@@ -12,8 +12,11 @@ never writes into a newer layout.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import urllib.parse
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -25,6 +28,11 @@ log = logging.getLogger("netboot.state")
 SCHEMA_LOCK = 0x6E62_0001  # creating or upgrading the schema
 
 CONNECT_TIMEOUT = 5.0
+RETRY = 1.0  # seconds between attempts to reach the database again
+# What says the connection is gone (the server stopped or restarted, the network cut), rather than one statement
+# failing.
+GONE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+        asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
 
 # Step n takes a schema of version n - 1 to version n.
 _STEPS: tuple[str, ...] = (
@@ -45,6 +53,42 @@ _STEPS: tuple[str, ...] = (
     );
     CREATE INDEX lease4_mac ON lease4 (mac);
     CREATE INDEX lease4_changed ON lease4 (changed);
+    """,
+    # 2: the write API's machines, and the boot record of every server.
+    # machine: a table written through one server's API, served by all; tbl NULL: removed through the API (it
+    # hides the machine from every server's machines file). `changed`, as lease4's, numbers every write.
+    # boot_event: each server's events, numbered by the server itself (one writer per server, so a server's
+    # rows commit in the order of their numbers and a reader that remembers the last number misses none); a row
+    # with protocol '' carries only facts that DHCP noted. server: every server that wrote, and when.
+    """
+    CREATE SEQUENCE machine_changes;
+    CREATE TABLE machine (
+        mac text PRIMARY KEY,
+        tbl jsonb,
+        server text NOT NULL,
+        changed bigint NOT NULL DEFAULT nextval('machine_changes')
+    );
+    CREATE TABLE boot_event (
+        server text NOT NULL,
+        seq bigint NOT NULL,
+        time double precision NOT NULL,
+        client text NOT NULL,
+        protocol text NOT NULL,
+        path text NOT NULL,
+        status text NOT NULL,
+        ok boolean NOT NULL,
+        bytes bigint NOT NULL,
+        mac text,
+        profile text,
+        build text,
+        retransmissions integer NOT NULL,
+        facts jsonb,
+        PRIMARY KEY (server, seq)
+    );
+    CREATE TABLE netboot_server (
+        name text PRIMARY KEY,
+        started double precision NOT NULL
+    );
     """,
 )
 VERSION = len(_STEPS)
@@ -108,6 +152,91 @@ async def check(url: str) -> None:
         await prepare(connection)
     finally:
         await connection.close()
+
+
+Back = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+class Link:
+    """A connection kept to the database: when it is lost (closed under it, or `away` when a statement finds it
+    gone), one log line, then a new connection every RETRY seconds; once every `on_back(connection)` has run on the
+    new one without an error (reading what changed meanwhile), one line more. Statements take `turn`, one at a time
+    on the connection."""
+
+    def __init__(self, url: str, connection: asyncpg.Connection, logger: logging.Logger, part: str, away: str,
+                 back: str) -> None:
+        """`part`: the log lines' first word ("dhcp"); `away`, `back`: what they say besides the database's name
+        (what is and is not done meanwhile)."""
+        self.url = url
+        self.connection: asyncpg.Connection | None = None
+        self.turn = asyncio.Lock()
+        self.closed = False
+        self.on_back: list[Back] = []
+        self._log = logger
+        self._part = part
+        self._away_text, self._back_text = away, back
+        self._reconnecting: asyncio.Task | None = None
+        self._use(connection)
+
+    @classmethod
+    async def open(cls, url: str, logger: logging.Logger, part: str, away: str, back: str) -> Link:
+        """Connected, the schema ready; a one-line NetbootError if the database cannot be used."""
+        connection = await connect(url)
+        try:
+            await prepare(connection)
+        except BaseException:
+            await connection.close()
+            raise
+        return cls(url, connection, logger, part, away, back)
+
+    def _use(self, connection: asyncpg.Connection) -> None:
+        self.connection = connection
+        # The server going away closes an idle connection too: that is noticed at once, not at the next statement.
+        connection.add_termination_listener(lambda closed: self.away(None) if closed is self.connection else None)
+
+    @property
+    def reachable(self) -> bool:
+        return self.connection is not None and not self.connection.is_closed()
+
+    def away(self, error: BaseException | None) -> None:
+        if self._reconnecting is not None or self.closed:
+            return
+        why = f": {line(error) or type(error).__name__}" if error is not None else ""
+        self._log.error("%s: %s cannot be reached%s; %s", self._part, self.name, why, self._away_text)
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.terminate()
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    @property
+    def name(self) -> str:
+        return f"the database {shown(self.url)}"
+
+    async def _reconnect(self) -> None:
+        try:
+            while not self.closed:
+                await asyncio.sleep(RETRY)
+                with contextlib.suppress(Exception):
+                    connection = await connect(self.url)
+                    try:
+                        for back in self.on_back:
+                            await back(connection)
+                    except BaseException:
+                        connection.terminate()
+                        raise
+                    self._use(connection)
+                    self._log.info("%s: %s is back; %s", self._part, self.name, self._back_text)
+                    return
+        finally:
+            self._reconnecting = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.terminate()
 
 
 def line(error: BaseException) -> str:

@@ -51,6 +51,7 @@ class BootEvent(NamedTuple):
     profile: str | None
     build: str | None
     retransmissions: int
+    server: str  # the server that served it (netboot serve --name)
 
     def json(self) -> dict[str, Any]:
         out = self._asdict()
@@ -121,6 +122,7 @@ class Machine:
     profile: str | None = None  # the machines file's, until it is seen
     configured: bool = False
     facts: tuple[tuple[str, str], ...] = ()  # what it said of itself, and what DHCP saw (FACTS)
+    source: str | None = None  # where its table is: "file" (the machines file), "database" (the site's), or none
 
     def history(self) -> list[BootEvent]:
         """Its last few events, oldest first."""
@@ -157,6 +159,7 @@ class Machine:
         handed = self.handed_over(boot)
         return {
             "mac": self.mac, "state": self.state, "profile": self.current_profile, "configured": self.configured,
+            "source": self.source,
             "build": last.build if last else None, "system": systems.get(last.build or "") if last else None,
             "client": last.client if last else None,
             "last": None if last is None else {"path": last.path, "protocol": last.protocol, "status": last.status,
@@ -206,12 +209,20 @@ _UNKNOWN = object()
 _now = time.time
 
 Builds = Callable[[str], tuple[str, str] | None]  # profile -> (build id, system) of what it serves now
+# What a server tells the others of its requests (a site's servers share their record: netboot.state.boot_log):
+# (time, client, protocol, path, status, ok, bytes, mac, profile, build, retransmissions, facts, server); a row
+# whose protocol is "" carries only facts that DHCP noted.
+Row = tuple[float, str, str, str, str, bool, int, str | None, str | None, str | None, int, tuple[tuple[str, str], ...],
+            str]
 
 
 class BootRecord:
-    def __init__(self, builds: Builds | None = None, *, max_machines: int = 10_000, per_machine: int = 20,
-                 recent: int = 1_000, max_bytes: int = 96 << 20) -> None:
+    def __init__(self, builds: Builds | None = None, *, server: str = "", max_machines: int = 10_000,
+                 per_machine: int = 20, recent: int = 1_000, max_bytes: int = 96 << 20) -> None:
         self.builds: Builds = builds or (lambda profile: None)
+        self.server = server  # this server's name, on its events
+        # Told of this server's requests and facts as rows, a batch at a time (a site's shared record), if set.
+        self.sink: Callable[[list[Row]], None] | None = None
         self.max_machines = max_machines
         self.per_machine = per_machine
         # The machines' events, in bytes (near enough: `_EVENT_BYTES` each, plus its path): beyond `max_bytes`,
@@ -223,6 +234,7 @@ class BootRecord:
         # looking at tuples of plain values (it never does at a list).
         self._events: dict[str, tuple[tuple[Any, ...], ...]] = {}
         self._configured: dict[str, str] = {}  # the machines file's MACs and profiles
+        self._sources: dict[str, str] = {}  # where each configured machine's table is: "file" or "database"
         self._recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=recent)  # BootEvents' fields
         self._seq = 0
         # Machines seen but not configured, in the order they joined the queue, with the seq they joined at.
@@ -246,8 +258,9 @@ class BootRecord:
         # Boots started and handed over, per minute: [minute since the epoch, started, handed over], oldest first.
         self._minutes: collections.deque[list[int]] = collections.deque(maxlen=CHART_MINUTES + 1)
 
-    def configure(self, machines: dict[str, str]) -> None:
-        """The machines file's MACs and profiles (at start and after each reload)."""
+    def configure(self, machines: dict[str, str], database: Iterable[str] = ()) -> None:
+        """The machines file's MACs and profiles (at start and after each reload); `database`: those whose tables
+        are the site database's rather than the file's."""
         for mac in self._configured:
             if mac not in machines and mac in self._events:
                 self._unconfigured[mac] = self._seq  # seen: still shown, until it is the least recent
@@ -257,11 +270,19 @@ class BootRecord:
             self._unconfigured.pop(mac, None)
             self._loose.pop(mac, None)
         self._configured = dict(machines)
+        from_database = set(database)
+        self._sources = {mac: "database" if mac in from_database else "file" for mac in machines}
         self._bound()
 
     def note_facts(self, mac: str, facts: Iterable[tuple[str, str]]) -> None:
         """What is known of a machine besides its requests (DHCP's facts: `dhcp_arch`, `interface`); kept with
         its other facts, and for machines that have not asked for a file yet, for the last MAX_LOOSE of them."""
+        facts = tuple(facts)
+        if self.sink is not None:
+            self.sink([(_now(), "", "", "", "", True, 0, mac, None, None, 0, facts, self.server)])
+        self._note_facts(mac, facts)
+
+    def _note_facts(self, mac: str, facts: Iterable[tuple[str, str]]) -> None:
         self._store_facts(mac, facts)
         self._facts_seq += 1
         if mac not in self._events and mac not in self._configured:
@@ -316,12 +337,30 @@ class BootRecord:
         if len(path) > MAX_PATH // 4:  # (a character is at most four bytes)
             path = clip_path(path)
         pending = self._pending
-        pending.append((_now(), client, protocol, path, status, ok, nbytes, mac, profile, retransmissions, facts))
+        pending.append((_now(), client, protocol, path, status, ok, nbytes, mac, profile, retransmissions, facts,
+                        None, None))
         if len(pending) >= _BATCH:
             self.flush()
-        elif self._subscribers and not self._flush_scheduled:
+        elif (self._subscribers or self.sink) and not self._flush_scheduled:
             self._flush_scheduled = True  # live readers get each event within a tenth of a second
             asyncio.get_running_loop().call_later(0.1, self.flush)
+
+    def learn(self, rows: Iterable[Row]) -> None:
+        """Another server's requests and facts (its rows, as its sink had them), shown as this server's are."""
+        pending = self._pending
+        for now, client, protocol, path, status, ok, nbytes, mac, profile, build, retransmissions, facts, server \
+                in rows:
+            if not protocol:
+                if mac:
+                    self._note_facts(mac, facts)
+                    self._facts_seq += 1
+                continue
+            if len(path) > MAX_PATH // 4:
+                path = clip_path(path)
+            pending.append((now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions, facts,
+                            build, server))
+        if len(pending) >= _BATCH or self._subscribers:
+            self.flush()
 
     def flush(self) -> None:
         """Apply the noted requests; every reader calls this first."""
@@ -335,12 +374,14 @@ class BootRecord:
         stored = self.bytes
         seq = self._seq
         batch = []
+        me, told = self.server, [] if self.sink is not None else None  # this server's requests, for the sink
         # What the last event counted in: most requests of a batch are alike, and their strings the same objects.
         last_protocol = last_status = last_profile = None
         count = [0, 0]
         build = profiled = None
         # One loop with everything written out in it: this runs for every request served.
-        for now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions, facts in pending:
+        for now, client, protocol, path, status, ok, nbytes, mac, profile, retransmissions, facts, given, server \
+                in pending:
             if profile is not last_profile:
                 last_profile = profile
                 if profile is None:
@@ -352,8 +393,15 @@ class BootRecord:
                     if profiled is None:
                         profiled = per_profile[profile] = [0, 0]
             seq += 1
-            event = (seq, now, client, protocol, path, status, ok, nbytes, mac, profile, build,
-                     retransmissions)  # a BootEvent's fields
+            if server is None:  # this server's
+                event = (seq, now, client, protocol, path, status, ok, nbytes, mac, profile, build,
+                         retransmissions, me)  # a BootEvent's fields
+                if told is not None:
+                    told.append((now, client, protocol, path, status, ok, nbytes, mac, profile, build,
+                                 retransmissions, facts, me))
+            else:  # another server's, with the build it served
+                event = (seq, now, client, protocol, path, status, ok, nbytes, mac, profile, given,
+                         retransmissions, server)
             batch.append(event)
             if status is not last_status or protocol is not last_protocol:
                 last_status, last_protocol = status, protocol
@@ -402,6 +450,8 @@ class BootRecord:
         while self.bytes > self.max_bytes and unconfigured:
             self._forget_one(seq)
         self._recent.extend(batch)
+        if told:
+            self.sink(told)  # type: ignore[misc]
         if self._subscribers:
             for event in batch:
                 self._publish(BootEvent._make(event))
@@ -502,6 +552,7 @@ class Snapshot:
         self.facts = dict(record._facts)  # each machine's facts is a tuple, replaced but never changed
         self.minutes = [tuple(m) for m in record._minutes]
         self.configured = record._configured  # replaced, never changed, by configure()
+        self.sources = record._sources  # the same
         self.systems = dict(record.systems)
         self.counts = {p: {status: c[:] for status, c in by.items()} for p, by in record._counts.items()}
         self.per_profile = {p: n[:] for p, n in record._per_profile.items()}
@@ -517,11 +568,12 @@ class Snapshot:
         if self._machines is None:
             configured = self.configured
             facts = self.facts
-            found = {mac: Machine(mac, events, configured.get(mac), mac in configured, facts.get(mac, ()))
-                     for mac, events in self.events.items()}
+            sources = self.sources
+            found = {mac: Machine(mac, events, configured.get(mac), mac in configured, facts.get(mac, ()),
+                                  sources.get(mac)) for mac, events in self.events.items()}
             for mac, profile in configured.items():
                 if mac not in found:
-                    found[mac] = Machine(mac, (), profile, True, facts.get(mac, ()))
+                    found[mac] = Machine(mac, (), profile, True, facts.get(mac, ()), sources.get(mac))
             self._machines = found
         return self._machines
 
@@ -532,7 +584,7 @@ class Snapshot:
 
     def machine(self, mac: str) -> Machine:
         return Machine(mac, self.events.get(mac, ()), self.configured.get(mac), mac in self.configured,
-                       self.facts.get(mac, ()))
+                       self.facts.get(mac, ()), self.sources.get(mac))
 
     def known(self, mac: str) -> bool:
         """Whether the record knows `mac`: seen, configured, or answered by DHCP."""
