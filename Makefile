@@ -1,11 +1,26 @@
-# netboot: `make demo` and `make test` install what they need on a Debian machine, then run.
+# netboot: `make demo` and `make test` install what they need on a Debian machine, then run; `make install`
+# installs netboot itself. Each says which Debian packages it is about to install before it does.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Debian packages, one group per purpose (README explains each).
+# Debian packages, one list per purpose (docs/dependencies.md says why each is there).
+# make install: what netboot runs at build and serve time, and what installing it compiles with.
+RUN_PACKAGES := python3-venv gcc python3-dev
+RUN_PACKAGES += squashfs-tools erofs-utils zstd xz-utils lz4 gzip busybox-static ipxe
+# make demo: the demo system (tests/system/build: Nix, Debian's kernel from /boot and its modules, busybox-static,
+# depmod), packing it in the default format (squashfs, zstd), and QEMU with its iPXE ROM. linux-image-amd64 only
+# when /boot holds no kernel at all: the demo boots whatever kernel the host has.
+DEMO_PACKAGES := python3-venv gcc python3-dev nix-bin busybox-static kmod squashfs-tools zstd
+DEMO_PACKAGES += qemu-system-x86 ipxe-qemu
+DEMO_PACKAGES += $(if $(wildcard /boot/vmlinuz-*),,linux-image-amd64)
+# make demo-proxy: the same, booted by OVMF's own PXE client on a LAN of network namespaces beside dnsmasq,
+# chaining Debian's ipxe.efi.
+DEMO_PROXY_PACKAGES := $(DEMO_PACKAGES) ovmf ipxe dnsmasq-base iproute2
+
+# make test (and the benchmarks, which boot the same systems): everything the whole suite runs.
 DEBIAN_PACKAGES := python3-venv gcc python3-dev
 DEBIAN_PACKAGES += squashfs-tools erofs-utils zstd xz-utils lz4 gzip busybox-static kmod
 DEBIAN_PACKAGES += nix-bin linux-image-amd64 cpio libarchive13
@@ -21,23 +36,58 @@ DEBIAN_PACKAGES += postgresql
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db lint clean
+# Where make install puts netboot: a virtual environment of its own (Debian's python3 refuses pip installs into
+# the system's, PEP 668) and a link to its command, the path contrib/netboot.service runs.
+PREFIX ?= /usr/local
+INSTALL_LIB := $(PREFIX)/lib/netboot
+INSTALL_BIN := $(PREFIX)/bin
+
+.PHONY: all deps packages demo-deps demo-proxy-deps install-deps install uninstall venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db lint clean
 all: test
 
+# The Debian packages of PACKAGES that are missing, installed for FOR (a target's name), saying so first.
+# --no-upgrade: a package already installed stays at its version.
+packages:
+	@missing=$$(for p in $(PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "$(FOR): installing Debian packages:" $$missing; \
+	    $(SUDO) apt-get update -q && \
+	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends --no-upgrade $$missing; \
+	fi
+
+# make test's: the whole suite's packages, and dpkg's arm64 architecture.
 deps:
 	@# The arm64 test system's kernel, modules and busybox are Debian's arm64 packages, downloaded and unpacked
 	@# (tests/system/arm64-packages), never installed: apt needs dpkg's arm64 architecture to know them.
 	@if ! dpkg --print-foreign-architectures | grep -qx arm64; then \
-	    echo "adding dpkg's arm64 architecture"; \
+	    echo "make test: adding dpkg's arm64 architecture (arm64 packages are downloaded for the tests, never installed)"; \
 	    $(SUDO) dpkg --add-architecture arm64 && $(SUDO) apt-get update -q; \
 	fi
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
-	if [ -n "$$missing" ]; then \
-	    echo "installing Debian packages:" $$missing; \
-	    $(SUDO) apt-get update -q && \
-	    DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	@$(MAKE) --no-print-directory packages FOR="make test" PACKAGES="$(DEBIAN_PACKAGES)"
+
+demo-deps:
+	@$(MAKE) --no-print-directory packages FOR="make demo" PACKAGES="$(DEMO_PACKAGES)"
+
+demo-proxy-deps:
+	@$(MAKE) --no-print-directory packages FOR="make demo-proxy" PACKAGES="$(DEMO_PROXY_PACKAGES)"
+
+install-deps:
+	@$(MAKE) --no-print-directory packages FOR="make install" PACKAGES="$(RUN_PACKAGES)"
+
+# netboot from this checkout (not editable) in $(INSTALL_LIB), its command linked as $(INSTALL_BIN)/netboot.
+# Again to upgrade; PREFIX=DIR to install elsewhere.
+install: install-deps
+	@echo "make install: netboot into $(INSTALL_LIB), its command as $(INSTALL_BIN)/netboot"
+	$(PYTHON) -m venv $(INSTALL_LIB)
+	$(INSTALL_LIB)/bin/pip install -q --disable-pip-version-check --no-cache-dir .
+	install -d $(INSTALL_BIN)
+	ln -sfn $(INSTALL_LIB)/bin/netboot $(INSTALL_BIN)/netboot
+	$(INSTALL_BIN)/netboot --version
+
+uninstall:
+	rm -f $(INSTALL_BIN)/netboot
+	rm -rf $(INSTALL_LIB)
 
 $(VENV)/.installed: pyproject.toml hatch_build.py netboot/tftp/_lockstep.c
 	$(PYTHON) -m venv $(VENV)
@@ -67,14 +117,14 @@ lint: venv
 	$(VENV)/bin/ruff check netboot devtools tests bench
 
 # Build the demo system with Nix, pack it, serve it, and network-boot a QEMU VM from it.
-demo: deps venv
+demo: demo-deps venv
 	qemu/demo
 
 # The same, booted by UEFI firmware's own PXE client through netboot's proxy DHCP on a namespace LAN (root).
-demo-proxy: deps venv
+demo-proxy: demo-proxy-deps venv
 	qemu/demo-proxy
 
-# The README's picture of the status page, taken by the test that loads it in headless Chromium.
+# docs/api.md's picture of the status page, taken by the test that loads it in headless Chromium.
 screenshot: deps venv
 	NETBOOT_SCREENSHOT=$(CURDIR)/docs/status-page.png $(VENV)/bin/pytest -q tests/vm/test_fleet_boot.py -k page
 
@@ -86,7 +136,7 @@ DHCP_BENCH_PACKAGES := kea-dhcp4-server kea-admin
 BENCH_PIP := 'psycopg[binary]>=3.2'
 
 bench: deps venv
-	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES) $(DHCP_BENCH_PACKAGES)"
+	@$(MAKE) --no-print-directory packages FOR="make bench" PACKAGES="$(BENCH_PACKAGES) $(DHCP_BENCH_PACKAGES)"
 	$(VENV)/bin/pip install -q $(BENCH_PIP)
 	$(PY) bench/run.py
 
@@ -94,18 +144,18 @@ bench: deps venv
 # over the authoritative mode with and without no-pxedhcp, and perfdhcp against Kea's kea-dhcp4; each rewrites its
 # section of BENCHMARKS.md.
 bench-dhcp: deps venv
-	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(DHCP_BENCH_PACKAGES)"
+	@$(MAKE) --no-print-directory packages FOR="make bench-dhcp" PACKAGES="$(DHCP_BENCH_PACKAGES)"
 	$(PY) bench/dhcp_bench.py --update
 	$(PY) bench/dhcp_perf.py --update
 
 # Only the boot storms, HTTP against nginx and TFTP under packet loss against tftpd-hpa (part of make bench).
 bench-load: deps venv
-	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
+	@$(MAKE) --no-print-directory packages FOR="make bench-load" PACKAGES="$(BENCH_PACKAGES)"
 	$(PY) bench/load_bench.py --update
 
 # Only the cost of the status listener (part of make bench): requests/s with it on and off, memory with 200,000 MACs.
 bench-status: deps venv
-	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(BENCH_PACKAGES)"
+	@$(MAKE) --no-print-directory packages FOR="make bench-status" PACKAGES="$(BENCH_PACKAGES)"
 	$(PY) bench/status_bench.py --update
 
 # Only a Nix profile's new system: from nix-env --set to served, on the 1 GB closure (part of make bench).

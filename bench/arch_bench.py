@@ -70,7 +70,7 @@ def network_boots(outs: dict[tuple[str, str], Path], runs: int) -> dict[tuple[st
     fleet.write_text(text)
     times: dict[tuple[str, str], list[tuple[float, float]]] = {key: [] for key in outs}
     with Lan() as lan:
-        # GRUB takes its TFTP server from the site's acknowledgement (README, "Boot with Secure Boot on").
+        # GRUB takes its TFTP server from the site's acknowledgement (docs/secure-boot-arm64.md).
         lan.host("site", f"{lanboot.SITE_ADDRESS}/24").dnsmasq(
             f"--dhcp-option=option:server-ip-address,{lanboot.NETBOOT_ADDRESS}", leasefile=WORK / "dnsmasq.leases")
         server = lan.host("netboot", f"{lanboot.NETBOOT_ADDRESS}/24")

@@ -3,7 +3,7 @@
 proxy: OVMF with the NIC's option ROM disabled, so EDK2's own PXE client takes the first step; EDK2 PXE ->
 ipxe.efi over TFTP -> boot.ipxe over HTTP -> kernel + initrd -> init. Both runs have dnsmasq as the site's DHCP
 server handing out the address and `netboot serve` serving TFTP and HTTP; they differ only in who hands out the
-boot files: `netboot serve --dhcp proxy`, or dnsmasq itself configured as README's "With your own DHCP server
+boot files: `netboot serve --dhcp proxy`, or dnsmasq itself configured as docs/dhcp.md's "With your own DHCP server
 instead" says.
 
 ipxe: the same chain with `netboot serve --dhcp RANGE` alone, with and without option 175 (no-pxedhcp) in its
@@ -61,7 +61,7 @@ def proxy_section(runs: int) -> str:
         f"OVMF with EDK2's own PXE client (`romfile=`), software emulation: EDK2 PXE -> `ipxe.efi` over TFTP -> "
         f"`boot.ipxe` over HTTP -> kernel and initrd -> init, on a LAN in network namespaces (bench/dhcp_bench.py, "
         f"devtools.lanboot). dnsmasq is the site's DHCP server in both; the boot files come from `netboot serve "
-        f"--dhcp proxy` or from dnsmasq itself (README's configuration). Squashfs format, initrd "
+        f"--dhcp proxy` or from dnsmasq itself (docs/dhcp.md's configuration). Squashfs format, initrd "
         f"{(out / 'initrd').stat().st_size / 1e6:.1f} MB. Median of {runs} interleaved runs each.",
         "",
         "| boot files from | runs | median | ratio |",

@@ -75,7 +75,7 @@ def boot(chain: str, out: Path, cert: Path, tmp: Path) -> float:
             (only / name).write_bytes(source.path.read_bytes())
         serve_args += ["--loaders", f"x86_64={only}"]
     with Lan() as lan:
-        # GRUB takes its server from the acknowledgement of its address (README, "Boot with Secure Boot on").
+        # GRUB takes its server from the acknowledgement of its address (docs/secure-boot-arm64.md).
         lan.host("site", f"{lanboot.SITE_ADDRESS}/24").dnsmasq(
             f"--dhcp-option=option:server-ip-address,{lanboot.NETBOOT_ADDRESS}", leasefile=tmp / "dnsmasq.leases")
         log = tmp / f"{chain}.log"

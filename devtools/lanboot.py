@@ -4,7 +4,7 @@
 
 The LAN (devtools.lan) has the site's DHCP server, Debian's dnsmasq, on 192.0.2.2; `netboot serve --dir OUT` on
 192.0.2.10; and the VM on a tap. With `--dhcp proxy` (the default) dnsmasq hands out addresses only and
-netboot's own proxy DHCP the boot files; with `--dhcp dnsmasq` dnsmasq does both, configured as the README's
+netboot's own proxy DHCP the boot files; with `--dhcp dnsmasq` dnsmasq does both, configured as docs/dhcp.md's
 "With your own DHCP server instead" says. `uefi-pxe` is OVMF with the NIC's option ROM disabled, so EDK2's
 own PXE client takes the first step as on real UEFI machines; `bios` is SeaBIOS with QEMU's iPXE ROM.
 Used by `make demo-proxy` and the DHCP benchmark; needs root.
@@ -31,7 +31,7 @@ NETBOOT_ADDRESS = "192.0.2.10"
 SITE_ADDRESS = "192.0.2.2"
 MARKER = "NETBOOT-TEST-OK"  # what the test and demo systems print once they have checked their store
 
-# README's dnsmasq configuration, with netboot serving on NETBOOT_ADDRESS.
+# docs/dhcp.md's dnsmasq configuration, with netboot serving on NETBOOT_ADDRESS.
 DNSMASQ_PXE = (
     "--dhcp-userclass=set:ipxe,iPXE",
     "--dhcp-match=set:efi64,option:client-arch,7",

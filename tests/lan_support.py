@@ -64,7 +64,7 @@ def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
 def grub_site(lan: Lan, leasefile: Path) -> None:
     """The site's DHCP server (plain leases) naming netboot's address (192.0.2.10) as the next server: GRUB 2.06
     takes its TFTP server from the acknowledgement of its address, not from the proxy's offer the firmware followed
-    (README, "Boot with Secure Boot on")."""
+    (docs/secure-boot-arm64.md, "Boot with Secure Boot on")."""
     lan.host("site", "192.0.2.2/24").dnsmasq("--dhcp-option=option:server-ip-address,192.0.2.10", leasefile=leasefile)
 
 

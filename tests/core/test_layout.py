@@ -1,4 +1,4 @@
-"""The package's parts depend one way (README, Layout): each imports only itself and the parts below it, nothing
+"""The package's parts depend one way (docs/operations.md): each imports only itself and the parts below it, nothing
 imports the server but the command line, and the test tooling is not part of the package.
 
 Read from the source with `ast`, every import counted: at the top, inside functions (a lazy import is still a
@@ -88,7 +88,7 @@ def upward(edges: dict[str, set[str]]) -> list[str]:
 
 def test_every_part_is_listed() -> None:
     parts = {part_of(module_name(p)) for p in PACKAGE.rglob("*.py")} - {None}
-    assert parts == set(BELOW), "a new part of the package: give it its place in BELOW and in README's Layout"
+    assert parts == set(BELOW), "a new part of the package: give it its place in BELOW and in docs/operations.md"
 
 
 def test_parts_import_only_themselves_and_parts_below() -> None:

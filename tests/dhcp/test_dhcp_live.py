@@ -385,7 +385,7 @@ def test_answers_go_to_the_relay_that_sent_them_or_one_named_and_a_discover_is_n
 
 
 def test_the_readmes_dnsmasq_line_tells_ipxe_not_to_wait(lan: Lan, tmp_path: Path) -> None:
-    """README's line for a dnsmasq that hands out iPXE's boot file itself ("With your own DHCP server instead"):
+    """docs/dhcp.md's line for a dnsmasq that hands out iPXE's boot file itself ("With your own DHCP server instead"):
     its OFFER to iPXE says no-pxedhcp (option 175 holding 176 = 1), as netboot's authoritative mode's does."""
     lan.host("site", "192.0.2.2/24").dnsmasq(*DNSMASQ_PXE, "--dhcp-option=encap:175, 176, 1b",
                                              leasefile=tmp_path / "leases")

@@ -67,12 +67,12 @@ def test_the_units_command_line_serves_https_with_its_credentials(tmp_path: Path
     argv = shlex.split(re.search(r"^ExecStart=(.*)$", text, re.MULTILINE).group(1))
     credentials = dict(re.findall(r"^LoadCredential=([^:\n]+):(.+)$", text, re.MULTILINE))
     # Every credential the command line names (%d: the service's credentials directory) is loaded, from
-    # /etc/netboot, where the README has the operator make it.
+    # /etc/netboot, where docs/operations.md has the operator make it.
     named = {arg.removeprefix("%d/") for arg in argv if arg.startswith("%d/")}
     assert named == set(credentials) == {"status-token", "status.crt", "status.key"}, (named, credentials)
-    readme = (ROOT / "README.md").read_text()
+    operations = (ROOT / "docs" / "operations.md").read_text()
     for source in credentials.values():
-        assert source.startswith("/etc/netboot/") and source in readme, source
+        assert source.startswith("/etc/netboot/") and source in operations, source
     # The directory as systemd makes it, with the test's certificate and a token.
     given = tmp_path / "credentials"
     given.mkdir()

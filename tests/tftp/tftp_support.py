@@ -24,7 +24,7 @@ def tool(name: str) -> str:
     """Path of a client the tests run; its absence fails the test (it is installed on every test machine)."""
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is not installed (see the TFTP section of the README for the Debian packages)")
+        pytest.fail(f"{name} is not installed (make test installs it; docs/dependencies.md)")
     return path
 
 

@@ -167,7 +167,7 @@ class TestFleet:
         assert shot[:8] == b"\x89PNG\r\n\x1a\n"
         width, height = struct.unpack(">II", shot[16:24])
         assert width >= 1000 and height >= 200
-        target = os.environ.get("NETBOOT_SCREENSHOT")  # `make screenshot`: the README's picture
+        target = os.environ.get("NETBOOT_SCREENSHOT")  # `make screenshot`: docs/api.md's picture
         (Path(target) if target else tmp_path / "status.png").write_bytes(shot)
 
 

@@ -1,5 +1,5 @@
 """The LAN in network namespaces (devtools.lan), and real PXE firmware booting through it: Debian's dnsmasq as the
-site's DHCP server doing the PXE side as README's "DHCP" section configures it, `netboot serve` doing TFTP and HTTP.
+site's DHCP server doing the PXE side as docs/dhcp.md configures it, `netboot serve` doing TFTP and HTTP.
 """
 
 from __future__ import annotations
