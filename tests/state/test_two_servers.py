@@ -82,3 +82,41 @@ def test_two_servers_share_a_range_and_survive_a_kill(lan: Lan, postgres: Cluste
         for server in (a, b):
             if server.proc.poll() is None:
                 server.stop()
+
+
+def test_the_database_stopped_under_two_servers(lan: Lan, postgres: Cluster, tmp_path: Path) -> None:
+    """The database stopped for 10 s under two servers: known machines keep getting their scripts, no address is
+    granted (so none twice), and new leases resume within seconds of its start, with no restart of netboot."""
+    out = fake_out(tmp_path / "out")
+    a, b = start(lan, "a", A, out, postgres), start(lan, "b", B, out, postgres)
+    client = lan.host("client", f"{CLIENT}/24")
+    try:
+        before = {**dora(client, A, 0, 10), **dora(client, B, 10, 10)}
+        assert "-" not in before.values() and len(set(before.values())) == 20
+        postgres.stop()
+        stopped = time.monotonic()
+        try:
+            while time.monotonic() - stopped < 10:
+                for server in (A, B):
+                    mac = next(iter(before)).replace(":", "-")
+                    fetched = client.run(["curl", "-sf", f"http://{server}:8080/machine/{mac}/boot.ipxe"],
+                                         capture_output=True, text=True, timeout=30)
+                    assert fetched.returncode == 0 and fetched.stdout.startswith("#!ipxe"), fetched.stderr
+                during = dora(client, A, 20, 3, "--timeout", "0.5", "--tries", "1")
+                assert set(during.values()) == {"-"}, during
+        finally:
+            postgres.start()
+        started = time.monotonic()
+        while "-" in dora(client, B, 30, 1, "--timeout", "0.5", "--tries", "1").values():
+            assert time.monotonic() - started < 15, b.log
+        print(f"a new lease {time.monotonic() - started:.1f} s after the database started again")
+        after = {**dora(client, A, 31, 10), **dora(client, B, 41, 10)}
+        assert "-" not in after.values()
+        assert not set(after.values()) & set(before.values())
+        assert postgres.psql("SELECT count(*) FROM (SELECT address FROM lease4 GROUP BY address "
+                             "HAVING count(DISTINCT mac) > 1) t") == "0"
+        for server in (a, b):
+            assert server.log.count("dhcp: the database") == 2, server.log  # away, back
+    finally:
+        for server in (a, b):
+            server.stop()
