@@ -65,6 +65,22 @@ SELECT {_COLUMNS} FROM netboot_server s,
 _TRIM = "DELETE FROM boot_event WHERE server = $1 AND seq <= $2"
 
 
+# The columns a client's request decides (client, path, status, mac): text the database may refuse.
+_CLIENT_TEXT = (1, 3, 4, 7)
+
+
+def _text(text: str | None) -> str | None:
+    """`text` as PostgreSQL takes it: what UTF-8 cannot encode (a path's undecodable bytes, kept as surrogates)
+    and NUL, which no text column holds, written as escapes; a row refused would take its batch with it."""
+    if text is None:
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode()
+    return text.replace("\x00", "\\x00") if "\x00" in text else text
+
+
 class BootLog:
     def __init__(self, link: database.Link, name: str, last: int, learn: Callable[[list[Row]], None]) -> None:
         """`last`: this server's last number in the table; `learn`: gets the other servers' rows."""
@@ -104,7 +120,9 @@ class BootLog:
             rows = [self._waiting.popleft() for _ in range(min(BATCH, len(self._waiting)))]
             first = self._seq + 1
             columns = [list(c) for c in zip(*rows, strict=True)]
-            columns[11] = [json.dumps(dict(facts)) if facts else None for facts in columns[11]]
+            for i in _CLIENT_TEXT:
+                columns[i] = [_text(t) for t in columns[i]]
+            columns[11] = [json.dumps({k: _text(v) for k, v in facts}) if facts else None for facts in columns[11]]
             columns[12] = [self.name] * len(rows)
             try:
                 async with self._link.turn:
