@@ -15,7 +15,7 @@ DEBIAN_PACKAGES += qemu-system-arm qemu-efi-aarch64
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 DEBIAN_PACKAGES += chromium systemd nginx
-# Several servers on one database: the tests start throwaway PostgreSQL clusters (tests/postgres.py).
+# Several servers on one database: the tests start throwaway PostgreSQL clusters (devtools/postgres.py).
 DEBIAN_PACKAGES += postgresql
 # Secure Boot: the signed loaders served, signing and unified kernel images at build, keys in the tests.
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin

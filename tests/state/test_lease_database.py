@@ -13,9 +13,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 from dhcp_support import DISCOVER, NAK, REQUEST, ip, parse_reply, plain
-from postgres import Cluster
 from support import ROOT, fake_out
 
+from devtools.postgres import Cluster
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
 from netboot.dhcp import boot
