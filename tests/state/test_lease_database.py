@@ -162,6 +162,22 @@ async def test_an_offer_not_taken_is_released(postgres: Cluster) -> None:
     b.store.close()
 
 
+async def test_a_late_offer_leaves_the_other_servers_lease(postgres: Cluster) -> None:
+    """Both servers hear the DISCOVER; a answers and ACKs before b has made its offer's claim. b's offer, then its
+    release when it sees the REQUEST name a, leave a's lease in the table: the address stays the client's."""
+    a, b = await open_site(postgres, "a", "192.0.2.2"), await open_site(postgres, "b", "192.0.2.3")
+    mac = "52:54:00:12:00:04"
+    offered = yiaddr(await a.answer(discover(mac)))
+    assert yiaddr(await a.answer(request(mac, offered, a.address))) == offered
+    assert yiaddr(await b.answer(discover(mac))) == offered
+    assert await b.answer(request(mac, offered, a.address)) is None
+    await b.store.write(b.store.take())
+    assert postgres.psql(f"SELECT address, state, server FROM lease4 WHERE mac = '{mac}'") == (
+        f"{int(IPv4Address(offered))}|0|a")
+    a.store.close()
+    b.store.close()
+
+
 async def test_many_concurrent_claims_never_hold_an_address_twice(postgres: Cluster) -> None:
     """Eight servers claim random addresses of a range of 64 for 1,280 clients at once, in groups: whatever the
     interleaving, no two clients ever won the same address (the leases never expire here), and what the database
