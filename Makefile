@@ -21,7 +21,7 @@ DEBIAN_PACKAGES += postgresql
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
 
-.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db lint clean
+.PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db bench-ha demo-ha lint clean
 all: test
 
 deps:
@@ -73,6 +73,10 @@ demo: deps venv
 # The same, booted by UEFI firmware's own PXE client through netboot's proxy DHCP on a namespace LAN (root).
 demo-proxy: deps venv
 	qemu/demo-proxy
+
+# Two servers on one PostgreSQL, authoritative on one range; one killed (kill -9), the VM still boots (root).
+demo-ha: deps venv
+	qemu/demo-ha
 
 # The README's picture of the status page, taken by the test that loads it in headless Chromium.
 screenshot: deps venv
@@ -141,6 +145,12 @@ bench-fetch: deps venv
 bench-db: deps venv
 	$(VENV)/bin/pip install -q $(BENCH_PIP)
 	$(PY) bench/db_driver.py --update
+
+# Only two servers on one database (part of make bench): perfdhcp, broadcasting, against a pair of netboot serve
+# --database and a pair of kea-dhcp4 with its PostgreSQL lease backend, on one throwaway cluster and one range.
+bench-ha: deps venv
+	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(DHCP_BENCH_PACKAGES)"
+	$(PY) bench/ha_perf.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out
