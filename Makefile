@@ -19,6 +19,8 @@ DEMO_PACKAGES += $(if $(wildcard /boot/vmlinuz-*),,linux-image-amd64)
 # make demo-proxy: the same, booted by OVMF's own PXE client on a LAN of network namespaces beside dnsmasq,
 # chaining Debian's ipxe.efi.
 DEMO_PROXY_PACKAGES := $(DEMO_PACKAGES) ovmf ipxe dnsmasq-base iproute2
+# make demo-ha: the same LAN with two servers on one throwaway PostgreSQL cluster.
+DEMO_HA_PACKAGES := $(DEMO_PROXY_PACKAGES) postgresql util-linux
 
 # make test (and the benchmarks, which boot the same systems): everything the whole suite runs.
 DEBIAN_PACKAGES := python3-venv gcc python3-dev
@@ -30,7 +32,7 @@ DEBIAN_PACKAGES += qemu-system-arm qemu-efi-aarch64
 DEBIAN_PACKAGES += curl tftp-hpa atftp util-linux procps
 DEBIAN_PACKAGES += dnsmasq-base iproute2 nftables
 DEBIAN_PACKAGES += chromium systemd nginx
-# Several servers on one database: the tests start throwaway PostgreSQL clusters (tests/postgres.py).
+# Several servers on one database: the tests start throwaway PostgreSQL clusters (devtools/postgres.py).
 DEBIAN_PACKAGES += postgresql
 # Secure Boot: the signed loaders served, signing and unified kernel images at build, keys in the tests.
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
@@ -42,7 +44,7 @@ PREFIX ?= /usr/local
 INSTALL_LIB := $(PREFIX)/lib/netboot
 INSTALL_BIN := $(PREFIX)/bin
 
-.PHONY: all deps packages demo-deps demo-proxy-deps install-deps install uninstall venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db lint clean
+.PHONY: all deps packages demo-deps demo-proxy-deps install-deps install uninstall venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db bench-ha demo-ha demo-ha-deps lint clean
 all: test
 
 # The Debian packages of PACKAGES that are missing, installed for FOR (a target's name), saying so first.
@@ -71,6 +73,9 @@ demo-deps:
 
 demo-proxy-deps:
 	@$(MAKE) --no-print-directory packages FOR="make demo-proxy" PACKAGES="$(DEMO_PROXY_PACKAGES)"
+
+demo-ha-deps:
+	@$(MAKE) --no-print-directory packages FOR="make demo-ha" PACKAGES="$(DEMO_HA_PACKAGES)"
 
 install-deps:
 	@$(MAKE) --no-print-directory packages FOR="make install" PACKAGES="$(RUN_PACKAGES)"
@@ -123,6 +128,10 @@ demo: demo-deps venv
 # The same, booted by UEFI firmware's own PXE client through netboot's proxy DHCP on a namespace LAN (root).
 demo-proxy: demo-proxy-deps venv
 	qemu/demo-proxy
+
+# Two servers on one PostgreSQL, authoritative on one range; one killed (kill -9), the VM still boots (root).
+demo-ha: demo-ha-deps venv
+	qemu/demo-ha
 
 # docs/api.md's picture of the status page, taken by the test that loads it in headless Chromium.
 screenshot: deps venv
@@ -191,6 +200,12 @@ bench-fetch: deps venv
 bench-db: deps venv
 	$(VENV)/bin/pip install -q $(BENCH_PIP)
 	$(PY) bench/db_driver.py --update
+
+# Only two servers on one database (part of make bench): perfdhcp, broadcasting, against a pair of netboot serve
+# --database and a pair of kea-dhcp4 with its PostgreSQL lease backend, on one throwaway cluster and one range.
+bench-ha: deps venv
+	@$(MAKE) --no-print-directory packages FOR="make bench-ha" PACKAGES="$(DHCP_BENCH_PACKAGES)"
+	$(PY) bench/ha_perf.py --update
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache out

@@ -4,7 +4,7 @@
 The PostgreSQL state backend claims addresses one round trip per burst of DHCP messages: one INSERT ... ON
 CONFLICT DO UPDATE over unnest() of arrays, which takes the free addresses, renews a client's own and leaves an
 address held by another client alone (its row is not returned). Both drivers run that statement prepared, on one
-connection each, from one asyncio loop, on a throwaway cluster (tests/postgres.py, Debian's PostgreSQL, Unix
+connection each, from one asyncio loop, on a throwaway cluster (devtools/postgres.py, Debian's PostgreSQL, Unix
 socket, fsync on):
 
 - single claims, one after the other: round trips a second, mean and 99th percentile latency;
@@ -37,10 +37,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from postgres import Cluster  # noqa: E402
 from report import arguments, publish  # noqa: E402
+
+from devtools.postgres import Cluster  # noqa: E402
 
 SECTION = "## PostgreSQL drivers on the DHCP path"
 SCHEMA = """
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> str:
         "took), prepared, on one connection per server, from one asyncio loop; asyncpg "
         f"{asyncpg.__version__} against psycopg {psycopg.__version__} (its async API, the C implementation "
         f"`{psycopg.pq.__impl__}`, binary parameters, autocommit). Server: Debian's PostgreSQL {version}, a "
-        f"throwaway cluster (tests/postgres.py) on a Unix socket, fsync {args.fsync}, on the same machine (whose "
+        f"throwaway cluster (devtools/postgres.py) on a Unix socket, fsync {args.fsync}, on the same machine (whose "
         f"disk syncs 8 kB in {sync:.2f} ms, the median of 200 fdatasync calls). {args.runs} runs, each doing "
         f"{args.singles} single claims of new addresses, {args.batches} batches of {BATCH} new addresses, and two "
         f"servers at once each claiming {args.batches} batches of {BATCH} random addresses of a shared pool of "

@@ -20,6 +20,7 @@ import dhcp_bench
 import dhcp_perf
 import fetch_bench
 import format_bench
+import ha_perf
 import http_bench
 import load_bench
 import overlay_bench
@@ -59,7 +60,7 @@ def main() -> None:
                 overlay_bench.main([]), autobuild_bench.main([]), format_bench.main([]),
                 fetch_bench.main([]),
                 boot_bench.main(runs), arch_bench.main(["--runs", str(runs)]), dhcp_bench.main(runs),
-                dhcp_perf.main([]), db_driver.main([]), secureboot_bench.main(runs)]
+                dhcp_perf.main([]), ha_perf.main([]), db_driver.main([]), secureboot_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",

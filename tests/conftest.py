@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import support
-from postgres import Cluster
 from support import ROOT, build_system, built, memoized
+
+from devtools.postgres import Cluster
 
 TESTS = Path(__file__).resolve().parent
 FOLDER_MARKS = {"vm": ("vm",), "load": ("root",)}
@@ -135,7 +136,7 @@ def many_files() -> Iterator[None]:
 
 @pytest.fixture
 def postgres() -> Iterator[Cluster]:
-    """A started throwaway PostgreSQL cluster (tests/postgres.py): role and database netboot, `postgres.url` to
+    """A started throwaway PostgreSQL cluster (devtools/postgres.py): role and database netboot, `postgres.url` to
     connect; removed after the test."""
     with Cluster() as cluster:
         yield cluster

@@ -36,16 +36,21 @@ RESYNC = 30.0  # seconds between full reads of the lease table
 FOLLOW = 0.5  # seconds between reads of the rows changed since the last (by any server)
 QUIET = 10.0  # seconds between log lines about failed claims
 
+# An offer to the client that holds the address already is won and leaves its lease as it is: a server that heard
+# the DISCOVER late must not turn another server's ACKed lease into its own offer, which its release of that offer
+# (the client took the other server's: _UNOFFER) would then delete, freeing an address a client holds.
+_KEEP = "excluded.state = 1 AND l.state = 0 AND l.expires > $8"
+_SET = ", ".join(f"{column} = CASE WHEN {_KEEP} THEN l.{column} ELSE excluded.{column} END"
+                 for column in ("client_id", "expires", "state", "hostname", "server"))
 # One round trip for a whole group of claims. Rows not returned were lost: another client holds them.
-_CLAIM = """
+_CLAIM = f"""
 WITH wanted AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::float8[], $5::int2[], $6::text[])
         AS w(address, mac, client_id, expires, state, hostname)
 )
 INSERT INTO lease4 AS l (address, mac, client_id, expires, state, hostname, server)
 SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted ORDER BY address
-ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, client_id = excluded.client_id, expires = excluded.expires,
-    state = excluded.state, hostname = excluded.hostname, server = excluded.server, changed = nextval('lease4_changes')
+ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, {_SET}, changed = nextval('lease4_changes')
 WHERE l.mac = excluded.mac OR l.expires <= $8
 RETURNING l.address
 """

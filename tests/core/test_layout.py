@@ -147,7 +147,7 @@ def test_imports_are_read_from_functions_and_worker_code(tmp_path: Path) -> None
 
 
 def test_test_tooling_is_outside_the_package() -> None:
-    for name in ("lan", "lanboot", "qemu"):
+    for name in ("lan", "lanboot", "postgres", "qemu"):
         assert not (PACKAGE / f"{name}.py").exists()
         assert (ROOT / "devtools" / f"{name}.py").is_file()
     for path in PACKAGE.rglob("*.py"):

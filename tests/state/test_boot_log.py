@@ -8,8 +8,7 @@ import asyncio
 import logging
 import time
 
-from postgres import Cluster
-
+from devtools.postgres import Cluster
 from netboot.state import database
 from netboot.state.boot_log import BootLog
 

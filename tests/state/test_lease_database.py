@@ -13,9 +13,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 from dhcp_support import DISCOVER, NAK, REQUEST, ip, parse_reply, plain
-from postgres import Cluster
 from support import ROOT, fake_out
 
+from devtools.postgres import Cluster
 from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
 from netboot.dhcp import boot
@@ -158,6 +158,22 @@ async def test_an_offer_not_taken_is_released(postgres: Cluster) -> None:
     await b.store.write(b.store.take())
     yiaddr(await a.answer(request(mac, offered_a, a.address)))
     assert postgres.psql(f"SELECT state, server FROM lease4 WHERE mac = '{mac}'") == "0|a"
+    a.store.close()
+    b.store.close()
+
+
+async def test_a_late_offer_leaves_the_other_servers_lease(postgres: Cluster) -> None:
+    """Both servers hear the DISCOVER; a answers and ACKs before b has made its offer's claim. b's offer, then its
+    release when it sees the REQUEST name a, leave a's lease in the table: the address stays the client's."""
+    a, b = await open_site(postgres, "a", "192.0.2.2"), await open_site(postgres, "b", "192.0.2.3")
+    mac = "52:54:00:12:00:04"
+    offered = yiaddr(await a.answer(discover(mac)))
+    assert yiaddr(await a.answer(request(mac, offered, a.address))) == offered
+    assert yiaddr(await b.answer(discover(mac))) == offered
+    assert await b.answer(request(mac, offered, a.address)) is None
+    await b.store.write(b.store.take())
+    assert postgres.psql(f"SELECT address, state, server FROM lease4 WHERE mac = '{mac}'") == (
+        f"{int(IPv4Address(offered))}|0|a")
     a.store.close()
     b.store.close()
 

@@ -1,4 +1,4 @@
-"""The tests' throwaway PostgreSQL cluster (tests/postgres.py) does what the state backend's tests rely on: a URL
+"""The tests' throwaway PostgreSQL cluster (devtools/postgres.py) does what the state backend's tests rely on: a URL
 that connects, a password that is checked, a crash and a restart that keep what was committed, nothing left
 behind."""
 
@@ -9,7 +9,8 @@ import stat
 
 import asyncpg
 import pytest
-from postgres import Cluster
+
+from devtools.postgres import Cluster
 
 
 async def test_url_connects_as_netboot_to_its_database(postgres: Cluster) -> None:

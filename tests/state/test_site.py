@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postgres import Cluster
 from support import ServerProcess, fake_out
+
+from devtools.postgres import Cluster
 
 TOKEN = "site-token"
 FILED, WRITTEN, ONLY_A = "52:54:00:00:5e:01", "52:54:00:00:5e:02", "52:54:00:00:5e:03"

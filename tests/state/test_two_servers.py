@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
-from postgres import Cluster
 from support import fake_out
 
 from devtools.lan import Host, Lan
+from devtools.postgres import Cluster
 
 DORA = Path(__file__).resolve().parent.parent / "dhcp" / "dora.py"
 RANGE = "192.0.2.100-192.0.2.199"

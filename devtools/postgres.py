@@ -1,5 +1,5 @@
-"""A throwaway PostgreSQL cluster (Debian's postgresql): for the tests of the PostgreSQL state backend and for
-bench/db_driver.py.
+"""A throwaway PostgreSQL cluster (Debian's postgresql): for the tests of the PostgreSQL state backend, the
+benchmarks (bench/db_driver.py, bench/ha_perf.py) and `make demo-ha`.
 
 The cluster lives in a directory of its own (/tmp/netboot-pg-PID-N unless told), listens on a Unix socket in it
 and nowhere else, and is removed with it. PostgreSQL refuses to run as root, so when the tests run as root its
@@ -26,8 +26,6 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote
 
-import pytest
-
 NOBODY = 65534
 SUPERUSER = "postgres"
 PORT = 5432  # (the socket's name only: nothing listens on TCP, and the socket directory is the cluster's own)
@@ -35,13 +33,17 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
 
+class ClusterError(RuntimeError):
+    """The cluster cannot be made or run here; the message names what is missing and how to get it."""
+
+
 def postgres_bin() -> Path:
-    """The newest of Debian's PostgreSQL installations (/usr/lib/postgresql/VERSION/bin): missing is a failure,
-    never a skip."""
+    """The newest of Debian's PostgreSQL installations (/usr/lib/postgresql/VERSION/bin): missing is an error (a
+    failure in the tests, never a skip)."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
                    key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
     if not found:
-        pytest.fail("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/postgres "
+        raise ClusterError("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/postgres "
                     "(Debian's postgresql; make test installs it)")
     return found[-1].parent
 
@@ -183,14 +185,14 @@ class Cluster:
             return []
         setpriv = shutil.which("setpriv")
         if setpriv is None:
-            pytest.fail("setpriv is not installed (util-linux; make test installs it)")
+            raise ClusterError("setpriv is not installed (util-linux; make test installs it)")
         return [setpriv, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups"]
 
     def _init(self) -> None:
         self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)
         if self.uid != os.geteuid() and not _reachable_by_others(self.base):
-            pytest.fail(f"{self.base} is out of reach of the cluster's user (uid {self.uid}): "
+            raise ClusterError(f"{self.base} is out of reach of the cluster's user (uid {self.uid}): "
                         "give a base whose every parent others may enter")
         for d in (self.data, self.socket_dir):
             d.mkdir(mode=0o700, exist_ok=True)
