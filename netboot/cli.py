@@ -55,7 +55,8 @@ def _add_build(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("system", metavar="SYSTEM", type=Path, nargs="?",
                    help="the system's top-level directory (e.g. ./result)")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (replaced atomically)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="output directory (replaced atomically; missing parents are created)")
     p.add_argument(
         "--format", choices=artifacts.FORMATS, default="squashfs",
         help="squashfs: store image in the initrd, mounted by a small stage 1 under a writable overlay "

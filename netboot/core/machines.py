@@ -39,6 +39,7 @@ from typing import Any
 from netboot.core import artifacts, compress, loaders
 from netboot.core import mac as macs
 from netboot.core.errors import NetbootError
+from netboot.core.logtext import clip
 
 DEFAULT = "default"
 
@@ -180,7 +181,7 @@ class Machines:
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise NetbootError(f"{path}: invalid TOML: {e}") from None
+            raise NetbootError(_unquoted_mac(text, path, str(e)) or f"{path}: invalid TOML: {e}") from None
         where = _Locator(path, text)
         unknown = set(data) - {"profiles", "machines"}
         if unknown:
@@ -246,14 +247,15 @@ class Machines:
         reserved: dict[str, str] = {}
         for key, entry in _table(data, "machines", where).items():
             ref = f"machines.{key!r}"
+            at = where.machine(key)
             machine, identity = _machine(key, entry, profiles, where)
             if identity in spelled:
                 raise NetbootError(
-                    f"{where.of(key)}: {ref} is the same machine as machines.{spelled[identity]!r} ({identity})"
+                    f"{at}: {ref} is the same machine as machines.{spelled[identity]!r} ({identity})"
                 )
             spelled[identity] = key
             if machine.ip and machine.ip in reserved:
-                raise NetbootError(f"{where.of(key)}: {ref}: ip {machine.ip} is already reserved for "
+                raise NetbootError(f"{at}: {ref}: ip {machine.ip} is already reserved for "
                                    f"machines.{reserved[machine.ip]!r}")
             if machine.ip:
                 reserved[machine.ip] = key
@@ -307,27 +309,35 @@ class Machines:
 def _machine(key: str, entry: Any, profiles: dict[str, Profile], where: _Locator) -> tuple[Machine, str]:
     """A machine's table checked against the profiles, and what tells it apart from every other (_identity)."""
     ref = f"machines.{key!r}"
+    at = where.machine(key)
     mac, identity, normalized = _identity(key, ref, where)
     if not isinstance(entry, dict):
-        raise NetbootError(f"{where.of(key)}: {ref} must be a table")
+        raise NetbootError(f"{at}: {ref} must be a table")
     profile = entry.get("profile", DEFAULT)
+    if profile not in profiles and "profile" not in entry:
+        # A table that names no profile boots the default one; with none defined, a misspelt key (profle)
+        # is the likelier mistake, and the one to name.
+        _only(entry, MACHINE_KEYS, ref, where, "; it names no profile, and there is no [profiles.default]",
+              at=where.machine_line(key))
+        raise NetbootError(f"{at}: {ref} names no profile, and there is no [profiles.default]: add profile = "
+                           f"\"NAME\" (one of {', '.join(sorted(profiles))}) or define [profiles.default]")
     if profile not in profiles:
-        raise NetbootError(f"{where.of(key)}: {ref}: profile {profile!r} is not defined in [profiles]")
+        raise NetbootError(f"{at}: {ref}: profile {profile!r} is not defined in [profiles]")
     if profiles[profile].overlay is None:
         _only(entry, MACHINE_KEYS, ref, where, f"; other keys are variables of an overlay, and profile "
-                                                f"{profile!r} has none")
+                                                f"{profile!r} has none", at=where.machine_line(key))
     elif "mac" in entry:
-        raise NetbootError(f"{where.of(key)}: {ref}: mac is the table's name; it cannot be set here")
+        raise NetbootError(f"{at}: {ref}: mac is the table's name; it cannot be set here")
     if profiles[profile].loader == "uki":
-        _sealed(entry, f"{where.of(key)}: {ref}")
+        _sealed(entry, f"{at}: {ref}")
     ip = _ip(entry, ref, where, key)
     if ip and not mac:
-        raise NetbootError(f"{where.of(key)}: {ref}: ip reserves an address for a MAC (DHCP knows no "
+        raise NetbootError(f"{at}: {ref}: ip reserves an address for a MAC (DHCP knows no "
                            "serial numbers, nor UUIDs before the address); key this machine by its MAC")
     hostname = _hostname(entry, ref, where, key)
     variables = {k: v for k, v in entry.items() if k not in MACHINE_KEYS}
     machine = Machine(mac, profile, _append(entry, ref, where, key), ip, hostname, variables,
-                      _ipxe_binary(entry, ref, where.of(key)), normalized)
+                      _ipxe_binary(entry, ref, at), normalized)
     return machine, identity
 
 
@@ -366,11 +376,46 @@ class _Locator:
         self.path = path
         self.lines = text.splitlines()
 
-    def of(self, key: str) -> str:
-        for i, line in enumerate(self.lines, 1):
+    def of(self, key: str, start: int = 0) -> str:
+        """Where `key` first appears, on line `start` (0-based) or after; the file alone if it does not."""
+        for i, line in enumerate(self.lines[start:], start + 1):
             if key in line and not line.lstrip().startswith("#"):
                 return f"{self.path}:{i}"
         return str(self.path)
+
+    def machine_line(self, key: str) -> int:
+        """The line (0-based) where the table of machine `key` starts: the first with its key in the machines
+        section, whose keys may also be written anywhere before it (in a comment-less `append`, say)."""
+        section = next((i for i, line in enumerate(self.lines) if _MACHINES_SECTION.match(line)), 0)
+        found = self.of(key, section)
+        return int(found.rsplit(":", 1)[1]) - 1 if found != str(self.path) else section
+
+    def machine(self, key: str) -> str:
+        return self.of(key, self.machine_line(key))
+
+
+_MACHINES_SECTION = re.compile(r"\s*(\[\s*machines\s*[.\]]|machines\s*[.=])")
+# A MAC in the colon spelling, outside quotes: TOML's bare keys are letters, digits, - and _, so
+# [machines.52:54:00:12:34:56] does not parse.
+_BARE_MAC = re.compile(r"(?<![\w:-])[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}(?![\w:])")
+_QUOTED = re.compile(r"\"(?:[^\"\\]|\\.)*\"|'[^']*'")
+
+
+def _unquoted_mac(text: str, path: Path, error: str) -> str | None:
+    """The message for a syntax error whose line holds a MAC address outside quotes, with that line as it should
+    be written; None for any other syntax error."""
+    at = re.search(r"\(at line (\d+), column \d+\)", error)
+    lines = text.splitlines()
+    if at is None or not 1 <= int(at.group(1)) <= len(lines):
+        return None
+    line = lines[int(at.group(1)) - 1]
+    code = _QUOTED.sub(lambda m: " " * len(m.group(0)), line.split("#", 1)[0])
+    found = _BARE_MAC.search(code)
+    if found is None:
+        return None
+    fixed = line[: found.start()] + f'"{found.group(0)}"' + line[found.end():]
+    return (f"{path}:{at.group(1)}: a MAC address must be quoted in TOML (its colons are not allowed in a bare key): "
+            f"{clip(fixed.strip(), 100)}")
 
 
 def _table(data: dict, name: str, where: _Locator) -> dict:
@@ -380,11 +425,12 @@ def _table(data: dict, name: str, where: _Locator) -> dict:
     return value
 
 
-def _only(entry: dict, allowed: set[str], ref: str, where: _Locator, more: str = "") -> None:
+def _only(entry: dict, allowed: set[str], ref: str, where: _Locator, more: str = "", at: int = 0) -> None:
+    """Refuse a key not `allowed`, named at its line on line `at` (0-based, its table's) or after."""
     for key in entry:
         if key not in allowed:
             raise NetbootError(
-                f"{where.of(key)}: {ref}: unknown key {key!r} (expected {', '.join(sorted(allowed))}{more})"
+                f"{where.of(key, at)}: {ref}: unknown key {key!r} (expected {', '.join(sorted(allowed))}{more})"
             )
 
 

@@ -18,7 +18,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from netboot.core.addresses import ipv4_interfaces
-from netboot.core.errors import NetbootError
+from netboot.core.errors import NetbootError, cannot_listen
 from netboot.core.machines import Machines
 from netboot.dhcp.boot import Client, Offerings
 from netboot.dhcp.exchange import PXE_PORT, SERVER_PORT, Responder
@@ -93,7 +93,7 @@ async def start_dhcp_server(config: DhcpConfig, *, machines: Callable[[], Machin
             try:
                 server.listen(config.host, port)
             except OSError as e:
-                raise NetbootError(f"cannot listen for DHCP on {config.host}:{port}: {e.strerror}") from None
+                raise cannot_listen("DHCP", f"{config.host}:{port}", port, e) from None
     except BaseException:
         server.close()
         raise

@@ -31,9 +31,12 @@ class Staging:
     def __init__(self, out: Path) -> None:
         self.out = out.absolute()
         self.path: Path | None = None
-        parent = self.out.parent
-        if not parent.is_dir():
-            raise NetbootError(f"--out {out}: {parent} is not an existing directory")
+        self._made: list[Path] = []  # the parents this build created, outermost first
+        existing = self.out.parent
+        while not existing.exists() and not existing.is_symlink():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise NetbootError(f"--out {out}: {existing} is not a directory")
         if self.out.is_symlink() or (self.out.exists() and not self.out.is_dir()):
             raise NetbootError(f"--out {out} exists and is not a directory")
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / MARKER).is_file():
@@ -41,12 +44,35 @@ class Staging:
         self._prefix = f".{self.out.name}.netboot-"
 
     def __enter__(self) -> Path:
+        self._make_parents()
         self._remove_stale()
         try:
             self.path = Path(tempfile.mkdtemp(prefix=f"{self._prefix}{os.getpid()}-", dir=self.out.parent))
         except OSError as e:
+            self._remove_parents()
             raise NetbootError(f"--out {self.out} is not writable: {e.strerror}") from e
         return self.path
+
+    def _make_parents(self) -> None:
+        """Create the missing parents of --out, as `mkdir -p` (and make, cargo, meson with their output
+        directories) would; a failed build removes them again (_remove_parents), leaving nothing behind."""
+        missing = [p for p in reversed(self.out.parents) if not p.exists()]
+        for p in missing:
+            try:
+                p.mkdir()
+            except FileExistsError:
+                continue  # another build made it meanwhile: it is theirs to keep
+            except OSError as e:
+                self._remove_parents()
+                raise NetbootError(f"--out {self.out}: cannot create {p}: {e.strerror}") from e
+            self._made.append(p)
+            sync_dir(p.parent)
+
+    def _remove_parents(self) -> None:
+        for p in reversed(self._made):
+            with contextlib.suppress(OSError):  # not empty (someone else's files now): left as it is
+                p.rmdir()
+        self._made = []
 
     def commit(self) -> None:
         assert self.path is not None
@@ -66,12 +92,14 @@ class Staging:
             os.rename(self.path, self.out)
             self.path = None
         sync_dir(self.out.parent)
+        self._made = []  # the output's now
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         # After commit() this removes the previous output; after a failure, the unfinished one (still 0700
         # when it cannot be removed).
         if self.path is not None:
             _remove(self.path)
+        self._remove_parents()
 
     def _remove_stale(self) -> None:
         """Remove what a killed build left behind (its pid is in the name and no longer runs): a directory of

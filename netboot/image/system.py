@@ -38,7 +38,11 @@ class System:
             raise NetbootError(f"system {given} is not a directory")
         kernel = toplevel / "kernel"
         if not kernel.is_file():
-            raise NetbootError(f"system {given} has no kernel (expected a bzImage or an arm64 Image at {kernel})")
+            raise NetbootError(
+                f"system {given} is not a system: it has no kernel (expected a bzImage or an arm64 Image at "
+                f"{kernel}, as a NixOS toplevel has beside init and kernel-params: build one with `nixos-rebuild "
+                "build` or `nix-build '<nixpkgs/nixos>' -A config.system.build.toplevel`); for another root "
+                "filesystem give --rootfs DIR or --oci IMAGE.tar, with --kernel")
         init = toplevel / "init"
         if not init.exists():
             raise NetbootError(f"system {given} has no init (expected {init})")

@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from netboot.core.addresses import reachable_hosts
-from netboot.core.errors import NetbootError
+from netboot.core.errors import NetbootError, cannot_listen
 from netboot.core.loaders import Loaders
 from netboot.core.logtext import clip
 from netboot.core.machines import Machines
@@ -231,7 +231,7 @@ class Server:
                 on_transfer=self._tftp_logged, on_refused=self._tftp_refused,
             )
         except OSError as e:
-            raise NetbootError(f"cannot listen for TFTP on {where.url('tftp')}: {e.strerror}") from e
+            raise cannot_listen("TFTP", where.url("tftp"), where.port, e) from e
         self.tftp_port = self._tftp.addresses[0][1]
         await _announce("tftp", where, self.tftp_port)
 
@@ -267,7 +267,7 @@ class Server:
             await site.start()
         except OSError as e:
             await self._runner.cleanup()
-            raise NetbootError(f"cannot listen for HTTP on {self.opts.http.url('http')}: {e.strerror}") from e
+            raise cannot_listen("HTTP", self.opts.http.url("http"), self.opts.http.port, e) from e
         sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
         self.http_port = sockets[0].getsockname()[1] if sockets else self.opts.http.port
         self.namespace.http_port = self.http_port

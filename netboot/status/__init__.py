@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from netboot.core.errors import NetbootError
+from netboot.core.errors import NetbootError, cannot_listen
 from netboot.status.app import make_status_app
 from netboot.status.inventory import Inventory, Refused
 from netboot.status.metrics import Live, Metrics
@@ -57,8 +57,8 @@ async def start_status(config: StatusConfig, record: BootRecord, live: Live,
     except OSError as e:
         await runner.cleanup()
         host = f"[{config.host}]" if ":" in config.host else config.host
-        raise NetbootError(f"cannot listen for the status page on {host}:{config.port}: {e.strerror} "
-                           "(choose another with --status ADDR:PORT, or --status none)") from e
+        raise cannot_listen("the status page", f"{host}:{config.port}", config.port, e,
+                            "choose another with --status ADDR:PORT, or --status none") from e
     sockets = site._server.sockets if site._server else []  # type: ignore[union-attr]
     port = sockets[0].getsockname()[1] if sockets else config.port
     return runner, port

@@ -21,10 +21,11 @@ most a few requests at a time take one.
 Without a token, only requests for the listener's own address (Host: its IP[:port], `localhost` on loopback,
 or a name given with --status-name) are answered, so that a web page a browser on this host visits cannot
 read the inventory by pointing its own name at 127.0.0.1 (DNS rebinding). With a token, every route wants
-`Authorization: Bearer TOKEN`, the cookie the page sets, or `?token=TOKEN` (for a browser's first visit of the
-page, which then sets an HttpOnly SameSite=Strict cookie, Secure over HTTPS, and drops the token from its
-address) and answers 401 otherwise. A change authorized by the cookie must also come from the listener's own
-page, if its browser says where from (Origin), besides the cookie's SameSite=Strict.
+`Authorization: Bearer TOKEN`, the cookie the pages set, or `?token=TOKEN` (for a browser's first visit of a
+page, / or a machine's, which then sets an HttpOnly SameSite=Strict cookie, Secure over HTTPS, and drops the
+token from its address) and answers 401 otherwise, saying how to give it. A change authorized by the cookie must
+also come from the listener's own page, if its browser says where from (Origin), besides the cookie's
+SameSite=Strict.
 """
 
 from __future__ import annotations
@@ -218,14 +219,13 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
         given = header[7:] if header.startswith("Bearer ") else request.query.get("token", "")
         by_token = hmac.compare_digest(given.encode(), token.encode())
         if not by_token and not hmac.compare_digest(request.cookies.get(COOKIE, "").encode(), cookie.encode()):
-            raise web.HTTPUnauthorized(text="a bearer token is required\n",
-                                       headers={"WWW-Authenticate": 'Bearer realm="netboot"'})
+            raise _unauthorized(request)
         if not by_token and request.method not in _READING:
             origin = request.headers.get("Origin")
             if origin is not None and urllib.parse.urlsplit(origin).netloc != request.host:
                 raise web.HTTPForbidden(text="a change by the page's cookie must come from the page\n")
         response = await handler(request)
-        if by_token and request.method in _READING and request.path == "/":
+        if by_token and request.method in _READING and _is_page(request.path):
             # The page and what it fetches (its own table, the event stream) go by the cookie from now on.
             # Secure over HTTPS: a browser then never sends it in clear, to this port or another of the host's.
             response.set_cookie(COOKIE, cookie, httponly=True, samesite="Strict", path="/", secure=request.secure)
@@ -322,17 +322,22 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
         await response.prepare(request)
         with record.subscription() as queue:
-            for event in reversed(record.events_since(since)):
-                await response.write(_sse(event))
-            while True:
-                try:
-                    event = await asyncio.wait_for(queue.get(), _KEEPALIVE)
-                except TimeoutError:
-                    await response.write(b": keep-alive\n\n")
-                    continue
-                if event is None:
-                    break  # fell behind, or the server is closing: the client reconnects with Last-Event-ID
-                await response.write(_sse(event))
+            try:
+                for event in reversed(record.events_since(since)):
+                    await response.write(_sse(event))
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), _KEEPALIVE)
+                    except TimeoutError:
+                        await response.write(b": keep-alive\n\n")
+                        continue
+                    if event is None:
+                        break  # fell behind, or the server is closing: the client reconnects with Last-Event-ID
+                    await response.write(_sse(event))
+            except ConnectionError:
+                # The client left (a closed tab, `curl -N` stopped): aiohttp finds out only at the next write,
+                # as ClientConnectionResetError, a ConnectionResetError. That is how a stream ends, not an error.
+                return response
         with contextlib.suppress(ConnectionError):
             await response.write_eof()
         return response
@@ -357,6 +362,27 @@ def make_status_app(record: BootRecord, metrics: Metrics, token: str | None = No
     app.router.add_get("/api/events/stream", stream)
     app.router.add_get("/metrics", prometheus)
     return app
+
+
+def _is_page(path: str) -> bool:
+    """Whether `path` is one of the listener's HTML pages, which a browser opens with ?token= once."""
+    return path == "/" or path.startswith("/machines/")
+
+
+_TOKEN_HINT = "open /?token=TOKEN once in a browser (it sets a cookie), or send Authorization: Bearer TOKEN"
+
+
+def _unauthorized(request: web.Request) -> web.HTTPUnauthorized:
+    """A 401 that says how to give the token: as a page for a browser, as one line for anything else."""
+    headers = {"WWW-Authenticate": 'Bearer realm="netboot"', "Cache-Control": "no-store"}
+    if "text/html" in request.headers.get("Accept", ""):
+        body = ("<!doctype html><title>netboot: token required</title><h1>A token is required</h1><p>Open "
+                "<code>/?token=TOKEN</code> (or this page with <code>?token=TOKEN</code>) once: it sets a cookie "
+                "that the pages and their requests go by from then on. Or send "
+                "<code>Authorization: Bearer TOKEN</code>. The token is netboot serve's --status-token or the "
+                "contents of its --status-token-file.</p>\n")
+        return web.HTTPUnauthorized(text=body, content_type="text/html", headers=headers)
+    return web.HTTPUnauthorized(text=f"a token is required: {_TOKEN_HINT}\n", headers=headers)
 
 
 def _mac(request: web.Request) -> str:

@@ -221,6 +221,34 @@ def test_bad_builds_per_architecture(tmp_path: Path, text: str, message: str) ->
             "[profiles.default]\ndir = 'out'\nloader = 'uki'\n[machines.'52:54:00:12:34:56']\nappend = 'x=1'\n",
             "machines.toml:4: machines.'52:54:00:12:34:56': append cannot reach the machines of a uki profile",
         ),
+        # A MAC outside quotes is no TOML key: the line as it should be.
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.52:54:00:12:34:56]\n",
+            "machines.toml:3: a MAC address must be quoted in TOML (its colons are not allowed in a bare key): "
+            '[machines."52:54:00:12:34:56"]',
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines]\n52:54:00:AB:34:56 = { profile = 'default' } # node\n",
+            "machines.toml:4: a MAC address must be quoted in TOML (its colons are not allowed in a bare key): "
+            "\"52:54:00:AB:34:56\" = { profile = 'default' } # node",
+        ),
+        (
+            "[profiles.default]\ndir = 'out'\n[machines.'52:54:00:12:34:56'\n",
+            "machines.toml: invalid TOML: Expected ']' at the end of a table declaration (at line 3",
+        ),
+        # Without a default profile, a table that names none: its misspelt key, at its line, else what to add.
+        (
+            "[profiles.rack]\ndir = 'out'\nappend = 'hw=52:54:00:12:34:56'\n\n[machines.'52:54:00:12:34:56']\n"
+            "hostname = 'n1'\nprofle = 'rack'\n",
+            "machines.toml:7: machines.'52:54:00:12:34:56': unknown key 'profle' (expected append, hostname, ip, "
+            "ipxe_binary, profile; it names no profile, and there is no [profiles.default])",
+        ),
+        (
+            "[profiles.rack]\ndir = 'out'\nappend = 'hw=52:54:00:12:34:56'\n[profiles.b]\ndir = 'out'\n"
+            "[machines.'52:54:00:12:34:56']\nhostname = 'n1'\n",
+            "machines.toml:6: machines.'52:54:00:12:34:56' names no profile, and there is no [profiles.default]: "
+            "add profile = \"NAME\" (one of b, rack) or define [profiles.default]",
+        ),
     ],
 )
 def test_bad_files(tmp_path: Path, text: str, message: str) -> None:

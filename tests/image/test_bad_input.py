@@ -64,6 +64,18 @@ def test_system_without_kernel(tmp_path: Path, previous: Path) -> None:
     expect_error(previous, ["build", top, "--out", previous], "has no kernel")
 
 
+def test_a_directory_that_is_no_system_names_how_to_build_one(previous: Path) -> None:
+    proc = cli("build", "/etc", "--out", previous)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    error = proc.stderr.strip()
+    assert "system /etc is not a system: it has no kernel" in error, error
+    assert "nixos-rebuild build" in error and "-A config.system.build.toplevel" in error, error
+    assert "--rootfs DIR" in error and "--oci IMAGE.tar" in error and "--kernel" in error, error
+    # The flags it names are the build's own.
+    help_text = cli("build", "--help").stdout
+    assert all(flag in help_text for flag in ("--rootfs DIR", "--oci IMAGE.tar", "--kernel KERNEL")), help_text
+
+
 def test_system_without_init(tmp_path: Path, previous: Path) -> None:
     top = make_system(tmp_path / "store", init=False)
     expect_error(previous, ["build", top, "--out", previous], "has no init")
@@ -165,7 +177,24 @@ def test_bad_level(system: Path, previous: Path, args: list[str], fragment: str)
 def test_out_parent_is_a_file(system: Path, tmp_path: Path) -> None:
     f = tmp_path / "file"
     f.write_text("x")
-    expect_error(f / "out", ["build", system, "--out", f / "out"], "is not an existing directory")
+    expect_error(f / "out", ["build", system, "--out", f / "out"], f"{f} is not a directory")
+    expect_error(f / "a" / "out", ["build", system, "--out", f / "a" / "out"], f"{f} is not a directory")
+
+
+def test_out_parents_are_created_and_a_failed_build_leaves_none(tmp_path: Path) -> None:
+    top = make_system(tmp_path / "store")
+    info = closure_info(tmp_path, [top])
+    out = tmp_path / "out" / "rack" / "a"
+    netboot_ok("build", top, "--out", out, "--format", "direct", "--closure-info", info)
+    assert (out / "manifest.json").is_file() and (out / "initrd").is_file()
+    assert sorted(p.name for p in (tmp_path / "out" / "rack").iterdir()) == ["a"]
+    # A build that fails while packing removes the directories it created for --out, and only those.
+    gone = store_path(tmp_path / "store", "gone")
+    broken = closure_info(tmp_path, [top, gone])
+    failed = tmp_path / "out" / "new" / "deeper" / "b"
+    expect_error(failed, ["build", top, "--out", failed, "--format", "direct", "--closure-info", broken],
+                 f"store path {gone} is missing")
+    assert not (tmp_path / "out" / "new").exists() and out.is_dir()
 
 
 def test_out_is_a_file(system: Path, tmp_path: Path) -> None:

@@ -211,6 +211,70 @@ def test_a_token_becomes_an_httponly_cookie_for_the_page(machines_file: Path, tm
         server.stop()
 
 
+def test_a_machine_page_opened_with_a_token_sets_the_cookie_its_requests_go_by(machines_file: Path,
+                                                                             tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o600)
+    server = ServerProcess("--machines", machines_file, "--http", "127.0.0.1:0", "--no-tftp",
+                           "--status-token-file", token)
+    try:
+        status, headers, body = status_get(server, f"/machines/{KNOWN}?token=s3cret")
+        assert status == 200 and KNOWN.encode() in body
+        cookie = headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "s3cret" not in cookie
+        value = cookie.split(";")[0]
+        assert value == f"netboot_status={cookie_value('s3cret')}"
+        # What the machine page asks for next: itself (its live parts), the event stream, its machine's entry.
+        for path in (f"/machines/{KNOWN}", f"/api/machines/{KNOWN}"):
+            assert status_get(server, path, {"Cookie": value})[0] == 200, path
+        with socket.create_connection(("127.0.0.1", server.status_port), timeout=30) as stream:
+            stream.sendall(f"GET /api/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {value}\r\n\r\n".encode())
+            assert stream.recv(4096).startswith(b"HTTP/1.1 200 OK")
+        # The API's answers never set it: only a page a browser opens.
+        assert "Set-Cookie" not in status_get(server, "/api/machines?token=s3cret")[1]
+    finally:
+        server.stop()
+
+
+def test_a_401_says_how_to_give_the_token(machines_file: Path) -> None:
+    server = ServerProcess("--machines", machines_file, "--http", "127.0.0.1:0", "--no-tftp",
+                           "--status-token", "s3cret")
+    try:
+        status, headers, body = status_get(server, f"/machines/{KNOWN}", {"Accept": "text/html,*/*;q=0.8"})
+        assert status == 401 and headers["Content-Type"].startswith("text/html")
+        assert b"/?token=TOKEN" in body and b"Authorization: Bearer TOKEN" in body
+        status, headers, body = status_get(server, "/api/machines")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        assert body.decode().count("\n") == 1
+        assert "/?token=TOKEN" in body.decode() and "Authorization: Bearer TOKEN" in body.decode()
+    finally:
+        server.stop()
+
+
+def test_a_client_leaving_the_event_stream_leaves_no_traceback(machines_file: Path) -> None:
+    server = ServerProcess("--machines", machines_file, "--http", "127.0.0.1:0", "--no-tftp")
+    try:
+        leaving = socket.create_connection(("127.0.0.1", server.status_port), timeout=30)
+        leaving.sendall(b"GET /api/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert b"200 OK" in leaving.recv(4096)
+        leaving.close()  # as `timeout 3 curl -N` does
+        with socket.create_connection(("127.0.0.1", server.status_port), timeout=30) as staying:
+            staying.sendall(b"GET /api/events/stream HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert b"200 OK" in staying.recv(4096)
+            # An event: each stream writes it, the left one to a closed connection.
+            assert http_status(server, f"machine/{hyphens(KNOWN)}/boot.ipxe") == 200
+            data = b""
+            while b"data: " not in data:
+                data += staying.recv(4096)
+        assert server.logged(f"http /machine/{hyphens(KNOWN)}/boot.ipxe 200")
+        assert status_get(server, "/api/events")[0] == 200  # the server still serves
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log and "Error handling request" not in server.log, server.log
+
+
 def _fetch_boot_scripts(port: int, seconds: float) -> list[float]:
     """boot.ipxe fetched every 50 ms for `seconds`, each on a new connection: the latency of each fetch."""
     latencies = []
