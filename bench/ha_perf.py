@@ -7,9 +7,11 @@ On a LAN in network namespaces, two server hosts (198.18.0.1/15 and 198.18.0.2/1
 throwaway PostgreSQL cluster (devtools/postgres.py: Debian's PostgreSQL, a Unix socket, fsync on). A client host
 (198.18.0.3/15) runs ISC's `perfdhcp` on its interface, not as a relay: every DISCOVER is a broadcast that both
 servers of the pair hear, perfdhcp takes the first OFFER of each exchange and REQUESTs with that server's
-identifier, as a real client does, and the other server's offer is left untaken. `-B` sets the broadcast flag
-(RFC 2131 §4.1), so that both servers answer by broadcast and perfdhcp, which simulates the clients' MACs (`-R`)
-on its one interface, hears every answer. New clients at RATE four-way exchanges a second for SECONDS.
+identifier, as a real client does, and the other server's offer is left untaken (perfdhcp counts it among its
+"orphans"). `-B` sets the broadcast flag (RFC 2131 §4.1): both servers answer by broadcast, as netboot does
+anyway, so that perfdhcp, simulating the clients' MACs (`-R`) on its one interface, hears every answer whatever
+a server's way of reaching a client without an address. New clients at RATE four-way exchanges a second for
+SECONDS.
 
 Reported: exchanges completed (REQUEST answered by ACK), average DISCOVER->OFFER and REQUEST->ACK delays as
 perfdhcp counts them, netboot / Kea as ratios, the leases each server of the pair granted, and, from each
@@ -233,18 +235,17 @@ def main(argv: list[str] | None = None) -> str:
         f"Two `netboot serve --dhcp RANGE --database URL --name a|b` against two `kea-dhcp4` ({kea_version}, "
         f"Debian's kea-dhcp4-server, PostgreSQL lease backend, schema by `kea-admin db-init pgsql`, multi-threaded "
         f"with {KEA_THREADS} packet threads, its iterative allocator: the \"random\" one ISC recommends for a "
-        f"shared database came with Kea 2.4), each pair on a "
-        f"fresh database of one throwaway PostgreSQL {version} cluster (devtools/postgres.py: a Unix socket, fsync "
-        f"on), on a LAN in network namespaces, the same range {RANGE[0]}-{RANGE[1]} and lease time "
-        f"{LEASE_TIME} s. ISC's `perfdhcp` runs on the client host's interface, not as a relay: each DISCOVER is "
-        f"a broadcast both servers of a pair hear (with the broadcast flag, so that their answers reach perfdhcp's "
-        f"simulated MACs), perfdhcp takes the first OFFER and REQUESTs from its server, the other offer goes "
-        f"untaken. New clients (MACs drawn from a million) at {args.rate} a second for {args.seconds} s; the "
-        f"pairs take turns, {args.runs} run(s), each with the load average (1 minute) before it: the machine "
-        f"(2 cores, the servers, PostgreSQL and perfdhcp on it together) is shared with other work, so the "
-        f"numbers are noisy. Completed: REQUESTs answered by an ACK. Delays are perfdhcp's averages. Held twice: "
-        f"addresses of more than one row of the pair's lease4 after the run (Kea / netboot). CPU: both servers "
-        f"of the pair together, in the run.",
+        f"shared database came with Kea 2.4), each pair on a fresh database of one throwaway PostgreSQL {version} "
+        f"cluster (devtools/postgres.py: a Unix socket, fsync on), on a LAN in network namespaces, the same range "
+        f"{RANGE[0]}-{RANGE[1]} and lease time {LEASE_TIME} s. ISC's `perfdhcp` runs on the client host's "
+        f"interface, not as a relay: each DISCOVER is a broadcast both servers of a pair hear (with the broadcast "
+        f"flag, so that both answer by broadcast), perfdhcp takes the first OFFER and REQUESTs from its server, "
+        f"the other offer goes untaken. New clients (MACs drawn from a million) at {args.rate} a second for "
+        f"{args.seconds} s; the pairs take turns, {args.runs} run(s), each with the load average (1 minute) "
+        f"before it: the machine (2 cores, the servers, PostgreSQL and perfdhcp on it together) is shared with "
+        f"other work, so the numbers are noisy. Completed: REQUESTs answered by an ACK. Delays are perfdhcp's "
+        f"averages. Held twice: addresses of more than one row of the pair's lease4 after the run (Kea / "
+        f"netboot). CPU: both servers of the pair together, in the run.",
         "",
         "| run | completed: Kea pair | netboot pair | ratio | DISCOVER->OFFER: Kea | netboot | REQUEST->ACK: Kea | "
         "netboot | held twice | CPU: Kea | netboot |",
