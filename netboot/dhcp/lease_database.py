@@ -38,31 +38,36 @@ QUIET = 10.0  # seconds between log lines about failed claims
 
 # An offer to the client that holds the address already is won and leaves its lease as it is: a server that heard
 # the DISCOVER late must not turn another server's ACKed lease into its own offer, which its release of that offer
-# (the client took the other server's: _UNOFFER) would then delete, freeing an address a client holds.
+# (the client took the other server's: unoffered, in _WRITE) would then delete, freeing an address a client holds.
 _KEEP = "excluded.state = 1 AND l.state = 0 AND l.expires > $8"
 _SET = ", ".join(f"{column} = CASE WHEN {_KEEP} THEN l.{column} ELSE excluded.{column} END"
                  for column in ("client_id", "expires", "state", "hostname", "server"))
-# One round trip for a whole group of claims. Rows not returned were lost: another client holds them.
-_CLAIM = f"""
+# One statement, one round trip and its own transaction, for a whole group of claims and releases: row locks are
+# held for that statement alone, never across round trips while this server's loop is busy (the other servers'
+# claims of the same rows wait on them). Rows not returned were lost: another client holds them.
+# Released: a client's offers elsewhere end when it takes a lease (the offer it did not take), and its lease ends
+# where it moved or declined. Unoffered: the client took another server's offer, so this server's offers to it end
+# (the winner's row may be the same row: both offered it the same address; it is the winner's then). Neither
+# touches the addresses claimed now (a row is changed once in one statement).
+_WRITE = f"""
 WITH wanted AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::float8[], $5::int2[], $6::text[])
         AS w(address, mac, client_id, expires, state, hostname)
+), claimed AS (
+    INSERT INTO lease4 AS l (address, mac, client_id, expires, state, hostname, server)
+    SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted ORDER BY address
+    ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, {_SET}, changed = nextval('lease4_changes')
+    WHERE l.mac = excluded.mac OR l.expires <= $8
+    RETURNING l.address
+), released AS (
+    DELETE FROM lease4 WHERE mac = ANY($9::text[]) AND state <> 2 AND NOT (address = ANY($1::bigint[]))
+        AND (state = 1 OR mac = ANY($10::text[]))
+), unoffered AS (
+    DELETE FROM lease4 WHERE mac = ANY($11::text[]) AND state = 1 AND server = $7
+        AND NOT (address = ANY($1::bigint[]))
 )
-INSERT INTO lease4 AS l (address, mac, client_id, expires, state, hostname, server)
-SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted ORDER BY address
-ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, {_SET}, changed = nextval('lease4_changes')
-WHERE l.mac = excluded.mac OR l.expires <= $8
-RETURNING l.address
+SELECT address FROM claimed
 """
-# A client's offers elsewhere end when it takes a lease (the offer it did not take is released), and its lease
-# ends where it moved or declined; rows of the addresses it claims now stay.
-_RELEASE = """
-DELETE FROM lease4 WHERE mac = ANY($1::text[]) AND state <> 2 AND NOT (address = ANY($2::bigint[]))
-    AND (state = 1 OR mac = ANY($3::text[]))
-"""
-# The client took another server's offer: this server's offers to it end (the winner's row may be the same row:
-# both offered it the same address; it is the winner's then).
-_UNOFFER = "DELETE FROM lease4 WHERE mac = ANY($1::text[]) AND state = 1 AND server = $2"
 _ROWS = "SELECT address, mac, client_id, expires, state, hostname, changed FROM lease4"
 _ROWS_AT = _ROWS + " WHERE address = ANY($1::bigint[])"
 _CHANGED = _ROWS + " WHERE changed > $1 ORDER BY changed LIMIT 4096"
@@ -167,18 +172,13 @@ class LeaseDatabase:
         now = time.time()
         leased_macs = [r.lease.mac for r in claims if r.state != OFFERED]
         try:
-            async with self._link.turn, connection.transaction():
-                won: set[str] = set()
-                if claims:
-                    got = await connection.fetch(
-                        _CLAIM, addresses, [r.lease.mac for r in claims], [r.lease.client_id for r in claims],
-                        [r.lease.expires for r in claims], [r.state for r in claims],
-                        [r.lease.hostname for r in claims], self.name, now)
-                    won = {to_text(r[0]) for r in got}
-                if batch.released:
-                    await connection.execute(_RELEASE, sorted(batch.released), addresses, leased_macs)
-                if batch.unoffered:
-                    await connection.execute(_UNOFFER, sorted(batch.unoffered), self.name)
+            async with self._link.turn:
+                got = await connection.fetch(
+                    _WRITE, addresses, [r.lease.mac for r in claims], [r.lease.client_id for r in claims],
+                    [r.lease.expires for r in claims], [r.state for r in claims],
+                    [r.lease.hostname for r in claims], self.name, now, sorted(batch.released), leased_macs,
+                    sorted(batch.unoffered))
+                won = {to_text(r[0]) for r in got}
                 lost = set(batch.claims) - won
                 winners = _rows(await connection.fetch(_ROWS_AT, [to_int(ip) for ip in lost])) if lost else []
         except database.GONE as e:
