@@ -45,10 +45,12 @@ _SET = ", ".join(f"{column} = CASE WHEN {_KEEP} THEN l.{column} ELSE excluded.{c
 # One statement, one round trip and its own transaction, for a whole group of claims and releases: row locks are
 # held for that statement alone, never across round trips while this server's loop is busy (the other servers'
 # claims of the same rows wait on them). Rows not returned were lost: another client holds them.
-# Released: a client's offers elsewhere end when it takes a lease (the offer it did not take), and its lease ends
-# where it moved or declined. Unoffered: the client took another server's offer, so this server's offers to it end
-# (the winner's row may be the same row: both offered it the same address; it is the winner's then). Neither
-# touches the addresses claimed now (a row is changed once in one statement).
+# Released: a client's other offers from this server end when it takes a lease, and its lease ends where it moved
+# or declined. Unoffered: the client took another server's offer, so this server's offers to it end (the winner's
+# row may be the same row: both offered it the same address; it is the winner's then). Each server ends only its
+# own offers (the other's, when it hears the REQUEST; else they lapse): two servers' statements deleting each
+# other's rows in different orders would wait on each other. Neither touches the addresses claimed now (a row is
+# changed once in one statement).
 _WRITE = f"""
 WITH wanted AS (
     SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::float8[], $5::int2[], $6::text[])
@@ -60,8 +62,8 @@ WITH wanted AS (
     WHERE l.mac = excluded.mac OR l.expires <= $8
     RETURNING l.address
 ), released AS (
-    DELETE FROM lease4 WHERE mac = ANY($9::text[]) AND state <> 2 AND NOT (address = ANY($1::bigint[]))
-        AND (state = 1 OR mac = ANY($10::text[]))
+    DELETE FROM lease4 WHERE mac = ANY($9::text[]) AND NOT (address = ANY($1::bigint[]))
+        AND ((state = 1 AND server = $7) OR (state = 0 AND mac = ANY($10::text[])))
 ), unoffered AS (
     DELETE FROM lease4 WHERE mac = ANY($11::text[]) AND state = 1 AND server = $7
         AND NOT (address = ANY($1::bigint[]))
@@ -181,6 +183,8 @@ class LeaseDatabase:
                 won = {to_text(r[0]) for r in got}
                 lost = set(batch.claims) - won
                 winners = _rows(await connection.fetch(_ROWS_AT, [to_int(ip) for ip in lost])) if lost else []
+                # A claim lost says the view is behind: what changed since it last looked, before the retries.
+                changed = await connection.fetch(_CHANGED, self._seen) if lost else []
         except database.GONE as e:
             self._link.away(e)
             return set(batch.claims)
@@ -191,6 +195,7 @@ class LeaseDatabase:
             return set(batch.claims)
         if winners and self.learn is not None:
             self.learn(winners)
+        self._learn(changed)
         return lost
 
     def _failed(self, error: Exception) -> None:

@@ -3,7 +3,8 @@
 Rules, so that no address is ever given to two machines:
 - a reserved address (machines file `ip = …`) goes to its machine only;
 - a machine gets its previous address again when it is still free (across restarts: the store keeps it);
-- otherwise the lowest address never leased, then the address whose lease expired longest ago;
+- otherwise the lowest address never leased (with a store several servers share, one at random: `_random`), then
+  the address whose lease expired longest ago;
 - an offered address is held for its machine for a minute, so two DISCOVERs never get the same offer;
 - an address a client declined (RFC 2131 §4.3.3: in use by something else) is set aside for an hour, and only
   when that client holds it (offered or leased to its MAC, with the same client identifier when both carry one);
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import heapq
 import ipaddress
+import random
 import socket
 import struct
 from collections.abc import Callable, Iterator
@@ -37,6 +39,8 @@ from netboot.core.machines import Machines
 OFFER_HOLD = 60.0
 DECLINE_HOLD = 3600.0  # Kea's decline-probation-period, shorter: a boot network is small and changes fast
 _IP = struct.Struct("!I")
+_RANDOM_TRIES = 8  # random addresses looked at before the cursor: in a range half full, one in 256 goes to it
+_random = random.Random()
 
 
 def to_int(ip: str) -> int:
@@ -221,6 +225,7 @@ class Leases:
         self._rebuild_expired()
         self._reserved_from: dict[str, str] | None = None
         self._reserved: dict[str, str] = {}  # ip -> mac
+        self._lost: dict[str, None] = {}  # MACs whose last claim on a shared store was lost (see lost())
         if self.shared is not None:
             self.shared.learn = self.learn
             self.learn(self.shared.held())
@@ -303,6 +308,8 @@ class Leases:
         candidates = (reserved.get(mac), offer[0] if offer else None, lease.ip if lease else None,
                       requested if requested is not None and self.in_range(requested) else None)
         chosen = next((ip for ip in candidates if ip is not None and self._fits(mac, ip, now, reserved)), None)
+        if chosen is None and self.shared is not None and self._lost.pop(mac, None) is None:
+            chosen = self._random(now)
         if chosen is None:
             chosen = self._never_leased(now)
             if chosen is None:
@@ -330,6 +337,19 @@ class Leases:
         ip = to_text(n)
         return (ip not in self.by_ip and ip not in self._offered and ip not in self._reserved
                 and self.declined.get(ip, 0) <= now and n not in self._unusable and n & self._mask == self._net)
+
+    def _random(self, now: float) -> str | None:
+        """With a shared store: an address never leased, at random in the range, or None after a few tries (the
+        cursor then). Kea's advice for servers sharing a lease database ("random" allocator; its iterative one
+        "underperforms"): servers choosing at once for different clients rarely choose the same address, where a
+        cursor each makes them collide as soon as their views differ, every claim lost sending the next one onto
+        the other's addresses (bench/ha_perf.py: a quarter of the claims lost, and OFFERs after 260 ms)."""
+        span = self._last - self._first + 1
+        for _ in range(_RANDOM_TRIES):
+            n = self._first + _random.randrange(span)
+            if self._never_ok(n, now):
+                return to_text(n)
+        return None
 
     def _never_leased(self, now: float) -> str | None:
         returned = self._returned
@@ -463,6 +483,10 @@ class Leases:
         offer = self.offers.get(mac)
         if offer is not None and offer[0] == ip:
             self._end_offer(mac, reconsider=False)
+        # Its next choice is the cursor's: in a range nearly full, another random address would likely be lost too.
+        if len(self._lost) >= 4096:
+            self._lost.clear()
+        self._lost[mac] = None
         lease = self.by_mac.get(mac)
         if lease is not None and lease.ip == ip:
             drop(self.by_mac, self.by_ip, mac)
