@@ -138,7 +138,8 @@ class Server:
 
     def _configure_record(self, machines: Machines) -> None:
         if self.record is not None:
-            self.record.configure({mac: m.profile for mac, m in machines.machines.items()})
+            self.record.configure({mac: m.profile for mac, m in machines.machines.items()},
+                                  [name for name, p in machines.profiles.items() if p.overlay is not None])
 
     async def _start_status(self, config: StatusConfig) -> None:
         assert self.record is not None
