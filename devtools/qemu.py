@@ -222,6 +222,32 @@ def lan_argv(
     return argv
 
 
+# ECMA-48's escape sequences: CSI (ESC [ parameters intermediates final), OSC and the other strings (ESC ] P X ^ _
+# … ended by BEL or ESC \), and ESC with one or more intermediates and a final byte (ESC c: reset, ESC ( B: a
+# character set). EDK2 clears the screen and places its text with them (MdeModulePkg's TerminalDxe).
+_CSI = r"\x1b\[[0-?]*[ -/]*[@-~]"
+_STRING = r"\x1b[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)"
+_ESCAPES = re.compile(rf"{_CSI}|{_STRING}|\x1b[ -/]*[0-~]")
+_UNFINISHED = re.compile(r"\x1b(?:\[[0-?]*[ -/]*|[\]PX^_][^\x07\x1b]*\x1b?|[ -/]*)?\Z")
+_LONGEST_HELD = 256
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1a\x1c-\x1f\x7f]")  # all but tab, newline, return and ESC
+
+
+def terminal_text(text: str) -> tuple[str, str]:
+    """A console's output as it can be shown on the terminal the demo runs in, without clearing it, moving its
+    cursor or changing its modes: escape sequences and control characters taken out, a cursor placement (CSI …
+    H or f, which starts a new line of the firmware's screen) made a newline. Returns that and the unfinished
+    escape sequence `text` ends in, to be put before the next chunk."""
+    unfinished = _UNFINISHED.search(text)
+    held = text[unfinished.start():] if unfinished else ""
+    if held:
+        text = text[: -len(held)]
+        if len(held) > _LONGEST_HELD:  # a string never ended: garbage, not held forever
+            held = ""
+    text = _ESCAPES.sub(lambda m: "\n" if m.group(0)[1] == "[" and m.group(0)[-1] in "Hf" else "", text)
+    return _CONTROLS.sub("", text.replace("\x1b", "")), held
+
+
 def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, echo: TextIO | None = None,
           marks: Sequence[str] = (), answers: Sequence[tuple[str, str]] = (), until: Sequence[str] = ()
           ) -> BootResult:
@@ -240,6 +266,7 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
     proc = subprocess.Popen(list(argv), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     buf = b""
+    held = ""  # the start of an escape sequence the console's last chunk ended in (terminal_text)
     pending = list(answers)
     answered_to = 0  # where in `buf` the next answer's text is looked for
     try:
@@ -256,7 +283,8 @@ def watch(argv: Sequence[str], *, timeout: float, expect: str | None = None, ech
             if not chunk:
                 break
             if echo is not None:
-                echo.write(chunk.decode(errors="replace"))
+                shown, held = terminal_text(held + chunk.decode(errors="replace"))
+                echo.write(shown)
                 echo.flush()
             buf += chunk
             if _PANIC.search(buf):

@@ -1,4 +1,4 @@
-"""The one exception type that reaches the user as a one-line message."""
+"""The one exception type that reaches the user as a one-line message, and the one for listeners that cannot bind."""
 
 import errno
 import os

@@ -177,7 +177,9 @@ class Server:
 
     def _configure_record(self, machines: Machines) -> None:
         if self.record is not None:
-            self.record.configure({mac: m.profile for mac, m in machines.machines.items()}, machines.from_database)
+            self.record.configure({mac: m.profile for mac, m in machines.machines.items()},
+                                  database=machines.from_database,
+                                  overlaid=[name for name, p in machines.profiles.items() if p.overlay is not None])
 
     async def _start_status(self, config: StatusConfig) -> None:
         assert self.record is not None

@@ -99,7 +99,7 @@ class Query:
         if not mac.startswith(self.mac):
             return False
         events, configured = snapshot.events.get(mac, ()), snapshot.configured.get(mac)
-        return ((self.state is None or state_of(events) == self.state)
+        return ((self.state is None or state_of(events, snapshot.overlaid) == self.state)
                 and (self.profile is None or profile_of(events, configured) == self.profile))
 
     def args(self, **changes: str) -> str:

@@ -61,8 +61,8 @@ class _Collector(Collector):
         for profile, n in sorted(r.boots_started.items()):
             started.add_metric([profile], n)
         yield started
-        handed = CounterMetricFamily("netboot_boots_handed_over", "Boots whose initrd was sent whole, by profile",
-                                     labels=["profile"])
+        handed = CounterMetricFamily("netboot_boots_handed_over", "Boots handed over: their initrd sent whole, "
+                                     "and their overlay if their profile has one, by profile", labels=["profile"])
         for profile, n in sorted(r.handed_over.items()):
             handed.add_metric([profile], n)
         yield handed

@@ -12,9 +12,10 @@ for a file are kept for the last `MAX_LOOSE` of them.
 
 A machine's states:
     configured     in the machines file, not seen since netboot started
-    booting        it fetched its script (which starts a new boot) or a file
-    handed-over    its initrd was sent whole (and then its overlay, if it has one): the kernel has all it needs;
-                   a build made with --fetch stays so while stage 1 downloads its image (a step of its own)
+    booting        it fetched its script (which starts a new boot) or a file, and has not yet all it needs
+    handed-over    its initrd was sent whole and then, when its profile has an overlay, its overlay: the kernel
+                   has all it needs; a build made with --fetch stays so while stage 1 downloads its image (a
+                   step of its own)
     failed         a transfer was aborted or timed out, or it was answered with an error
     unknown-mac    it asked for its script and no profile matched
 """
@@ -25,7 +26,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -92,7 +93,9 @@ _PATH, _STATUS, _OK, _PROFILE = (BootEvent._fields.index(f) for f in ("path", "s
 # A machine's state and profile, read from its events' fields in place: a page filters every machine of the record
 # by them, and making 200,000 BootEvents (or 10,000 Machines) for that took most of a page's time, and the
 # garbage collections of those objects held up the event loop.
-def state_of(events: tuple[tuple[Any, ...], ...]) -> str:
+def state_of(events: tuple[tuple[Any, ...], ...], overlaid: Container[str] = ()) -> str:
+    """A machine's state (see the module's docstring) from its events; `overlaid`: the profiles with an overlay,
+    whose machines are handed over by their overlay, which their script loads after the initrd."""
     for e in reversed(events):
         status, path = e[_STATUS], e[_PATH]
         if status == "size probe":
@@ -101,8 +104,10 @@ def state_of(events: tuple[tuple[Any, ...], ...]) -> str:
             return UNKNOWN_MAC
         if not e[_OK]:
             return FAILED
-        if initrd_sent(True, path, status) or overlay_path(path) or image_path(path):
+        if overlay_path(path) or image_path(path):
             return HANDED_OVER
+        if initrd_sent(True, path, status):
+            return BOOTING if e[_PROFILE] in overlaid else HANDED_OVER
         return BOOTING
     return CONFIGURED
 
@@ -123,6 +128,7 @@ class Machine:
     configured: bool = False
     facts: tuple[tuple[str, str], ...] = ()  # what it said of itself, and what DHCP saw (FACTS)
     source: str | None = None  # where its table is: "file" (the machines file), "database" (the site's), or none
+    overlaid: Container[str] = ()  # the profiles with an overlay (state_of)
 
     def history(self) -> list[BootEvent]:
         """Its last few events, oldest first."""
@@ -139,7 +145,7 @@ class Machine:
 
     @property
     def state(self) -> str:
-        return state_of(self.events)
+        return state_of(self.events, self.overlaid)
 
     @property
     def current_profile(self) -> str | None:
@@ -235,6 +241,7 @@ class BootRecord:
         self._events: dict[str, tuple[tuple[Any, ...], ...]] = {}
         self._configured: dict[str, str] = {}  # the machines file's MACs and profiles
         self._sources: dict[str, str] = {}  # where each configured machine's table is: "file" or "database"
+        self._overlaid: frozenset[str] = frozenset()  # the machines file's profiles with an overlay
         self._recent: collections.deque[tuple[Any, ...]] = collections.deque(maxlen=recent)  # BootEvents' fields
         self._seq = 0
         # Machines seen but not configured, in the order they joined the queue, with the seq they joined at.
@@ -258,9 +265,11 @@ class BootRecord:
         # Boots started and handed over, per minute: [minute since the epoch, started, handed over], oldest first.
         self._minutes: collections.deque[list[int]] = collections.deque(maxlen=CHART_MINUTES + 1)
 
-    def configure(self, machines: dict[str, str], database: Iterable[str] = ()) -> None:
-        """The machines file's MACs and profiles (at start and after each reload); `database`: those whose tables
-        are the site database's rather than the file's."""
+    def configure(self, machines: dict[str, str], *, database: Iterable[str] = (), overlaid: Iterable[str] = ()
+                  ) -> None:
+        """The machines file's MACs and profiles, and the profiles that have an overlay (at start and after each
+        reload); `database`: the MACs whose tables are the site database's rather than the file's."""
+        self._overlaid = frozenset(overlaid)
         for mac in self._configured:
             if mac not in machines and mac in self._events:
                 self._unconfigured[mac] = self._seq  # seen: still shown, until it is the least recent
@@ -314,8 +323,8 @@ class BootRecord:
         machine's list of events (a few milliseconds for 10,000 machines); the same one serves every reader
         until something changes."""
         self.flush()
-        key = (self._seq, id(self._configured), self.reloads, self.reload_failures, self.http_in_flight,
-               self._facts_seq)
+        key = (self._seq, id(self._configured), id(self._overlaid), self.reloads, self.reload_failures,
+               self.http_in_flight, self._facts_seq)
         if self._snapshot is None or self._snapshot_key != key:
             self._snapshot, self._snapshot_key = Snapshot(self), key
         return self._snapshot
@@ -370,6 +379,7 @@ class BootRecord:
             return
         builds: dict[str, str | None] = {}  # profile -> its build id, asked once a batch
         counts, per_mac, configured, per_profile = self._counts, self._events, self._configured, self._per_profile
+        overlaid = self._overlaid
         unconfigured, per_machine, max_machines = self._unconfigured, self.per_machine, self.max_machines
         stored = self.bytes
         seq = self._seq
@@ -419,8 +429,8 @@ class BootRecord:
                 if script_path(path):
                     profiled[0] += 1
                     self._per_minute(now, 1)
-                elif initrd_sent(ok, path, status):
-                    profiled[1] += 1
+                elif (overlay_path(path) if profile in overlaid else initrd_sent(ok, path, status)):
+                    profiled[1] += 1  # handed over (state_of)
                     self._per_minute(now, 2)
             if mac is None:
                 continue
@@ -553,6 +563,7 @@ class Snapshot:
         self.minutes = [tuple(m) for m in record._minutes]
         self.configured = record._configured  # replaced, never changed, by configure()
         self.sources = record._sources  # the same
+        self.overlaid = record._overlaid
         self.systems = dict(record.systems)
         self.counts = {p: {status: c[:] for status, c in by.items()} for p, by in record._counts.items()}
         self.per_profile = {p: n[:] for p, n in record._per_profile.items()}
@@ -568,23 +579,24 @@ class Snapshot:
         if self._machines is None:
             configured = self.configured
             facts = self.facts
-            sources = self.sources
+            sources, overlaid = self.sources, self.overlaid
             found = {mac: Machine(mac, events, configured.get(mac), mac in configured, facts.get(mac, ()),
-                                  sources.get(mac)) for mac, events in self.events.items()}
+                                  sources.get(mac), overlaid) for mac, events in self.events.items()}
             for mac, profile in configured.items():
                 if mac not in found:
-                    found[mac] = Machine(mac, (), profile, True, facts.get(mac, ()), sources.get(mac))
+                    found[mac] = Machine(mac, (), profile, True, facts.get(mac, ()), sources.get(mac), overlaid)
             self._machines = found
         return self._machines
 
     def states(self) -> collections.Counter[str]:
-        found = collections.Counter(map(state_of, self.events.values()))
+        overlaid = self.overlaid
+        found = collections.Counter(state_of(events, overlaid) for events in self.events.values())
         found[CONFIGURED] += sum(mac not in self.events for mac in self.configured)
         return found
 
     def machine(self, mac: str) -> Machine:
         return Machine(mac, self.events.get(mac, ()), self.configured.get(mac), mac in self.configured,
-                       self.facts.get(mac, ()), self.sources.get(mac))
+                       self.facts.get(mac, ()), self.sources.get(mac), self.overlaid)
 
     def known(self, mac: str) -> bool:
         """Whether the record knows `mac`: seen, configured, or answered by DHCP."""
@@ -616,7 +628,7 @@ class Snapshot:
 
     @property
     def handed_over(self) -> dict[str, int]:
-        """Boots whose initrd was sent whole, by profile."""
+        """Boots handed over (their initrd sent whole, and their overlay if their profile has one), by profile."""
         return {profile: n[1] for profile, n in self.per_profile.items() if n[1]}
 
     @property

@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from netboot.core.errors import NetbootError
+from netboot.core.errors import NetbootError, cannot_listen
 from netboot.tftp.content import FileSystemResolver
 from netboot.tftp.server import TftpConfig, start_tftp_server
 from netboot.tftp.session import SessionConfig
@@ -106,11 +106,17 @@ async def serve(args: argparse.Namespace) -> None:
     resolver = FileSystemResolver(args.root, args.allow_root)
     config = config_from_args(args)
     listen = args.listen or [("::", 69)]
-    server = await start_tftp_server(listen[0][0], listen[0][1], resolver, config, interface=args.interface)
+    try:
+        server = await start_tftp_server(listen[0][0], listen[0][1], resolver, config, interface=args.interface)
+    except OSError as e:
+        raise cannot_listen("TFTP", format_peer(listen[0]), listen[0][1], e) from e
     try:
         for host, port in listen[1:]:
-            server.listen(host, port, args.interface)
-    except OSError:
+            try:
+                server.listen(host, port, args.interface)
+            except OSError as e:
+                raise cannot_listen("TFTP", format_peer((host, port)), port, e) from e
+    except NetbootError:
         server.close()
         await server.wait_closed()
         raise

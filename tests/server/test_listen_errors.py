@@ -29,7 +29,7 @@ def free_privileged_port(kind: int) -> int:
 
 
 @pytest.mark.root
-@pytest.mark.parametrize("listener", ["http", "tftp", "status"])
+@pytest.mark.parametrize("listener", ["http", "tftp", "status", "netboot.tftp"])
 def test_a_port_below_1024_as_nobody_names_the_capability(listener: str) -> None:
     base = Path("/tmp") / f"netboot-listen-{os.getpid()}"
     base.mkdir(mode=0o755)
@@ -37,12 +37,17 @@ def test_a_port_below_1024_as_nobody_names_the_capability(listener: str) -> None
         base.chmod(0o755)
         out = fake_out(base / "out", "direct")
         python, env = nobody_python(base / "python")
-        port = free_privileged_port(socket.SOCK_DGRAM if listener == "tftp" else socket.SOCK_STREAM)
-        where = {"http": ["--http", f"127.0.0.1:{port}", "--no-tftp", "--status", "none"],
-                 "tftp": ["--http", "127.0.0.1:0", "--tftp", f"127.0.0.1:{port}", "--status", "none"],
-                 "status": ["--http", "127.0.0.1:0", "--no-tftp", "--status", f"127.0.0.1:{port}"]}[listener]
-        proc = subprocess.run([*python, "-m", "netboot", "serve", "--dir", str(out), *where], capture_output=True,
-                              text=True, cwd="/", env=env, timeout=60)
+        port = free_privileged_port(socket.SOCK_DGRAM if "tftp" in listener else socket.SOCK_STREAM)
+        command = {"http": ["netboot", "serve", "--http", f"127.0.0.1:{port}", "--no-tftp", "--status", "none"],
+                   "tftp": ["netboot", "serve", "--http", "127.0.0.1:0", "--tftp", f"127.0.0.1:{port}",
+                            "--status", "none"],
+                   "status": ["netboot", "serve", "--http", "127.0.0.1:0", "--no-tftp", "--status",
+                              f"127.0.0.1:{port}"],
+                   "netboot.tftp": ["netboot.tftp", "--root", str(out), "--listen", f"127.0.0.1:{port}"]}[listener]
+        if command[0] == "netboot":
+            command += ["--dir", str(out)]
+        proc = subprocess.run([*python, "-m", *command], capture_output=True, text=True, cwd="/", env=env,
+                              timeout=60)
     finally:
         shutil.rmtree(base)
     assert proc.returncode == 2, proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -394,5 +395,28 @@ def test_a_template_that_loops_or_renders_a_gigabyte_is_refused_and_others_keep_
         # And the server goes on rendering for new machines.
         text = fetch(server, "machine/52-54-00-00-0c-06/boot.ipxe").decode()
         assert "initrd --name overlay" in text
+    finally:
+        server.stop()
+
+
+def test_a_machine_that_never_fetches_its_overlay_is_not_handed_over(fleet: Path) -> None:
+    server = ServerProcess("--machines", fleet, "--http", "127.0.0.1:0", "--no-tftp")
+    try:
+        def fetch(path: str) -> bytes:
+            with urllib.request.urlopen(server.url(path), timeout=30) as r:
+                return r.read()
+
+        def state() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.status_port}/api/machines/{NODE1}",
+                                        timeout=30) as r:
+                return json.loads(r.read())["state"]
+
+        text = fetch(f"machine/{NODE1.replace(':', '-')}/boot.ipxe").decode()
+        initrd = re.search(r"^initrd --name initrd (\S+)$", text, re.M)
+        assert initrd is not None, text
+        fetch(initrd.group(1))
+        assert state() == "booting"  # the kernel has its initrd, not yet the machine's overlay
+        fetch(overlay_url(text))
+        assert state() == "handed-over"
     finally:
         server.stop()

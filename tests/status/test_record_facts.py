@@ -47,6 +47,31 @@ def test_a_boot_takes_from_its_script_to_its_last_file(clock: list[float]) -> No
     assert machines[A]["facts"] == {"uuid": "4c4c4544-0000", "serial": "SN1"}
 
 
+def test_a_machine_whose_profile_has_an_overlay_is_handed_over_by_its_overlay(clock: list[float]) -> None:
+    record = BootRecord(lambda profile: ("abc", "/nix/store/x"))
+    record.configure({A: "rack", B: "rack"}, overlaid={"rack"})
+    boot(record, A, clock, 8.0)  # its initrd, and never its overlay
+    boot(record, B, clock, 12.0, overlay=True)
+    snapshot = record.snapshot()
+    a, b = (snapshot.machine(mac).json(snapshot.systems) for mac in (A, B))
+    assert (a["state"], a["handed_over"], a["boot_seconds"]) == ("booting", None, None)
+    assert (b["state"], b["boot_seconds"]) == ("handed-over", 12.0)
+    assert snapshot.states()["handed-over"] == 1 and snapshot.states()["booting"] == 1
+    assert snapshot.handed_over == {"rack": 1} and sum(m[2] for m in snapshot.per_minute()) == 1
+    # Its overlay, late: handed over now, the boot taking until then.
+    clock[0] += 2.0
+    record.record("192.0.2.5", "http", "/machine/52-54-00-00-10-01/abc/overlay", "200", True, 4096, A, "rack")
+    snapshot = record.snapshot()
+    a = snapshot.machine(A).json(snapshot.systems)
+    assert (a["state"], a["boot_seconds"]) == ("handed-over", 8.0 + 12.0 + 2.0)  # (B booted meanwhile)
+    assert snapshot.handed_over == {"rack": 2}
+    # A profile without an overlay (after a reload that took it away) is handed over by its initrd.
+    record.configure({A: "rack", B: "rack"})
+    boot(record, A, clock, 5.0)
+    snapshot = record.snapshot()
+    assert snapshot.machine(A).json(snapshot.systems)["state"] == "handed-over"
+
+
 def test_boots_per_minute_for_the_chart(clock: list[float]) -> None:
     clock[0] = 60 * 28_000_000 + 5  # the start of a minute
     record = BootRecord(lambda profile: ("abc", "/nix/store/x"))
