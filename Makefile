@@ -20,6 +20,7 @@ DEBIAN_PACKAGES += postgresql
 # Secure Boot: the signed loaders served, signing and unified kernel images at build, keys in the tests.
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
+DEBIAN_PACKAGES += radvd
 
 .PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db lint clean
 all: test

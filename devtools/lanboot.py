@@ -67,11 +67,12 @@ def start_serve(host: Host, log: Path, *args: str, timeout: float = 30,
 
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool, timeout: float = 300,
             echo: TextIO | None = None, secure_boot: bool = False, mok: Sequence[Path] = (),
-            until: Sequence[str] = (), arch: str = qemu.DEFAULT_ARCH, marks: Sequence[str] = ()) -> qemu.BootResult:
+            until: Sequence[str] = (), arch: str = qemu.DEFAULT_ARCH, marks: Sequence[str] = (),
+            ipv6_only: bool = False) -> qemu.BootResult:
     """A VM of `arch` on a new tap of `lan`, network-booted until it powers off, the console shows a text of
     `until`, or `timeout` passes. UEFI VMs get a fresh copy of their firmware's variable store (OVMF's, AAVMF's);
     with `secure_boot`, the firmware that enforces it, Microsoft's keys, and the certificates of `mok` in shim's
-    MOK list. `marks`: qemu.watch's, the times the console first showed them."""
+    MOK list. `marks`: qemu.watch's, the times the console first showed them. `ipv6_only`: qemu.lan_argv's."""
     tap = lan.tap()
     with tempfile.TemporaryDirectory(prefix="netboot-lanvm-") as tmp:
         vars_copy = None
@@ -82,7 +83,7 @@ def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool, timeout: float = 3
             else:
                 shutil.copyfile(qemu.UEFI[arch][1], vars_copy)
         argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy, secure_boot=secure_boot,
-                             arch=arch)
+                             arch=arch, ipv6_only=ipv6_only)
         return qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER, echo=echo, until=until, marks=marks)
 
 
