@@ -45,7 +45,8 @@ class LanServer(ServerProcess):
         super().__init__(*args, prefix=host.argv([]))
 
     def url(self, path: str) -> str:
-        return f"http://{self.host.address}:{self.http_port}/{path.lstrip('/')}"
+        host = f"[{self.host.address}]" if ":" in self.host.address else self.host.address
+        return f"http://{host}:{self.http_port}/{path.lstrip('/')}"
 
 
 def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
