@@ -101,3 +101,28 @@ def test_two_ovmf_vms_boot_through_pxe_over_ipv6(lan: Lan, outs: dict[str, Path]
         record = status_of(host, server.status_port, mac)
         assert ipaddress.IPv6Address(record["client"]) in ipaddress.IPv6Network("2001:db8::/64"), record
     server.stop()
+
+
+STATELESS = "52:54:00:00:06:03"
+
+
+@pytest.mark.slow  # a VM under emulation through firmware, iPXE and a kernel
+def test_stateless_mode_answers_a_real_ipxe_beside_slaac(lan: Lan, outs: dict[str, Path], system: Path,
+                                                         closure: list[str], tmp_path: Path) -> None:
+    """radvd with the O flag and an autonomous prefix: addresses come from SLAAC, and `--dhcp6 stateless` answers
+    the Information-Request of iPXE (the EFI driver of the NIC's option ROM, under OVMF) with the script's URL."""
+    lan.host("router", "2001:db8::1/64").radvd(managed=False, other=True)
+    server = serve_in(lan.host("netboot", f"{SERVER}/64"), "--dir", outs["squashfs"], *SERVED,
+                      "--dhcp6", "stateless", "--state-dir", tmp_path / "state")
+    result = boot_vm(lan, STATELESS, uefi=True, pxe_rom=True, ipv6_only=True, marks=("NETBOOT-TEST-OK",))
+    print(f"{STATELESS}: init after {result.elapsed:.1f} s; {result.seen_at}")
+    assert_booted(result, closure, system)
+    assert ipv4_anywhere(lan) == []
+    # The address iPXE fetched with is its SLAAC one: the prefix and its MAC's EUI-64 (RFC 4291 §2.5.1).
+    slaac = "2001:db8::5054:ff:fe00:603"
+    assert re.search(rf"^netboot: {slaac} mac={STATELESS} profile=default http /machine/\S+/boot\.ipxe 200",
+                     server.log, re.M), server.log
+    assert re.search(rf"dhcp6: {STATELESS} ipxe\S* REPLY .*boot=http://\[{SERVER}\]:8080/boot\.ipxe", server.log), \
+        server.log
+    assert not (tmp_path / "state" / "dhcp6-leases").exists() and "IA_NA" not in server.log
+    server.stop()
