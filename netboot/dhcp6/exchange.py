@@ -84,7 +84,7 @@ class Responder:
 
     def handle(self, arrival: Arrival) -> Answer | Ignored | None:
         """The answer to one datagram; raises message.Malformed for anything that is not a valid message.
-        Leases change only once the answer is built."""
+        Leases change only once the answer is built (an address advertised is held at once: an offer lapses)."""
         request = message.parse(arrival.data)
         kind = request.type
         client = boot.classify(request)  # type: ignore[arg-type]  # reads arches, vendor_class, user_class
@@ -153,24 +153,23 @@ class Responder:
         found = self._boot_file(client, arrival, mac) if client.firmware else None
         ias: list[bytes] = []
         granted: list[tuple[str, str]] = []  # (key, ip) committed once the answer is built
-        held: list[tuple[str, str]] = []  # (key, ip) advertised
         released: list[tuple[str, str]] = []
         shown: list[str] = []
         top_status = b""
         if kind in (MessageType.SOLICIT, MessageType.REQUEST):
             commit = kind == MessageType.REQUEST or request.rapid_commit
-            taken: set[str] = set()
             for ia in request.ias:
                 key = key_of(duid, ia.iaid)
                 ip = leases.pick(key, ia.addresses, now)
-                if ip is not None and ip in taken:  # a second IA of one client: never the first's address
-                    ip = None
                 if ip is None:
                     ias.append(message.ia_na(ia.iaid, 0, 0, status_code=message.status(
                         Status.NO_ADDRS_AVAIL, "no free address left")))
                     continue
-                taken.add(ip)
-                (granted if commit else held).append((key, ip))
+                # Held at once, so that a client's next IA gets another address; a hold is only an offer for a
+                # minute, which an answer that cannot be built leaves to lapse.
+                leases.hold(key, ip, now)
+                if commit:
+                    granted.append((key, ip))
                 ias.append(message.ia_na(ia.iaid, t1, t2, ((ip, lifetime, lifetime),)))
                 shown.append(ip)
             if request.ias and not shown and kind == MessageType.SOLICIT:
@@ -243,8 +242,6 @@ class Responder:
         answer = self._answer(reply, client, arrival, mac, who, ",".join(shown) or "-", boot_file, note,
                               durable_first=committed or (bool(released) and kind == MessageType.DECLINE))
         # Only now that the answer is built: what it tells the client.
-        for key, ip in held:
-            leases.hold(key, ip, now)
         for key, ip in granted:
             leases.commit(key, ip, now)
         for key, ip in released:
