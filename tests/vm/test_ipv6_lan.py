@@ -22,6 +22,10 @@ SERVER = "2001:db8::10"
 RANGE = (ipaddress.IPv6Address("2001:db8::1000"), ipaddress.IPv6Address("2001:db8::1fff"))
 PLAIN, FETCHER = "52:54:00:00:06:01", "52:54:00:00:06:02"
 SERVED = ("--http", f"[{SERVER}]:8080", "--tftp", f"[{SERVER}]:69")
+# The steps of a boot whose times the tests print (docs/ipv6.md, "Measured"): EDK2's PXE, iPXE's start, its
+# network configured (its DHCPv4 timed out beside DHCPv6), the script's URL, stage 1's download, init.
+MARKS = ("Start PXE over IPv6", "iPXE initialising", "Configuring (net0", "Filename: http", "netboot stage 1: fetched",
+         "NETBOOT-TEST-OK")
 
 
 def fleet(d: Path, plain: Path, fetch: Path) -> Path:
@@ -69,7 +73,7 @@ def test_two_ovmf_vms_boot_through_pxe_over_ipv6(lan: Lan, outs: dict[str, Path]
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         # ipv6_only: EDK2 makes no PXE over IPv4 boot option, whose unanswered DHCPv4 would cost its timeout.
         booting = {mac: pool.submit(boot_vm, lan, mac, uefi=True, pxe_rom=False, ipv6_only=True,
-                                    marks=("Start PXE over IPv6", "iPXE initialising", "NETBOOT-TEST-OK"))
+                                    marks=MARKS)
                    for mac in (PLAIN, FETCHER)}
         results = {mac: future.result() for mac, future in booting.items()}
     assert ipv4_anywhere(lan) == []
@@ -114,7 +118,7 @@ def test_stateless_mode_answers_a_real_ipxe_beside_slaac(lan: Lan, outs: dict[st
     lan.host("router", "2001:db8::1/64").radvd(managed=False, other=True)
     server = serve_in(lan.host("netboot", f"{SERVER}/64"), "--dir", outs["squashfs"], *SERVED,
                       "--dhcp6", "stateless", "--state-dir", tmp_path / "state")
-    result = boot_vm(lan, STATELESS, uefi=True, pxe_rom=True, ipv6_only=True, marks=("NETBOOT-TEST-OK",))
+    result = boot_vm(lan, STATELESS, uefi=True, pxe_rom=True, ipv6_only=True, marks=MARKS)
     print(f"{STATELESS}: init after {result.elapsed:.1f} s; {result.seen_at}")
     assert_booted(result, closure, system)
     assert ipv4_anywhere(lan) == []
