@@ -101,11 +101,12 @@ class Lan:
         self._namespaces.append(netns)
         ip("-n", netns, "link", "set", "lo", "up")
 
-    def host(self, name: str, address: str) -> Host:
-        """A namespace joined to the bridge by a veth pair: `eth0` inside, with `address` (CIDR), up."""
+    def host(self, name: str, address: str | None) -> Host:
+        """A namespace joined to the bridge by a veth pair: `eth0` inside, with `address` (CIDR), up. None: no
+        address but the IPv6 link-local one the kernel gives it, as a machine has before it is configured."""
         if name in self.hosts:
             raise LanError(f"{self.name} already has a host named {name}")
-        if "/" not in address:
+        if address is not None and "/" not in address:
             raise LanError(f"{address}: give the address with its prefix length, e.g. 192.0.2.10/24")
         netns = f"{self.name}-{name}"
         self._add_namespace(netns)
@@ -114,9 +115,10 @@ class Lan:
         ip("-n", self.switch, "link", "set", veth, "master", "br0", "up")
         # nodad: the address is ours at once; duplicate address detection would hold it "tentative" (unusable
         # for a bind) for a second or more (RFC 4862 §5.4).
-        ip("-n", netns, "addr", "add", address, "dev", "eth0", *(("nodad",) if ":" in address else ()))
+        if address is not None:
+            ip("-n", netns, "addr", "add", address, "dev", "eth0", *(("nodad",) if ":" in address else ()))
         ip("-n", netns, "link", "set", "eth0", "up")
-        host = Host(self, name, netns, "eth0", address)
+        host = Host(self, name, netns, "eth0", address or "")
         self.hosts[name] = host
         return host
 
@@ -166,7 +168,7 @@ class Lan:
 
 
 class Host:
-    """A machine on the LAN: a network namespace whose `eth0` has `address`."""
+    """A machine on the LAN: a network namespace whose `eth0` has `address` ("": none of its own)."""
 
     def __init__(self, lan: Lan, name: str, netns: str, ifname: str, cidr: str) -> None:
         self.lan = lan
