@@ -21,6 +21,7 @@ DEBIAN_PACKAGES += postgresql
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
 DEBIAN_PACKAGES += radvd
+DEBIAN_PACKAGES += kea-admin
 
 .PHONY: all deps venv test test-quick demo demo-proxy screenshot bench bench-dhcp bench-load bench-status bench-overlay bench-autobuild bench-formats bench-secureboot bench-arch bench-fetch bench-db lint clean
 all: test
@@ -82,6 +83,7 @@ screenshot: deps venv
 # Reference tools for the side-by-side benchmarks (kea-admin ships perfdhcp).
 BENCH_PACKAGES := nginx wrk curl tftpd-hpa atftp
 DHCP_BENCH_PACKAGES := kea-dhcp4-server kea-admin
+DHCP_BENCH_PACKAGES += kea-dhcp6-server
 # The reference PostgreSQL driver of bench-db (netboot itself uses asyncpg): the benchmark's alone, never a
 # dependency of the package.
 BENCH_PIP := 'psycopg[binary]>=3.2'
@@ -98,6 +100,7 @@ bench-dhcp: deps venv
 	@$(MAKE) --no-print-directory deps DEBIAN_PACKAGES="$(DHCP_BENCH_PACKAGES)"
 	$(PY) bench/dhcp_bench.py --update
 	$(PY) bench/dhcp_perf.py --update
+	$(PY) bench/dhcp6_perf.py --update
 
 # Only the boot storms, HTTP against nginx and TFTP under packet loss against tftpd-hpa (part of make bench).
 bench-load: deps venv

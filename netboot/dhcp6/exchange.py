@@ -33,7 +33,7 @@ from netboot.core.machines import Machines
 from netboot.dhcp import boot
 from netboot.dhcp.exchange import boot_file_of
 from netboot.dhcp6 import message
-from netboot.dhcp6.leases import Leases6, key_of
+from netboot.dhcp6.leases import Leases6, key_of, to_int, to_text
 from netboot.dhcp6.message import MessageType, Reply, Request, Status
 
 SERVER_PORT, CLIENT_PORT = 547, 546
@@ -78,6 +78,7 @@ class Responder:
     clock: Callable[[], float] = time.time
     seen: Callable[[str, boot.Client, int], None] | None = None  # (MAC, client, ifindex) of boot clients answered
     _server_id: bytes = field(default=b"", init=False, repr=False)
+    _links: dict[tuple[IPv6Network, ...], bool] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._server_id = message.option(message.SERVERID, self.duid)
@@ -118,7 +119,12 @@ class Responder:
             link = IPv6Address(request.relays[-1].link_address)
             return any(link in net and pool.on_link(net) for net in arrival.networks) or (
                 link.is_unspecified and any(pool.on_link(net) for net in arrival.networks))
-        return any(pool.on_link(net) for net in arrival.networks)
+        known = self._links.get(arrival.networks)
+        if known is None:
+            if len(self._links) >= 256:
+                self._links.clear()
+            known = self._links[arrival.networks] = any(pool.on_link(net) for net in arrival.networks)
+        return known
 
     # Stateless mode
 
@@ -188,7 +194,7 @@ class Responder:
                 entries = []
                 for ip in ia.addresses:
                     if (lease is not None and lease.ip == ip) or leases.free_for(key, ip, now):
-                        granted.append((key, str(IPv6Address(ip))))
+                        granted.append((key, to_text(to_int(ip))))
                         entries.append((ip, lifetime, lifetime))
                         shown.append(ip)
                     else:
@@ -278,7 +284,7 @@ class Responder:
         relayed = bool(reply.request.relays)
         # RFC 8415 §18.3.10, §19: to the client's port 546 at its (link-local) source, or to the relay's port 547.
         dest = (arrival.source, SERVER_PORT if relayed else CLIENT_PORT, 0,
-                arrival.ifindex if IPv6Address(arrival.source).is_link_local else 0)
+                arrival.ifindex if _link_local(arrival.source) else 0)
         shown = boot_url(found) if found is not None else "-"
         line = f"{who} {client.kind} {reply.type.name} address={address} boot={shown}{note}"
         return Answer(data, dest, line, durable_first)
@@ -305,6 +311,12 @@ def machine_mac(request: Request, source: str) -> str | None:
         if relay.link_layer[:2] == b"\x00\x01" and len(relay.link_layer) == 8:
             return relay.link_layer[2:].hex(":")
     return None
+
+
+def _link_local(address: str) -> bool:
+    """In fe80::/10 (RFC 4291 §2.5.6)."""
+    raw = message.packed(address)
+    return raw[0] == 0xFE and raw[1] & 0xC0 == 0x80
 
 
 def eui64_mac(address: str) -> str | None:

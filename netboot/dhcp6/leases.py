@@ -22,9 +22,22 @@ from ipaddress import IPv6Address, IPv6Network
 from netboot.core.errors import NetbootError
 from netboot.dhcp.journal import Kind
 from netboot.dhcp.leases import DECLINE_HOLD, OFFER_HOLD, Lease, LeaseStore, bind, drop
+from netboot.dhcp6.message import packed, text
 
 JOURNAL = "dhcp6-leases.journal"
 _KEY = re.compile(r"[0-9a-f]{6,260}-[0-9a-f]{8}")
+
+
+def to_int(ip: str) -> int:
+    """An address's number (raises ValueError for anything else): socket's parser, a tenth of ipaddress's cost."""
+    try:
+        return int.from_bytes(packed(ip))
+    except OSError:
+        raise ValueError(f"not an IPv6 address: {ip[:50]!r}") from None
+
+
+def to_text(n: int) -> str:
+    return text(n.to_bytes(16))
 
 
 def key_of(duid: bytes, iaid: int) -> str:
@@ -61,7 +74,9 @@ class Pool6:
                                ) from None
         if not sep or b < a:
             raise NetbootError(f"--dhcp6 {text!r}: expected stateless or a range START-END with START <= END")
-        if a.is_link_local or a.is_multicast or b.is_multicast or a.is_unspecified or a.is_loopback:
+        # (IPv4-mapped and -compatible addresses, in ::/96 and ::ffff:0:0/96, are no hosts' on an IPv6 link.)
+        if (a.is_link_local or a.is_multicast or b.is_multicast or int(a) >> 32 in (0, 0xFFFF)
+                or a.is_loopback):
             raise NetbootError(f"--dhcp6 {text!r}: expected a range of global (or unique local) unicast addresses")
         return a, b
 
@@ -93,12 +108,12 @@ class Leases6:
         self._cursor = self._first
         self._returned: list[int] = []
         self._expired = [(lease.expires, n) for lease in self.by_ip.values()
-                         if self._first <= (n := int(IPv6Address(lease.ip))) <= self._last]
+                         if self._first <= (n := to_int(lease.ip)) <= self._last]
         heapq.heapify(self._expired)
 
     def in_range(self, ip: str) -> bool:
         try:
-            return self._first <= int(IPv6Address(ip)) <= self._last
+            return self._first <= to_int(ip) <= self._last
         except ValueError:
             return False
 
@@ -131,7 +146,7 @@ class Leases6:
         lease = self.by_key.get(key)
         for ip in (offer[0] if offer else None, lease.ip if lease else None, *hints):
             if ip is not None and self.free_for(key, ip, now):
-                return str(IPv6Address(ip))
+                return to_text(to_int(ip))  # as the journal writes it
         return self._never_leased(now) or self._expired_longest(now)
 
     def hold(self, key: str, ip: str, now: float) -> None:
@@ -146,12 +161,12 @@ class Leases6:
         offered = self.offers.get(key)
         self._end_offer(key, reconsider=offered is not None and offered[0] != ip)
         old = bind(self.by_key, self.by_ip, lease)
-        n = int(IPv6Address(ip))
+        n = to_int(ip)
         if self._first <= n <= self._last:
             heapq.heappush(self._expired, (lease.expires, n))
             if len(self._expired) > 2 * len(self.by_ip) + 1024:  # renewals leave stale entries behind
                 self._expired = [(x.expires, m) for x in self.by_ip.values()
-                                 if self._first <= (m := int(IPv6Address(x.ip))) <= self._last]
+                                 if self._first <= (m := to_int(x.ip)) <= self._last]
                 heapq.heapify(self._expired)
         if old is not None:
             self._reconsider(old.ip)
@@ -164,7 +179,7 @@ class Leases6:
             return False
         released = lease._replace(expires=now)
         bind(self.by_key, self.by_ip, released)
-        heapq.heappush(self._expired, (now, int(IPv6Address(ip))))
+        heapq.heappush(self._expired, (now, to_int(ip)))
         self.store.record(released)
         return True
 
@@ -193,7 +208,7 @@ class Leases6:
     # Choosing
 
     def _never_ok(self, n: int, now: float) -> bool:
-        ip = str(IPv6Address(n))
+        ip = to_text(n)
         return ip not in self.by_ip and ip not in self._offered and self.declined.get(ip, 0) <= now
 
     def _never_leased(self, now: float) -> str | None:
@@ -203,13 +218,13 @@ class Leases6:
         while self._cursor <= self._last and not self._never_ok(self._cursor, now):
             self._cursor += 1
         best = min(returned[0] if returned else self._last + 1, self._cursor)
-        return str(IPv6Address(best)) if best <= self._last else None
+        return to_text(best) if best <= self._last else None
 
     def _expired_longest(self, now: float) -> str | None:
         heap = self._expired
         while heap and heap[0][0] <= now:
             expires, n = heap[0]
-            ip = str(IPv6Address(n))
+            ip = to_text(n)
             lease = self.by_ip.get(ip)
             if (lease is not None and lease.expires == expires and ip not in self._offered
                     and self.declined.get(ip, 0) <= now):
@@ -218,7 +233,7 @@ class Leases6:
         return None
 
     def _reconsider(self, ip: str) -> None:
-        n = int(IPv6Address(ip))
+        n = to_int(ip)
         if not self._first <= n <= self._last:
             return
         lease = self.by_ip.get(ip)

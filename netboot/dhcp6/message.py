@@ -11,10 +11,10 @@ codec's one error, whose message says on one line what was wrong.
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
-from ipaddress import IPv6Address
 
 MAX_DATAGRAM = 8192  # a client's message is well under one Ethernet frame; relays add their headers around it
 MAX_OPTIONS = 256  # in one message (or relay header, or IA): a real client sends about ten
@@ -63,6 +63,15 @@ _IA = struct.Struct("!III")
 _IAADDR = struct.Struct("!16sII")
 _RELAY = struct.Struct("!BB16s16s")
 MAX_DUID = 130  # RFC 8415 §11.1: a DUID is at most 128 bytes after its 2-byte type
+
+
+def text(packed: bytes) -> str:
+    """An address as text (RFC 5952's form, as ipaddress writes it), from its 16 bytes."""
+    return socket.inet_ntop(socket.AF_INET6, packed)
+
+
+def packed(address: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6, address)
 
 
 class Malformed(ValueError):
@@ -167,7 +176,7 @@ def _ia(value: bytes) -> IA:
             if len(inner) < _IAADDR.size:
                 raise Malformed(f"IA_NA: option 5 (IAADDR) of {len(inner)} bytes is shorter than 24")
             _options(inner[_IAADDR.size :], "IAADDR")  # checked, not kept
-            addresses.append(str(IPv6Address(inner[:16])))
+            addresses.append(text(inner[:16]))
     return IA(iaid, tuple(addresses))
 
 
@@ -200,7 +209,7 @@ def parse(data: bytes) -> Request:
         link_layer = options.get(CLIENT_LINKLAYER_ADDR, b"")
         if link_layer and len(link_layer) < 3:
             raise Malformed(f"option 79 of {len(link_layer)} bytes holds no link-layer address")
-        relays.append(Relay(hops, str(IPv6Address(link)), str(IPv6Address(peer)), options.get(INTERFACE_ID),
+        relays.append(Relay(hops, text(link), text(peer), options.get(INTERFACE_ID),
                             link_layer))
         data = inner
     if kind not in CLIENT_TYPES:
@@ -261,7 +270,7 @@ def status(code: Status, text: str = "") -> bytes:
 def ia_na(iaid: int, t1: int, t2: int, addresses: tuple[tuple[str, int, int], ...] = (),
           status_code: bytes = b"") -> bytes:
     """An IA_NA with (address, preferred, valid lifetime) entries, or a status code (RFC 8415 §21.4, §21.6)."""
-    inner = b"".join(option(IAADDR, _IAADDR.pack(IPv6Address(a).packed, p, v)) for a, p, v in addresses)
+    inner = b"".join(option(IAADDR, _IAADDR.pack(packed(a), p, v)) for a, p, v in addresses)
     return option(IA_NA, _IA.pack(iaid, t1, t2) + inner + status_code)
 
 
@@ -282,6 +291,6 @@ class Reply:
         data = bytes((self.type,)) + self.request.xid + b"".join(self.options)
         for relay in reversed(self.request.relays):  # innermost relay first
             echoed = option(INTERFACE_ID, relay.interface_id) if relay.interface_id is not None else b""
-            data = (_RELAY.pack(MessageType.RELAY_REPL, relay.hop_count, IPv6Address(relay.link_address).packed,
-                                IPv6Address(relay.peer_address).packed) + echoed + option(RELAY_MSG, data))
+            data = (_RELAY.pack(MessageType.RELAY_REPL, relay.hop_count, packed(relay.link_address),
+                                packed(relay.peer_address)) + echoed + option(RELAY_MSG, data))
         return data

@@ -20,7 +20,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
-from ipaddress import IPv6Address, IPv6Interface
+from ipaddress import IPv6Address, IPv6Interface, IPv6Network
 
 from netboot.core.addresses import ipv6_interfaces
 from netboot.core.logbudget import LogBudget
@@ -53,6 +53,7 @@ class Dhcp6Server:
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
         self._joined: set[int] = set()
+        self._where: dict[int, tuple[str | None, tuple[IPv6Network, ...]]] = {}
         self._refreshed = time.monotonic()
         self._refreshing: asyncio.Task | None = None
         self._dropped = 0
@@ -130,8 +131,11 @@ class Dhcp6Server:
         elif self.only and name not in self.only:
             return
         self._refresh_soon()
-        server = _server(addresses, self.responder)
-        networks = tuple(a.network for a in addresses if not a.is_link_local)
+        where = self._where.get(ifindex)
+        if where is None:  # our address and prefixes there, until the next look at the interfaces
+            where = self._where[ifindex] = (_server(addresses, self.responder),
+                                            tuple(a.network for a in addresses if not a.is_link_local))
+        server, networks = where
         try:
             result = self.responder.handle(Arrival(data, source, ifindex, server, networks))
         except Malformed as e:
@@ -219,6 +223,7 @@ class Dhcp6Server:
         async def refresh() -> None:
             try:
                 self.interfaces = await asyncio.to_thread(self._snapshot)
+                self._where = {}
                 self._joined &= self.interfaces.keys()
                 self._join()
             except Exception as e:
