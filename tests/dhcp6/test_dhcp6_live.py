@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from dhcp6_support import ADVERTISE, INFORMATION_REQUEST, REPLY, REQUEST, edk2, ipxe, read
 from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fixture: the `lan` fixture)
-from support import fake_out, need
+from support import cli, fake_out, need
 
 from devtools.lan import Host, Lan
 from netboot.dhcp import journal
@@ -120,13 +120,16 @@ def test_garbage_costs_bounded_log_lines(lan: Lan, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_perfdhcp_many_clients_no_address_twice(lan: Lan, tmp_path: Path) -> None:
+@pytest.mark.parametrize("relayed", [False, True], ids=["direct", "relayed"])
+def test_perfdhcp_many_clients_no_address_twice(lan: Lan, tmp_path: Path, relayed: bool) -> None:
     need("perfdhcp")
     _, server = start(lan, tmp_path, RANGE)
     client = lan.host("client", "2001:db8::50/64")
     client.link_local()
-    # 2,000 clients at 500 a second, each Solicit → Advertise → Request → Reply.
-    proc = client.run(["perfdhcp", "-6", "-l", "eth0", "-r", "500", "-n", "2000", "-R", "2000", "-p", "10"],
+    # 2,000 clients at 500 a second, each Solicit → Advertise → Request → Reply; relayed: perfdhcp wraps each
+    # message in a Relay-Forward (-A 1), and takes only Relay-Replies back.
+    proc = client.run(["perfdhcp", "-6", "-l", "eth0", "-r", "500", "-n", "2000", "-R", "2000", "-p", "10",
+                       *(["-A", "1"] if relayed else [])],
                       capture_output=True, text=True, timeout=120)
     assert proc.returncode in (0, 3), proc.stdout + proc.stderr  # 3: some packets were dropped
     replies = re.search(r"Statistics for: REQUEST-REPLY\*+\nsent packets: \d+\nreceived packets: (\d+)", proc.stdout)
@@ -138,3 +141,40 @@ def test_perfdhcp_many_clients_no_address_twice(lan: Lan, tmp_path: Path) -> Non
     assert len(addresses) == len(set(addresses)), "an address leased twice"
     # Every Reply perfdhcp received is a lease in the journal (durable before it was sent).
     assert len(addresses) >= int(replies.group(1)) >= 1900, (len(addresses), proc.stdout)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--dhcp6", "bogus"], "--dhcp6 'bogus': expected stateless or a range START-END of IPv6 addresses"),
+    (["--dhcp6", "2001:db8::9-2001:db8::1"], "START <= END"),
+    (["--dhcp6", "fe80::1-fe80::9"], "expected a range of global (or unique local) unicast addresses"),
+    (["--dhcp6", "::ffff:0:1-::ffff:0:9"], "expected a range of global (or unique local) unicast addresses"),
+    (["--dhcp6-interface", "eth0"], "--dhcp6-interface needs --dhcp6"),
+    (["--dhcp6-lease-time", "600"], "--dhcp6-lease-time needs --dhcp6"),
+    (["--dhcp6", "stateless", "--dhcp6-lease-time", "600"], "--dhcp6-lease-time is for --dhcp6 START-END"),
+    (["--dhcp6", RANGE, "--dhcp6-lease-time", "5"], "--dhcp6-lease-time 5: expected 60"),
+    (["--dhcp6", "2001:db8:77::1-2001:db8:77::9"],
+     "--dhcp6 2001:db8:77::1-2001:db8:77::9: no interface has an address in a prefix holding this whole range"),
+    (["--dhcp6", "stateless", "--dhcp6-interface", "nosuch0"], "--dhcp6-interface nosuch0: no such network"),
+    (["--dhcp6", RANGE, "--database", "postgresql://netboot@localhost/netboot"],
+     "--dhcp6 START-END with --database is not supported yet"),
+])
+def test_bad_dhcp6_options(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = cli("serve", "--dir", fake_out(tmp_path / "out"), "--http", "127.0.0.1:0", "--no-tftp", "--status",
+               "none", "--state-dir", tmp_path / "state", *args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("netboot: error: ") and message in last, proc.stderr
+
+
+def test_dhcp6_interface_limits_where_it_answers(lan: Lan, tmp_path: Path) -> None:
+    _, elsewhere = start(lan, tmp_path, "stateless", "--dhcp6-interface", "lo")
+    client = lan.host("client", "2001:db8::50/64")
+    assert probe(client, ipxe(INFORMATION_REQUEST, mac=NODE1, ia=False), wait=1) == []
+    elsewhere.stop()
+    here = serve_in(lan.hosts["netboot"], "--dir", tmp_path / "out", "--dhcp6", "stateless", "--dhcp6-interface",
+                    "eth0", "--state-dir", tmp_path / "state", "--http", "[::]:8080", "--tftp", "[::]:69",
+                    "--status", "none")
+    wait_for(here, "dhcp6: boot information (stateless) on eth0, port 547")
+    assert [read(d).type for _, d in probe(client, ipxe(INFORMATION_REQUEST, mac=NODE1, ia=False), expect=1)] == [
+        REPLY]
+    here.stop()
