@@ -88,7 +88,9 @@ def test_two_ovmf_vms_boot_through_pxe_over_ipv6(lan: Lan, outs: dict[str, Path]
         assert RANGE[0] <= edk2 <= RANGE[1]
         assert re.search(rf"^netboot: {edk2} mac=- profile=- tftp /ipxe\.efi complete", server.log, re.M), \
             server.log
-        # iPXE's own DHCPv6 address fetched this machine's script over HTTP.
+        # iPXE's own DHCPv6 address fetched this machine's script over HTTP, and the script shows it.
+        assert re.search(rf"netboot: {mac} at 2001:db8::[0-9a-f:]+ boots profile", result.console), \
+            result.console[-3000:]
         script = re.findall(rf"^netboot: (\S+) mac={mac} profile=\S+ http /machine/{mac.replace(':', '-')}/"
                             rf"boot\.ipxe 200", server.log, re.M)
         assert script and RANGE[0] <= ipaddress.IPv6Address(script[-1]) <= RANGE[1], server.log
