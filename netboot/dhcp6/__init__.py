@@ -24,7 +24,7 @@ from netboot.core.machines import Machines
 from netboot.dhcp.boot import Client, Offerings
 from netboot.dhcp.journal import Journal
 from netboot.dhcp6 import duid
-from netboot.dhcp6.exchange import SERVER_PORT, Responder
+from netboot.dhcp6.exchange import PXE_PORT, SERVER_PORT, Responder
 from netboot.dhcp6.leases import KIND, Leases6, Pool6
 from netboot.dhcp6.server import Dhcp6Server
 
@@ -39,6 +39,7 @@ class Dhcp6Config:
     state_dir: Path = Path("/var/lib/netboot")
     host: str = "::"
     port: int = SERVER_PORT
+    discovery_port: int = PXE_PORT  # stateless mode: EDK2's boot server discovery (its ProxyBinl path)
 
     @property
     def mode(self) -> str:
@@ -75,8 +76,9 @@ async def start_dhcp6_server(config: Dhcp6Config, *, machines: Callable[[], Mach
         report = seen
         responder.seen = lambda mac, client, ifindex: report(mac, client, server.interfaces.get(ifindex, ("",))[0])
     try:
-        server.listen(config.host, config.port)
+        server.listen(config.host, config.port, config.discovery_port if config.range is None else None)
     except OSError as e:
         server.close()
-        raise NetbootError(f"cannot listen for DHCPv6 on [{config.host}]:{config.port}: {e.strerror}") from None
+        ports = f"{config.port}" + (f" and {config.discovery_port}" if config.range is None else "")
+        raise NetbootError(f"cannot listen for DHCPv6 on [{config.host}]:{ports}: {e.strerror}") from None
     return server

@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="answer DHCPv6 too (UDP 547): a range such as 2001:db8::1000-2001:db8::1fff to hand out "
                    "addresses (IA_NA) with boot information, as EDK2's PXE over IPv6 needs (routers advertising "
                    "the M flag); or 'stateless' to answer network-boot clients with boot information only "
-                   "(Information-Request, Solicit without IA_NA), beside SLAAC or the site's DHCPv6 server. "
+                   "(Information-Request, Solicit without IA_NA; EDK2's PXE as a proxy beside the site's server, "
+                   "and on port 4011), beside SLAAC or the site's DHCPv6 server. "
                    "Leases are kept in --state-dir")
     g.add_argument("--dhcp6-interface", action="append", default=[], metavar="NAME",
                    help="answer DHCPv6 on this interface only (repeatable; default: every interface)")

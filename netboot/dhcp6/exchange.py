@@ -8,8 +8,10 @@ the same answers.
 
 Stateless mode (`--dhcp6 stateless`): addresses come from SLAAC or the site's DHCPv6 server; netboot answers
 network-boot clients only, with boot information only: an Information-Request (iPXE after a router
-advertisement with the O flag), and a Solicit without IA_NA (then its Request) from PXE firmware; a Solicit for
-an address is the site server's business and gets no answer.
+advertisement with the O flag), a Solicit without IA_NA (then its Request); and EDK2's PXE over IPv6, which
+asks the site's server for an address, gets beside its answer a "ProxyBinl" offer (no address, vendor class
+PXEClient, option 59), then its boot server discovery on port 4011 a Reply with the boot file. Every other
+message about addresses is the site server's business and gets no answer.
 
 Clients are told apart as iPXE does (netboot.dhcp.boot.classify): option 61 the architecture, option 16 (of
 enterprise 343) the vendor class PXEClient/HTTPClient, option 15 the user class iPXE. PXE firmware gets option 59
@@ -36,7 +38,7 @@ from netboot.dhcp6 import message
 from netboot.dhcp6.leases import Leases6, key_of, to_int, to_text
 from netboot.dhcp6.message import MessageType, Reply, Request, Status
 
-SERVER_PORT, CLIENT_PORT = 547, 546
+SERVER_PORT, CLIENT_PORT, PXE_PORT = 547, 546, 4011
 PREFERENCE_MAX = 255
 _STATEFUL_ONLY = frozenset({MessageType.CONFIRM, MessageType.RENEW, MessageType.REBIND, MessageType.RELEASE,
                             MessageType.DECLINE})
@@ -51,6 +53,8 @@ class Arrival:
     ifindex: int
     server: str | None  # our global address on that interface (None: it has none)
     networks: tuple[IPv6Network, ...] = ()  # the prefixes of our addresses on that interface
+    port: int = SERVER_PORT  # the local port: 547, or 4011 (EDK2's boot server discovery, stateless mode)
+    source_port: int = CLIENT_PORT
 
 
 @dataclass(slots=True)
@@ -91,6 +95,12 @@ class Responder:
         client = boot.classify(request)  # type: ignore[arg-type]  # reads arches, vendor_class, user_class
         if request.client_id is None and kind != MessageType.INFORMATION_REQUEST:
             raise message.Malformed(f"{kind.name} without a client identifier (option 1)")
+        if arrival.port == PXE_PORT:
+            # Boot server discovery: EDK2 copies its Request to the site's server, server identifier and all.
+            if self.leases is not None or arrival.server is None:
+                return None
+            mac = machine_mac(request, arrival.source)
+            return self._stateless(request, client, arrival, mac, mac or f"duid:{(request.client_id or b'').hex()}")
         if kind in (MessageType.SOLICIT, MessageType.CONFIRM, MessageType.REBIND) and request.server_id:
             raise message.Malformed(f"{kind.name} with a server identifier (RFC 8415 §16)")
         if request.server_id is not None and request.server_id != self.duid:
@@ -131,17 +141,24 @@ class Responder:
     def _stateless(self, request: Request, client: boot.Client, arrival: Arrival, mac: str | None,
                    who: str) -> Answer | Ignored | None:
         kind = request.type
-        if not client.firmware or kind in _STATEFUL_ONLY:
-            return None  # not booting from the network, or the site server's business: never disturb it
-        if kind == MessageType.SOLICIT and (request.ias or request.other_ias):
-            return None  # an address, from the site's server
-        if kind == MessageType.REQUEST and request.ias:
-            return None
+        if not client.firmware:
+            return None  # not booting from the network: never disturb it
+        discovery = arrival.port == PXE_PORT
+        # EDK2's PXE over IPv6 asks for an address (IA_NA) and takes the boot file from another server's
+        # Advertise that has none, vendor class PXEClient and option 59 (its "ProxyBinl" offer,
+        # NetworkPkg/UefiPxeBcDxe/PxeBcDhcp6.c), then asks that server again on port 4011, copying its Solicit's
+        # options but the IAs: the IPv6 twin of proxy DHCP. iPXE ignores an Advertise without an address.
+        proxy = kind == MessageType.SOLICIT and client.firmware == boot.PXE and bool(request.ias)
+        if not discovery and not proxy and (kind in _STATEFUL_ONLY or request.ias or request.other_ias):
+            return None  # an address: the site server's business
         found = self._boot_file(client, arrival, mac)
         if isinstance(found, str):
             return Ignored(who, found)
-        reply = Reply(request, MessageType.ADVERTISE if kind == MessageType.SOLICIT else MessageType.REPLY)
+        answered = MessageType.ADVERTISE if kind == MessageType.SOLICIT and not discovery else MessageType.REPLY
+        reply = Reply(request, answered)
         self._identify(reply)
+        if proxy or discovery:
+            reply.options.append(message.vendor_class(343, found.vendor_class.encode()))
         self._boot_options(reply, found)
         return self._answer(reply, client, arrival, mac, who, "-", found)
 
@@ -271,7 +288,7 @@ class Responder:
 
     @staticmethod
     def _boot_options(reply: Reply, found: boot.BootFile) -> None:
-        if found.vendor_class == boot.HTTP:
+        if found.vendor_class == boot.HTTP and not any(o[:2] == b"\0\x10" for o in reply.options):
             # UEFI HTTP Boot takes only an answer that says HTTPClient (UEFI 2.5 §24.7.3).
             reply.options.append(message.vendor_class(343, boot.HTTP.encode()))
         reply.options.append(message.option(message.BOOTFILE_URL, boot_url(found).encode()))
@@ -282,9 +299,10 @@ class Responder:
         if self.seen is not None and client.firmware and mac is not None:
             self.seen(mac, client, arrival.ifindex)
         relayed = bool(reply.request.relays)
-        # RFC 8415 §18.3.10, §19: to the client's port 546 at its (link-local) source, or to the relay's port 547.
-        dest = (arrival.source, SERVER_PORT if relayed else CLIENT_PORT, 0,
-                arrival.ifindex if _link_local(arrival.source) else 0)
+        # RFC 8415 §18.3.10, §19: to the client's port 546 at its (link-local) source, or to the relay's port 547;
+        # boot server discovery on port 4011: back where it came from.
+        port = arrival.source_port if arrival.port == PXE_PORT else SERVER_PORT if relayed else CLIENT_PORT
+        dest = (arrival.source, port, 0, arrival.ifindex if _link_local(arrival.source) else 0)
         shown = boot_url(found) if found is not None else "-"
         line = f"{who} {client.kind} {reply.type.name} address={address} boot={shown}{note}"
         return Answer(data, dest, line, durable_first)

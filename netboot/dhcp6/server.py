@@ -26,7 +26,7 @@ from netboot.core.addresses import ipv6_interfaces
 from netboot.core.logbudget import LogBudget
 from netboot.core.logtext import clip
 from netboot.dhcp.server import _fault
-from netboot.dhcp6.exchange import SERVER_PORT, Answer, Arrival, Ignored, Responder
+from netboot.dhcp6.exchange import PXE_PORT, SERVER_PORT, Answer, Arrival, Ignored, Responder
 from netboot.dhcp6.message import MAX_DATAGRAM, Malformed
 
 log = logging.getLogger("netboot.dhcp6")
@@ -52,6 +52,8 @@ class Dhcp6Server:
         self._snapshot = snapshot
         self._loop = asyncio.get_running_loop()
         self._sock: socket.socket | None = None
+        self._discovery: socket.socket | None = None
+        self.discovery_port = 0
         self._joined: set[int] = set()
         self._where: dict[int, tuple[str | None, tuple[IPv6Network, ...]]] = {}
         self._refreshed = time.monotonic()
@@ -74,7 +76,19 @@ class Dhcp6Server:
             # As the IPv4 server: the journal thread's return waits for the GIL, by default up to 5 ms.
             sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
 
-    def listen(self, host: str = "::", port: int = SERVER_PORT) -> None:
+    def listen(self, host: str = "::", port: int = SERVER_PORT, discovery: int | None = None) -> None:
+        """Port 547 (`port`), and in stateless mode port 4011 (`discovery`) for EDK2's boot server discovery."""
+        self._sock = self._bind(host, port)
+        self.port = self._sock.getsockname()[1]
+        self._join()
+        self._loop.add_reader(self._sock.fileno(), self._readable, self._sock, self.port)
+        if discovery is not None:
+            self._discovery = self._bind(host, discovery)
+            self.discovery_port = self._discovery.getsockname()[1]
+            self._loop.add_reader(self._discovery.fileno(), self._readable, self._discovery, PXE_PORT)
+
+    @staticmethod
+    def _bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -86,10 +100,7 @@ class Dhcp6Server:
         except OSError:
             sock.close()
             raise
-        self._sock = sock
-        self.port = sock.getsockname()[1]
-        self._join()
-        self._loop.add_reader(sock.fileno(), self._readable)
+        return sock
 
     def _join(self) -> None:
         """Join ff02::1:2 on every interface answered on that has IPv6 and is not loopback."""
@@ -106,9 +117,7 @@ class Dhcp6Server:
                 continue
             self._joined.add(ifindex)
 
-    def _readable(self) -> None:
-        sock = self._sock
-        assert sock is not None
+    def _readable(self, sock: socket.socket, port: int) -> None:
         for _ in range(64):  # a burst at a time, then let the loop breathe
             try:
                 data, ancdata, _flags, source = sock.recvmsg(MAX_DATAGRAM + 1, socket.CMSG_SPACE(_IN6_PKTINFO.size))
@@ -121,10 +130,11 @@ class Dhcp6Server:
             for level, kind, value in ancdata:
                 if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(value) >= _IN6_PKTINFO.size:
                     ifindex = _IN6_PKTINFO.unpack_from(value)[1]
-            self._datagram(data, source[0].partition("%")[0], ifindex)
+            self._datagram(data, source[0].partition("%")[0], ifindex, port, source[1], sock)
         self._commit()
 
-    def _datagram(self, data: bytes, source: str, ifindex: int) -> None:
+    def _datagram(self, data: bytes, source: str, ifindex: int, port: int = SERVER_PORT,
+                  source_port: int = 0, sock: socket.socket | None = None) -> None:
         name, addresses = self.interfaces.get(ifindex, ("", []))
         if not name:
             self._refresh_soon(force=True)  # an interface that appeared since the last look
@@ -137,7 +147,7 @@ class Dhcp6Server:
                                             tuple(a.network for a in addresses if not a.is_link_local))
         server, networks = where
         try:
-            result = self.responder.handle(Arrival(data, source, ifindex, server, networks))
+            result = self.responder.handle(Arrival(data, source, ifindex, server, networks, port, source_port))
         except Malformed as e:
             self._drop(source, str(e))
             return
@@ -150,7 +160,7 @@ class Dhcp6Server:
             if result.durable_first and self._store is not None:
                 self._waiting.append(result)
             else:
-                self._send(result)
+                self._send(result, sock)
 
     def _commit(self) -> None:
         if self._store is None or self._writing or self._closed:
@@ -183,11 +193,13 @@ class Dhcp6Server:
             self._send(answer)
         self._commit()
 
-    def _send(self, answer: Answer) -> None:
-        if self._sock is None:
+    def _send(self, answer: Answer, sock: socket.socket | None = None) -> None:
+        """By the socket the message came in on (a discovery's answer comes from port 4011)."""
+        sock = sock or self._sock
+        if sock is None or self._closed:
             return
         try:
-            self._sock.sendto(answer.data, answer.dest)
+            sock.sendto(answer.data, answer.dest)
         except OSError as e:
             log.warning("dhcp6: %s: not sent to [%s]:%d: %s", answer.line, answer.dest[0], answer.dest[1],
                         e.strerror)
@@ -239,10 +251,11 @@ class Dhcp6Server:
             self._journal.shutdown(wait=True)
         if self._store is not None:
             self._store.close()
-        if self._sock is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        for sock in (self._sock, self._discovery):
+            if sock is not None:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+        self._sock = self._discovery = None
         if self._refreshing is not None:
             self._refreshing.cancel()
 

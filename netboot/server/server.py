@@ -178,7 +178,8 @@ class Server:
                                                offerings=self._offerings6, seen=self._dhcp_seen)
         where = ", ".join(config.interfaces) or "every interface"
         what = "boot information (stateless)" if config.range is None else f"DHCPv6 server for {config.mode}"
-        log.info("dhcp6: %s on %s, port %d", what, where, self._dhcp6.port)
+        ports = f"port {self._dhcp6.port}" + (f" and {self._dhcp6.discovery_port}" * bool(self._dhcp6.discovery_port))
+        log.info("dhcp6: %s on %s, %s", what, where, ports)
         if config.range is not None:
             log.info("dhcp6: leases in %s", config.state_dir)
 

@@ -270,7 +270,7 @@ def test_an_interface_without_a_global_address_is_said(tmp_path: Path) -> None:
 
 def test_stateless_answers_boot_clients_with_boot_information_only() -> None:
     r = responder(fleet(), None)
-    assert arrive(r, edk2(mac=NODE1)) is None  # an address: the site's server
+    assert arrive(r, ipxe(mac=NODE1)) is None  # an address: the site's server
     assert arrive(r, message(INFORMATION_REQUEST, opt(1, duid_uuid()))) is None  # not booting
     reply, sent = answer(r, ipxe(INFORMATION_REQUEST, NODE1, ia=False))
     assert reply.type == REPLY and reply.one(59) == b"http://[2001:db8::10]:8080/boot.ipxe"
@@ -293,3 +293,29 @@ def test_server_duid_is_made_once_and_kept(tmp_path: Path) -> None:
     (tmp_path / duid.FILE).write_text("zz\n")
     with pytest.raises(Exception, match="not a DUID"):
         duid.load(tmp_path, {})
+
+
+def test_stateless_proxy_offer_and_boot_server_discovery_for_edk2(tmp_path: Path) -> None:
+    """EDK2's ProxyBinl path: its Solicit for an address gets, beside the site server's Advertise, one with no
+    address, vendor class PXEClient and option 59; then its Request to the site's server, copied without its IAs,
+    comes to port 4011 and is answered there, from there."""
+    r = responder(fleet(), None)
+    advertise, sent = answer(r, edk2(mac=NODE1))
+    assert advertise.type == ADVERTISE and 3 not in advertise.options and 13 not in advertise.options
+    assert advertise.one(16) == struct.pack("!IH", 343, 9) + b"PXEClient"
+    assert advertise.one(59) == b"tftp://[2001:db8::10]/ipxe.efi" and sent.dest == ("fe80::1", 546, 0, 3)
+    site = b"\0\3\0\1\x02\0\0\0\0\x02"
+    discover = edk2(REQUEST, mac=NODE1, ia=False, server=site)
+    result = r.handle(Arrival(discover, "2001:db8::2000", 3, SERVER, NET, port=exchange.PXE_PORT, source_port=1234))
+    assert isinstance(result, Answer) and result.dest == ("2001:db8::2000", 1234, 0, 0)
+    reply = read(result.data)
+    assert reply.type == REPLY and 3 not in reply.options and reply.one(59) == b"tftp://[2001:db8::10]/ipxe.efi"
+    assert reply.one(16) == struct.pack("!IH", 343, 9) + b"PXEClient" and reply.one(2) == OUR_DUID
+    # A Secure Boot machine's discovery: shim; iPXE on port 547 with an address request: not ours.
+    result = r.handle(Arrival(edk2(REQUEST, mac=SECURE, ia=False, server=site), "2001:db8::2001", 3, SERVER, NET,
+                              port=exchange.PXE_PORT, source_port=1234))
+    assert read(result.data).one(59) == b"tftp://[2001:db8::10]/shimx64.efi"
+    # Stateful mode serves no discovery (the address and the boot file come in one answer).
+    assert responder(fleet(), pool(tmp_path)).handle(
+        Arrival(discover, "2001:db8::2000", 3, SERVER, NET, port=exchange.PXE_PORT, source_port=1234)) is None
+

@@ -90,10 +90,20 @@ def start_again(lan: Lan, tmp_path: Path) -> tuple[Host, LanServer]:
 def test_stateless_answers_boot_clients_only(lan: Lan, tmp_path: Path) -> None:
     _, server = start(lan, tmp_path, "stateless")
     client = lan.host("client", "2001:db8::50/64")
-    # An address request is the site server's; iPXE's Information-Request gets the script.
-    replies = probe(client, edk2(mac=NODE1), ipxe(INFORMATION_REQUEST, mac=NODE1, ia=False), expect=1)
+    # iPXE's address request is the site server's; its Information-Request gets the script.
+    replies = probe(client, ipxe(mac=NODE1), ipxe(INFORMATION_REQUEST, mac=NODE1, ia=False), expect=1)
     assert [read(d).type for _, d in replies] == [REPLY], server.log
     assert read(replies[0][1]).one(59) == b"http://[2001:db8::10]:8080/boot.ipxe"
+    # EDK2's: a proxy offer (no address), then its boot server discovery on port 4011, answered from there.
+    [(_, data)] = probe(client, edk2(mac=NODE1), expect=1)
+    assert read(data).type == ADVERTISE and 3 not in read(data).options and read(data).one(16)[6:] == b"PXEClient"
+    client.link_local()
+    proc = client.run([sys.executable, PROBE, "--to", SERVER.split("/")[0], "--server-port", "4011", "--port",
+                       "4012", "--expect", "1", edk2(REQUEST, mac=NODE1, ia=False, server=b"\0\3\0\1site!!").hex()],
+                      capture_output=True, text=True, timeout=60)
+    [line] = proc.stdout.splitlines()
+    assert line.startswith(f"[{SERVER.split('/')[0]}]:4011 ")
+    assert read(bytes.fromhex(line.split()[1])).one(59) == b"tftp://[2001:db8::10]/ipxe.efi"
     assert not (tmp_path / "state" / KIND.name).exists()
     server.stop()
 
