@@ -215,8 +215,8 @@ def lan_argv(
         if secure_boot:
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
         if ipv6_only:
-            # OVMF's platform boot manager reads this switch (OvmfPkg/Library/PlatformBootManagerLib, since
-            # edk2-stable202105): with it off, EDK2 makes no "PXEv4" boot option, whose DHCPv4 would go unanswered.
+            # EDK2's network stack reads this switch from fw_cfg (OVMF's and, seen here, AAVMF's): with it off,
+            # EDK2 makes no "PXEv4" boot option, whose DHCPv4 would go unanswered for about a minute.
             argv += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]
         argv += [
             "-device", f"{nic},bootindex=1",

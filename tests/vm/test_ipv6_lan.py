@@ -132,3 +132,34 @@ def test_stateless_mode_answers_a_real_ipxe_beside_slaac(lan: Lan, outs: dict[st
         server.log
     assert not (tmp_path / "state" / "dhcp6-leases").exists() and "IA_NA" not in server.log
     server.stop()
+
+
+ARM = "52:54:00:00:06:04"
+
+
+@pytest.mark.slow  # an arm64 VM under emulation, to its loader
+def test_an_arm64_machine_gets_its_loader_over_dhcpv6(lan: Lan, arm64_system: Path, arm64_loaders: Path,
+                                                      tmp_path: Path) -> None:
+    """AAVMF's own PXE over IPv6 (option 61 = 11) gets an address and the arm64 loader, Debian's signed
+    shimaa64.efi (there is no arm64 ipxe.efi), and downloads it over TFTP; the boot on to init through GRUB is
+    IPv4's (tests/vm/test_arm64_lan.py)."""
+    arm_squash = built(arm64_system, "--format", "squashfs")
+    fleet = tmp_path / "machines.toml"
+    fleet.write_text(f'[profiles.default]\ndir = {{ arm64 = "{arm_squash}" }}\n')
+    lan.host("router", "2001:db8::1/64").radvd(managed=True)
+    server = serve_in(lan.host("netboot", f"{SERVER}/64"), "--machines", fleet, *SERVED,
+                      "--dhcp6", f"{RANGE[0]}-{RANGE[1]}", "--state-dir", tmp_path / "state",
+                      "--loaders", f"arm64={arm64_loaders}")
+    result = boot_vm(lan, ARM, uefi=True, pxe_rom=False, ipv6_only=True, arch="arm64", timeout=900,
+                     until=("NBP file downloaded successfully",), marks=("Start PXE over IPv6",))
+    print(f"{ARM}: loader downloaded after {result.elapsed:.1f} s; {result.seen_at}")
+    assert "Start PXE over IPv4" not in result.console  # AAVMF takes OVMF's switch too
+    assert "NBP filename is shimaa64.efi" in result.console, result.console[-3000:]
+    assert "NBP file downloaded successfully" in result.console, result.console[-3000:]
+    m = re.search(rf"dhcp6: {ARM} uefi-arm64-pxe REPLY address=(\S+) boot=tftp://\[{SERVER}\]/shimaa64\.efi",
+                  server.log)
+    assert m, server.log
+    assert RANGE[0] <= ipaddress.IPv6Address(m.group(1)) <= RANGE[1]
+    assert re.search(rf"^netboot: {m.group(1)} mac=\S+ profile=\S+ tftp /shimaa64\.efi complete", server.log,
+                     re.M), server.log
+    server.stop()
