@@ -167,9 +167,10 @@ configure_ipv6() {
     say "network: $netif $found (router advertisement)"
 }
 
-# Configure the interface from what the loader knew (ip=, the kernel's nfsroot syntax: client:server:gateway:
-# netmask:hostname:device:autoconf:dns0:dns1; netboot.ip6=), else by DHCP on each candidate interface in turn;
-# for an image on an IPv6 address (http://[ADDR]/...), by IPv6 alone.
+# Configure the interface: for an image on an IPv6 address (http://[ADDR]/...), by IPv6 alone, even where the
+# loader had IPv4 too; else from what the loader knew (ip=, the kernel's nfsroot syntax: client:server:gateway:
+# netmask:hostname:device:autoconf:dns0:dns1; or netboot.ip6= when it had no IPv4), else by DHCP on each
+# candidate interface in turn.
 configure_network() {
     local old_ifs client gateway netmask autoconf dns0 prefix
     load_network_drivers
@@ -184,18 +185,6 @@ configure_network() {
     for netif in $interfaces; do
         ip link set "$netif" up
         wait_for_carrier "$netif"
-        case "$autoconf" in dhcp | on | any) client= ;; esac
-        if [ -n "$client" ] && [ -n "$netmask" ]; then
-            prefix=$(ipcalc -p "$client" "$netmask")
-            prefix=${prefix#PREFIX=}
-            ip addr flush dev "$netif"
-            if ip addr add "$client/$prefix" dev "$netif"; then
-                [ -z "$gateway" ] || ip route add default via "$gateway" dev "$netif"
-                [ -z "$dns0" ] || echo "nameserver $dns0" > /etc/resolv.conf
-                say "network: $netif $client/$prefix${gateway:+ via $gateway} (from the loader)"
-                return 0
-            fi
-        fi
         case "$url" in
         *://\[*)
             configure_ipv6 && return 0
@@ -203,6 +192,22 @@ configure_network() {
             continue
             ;;
         esac
+        case "$autoconf" in dhcp | on | any) client= ;; esac
+        if [ -n "$client" ] && [ -n "$netmask" ]; then
+            prefix=$(ipcalc -p "$client" "$netmask")
+            prefix=${prefix#PREFIX=}
+            ip -4 addr flush dev "$netif"
+            if ip addr add "$client/$prefix" dev "$netif"; then
+                [ -z "$gateway" ] || ip route add default via "$gateway" dev "$netif"
+                [ -z "$dns0" ] || echo "nameserver $dns0" > /etc/resolv.conf
+                say "network: $netif $client/$prefix${gateway:+ via $gateway} (from the loader)"
+                return 0
+            fi
+        fi
+        # A loader on a network without IPv4 (an image named by a host name, say a mirror's): its IPv6 address.
+        if [ -z "$client" ] && [ -n "${ip6%/*}" ] && configure_ipv6; then
+            return 0
+        fi
         write_dhcp_script
         if udhcpc -f -q -n -t 4 -T 2 -i "$netif" -s /run/netboot/udhcpc >/dev/null 2>&1; then
             say "network: $netif $(ip -4 -o addr show dev "$netif" | awk '{ print $4 }') (DHCP)"

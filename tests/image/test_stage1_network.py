@@ -36,8 +36,12 @@ def stage1(node: Host, commands: str, timeout: float = 30) -> subprocess.Complet
     """`commands` in busybox's sh in `node`'s namespace, after the network functions of stage 1 (busybox's
     applets as the commands, as in stage 1)."""
     need(str(HOST_BUSYBOX))
-    applets = "".join(f"{a}() {{ {HOST_BUSYBOX} {a} \"$@\"; }}\n" for a in ("ip", "awk", "sleep", "wget"))
-    script = applets + functions("say", "global_ipv6", "configure_ipv6") + commands
+    applets = "".join(f"{a}() {{ {HOST_BUSYBOX} {a} \"$@\"; }}\n"
+                      for a in ("ip", "awk", "sleep", "wget", "cat", "tr", "ipcalc"))
+    # The drivers are this machine's: stage 1's modprobe by modalias is not for the test's host.
+    script = (applets + "load_network_drivers() { :; }\n"
+              + functions("say", "global_ipv6", "configure_ipv6", "find_interfaces", "wait_for_carrier",
+                          "configure_network") + commands)
     return node.run([HOST_BUSYBOX, "sh", "-c", script], capture_output=True, text=True, timeout=timeout)
 
 
@@ -86,3 +90,24 @@ def test_no_address_from_anywhere_is_a_failure(lan: Lan) -> None:
     assert (proc.stdout, proc.returncode) == ("", 1), proc
     assert "scope global" not in node.run(["ip", "-6", "-o", "addr", "show", "dev", "eth0"], capture_output=True,
                                           text=True).stdout
+
+
+def test_an_image_on_an_ipv6_address_takes_ipv6_though_the_loader_had_ipv4_too(lan: Lan) -> None:
+    """A dual-stack iPXE asked for its script at the server's IPv6 address: the image's URL is an IPv6 literal, and
+    stage 1 configures iPXE's IPv6 address, not its IPv4 one (which would leave the image out of reach)."""
+    node = lan.host("node", None)
+    mac = node.run(["cat", "/sys/class/net/eth0/address"], capture_output=True, text=True).stdout.strip()
+    facts = (f"bootif=01-{mac.replace(':', '-')} ipconf=192.0.2.77::192.0.2.1:255.255.255.0:::none: "
+             "ip6=2001:db8::77/64 gateway6=")
+    proc = stage1(node, f"{facts} url='http://[{SERVER}]:8080/image'\nconfigure_network || exit 9\n"
+                        "echo \"netif=$netif\"\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["netboot stage 1: network: eth0 2001:db8::77/64 (from the loader)",
+                                        "netif=eth0"]
+    assert "inet " not in node.run(["ip", "-4", "-o", "addr", "show", "dev", "eth0"], capture_output=True,
+                                   text=True).stdout
+    # An image named by a host name, from a loader without IPv4: its IPv6 address, not DHCPv4.
+    node.run(["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"], check=True)
+    facts = f"bootif=01-{mac.replace(':', '-')} ipconf=::::::none: ip6=2001:db8::78/64 gateway6="
+    proc = stage1(node, f"{facts} url=http://mirror.example/image\nconfigure_network || exit 9\n")
+    assert proc.stdout.splitlines() == ["netboot stage 1: network: eth0 2001:db8::78/64 (from the loader)"], proc
