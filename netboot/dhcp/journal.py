@@ -239,7 +239,7 @@ class Journal:
         self.path = directory / kind.name
         self.base = directory / (kind.name + ".1")
         self.rotated = directory / (kind.name + ".2")
-        self.legacy = directory / (kind.legacy or kind.name + ".none")
+        self.legacy = directory / kind.legacy if kind.legacy is not None else None
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._lock = os.open(directory / kind.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -262,12 +262,12 @@ class Journal:
     def load(self) -> list[Lease]:
         """Read the journal (or convert the lease file of earlier versions), then start a new base and an empty
         active journal. Nothing is written unless everything read."""
-        legacy = self.kind.legacy is not None and self.legacy.exists()
+        legacy = self.legacy is not None and self.legacy.exists()
         journal = any(p.exists() for p in (self.base, self.rotated, self.path))
         if journal:  # a lease file beside it is what was converted when a start stopped before removing it
             leases, newest = read(self.directory, self.kind)
         else:
-            leases, newest = (_legacy(self.legacy) if legacy else {}), 0
+            leases, newest = (_legacy(self.legacy) if self.legacy is not None and legacy else {}), 0
         try:
             _replace(self.base, _base(leases.values(), newest, self.kind))
             sync_dir(self.directory)
@@ -276,7 +276,7 @@ class Journal:
             self._generation = newest + 1
             _replace(self.path, _header(self._generation, 0))
             sync_dir(self.directory)
-            if legacy:
+            if self.legacy is not None and legacy:
                 self.legacy.unlink()  # only now: the journal holds every lease durably
                 sync_dir(self.directory)
                 if not journal:

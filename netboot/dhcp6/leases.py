@@ -25,6 +25,9 @@ from netboot.dhcp.leases import DECLINE_HOLD, OFFER_HOLD, Lease, LeaseStore, bin
 from netboot.dhcp6.message import packed, text
 
 JOURNAL = "dhcp6-leases.journal"
+# Advertisements outstanding at once: each holds an address for OFFER_HOLD seconds, and a Solicit with a made-up
+# DUID costs its sender nothing, so they are bounded (a rack booting at once is a few thousand).
+MAX_OFFERS = 65_536
 _KEY = re.compile(r"[0-9a-f]{6,260}-[0-9a-f]{8}")
 
 
@@ -144,10 +147,11 @@ class Leases6:
         self.prune(now)
         offer = self.offers.get(key)
         lease = self.by_key.get(key)
-        for ip in (offer[0] if offer else None, lease.ip if lease else None, *hints):
+        full = offer is None and len(self.offers) >= MAX_OFFERS
+        for ip in (offer[0] if offer else None, lease.ip if lease else None, *(() if full else hints)):
             if ip is not None and self.free_for(key, ip, now):
                 return to_text(to_int(ip))  # as the journal writes it
-        return self._never_leased(now) or self._expired_longest(now)
+        return None if full else self._never_leased(now) or self._expired_longest(now)
 
     def hold(self, key: str, ip: str, now: float) -> None:
         self._end_offer(key)

@@ -35,6 +35,7 @@ from netboot.core.machines import Machine, Machines, Profile
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.journal import Journal
 from netboot.dhcp6 import duid, exchange
+from netboot.dhcp6 import leases as leases6
 from netboot.dhcp6.exchange import Answer, Arrival, Ignored, Responder, eui64_mac
 from netboot.dhcp6.leases import KIND, Leases6, Pool6
 from netboot.dhcp6.message import Malformed, Status
@@ -319,3 +320,20 @@ def test_stateless_proxy_offer_and_boot_server_discovery_for_edk2(tmp_path: Path
     assert responder(fleet(), pool(tmp_path)).handle(
         Arrival(discover, "2001:db8::2000", 3, SERVER, NET, port=exchange.PXE_PORT, source_port=1234)) is None
 
+
+
+def test_outstanding_advertisements_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(leases6, "MAX_OFFERS", 8)
+    leases = pool(tmp_path)
+    r = responder(fleet(), leases)
+    answer(r, ipxe(mac=NODE1, rapid=True))  # a lease, kept through any flood
+    for n in range(8):
+        assert answer(r, ipxe(mac=f"52:54:00:02:00:{n:02x}"))[0].addresses
+    flooded, _ = answer(r, ipxe(mac="52:54:00:02:01:00", addresses=("2001:db8::1500",)))
+    assert flooded.status == Status.NO_ADDRS_AVAIL
+    again, _ = answer(r, ipxe(mac=f"52:54:00:02:00:{3:02x}"))  # one advertised already: the same address
+    assert again.addresses[0][1] == "2001:db8::1004"
+    renewing, _ = answer(r, ipxe(mac=NODE1))
+    assert renewing.addresses[0][1] == "2001:db8::1000"
+    r.now[0] += 61  # the advertisements lapse
+    assert answer(r, ipxe(mac="52:54:00:02:01:00"))[0].addresses
