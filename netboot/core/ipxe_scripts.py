@@ -40,8 +40,9 @@ def fetch_args(url: str) -> str:
     (BOOTIF, as pxelinux's IPAPPEND 2 writes it) and its address, gateway, netmask and DNS server in the
     kernel's `ip=` syntax (Documentation/admin-guide/nfs/nfsroot.rst: client:server:gateway:netmask:hostname:
     device:autoconf:dns0); on IPv6, its address with the prefix length of the router's advertisement and its
-    default router (iPXE's ip6, len6 and gateway6 settings, from NDP or DHCPv6), in netboot.ip6= and
-    netboot.gateway6=. A setting iPXE does not have expands to nothing, and stage 1 does without it."""
+    default router and DNS server (iPXE's ip6, len6, gateway6 and dns6 settings, from NDP or DHCPv6), in
+    netboot.ip6=, netboot.gateway6= and netboot.dns6=. A setting iPXE does not have expands to nothing, and stage
+    1 does without it."""
     return (f"{IMAGE_URL}={url} BOOTIF=01-${{netX/mac:hexhyp}} "
             "ip=${netX/ip}::${netX/gateway}:${netX/netmask}:::none:${dns} "
-            "netboot.ip6=${netX/ip6}/${netX/len6} netboot.gateway6=${netX/gateway6}")
+            "netboot.ip6=${netX/ip6}/${netX/len6} netboot.gateway6=${netX/gateway6} netboot.dns6=${dns6}")

@@ -37,7 +37,7 @@ while read -r module optional; do
     fi
 done < /etc/netboot-modules
 
-init= sha256= url= bootif= ipconf= ip6= gateway6= tries=5 streams=
+init= sha256= url= bootif= ipconf= ip6= gateway6= dns6= tries=5 streams=
 set -f  # the command line's words are not file name patterns
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -50,6 +50,7 @@ for arg in $(cat /proc/cmdline); do
     ip=*) ipconf=${arg#ip=} ;;
     netboot.ip6=*) ip6=${arg#*=} ;;
     netboot.gateway6=*) gateway6=${arg#*=} ;;
+    netboot.dns6=*) dns6=${arg#*=} ;;
     esac
 done
 set +f
@@ -142,10 +143,10 @@ global_ipv6() {
     ip -6 -o addr show dev "$1" scope global 2>/dev/null | awk '!/tentative/ { print $4; exit }'
 }
 
-# IPv6 from what iPXE knew (netboot.ip6=ADDR/LEN, netboot.gateway6=ROUTER; LEN missing when no advertisement
-# named the prefix: the address alone, the routes then come from the router's advertisements), else the kernel's
-# own SLAAC from the router's advertisements (RFC 4862), up to 10 seconds. The address is iPXE's already, checked
-# by it: without duplicate address detection (accept_dad, as busybox ip has no `nodad`) it is usable at once,
+# IPv6 from what iPXE knew (netboot.ip6=ADDR/LEN, netboot.gateway6=ROUTER, netboot.dns6=SERVER; LEN missing when no
+# advertisement named the prefix: the address alone, the routes then come from the router's advertisements), else the
+# kernel's own SLAAC from the router's advertisements (RFC 4862), up to 10 seconds. The address is iPXE's already,
+# checked by it: without duplicate address detection (accept_dad, as busybox ip has no `nodad`) it is usable at once,
 # where a tentative one cannot send for a second or more.
 configure_ipv6() {
     local address=${ip6%/*} len=${ip6##*/} waited=0 found
@@ -154,6 +155,7 @@ configure_ipv6() {
         echo 0 > "/proc/sys/net/ipv6/conf/$netif/accept_dad"
         if ip -6 addr add "$address/$len" dev "$netif"; then
             [ -z "$gateway6" ] || ip -6 route add default via "$gateway6" dev "$netif"
+            [ -z "$dns6" ] || echo "nameserver $dns6" > /etc/resolv.conf
             say "network: $netif $address/$len${gateway6:+ via $gateway6} (from the loader)"
             return 0
         fi

@@ -382,7 +382,8 @@ profile = "mirrored"
         assert f"netboot.image_sha256={hashlib.sha256(image).hexdigest()}" in args
         assert "BOOTIF=01-${netX/mac:hexhyp}" in args and args[-1] == "hostname=f1"  # the appends last
         assert "ip=${netX/ip}::${netX/gateway}:${netX/netmask}:::none:${dns}" in args
-        assert {"netboot.ip6=${netX/ip6}/${netX/len6}", "netboot.gateway6=${netX/gateway6}"} <= set(args)
+        assert {"netboot.ip6=${netX/ip6}/${netX/len6}", "netboot.gateway6=${netX/gateway6}",
+                "netboot.dns6=${dns6}"} <= set(args)
         # A machine that knows us by an IPv6 address: the image's URL names it in brackets (RFC 3986 §3.2.2).
         script = get(server.url(f"machine/{FETCHER}/boot.ipxe"), {"Host": "[2001:db8::10]:8080"})[2].decode()
         assert "netboot.image_url=http://[2001:db8::10]:8080/machine/" in script
