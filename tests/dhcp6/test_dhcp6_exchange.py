@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 from ipaddress import IPv6Address, IPv6Network
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from dhcp6_support import (
     vendor_class,
 )
 
+from netboot.core.errors import NetbootError
 from netboot.core.machines import Machine, Machines, Profile
 from netboot.dhcp.boot import Offerings
 from netboot.dhcp.journal import Journal
@@ -337,3 +339,17 @@ def test_outstanding_advertisements_are_bounded(tmp_path: Path, monkeypatch: pyt
     assert renewing.addresses[0][1] == "2001:db8::1000"
     r.now[0] += 61  # the advertisements lapse
     assert answer(r, ipxe(mac="52:54:00:02:01:00"))[0].addresses
+
+
+def test_a_corrupt_lease_journal_is_one_line_and_left_alone(tmp_path: Path) -> None:
+    leases = pool(tmp_path)
+    answer(responder(fleet(), leases), ipxe(mac=NODE1, rapid=True))
+    leases.store.close()
+    path = tmp_path / KIND.name
+    # A record whose key is a MAC (the IPv4 journal's), not a DUID and an IAID: refused, the file kept.
+    body = f"lease {NODE1} 2001:db8::1000 2000000.0 - \"\"\n".encode()
+    damaged = path.read_bytes() + body + f"commit 1 {zlib.crc32(body):08x}\n".encode() + body
+    path.write_bytes(damaged)
+    with pytest.raises(NetbootError, match=r"corrupt lease journal .*not a DUID and an IAID") as e:
+        pool(tmp_path)
+    assert "\n" not in str(e.value) and path.read_bytes() == damaged
