@@ -71,7 +71,7 @@ class Kind:
     legacy: str | None = None
 
 
-V4 = Kind(JOURNAL, LOCK, macs.normalize, IPv4Address, LEGACY)
+V4 = Kind(JOURNAL, LOCK, macs.normalize, IPv4Address, LEGACY)  # key: a MAC
 
 
 def _cut(why: object) -> str:
@@ -116,7 +116,7 @@ def _decode(line: bytes, kind: Kind = V4) -> Change:
         raise ValueError(f"not a record: {line[:40]!r}")
     _, mac, ip, expires, client_id, hostname = words
     if kind.key(mac) != mac or str(kind.address(ip)) != ip:
-        raise ValueError(f"not a MAC and an address: {mac[:20]!r} {ip[:20]!r}")
+        raise ValueError(f"not a lease's key and address: {mac[:20]!r} {ip[:20]!r}")
     seconds = float(expires)
     # A JSON string and nothing else: given `[[[…`, json.loads would recurse once per bracket (RecursionError).
     # From its opening quote the decoder reads one string and stops, so anything after it is "Extra data".
