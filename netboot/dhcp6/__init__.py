@@ -39,6 +39,7 @@ class Dhcp6Config:
     state_dir: Path = Path("/var/lib/netboot")
     host: str = "::"
     port: int = SERVER_PORT
+    uefi_binary: str = "ipxe.efi"  # what UEFI PXE firmware chainloads (--dhcp-uefi-binary)
     discovery_port: int = PXE_PORT  # stateless mode: EDK2's boot server discovery (its ProxyBinl path)
 
     @property

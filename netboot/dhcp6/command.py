@@ -31,7 +31,8 @@ def config_from_args(args: argparse.Namespace) -> Dhcp6Config | None:
         if given:
             raise NetbootError(f"{given[0]} needs --dhcp6")
         return None
-    common = dict(interfaces=tuple(args.dhcp6_interface), state_dir=args.state_dir)
+    common = dict(interfaces=tuple(args.dhcp6_interface), state_dir=args.state_dir,
+                  uefi_binary=getattr(args, "dhcp_uefi_binary", "ipxe.efi"))
     if args.dhcp6 == "stateless":
         if args.dhcp6_lease_time is not None:
             raise NetbootError("--dhcp6-lease-time is for --dhcp6 START-END: stateless mode hands out no addresses")

@@ -204,7 +204,7 @@ class Server:
         http, tftp = self.opts.http.host, self.opts.tftp.host if self.opts.tftp else None
         return Offerings(
             binaries=frozenset(self.namespace.binaries), http_port=self.http_port, tftp=self.tftp_port == 69,
-            uefi_binary=self.opts.dhcp.uefi_binary if self.opts.dhcp is not None else "ipxe.efi",
+            uefi_binary=self.opts.dhcp6.uefi_binary if self.opts.dhcp6 is not None else "ipxe.efi",
             http_host=f"[{http}]" if _specific_ipv6(http) else None,
             tftp_host=f"[{tftp}]" if _specific_ipv6(tftp) else None,
             arches=self.namespace.arches,
