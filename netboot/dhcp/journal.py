@@ -37,7 +37,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from netboot.core import mac as macs
+from netboot.core.durable import replace as _replace
 from netboot.core.durable import sync_dir
+from netboot.core.durable import write_all as _write_all
 from netboot.core.errors import NetbootError
 from netboot.dhcp.leases import Lease, bind, drop
 
@@ -204,24 +206,6 @@ def _replay(files: Iterable[tuple[Path, _File]]) -> tuple[dict[str, Lease], int]
 def _corrupt(path: Path, why: object) -> NetbootError:
     return NetbootError(f"{path}: corrupt lease journal ({why}); left as it is: repair or remove it to start")
 
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write a file whole: a temporary file, fsynced, renamed over `path` (the directory fsynced by the caller)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
 
 
 def _base(leases: Iterable[Lease], through: int, kind: Kind = V4) -> bytes:

@@ -7,14 +7,13 @@ and the time, as ISC's and Kea's servers make theirs; with no Ethernet interface
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
-from netboot.core.durable import sync_dir
+from netboot.core.durable import replace, sync_dir
 from netboot.core.errors import NetbootError
 
 FILE = "dhcp6-server-duid"
@@ -48,14 +47,9 @@ def load(state_dir: Path, macs: Mapping[int, bytes]) -> bytes:
             raise NetbootError(f"{path}: not a DUID (3 to 130 bytes in hex); remove it to make a new one")
         return duid
     duid = make(macs)
-    tmp = path.with_name(FILE + ".tmp")
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(duid.hex() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        replace(path, f"{duid.hex()}\n".encode())
         sync_dir(state_dir)
     except OSError as e:
         raise NetbootError(f"cannot write the DHCPv6 server DUID in --state-dir {state_dir}: {e.strerror}") from None
