@@ -37,6 +37,8 @@ DEBIAN_PACKAGES += postgresql
 # Secure Boot: the signed loaders served, signing and unified kernel images at build, keys in the tests.
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
+DEBIAN_PACKAGES += radvd
+DEBIAN_PACKAGES += kea-admin
 
 # Where make install puts netboot: a virtual environment of its own (Debian's python3 refuses pip installs into
 # the system's, PEP 668) and a link to its command, the path contrib/netboot.service runs.
@@ -140,6 +142,7 @@ screenshot: deps venv
 # Reference tools for the side-by-side benchmarks (kea-admin ships perfdhcp).
 BENCH_PACKAGES := nginx wrk curl tftpd-hpa atftp
 DHCP_BENCH_PACKAGES := kea-dhcp4-server kea-admin
+DHCP_BENCH_PACKAGES += kea-dhcp6-server
 # The reference PostgreSQL driver of bench-db (netboot itself uses asyncpg): the benchmark's alone, never a
 # dependency of the package.
 BENCH_PIP := 'psycopg[binary]>=3.2'
@@ -156,6 +159,7 @@ bench-dhcp: deps venv
 	@$(MAKE) --no-print-directory packages FOR="make bench-dhcp" PACKAGES="$(DHCP_BENCH_PACKAGES)"
 	$(PY) bench/dhcp_bench.py --update
 	$(PY) bench/dhcp_perf.py --update
+	$(PY) bench/dhcp6_perf.py --update
 
 # Only the boot storms, HTTP against nginx and TFTP under packet loss against tftpd-hpa (part of make bench).
 bench-load: deps venv

@@ -88,12 +88,16 @@ class Server:
             argv = [sys.executable, "-m", "netboot", "serve", "--dir", str(build.small_out()), "--no-tftp",
                     "--http", "127.0.0.1:0", "--status", "127.0.0.1:0", "--dhcp", f"{first}-{last}",
                     "--dhcp-lease-time", str(LEASE_TIME), "--state-dir", str(self.dir / "state")]
+        self._start(host, argv, env, 67)
+
+    def _start(self, host: Host, argv: list[str], env: dict[str, str], port: int) -> None:
+        """Run `argv` in `host`, logging to self.log, until it listens on UDP `port`."""
         with self.log.open("ab") as log:
             self.proc = host.popen(argv, stdout=log, stderr=log, env=env, cwd=ROOT)
         deadline = time.monotonic() + 60
-        while not host.listening(67, self.proc.pid):
+        while not host.listening(port, self.proc.pid):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} did not start:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(f"{self.kind} did not start:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.05)
 
     def cpu(self) -> float:

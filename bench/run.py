@@ -16,6 +16,7 @@ import autobuild_bench
 import boot_bench
 import build
 import db_driver
+import dhcp6_perf
 import dhcp_bench
 import dhcp_perf
 import fetch_bench
@@ -60,7 +61,8 @@ def main() -> None:
                 overlay_bench.main([]), autobuild_bench.main([]), format_bench.main([]),
                 fetch_bench.main([]),
                 boot_bench.main(runs), arch_bench.main(["--runs", str(runs)]), dhcp_bench.main(runs),
-                dhcp_perf.main([]), ha_perf.main([]), db_driver.main([]), secureboot_bench.main(runs)]
+                dhcp_perf.main([]), dhcp6_perf.main([]), ha_perf.main([]), db_driver.main([]),
+                secureboot_bench.main(runs)]
     text = "\n".join([
         "# Benchmarks",
         "",

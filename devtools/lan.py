@@ -23,9 +23,11 @@ import contextlib
 import itertools
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -82,6 +84,7 @@ class Lan:
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen] = []
+        self._directories: list[Path] = []  # the servers' configuration files, removed with the LAN
         self._links = itertools.count(1)
         self._advertising = False
         _remove_orphans(name)
@@ -98,20 +101,24 @@ class Lan:
         self._namespaces.append(netns)
         ip("-n", netns, "link", "set", "lo", "up")
 
-    def host(self, name: str, address: str) -> Host:
-        """A namespace joined to the bridge by a veth pair: `eth0` inside, with `address` (CIDR), up."""
+    def host(self, name: str, address: str | None) -> Host:
+        """A namespace joined to the bridge by a veth pair: `eth0` inside, with `address` (CIDR), up. None: no
+        address but the IPv6 link-local one the kernel gives it, as a machine has before it is configured."""
         if name in self.hosts:
             raise LanError(f"{self.name} already has a host named {name}")
-        if "/" not in address:
+        if address is not None and "/" not in address:
             raise LanError(f"{address}: give the address with its prefix length, e.g. 192.0.2.10/24")
         netns = f"{self.name}-{name}"
         self._add_namespace(netns)
         veth = f"veth{next(self._links)}"
         ip("-n", self.switch, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         ip("-n", self.switch, "link", "set", veth, "master", "br0", "up")
-        ip("-n", netns, "addr", "add", address, "dev", "eth0")
+        # nodad: the address is ours at once; duplicate address detection would hold it "tentative" (unusable
+        # for a bind) for a second or more (RFC 4862 §5.4).
+        if address is not None:
+            ip("-n", netns, "addr", "add", address, "dev", "eth0", *(("nodad",) if ":" in address else ()))
         ip("-n", netns, "link", "set", "eth0", "up")
-        host = Host(self, name, netns, "eth0", address)
+        host = Host(self, name, netns, "eth0", address or "")
         self.hosts[name] = host
         return host
 
@@ -121,7 +128,7 @@ class Lan:
         tap = f"tap{next(self._links)}"
         ip("-n", self.switch, "tuntap", "add", tap, "mode", "tap")
         ip("-n", self.switch, "link", "set", tap, "master", "br0", "up")
-        if not self._advertising:
+        if not self._advertising:  # nor when radvd advertises (Host.radvd)
             self._procs.append(subprocess.Popen(self.vm([sys.executable, "-c", _ADVERTISE, "br0"]),
                                                 stdin=subprocess.DEVNULL))
             self._advertising = True
@@ -136,6 +143,9 @@ class Lan:
         procs, self._procs = self._procs, []
         for proc in procs:
             _stop(proc)
+        directories, self._directories = self._directories, []
+        for directory in directories:
+            shutil.rmtree(directory, ignore_errors=True)
         namespaces, self._namespaces = self._namespaces, []
         errors = []
         for netns in reversed(namespaces):
@@ -158,7 +168,7 @@ class Lan:
 
 
 class Host:
-    """A machine on the LAN: a network namespace whose `eth0` has `address`."""
+    """A machine on the LAN: a network namespace whose `eth0` has `address` ("": none of its own)."""
 
     def __init__(self, lan: Lan, name: str, netns: str, ifname: str, cidr: str) -> None:
         self.lan = lan
@@ -211,8 +221,10 @@ class Host:
                 range: str = "192.0.2.100,192.0.2.199,255.255.255.0,1h", timeout: float = 10) -> Dnsmasq:
         """Debian's dnsmasq as this LAN's DHCP server on eth0 (no DNS, no /etc/dnsmasq.conf), plus `extra`.
 
-        Returns once it listens on UDP port 67. Its log (--log-dhcp, every option of every exchange) is kept.
+        Returns once it listens on UDP port 67 (547, DHCPv6's, for a range of IPv6 addresses). Its log
+        (--log-dhcp, every option of every exchange) is kept.
         """
+        port = 547 if ":" in range else 67
         argv = [
             "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--pid-file=", "--log-facility=-", "--port=0",
             f"--interface={self.ifname}", "--bind-interfaces", f"--dhcp-range={range}",
@@ -225,14 +237,79 @@ class Host:
             raise LanError("`ip` is not installed (Debian: iproute2)") from e
         server = Dnsmasq(proc, leasefile)
         deadline = time.monotonic() + timeout
-        while not self.listening(67, proc.pid):
+        while not self.listening(port, proc.pid):
             if proc.poll() is not None:
                 server.drained.wait(2)
                 raise LanError(f"`{' '.join(argv)}` in {self.netns} exited with status {proc.returncode}: "
                                f"{server.log.strip()}")
             if time.monotonic() > deadline:
-                raise LanError(f"`{' '.join(argv)}` in {self.netns} did not listen on UDP port 67 within "
+                raise LanError(f"`{' '.join(argv)}` in {self.netns} did not listen on UDP port {port} within "
                                f"{timeout:.0f} s: {server.log.strip()}")
+            time.sleep(0.05)
+        return server
+
+    def link_local(self, timeout: float = 10) -> str:
+        """eth0's IPv6 link-local address once duplicate address detection has passed (RFC 4862 §5.4: until then
+        it is "tentative", and nothing can send from it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            out = ip("-n", self.netns, "-6", "-o", "addr", "show", "dev", self.ifname, "scope", "link")
+            m = re.search(r"inet6 (fe80::\S+)/64", out)
+            if m and "tentative" not in out:
+                return m.group(1)
+            if time.monotonic() > deadline:
+                raise LanError(f"{self.netns}: {self.ifname} has no usable link-local address after {timeout:.0f} s"
+                               f" ({out.strip() or 'none'})")
+            time.sleep(0.05)
+
+    def radvd(self, prefix: str = "2001:db8::/64", *, managed: bool = True, other: bool = False,
+              timeout: float = 10) -> Radvd:
+        """Debian's radvd as this LAN's router on eth0, advertising `prefix` (on-link, for SLAAC) with the M flag
+        (`managed`: addresses from DHCPv6, what EDK2's PXE over IPv6 asks for) or the O flag (`other`: addresses
+        from SLAAC, the rest from DHCPv6, which iPXE asks for). Returns once its first advertisement is out.
+
+        The LAN's own stand-in advertisements (Lan.tap) are not started: one router on the link. The LAN stops
+        radvd by its PID when it closes.
+        """
+        # radvd refuses an interface without a link-local address to advertise from (RFC 4861 §6.2.2), and
+        # ignores forwarding's being off only with a warning: a router forwards.
+        self.link_local(timeout)
+        self.run(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"], check=True)
+        directory = Path(tempfile.mkdtemp(prefix="netboot-radvd-"))
+        self.lan._directories.append(directory)
+        config = directory / "radvd.conf"
+        # The shortest intervals radvd takes (radvd.conf(5)): a booting client does not wait for them anyway, it
+        # solicits, and radvd answers a solicitation at once (RFC 4861 §6.2.6: within 0.5 s).
+        config.write_text(f"""interface {self.ifname} {{
+    AdvSendAdvert on;
+    MinRtrAdvInterval 3;
+    MaxRtrAdvInterval 4;
+    AdvManagedFlag {"on" if managed else "off"};
+    AdvOtherConfigFlag {"on" if other or managed else "off"};
+    prefix {prefix} {{
+        AdvOnLink on;
+        AdvAutonomous {"off" if managed else "on"};
+    }};
+}};
+""")
+        argv = ["radvd", "--nodaemon", "--config", str(config), "--pidfile", str(directory / "radvd.pid"),
+                "--logmethod", "stderr", "--debug", "3"]
+        self.lan._advertising = True
+        try:
+            proc = self.popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+        except FileNotFoundError as e:
+            raise LanError("`ip` is not installed (Debian: iproute2)") from e
+        server = Radvd(proc)
+        deadline = time.monotonic() + timeout
+        while "(myself)" not in server.log:  # its own first advertisement, heard back (--debug 3)
+            if proc.poll() is not None:
+                server.drained.wait(2)
+                raise LanError(f"`{' '.join(argv)}` in {self.netns} exited with status {proc.returncode} "
+                               f"(Debian: radvd): {server.log.strip()}")
+            if time.monotonic() > deadline:
+                raise LanError(f"`{' '.join(argv)}` in {self.netns} sent no advertisement within {timeout:.0f} s:"
+                               f" {server.log.strip()}")
             time.sleep(0.05)
         return server
 
@@ -242,12 +319,11 @@ class Host:
         return bool(out.strip()) if pid is None else f"pid={pid}," in out
 
 
-class Dnsmasq:
-    """A running dnsmasq: its process, its log lines so far, its leases."""
+class Logged:
+    """A running server of the LAN: its process and its log lines (stderr) so far."""
 
-    def __init__(self, proc: subprocess.Popen, leasefile: Path) -> None:
+    def __init__(self, proc: subprocess.Popen) -> None:
         self.proc = proc
-        self.leasefile = leasefile
         self.lines: list[str] = []
         self.drained = threading.Event()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -262,11 +338,23 @@ class Dnsmasq:
     def log(self) -> str:
         return "".join(self.lines)
 
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class Dnsmasq(Logged):
+    """A running dnsmasq: its process, its log lines so far, its leases."""
+
+    def __init__(self, proc: subprocess.Popen, leasefile: Path) -> None:
+        super().__init__(proc)
+        self.leasefile = leasefile
+
     def leases(self) -> dict[str, str]:
         return leases(self.leasefile)
 
-    def stop(self) -> None:
-        _stop(self.proc)
+
+class Radvd(Logged):
+    """A running radvd: its process and its log lines so far."""
 
 
 def leases(leasefile: Path) -> dict[str, str]:

@@ -1,13 +1,14 @@
 """Boot a VM with real firmware on a LAN in network namespaces, against `netboot serve` and a DHCP server.
 
-    python -m devtools.lanboot OUT [--dhcp proxy|dnsmasq] [--firmware uefi-pxe|bios] [--timeout S] [-q]
+    python -m devtools.lanboot OUT [--dhcp proxy|dnsmasq|dhcp6] [--firmware uefi-pxe|bios] [--timeout S] [-q]
 
 The LAN (devtools.lan) has the site's DHCP server, Debian's dnsmasq, on 192.0.2.2; `netboot serve --dir OUT` on
-192.0.2.10; and the VM on a tap. With `--dhcp proxy` (the default) dnsmasq hands out addresses only and
-netboot's own proxy DHCP the boot files; with `--dhcp dnsmasq` dnsmasq does both, configured as docs/dhcp.md's
-"With your own DHCP server instead" says. `uefi-pxe` is OVMF with the NIC's option ROM disabled, so EDK2's
-own PXE client takes the first step as on real UEFI machines; `bios` is SeaBIOS with QEMU's iPXE ROM.
-Used by `make demo-proxy` and the DHCP benchmark; needs root.
+192.0.2.10; and the VM on a tap. With `--dhcp proxy` (the default) dnsmasq hands out addresses only and netboot's
+own proxy DHCP the boot files; with `--dhcp dnsmasq` dnsmasq does both, configured as docs/dhcp.md's "With your
+own DHCP server instead" says. `--dhcp dhcp6`: a LAN without IPv4, radvd on 2001:db8::1 advertising the M flag
+and `netboot serve --dhcp6` on 2001:db8::10 (docs/ipv6.md); UEFI only. `uefi-pxe` is OVMF with the NIC's option
+ROM disabled, so EDK2's own PXE client takes the first step as on real UEFI machines; `bios` is SeaBIOS with
+QEMU's iPXE ROM. Used by `make demo-proxy` and the DHCP benchmark; needs root.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from devtools.lan import Host, Lan, LanError
 
 NETBOOT_ADDRESS = "192.0.2.10"
 SITE_ADDRESS = "192.0.2.2"
+NETBOOT_ADDRESS6, ROUTER_ADDRESS6 = "2001:db8::10", "2001:db8::1"  # the IPv6-only LAN's (--dhcp dhcp6)
+RANGE6 = "2001:db8::1000-2001:db8::1fff"
 MARKER = "NETBOOT-TEST-OK"  # what the test and demo systems print once they have checked their store
 
 # docs/dhcp.md's dnsmasq configuration, with netboot serving on NETBOOT_ADDRESS.
@@ -57,7 +60,8 @@ def start_serve(host: Host, log: Path, *args: str, timeout: float = 30,
     proc = host.popen([*command, "serve", *args], stdin=subprocess.DEVNULL,
                       stdout=subprocess.DEVNULL, stderr=out, cwd=Path(__file__).resolve().parent.parent)
     out.close()
-    ready = re.compile(r"dhcp: (proxy DHCP|DHCP server for \S+) on" if "--dhcp" in args else r"http: serving")
+    ready = re.compile(r"dhcp: (proxy DHCP|DHCP server for \S+) on" if "--dhcp" in args
+                       else r"dhcp6: .* on " if "--dhcp6" in args else r"http: serving")
     deadline = time.monotonic() + timeout
     while not ready.search(log.read_text()):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -67,11 +71,12 @@ def start_serve(host: Host, log: Path, *args: str, timeout: float = 30,
 
 def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool, timeout: float = 300,
             echo: TextIO | None = None, secure_boot: bool = False, mok: Sequence[Path] = (),
-            until: Sequence[str] = (), arch: str = qemu.DEFAULT_ARCH, marks: Sequence[str] = ()) -> qemu.BootResult:
+            until: Sequence[str] = (), arch: str = qemu.DEFAULT_ARCH, marks: Sequence[str] = (),
+            ipv6_only: bool = False) -> qemu.BootResult:
     """A VM of `arch` on a new tap of `lan`, network-booted until it powers off, the console shows a text of
     `until`, or `timeout` passes. UEFI VMs get a fresh copy of their firmware's variable store (OVMF's, AAVMF's);
     with `secure_boot`, the firmware that enforces it, Microsoft's keys, and the certificates of `mok` in shim's
-    MOK list. `marks`: qemu.watch's, the times the console first showed them."""
+    MOK list. `marks`: qemu.watch's, the times the console first showed them. `ipv6_only`: qemu.lan_argv's."""
     tap = lan.tap()
     with tempfile.TemporaryDirectory(prefix="netboot-lanvm-") as tmp:
         vars_copy = None
@@ -82,7 +87,7 @@ def boot_vm(lan: Lan, mac: str, *, uefi: bool, pxe_rom: bool, timeout: float = 3
             else:
                 shutil.copyfile(qemu.UEFI[arch][1], vars_copy)
         argv = qemu.lan_argv(tap, mac, uefi=uefi, pxe_rom=pxe_rom, vars_copy=vars_copy, secure_boot=secure_boot,
-                             arch=arch)
+                             arch=arch, ipv6_only=ipv6_only)
         return qemu.watch(lan.vm(argv), timeout=timeout, expect=MARKER, echo=echo, until=until, marks=marks)
 
 
@@ -91,6 +96,16 @@ def boot(out: Path, *, dhcp: str = "proxy", firmware: str = "uefi-pxe", mac: str
     uefi = firmware == "uefi-pxe"
     with Lan() as lan, tempfile.TemporaryDirectory(prefix="netboot-lanboot-") as tmp_name:
         tmp = Path(tmp_name)
+        if dhcp == "dhcp6":
+            if not uefi:
+                raise LanError("a BIOS machine cannot boot on a network without IPv4 (iPXE's BIOS builds have no "
+                               "IPv6): use --firmware uefi-pxe")
+            radvd = lan.host("router", f"{ROUTER_ADDRESS6}/64").radvd(managed=True)
+            server = lan.host("netboot", f"{NETBOOT_ADDRESS6}/64")
+            start_serve(server, tmp / "serve.log", "--dir", str(out), "--http", f"[{NETBOOT_ADDRESS6}]:8080",
+                        "--tftp", f"[{NETBOOT_ADDRESS6}]:69", "--dhcp6", RANGE6, "--state-dir", str(tmp / "state"))
+            result = boot_vm(lan, mac, uefi=True, pxe_rom=False, timeout=timeout, echo=echo, ipv6_only=True)
+            return LanBoot(result, (tmp / "serve.log").read_text(), radvd.log)
         site = lan.host("site", f"{SITE_ADDRESS}/24")
         server = lan.host("netboot", f"{NETBOOT_ADDRESS}/24")
         extra = () if dhcp == "proxy" else DNSMASQ_PXE
@@ -106,8 +121,9 @@ def boot(out: Path, *, dhcp: str = "proxy", firmware: str = "uefi-pxe", mac: str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m devtools.lanboot", description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path, metavar="OUT", help="an output directory of `netboot build`")
-    p.add_argument("--dhcp", choices=("proxy", "dnsmasq"), default="proxy",
-                   help="who hands out boot files: netboot's proxy DHCP (default) or dnsmasq")
+    p.add_argument("--dhcp", choices=("proxy", "dnsmasq", "dhcp6"), default="proxy",
+                   help="who hands out boot files: netboot's proxy DHCP (default) or dnsmasq; dhcp6: netboot's "
+                   "DHCPv6 on a LAN without IPv4, radvd its router")
     p.add_argument("--firmware", choices=("uefi-pxe", "bios"), default="uefi-pxe",
                    help="OVMF with EDK2's own PXE client (default), or SeaBIOS with QEMU's iPXE ROM")
     p.add_argument("--timeout", type=float, default=300, help="seconds before the VM is stopped (default 300)")
@@ -125,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n--- netboot serve's log\n" + run.serve_log, file=sys.stderr)
     ok = run.result.expected_seen and not run.result.panicked
     print(f"lanboot: {'OK' if ok else 'FAILED'}: {args.firmware} VM, boot files from "
-          f"{'netboot --dhcp proxy' if args.dhcp == 'proxy' else 'dnsmasq'}: "
+          f"{ {'proxy': 'netboot --dhcp proxy', 'dhcp6': 'netboot --dhcp6'}.get(args.dhcp, 'dnsmasq')}: "
           f"{'booted and checked its store' if ok else 'did not boot'} ({run.result.elapsed:.1f} s)", file=sys.stderr)
     return 0 if ok else 1
 

@@ -186,6 +186,7 @@ def net_argv(
 def lan_argv(
     tap: str, mac: str, *, uefi: bool, pxe_rom: bool = True, vars_copy: Path | None = None,
     memory: str = "1024", accel: str | None = None, secure_boot: bool = False, arch: str = DEFAULT_ARCH,
+    ipv6_only: bool = False,
 ) -> list[str]:
     """A VM whose NIC is on a tap device (see devtools.lan), network-booting first, against real DHCP servers.
 
@@ -193,8 +194,9 @@ def lan_argv(
     (bootindex); with `pxe_rom` OVMF runs iPXE's EFI driver from the same ROM, without it (`romfile=`) EDK2's
     own PXE client does the first step, as on real UEFI machines. `vars_copy` is a writable copy of OVMF's
     variable store, needed for UEFI. `secure_boot`: the firmware that enforces it (give it `secure_vars`). arm64:
-    AAVMF (UEFI only, without Secure Boot) on the virt board; EDK2's own PXE client asks with option 93 = 11. Run
-    it in the tap's namespace (`Lan.vm`).
+    AAVMF (UEFI only, without Secure Boot) on the virt board; EDK2's own PXE client asks with option 93 = 11.
+    `ipv6_only`: EDK2 goes straight to PXE over IPv6, skipping PXE over IPv4 and its DHCPv4 timeout. Run it in
+    the tap's namespace (`Lan.vm`).
     """
     nic = f"virtio-net-pci,netdev=n0,mac={mac}"
     if not pxe_rom:
@@ -212,6 +214,10 @@ def lan_argv(
             raise ValueError("UEFI needs a writable copy of the OVMF variables")
         if secure_boot:
             argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
+        if ipv6_only:
+            # EDK2's network stack reads this switch from fw_cfg (OVMF's and, seen here, AAVMF's): with it off,
+            # EDK2 makes no "PXEv4" boot option, whose DHCPv4 would go unanswered for about a minute.
+            argv += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]
         argv += [
             "-device", f"{nic},bootindex=1",
             "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE_SECURE if secure_boot else UEFI[arch][0]}",

@@ -14,6 +14,7 @@ from netboot.core import artifacts, compress
 from netboot.core.errors import NetbootError
 from netboot.core.loaders import Loaders
 from netboot.dhcp import command as dhcp_command
+from netboot.dhcp6 import command as dhcp6_command
 from netboot.image import cache, pack
 from netboot.image.limits import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, MAX_DEPTH, MAX_NAME, ImageLimits
 from netboot.server.http_limits import HttpLimits
@@ -287,6 +288,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="the unencrypted PEM private key of --status-cert")
     tftp_command.add_arguments(p)
     dhcp_command.add_arguments(p)
+    dhcp6_command.add_arguments(p)
     p.set_defaults(func=_run_serve)
 
 
@@ -334,6 +336,7 @@ def serve_options(args: argparse.Namespace):  # -> server.ServeOptions (imported
         tftp_config=tftp_command.config_from_args(args),
         http_limits=_http_limits(args),
         dhcp=dhcp_command.config_from_args(args),
+        dhcp6=dhcp6_command.config_from_args(args),
         status=_status(args),
         grace=args.grace,
         state_dir=args.state_dir,

@@ -45,19 +45,22 @@ class LanServer(ServerProcess):
         super().__init__(*args, prefix=host.argv([]))
 
     def url(self, path: str) -> str:
-        return f"http://{self.host.address}:{self.http_port}/{path.lstrip('/')}"
+        host = f"[{self.host.address}]" if ":" in self.host.address else self.host.address
+        return f"http://{host}:{self.http_port}/{path.lstrip('/')}"
 
 
 def serve_in(host: Host, *args: str | os.PathLike[str]) -> LanServer:
-    """Start `netboot serve ARGS` in `host`'s namespace (HTTP on 8080, TFTP on 69 unless ARGS say otherwise).
+    """Start `netboot serve ARGS` in `host`'s namespace (HTTP on 8080, TFTP on 69 unless ARGS say otherwise, on
+    every address of the host's family).
 
     Stop it with `.stop()`; the LAN also kills it when it closes.
     """
     strs = list(map(str, args))
+    every = "[::]" if ":" in host.address else "0.0.0.0"
     if not any(a == "--http" or a.startswith("--http=") for a in strs):
-        strs += ["--http", "0.0.0.0:8080"]
+        strs += ["--http", f"{every}:8080"]
     if not any(a in ("--tftp", "--no-tftp") or a.startswith("--tftp=") for a in strs):
-        strs += ["--tftp", "0.0.0.0:69"]
+        strs += ["--tftp", f"{every}:69"]
     return LanServer(host, *strs)
 
 

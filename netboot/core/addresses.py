@@ -44,3 +44,28 @@ def ipv4_interfaces() -> dict[int, tuple[str, list[ipaddress.IPv4Interface]]]:
             if address is not None and a["index"] in found:
                 found[a["index"]][1].append(ipaddress.IPv4Interface(f"{address}/{a['prefixlen']}"))
     return found
+
+
+def ipv6_interfaces() -> dict[int, tuple[str, list[ipaddress.IPv6Interface]]]:
+    """Every interface's IPv6 addresses with their prefixes, by interface index (link-local ones included; DAD's
+    tentative ones not: nothing can be sent from them yet)."""
+    found: dict[int, tuple[str, list[ipaddress.IPv6Interface]]] = {}
+    with IPRoute() as ip:
+        for link in ip.get_links():
+            found[link["index"]] = (link.get_attr("IFLA_IFNAME"), [])
+        for a in ip.get_addr(family=socket.AF_INET6):
+            address = a.get_attr("IFA_ADDRESS")
+            flags = a.get_attr("IFA_FLAGS") or a["flags"]
+            if address is not None and a["index"] in found and not flags & _IFA_F_TENTATIVE:
+                found[a["index"]][1].append(ipaddress.IPv6Interface(f"{address}/{a['prefixlen']}"))
+    return found
+
+
+def link_addresses() -> dict[int, bytes]:
+    """Every interface's hardware address (a MAC for Ethernet), by interface index; loopback's is all zeros."""
+    with IPRoute() as ip:
+        return {link["index"]: bytes.fromhex(mac.replace(":", "")) for link in ip.get_links()
+                if (mac := link.get_attr("IFLA_ADDRESS"))}
+
+
+_IFA_F_TENTATIVE = 0x40  # linux/if_addr.h

@@ -39,6 +39,10 @@ def fetch_args(url: str) -> str:
     and what iPXE knew of the network, so that stage 1 needs no DHCP of its own: the interface that booted
     (BOOTIF, as pxelinux's IPAPPEND 2 writes it) and its address, gateway, netmask and DNS server in the
     kernel's `ip=` syntax (Documentation/admin-guide/nfs/nfsroot.rst: client:server:gateway:netmask:hostname:
-    device:autoconf:dns0)."""
+    device:autoconf:dns0); on IPv6, its address with the prefix length of the router's advertisement and its
+    default router and DNS server (iPXE's ip6, len6, gateway6 and dns6 settings, from NDP or DHCPv6), in
+    netboot.ip6=, netboot.gateway6= and netboot.dns6=. A setting iPXE does not have expands to nothing, and stage
+    1 does without it."""
     return (f"{IMAGE_URL}={url} BOOTIF=01-${{netX/mac:hexhyp}} "
-            "ip=${netX/ip}::${netX/gateway}:${netX/netmask}:::none:${dns}")
+            "ip=${netX/ip}::${netX/gateway}:${netX/netmask}:::none:${dns} "
+            "netboot.ip6=${netX/ip6}/${netX/len6} netboot.gateway6=${netX/gateway6} netboot.dns6=${dns6}")

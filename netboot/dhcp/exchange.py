@@ -152,21 +152,8 @@ class Responder:
 
     def _boot_file(self, request: Request, client: boot.Client, server: str) -> boot.BootFile | Ignored:
         machines = self.machines()
-        machine = _machine(machines, request)
-        found_profile = machines.profiles[machine.profile] if machine is not None else machines.profiles.get(DEFAULT)
-        if found_profile is None:
-            return Ignored(request.mac, "not in the machines file, and there is no default profile")
-        profile = machines.for_arch(found_profile, client.machine)
-        offerings = self.offerings()
-        built = offerings.arches.get(profile.name)
-        if client.machine is not None and built is not None and built != client.machine:
-            # Never boot a machine into a kernel its CPU cannot run: it would hang where nobody sees why.
-            return Ignored(request.mac, f"{client.kind}: {_REFUSED}: profile {profile.name} is for {built}, and "
-                                        f"this machine is {client.machine}")
-        found = offerings.boot_file(client, server, profile.loader, ipxe_binary(profile, machine))
-        if isinstance(found, str):
-            return Ignored(request.mac, f"{client.kind}: {found}")
-        return found
+        found = boot_file_of(machines, _machine(machines, request), self.offerings(), client, server)
+        return Ignored(request.mac, found) if isinstance(found, str) else found
 
     # Authoritative mode
 
@@ -289,6 +276,22 @@ def _machine(machines: Machines, request: Request) -> Machine | None:
 
 
 _REFUSED = "refused"  # a machine whose profile has no build for its architecture
+
+
+def boot_file_of(machines: Machines, machine: Machine | None, offerings: boot.Offerings, client: boot.Client,
+                 server: str) -> boot.BootFile | str:
+    """The boot file of `machine` (None: not in the machines file, so the default profile's) for `client`, from
+    `server` (our address as the client sees it), or why it gets none. DHCPv6 (netboot.dhcp6) asks here too."""
+    found_profile = machines.profiles[machine.profile] if machine is not None else machines.profiles.get(DEFAULT)
+    if found_profile is None:
+        return "not in the machines file, and there is no default profile"
+    profile = machines.for_arch(found_profile, client.machine)
+    built = offerings.arches.get(profile.name)
+    if client.machine is not None and built is not None and built != client.machine:
+        # Never boot a machine into a kernel its CPU cannot run: it would hang where nobody sees why.
+        return f"{client.kind}: {_REFUSED}: profile {profile.name} is for {built}, and this machine is {client.machine}"
+    found = offerings.boot_file(client, server, profile.loader, ipxe_binary(profile, machine))
+    return f"{client.kind}: {found}" if isinstance(found, str) else found
 
 
 def _boot_options(options: dict[str, Any], request: Request, found: boot.BootFile) -> None:

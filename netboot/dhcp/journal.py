@@ -31,13 +31,15 @@ import os
 import sys
 import threading
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
 
 from netboot.core import mac as macs
+from netboot.core.durable import replace as _replace
 from netboot.core.durable import sync_dir
+from netboot.core.durable import write_all as _write_all
 from netboot.core.errors import NetbootError
 from netboot.dhcp.leases import Lease, bind, drop
 
@@ -56,6 +58,22 @@ MAX_LINE = 4096
 _MAX_WHY = 200  # characters of a problem quoted in the error: it names what is wrong, never echoes a whole line
 
 Change = Lease | str  # a lease recorded, or the MAC whose lease is dropped
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a journal holds: its file name and lock, how a record's key (a lease's `mac` field) and address are
+    written, and the lease file of earlier versions it converts, if any. DHCPv4's leases are by MAC; DHCPv6's
+    (netboot.dhcp6.leases) by DUID and IAID, in a journal of their own beside them."""
+
+    name: str
+    lock: str
+    key: Callable[[str], str]  # the key as written, from anything read (raises ValueError if it is not one)
+    address: Callable[[str], object]  # an orderable address from its text (raises ValueError if it is not one)
+    legacy: str | None = None
+
+
+V4 = Kind(JOURNAL, LOCK, macs.normalize, IPv4Address, LEGACY)  # key: a MAC
 
 
 def _cut(why: object) -> str:
@@ -92,15 +110,15 @@ def _group(changes: list[Change]) -> bytes:
     return records + f"commit {len(changes)} {zlib.crc32(records):08x}\n".encode()
 
 
-def _decode(line: bytes) -> Change:
+def _decode(line: bytes, kind: Kind = V4) -> Change:
     words = line.decode("ascii").split(" ", 5)
     if words[0] == "drop" and len(words) == 2:
-        return macs.normalize(words[1])
+        return kind.key(words[1])
     if words[0] != "lease" or len(words) != 6:
         raise ValueError(f"not a record: {line[:40]!r}")
     _, mac, ip, expires, client_id, hostname = words
-    if macs.normalize(mac) != mac or str(IPv4Address(ip)) != ip:
-        raise ValueError(f"not a MAC and an address: {mac[:20]!r} {ip[:20]!r}")
+    if kind.key(mac) != mac or str(kind.address(ip)) != ip:
+        raise ValueError(f"not a lease's key and address: {mac[:20]!r} {ip[:20]!r}")
     seconds = float(expires)
     # A JSON string and nothing else: given `[[[…`, json.loads would recurse once per bracket (RecursionError).
     # From its opening quote the decoder reads one string and stops, so anything after it is "Extra data".
@@ -112,7 +130,7 @@ def _decode(line: bytes) -> Change:
     return Lease(mac, ip, seconds, name, b"" if client_id == "-" else bytes.fromhex(client_id))
 
 
-def _read(path: Path, torn_allowed: bool) -> _File:
+def _read(path: Path, torn_allowed: bool, kind: Kind = V4) -> _File:
     """One journal file; raises _Unreadable for anything but a torn last group (where that is allowed)."""
     lines = path.read_bytes().split(b"\n")
     tail = lines.pop()  # what follows the last newline: a line cut short, if anything
@@ -148,7 +166,7 @@ def _read(path: Path, torn_allowed: bool) -> _File:
             pending, raw, start = [], [], number + 1
             continue
         try:
-            pending.append(_decode(line))
+            pending.append(_decode(line, kind))
         except (ValueError, UnicodeDecodeError, macs.BadMac) as e:
             problem = _Unreadable(number + 1, str(e))
             break
@@ -190,26 +208,8 @@ def _corrupt(path: Path, why: object) -> NetbootError:
 
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write a file whole: a temporary file, fsynced, renamed over `path` (the directory fsynced by the caller)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        _write_all(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
-def _base(leases: Iterable[Lease], through: int) -> bytes:
-    changes: list[Change] = sorted(leases, key=lambda x: IPv4Address(x.ip))
+def _base(leases: Iterable[Lease], through: int, kind: Kind = V4) -> bytes:
+    changes: list[Change] = sorted(leases, key=lambda x: kind.address(x.ip))  # type: ignore[arg-type,return-value]
     return _header(0, through) + (_group(changes) if changes else b"")
 
 
@@ -217,15 +217,16 @@ class Journal:
     """The lease store of netboot.dhcp.leases (LeaseStore): the journal files in `directory`, locked so that
     two servers never share them."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, kind: Kind = V4) -> None:
         self.directory = directory
-        self.path = directory / JOURNAL
-        self.base = directory / (JOURNAL + ".1")
-        self.rotated = directory / (JOURNAL + ".2")
-        self.legacy = directory / LEGACY
+        self.kind = kind
+        self.path = directory / kind.name
+        self.base = directory / (kind.name + ".1")
+        self.rotated = directory / (kind.name + ".2")
+        self.legacy = directory / kind.legacy if kind.legacy is not None else None
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            self._lock = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._lock = os.open(directory / kind.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise NetbootError(f"--state-dir {directory}: {e.strerror}") from None
         try:
@@ -245,21 +246,21 @@ class Journal:
     def load(self) -> list[Lease]:
         """Read the journal (or convert the lease file of earlier versions), then start a new base and an empty
         active journal. Nothing is written unless everything read."""
-        legacy = self.legacy.exists()
+        legacy = self.legacy is not None and self.legacy.exists()
         journal = any(p.exists() for p in (self.base, self.rotated, self.path))
         if journal:  # a lease file beside it is what was converted when a start stopped before removing it
-            leases, newest = read(self.directory)
+            leases, newest = read(self.directory, self.kind)
         else:
-            leases, newest = (_legacy(self.legacy) if legacy else {}), 0
+            leases, newest = (_legacy(self.legacy) if self.legacy is not None and legacy else {}), 0
         try:
-            _replace(self.base, _base(leases.values(), newest))
+            _replace(self.base, _base(leases.values(), newest, self.kind))
             sync_dir(self.directory)
             with contextlib.suppress(FileNotFoundError):
                 self.rotated.unlink()
             self._generation = newest + 1
             _replace(self.path, _header(self._generation, 0))
             sync_dir(self.directory)
-            if legacy:
+            if self.legacy is not None and legacy:
                 self.legacy.unlink()  # only now: the journal holds every lease durably
                 sync_dir(self.directory)
                 if not journal:
@@ -342,9 +343,10 @@ class Journal:
 
     def _compact(self) -> None:
         try:
-            files = [(p, _read(p, torn_allowed=p == self.rotated)) for p in (self.base, self.rotated) if p.exists()]
+            files = [(p, _read(p, torn_allowed=p == self.rotated, kind=self.kind))
+                     for p in (self.base, self.rotated) if p.exists()]
             leases, newest = _replay(files)
-            _replace(self.base, _base(leases.values(), newest))
+            _replace(self.base, _base(leases.values(), newest, self.kind))
             sync_dir(self.directory)
             self.rotated.unlink()
             sync_dir(self.directory)
@@ -369,13 +371,14 @@ class Journal:
         os.close(self._lock)
 
 
-def read(directory: Path) -> tuple[dict[str, Lease], int]:
-    """The leases in a state directory's journal by MAC, and its newest generation; NetbootError if corrupt."""
+def read(directory: Path, kind: Kind = V4) -> tuple[dict[str, Lease], int]:
+    """The leases in a state directory's journal by MAC (or `kind`'s key), and its newest generation; NetbootError
+    if corrupt."""
     files = []
-    base, rotated, active = (directory / (JOURNAL + s) for s in (".1", ".2", ""))
+    base, rotated, active = (directory / (kind.name + s) for s in (".1", ".2", ""))
     for path in (base, rotated, active):
         try:
-            files.append((path, _read(path, torn_allowed=path != base)))
+            files.append((path, _read(path, torn_allowed=path != base, kind=kind)))
         except FileNotFoundError:
             continue
         except OSError as e:

@@ -37,7 +37,7 @@ while read -r module optional; do
     fi
 done < /etc/netboot-modules
 
-init= sha256= url= bootif= ipconf= tries=5 streams=
+init= sha256= url= bootif= ipconf= ip6= gateway6= dns6= tries=5 streams=
 set -f  # the command line's words are not file name patterns
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -48,6 +48,9 @@ for arg in $(cat /proc/cmdline); do
     netboot.fetch_streams=*) streams=${arg#*=} ;;
     BOOTIF=*) bootif=${arg#BOOTIF=} ;;
     ip=*) ipconf=${arg#ip=} ;;
+    netboot.ip6=*) ip6=${arg#*=} ;;
+    netboot.gateway6=*) gateway6=${arg#*=} ;;
+    netboot.dns6=*) dns6=${arg#*=} ;;
     esac
 done
 set +f
@@ -135,8 +138,41 @@ SCRIPT
     chmod 755 /run/netboot/udhcpc
 }
 
-# Configure the interface from what the loader knew (ip=, the kernel's nfsroot syntax: client:server:gateway:
-# netmask:hostname:device:autoconf:dns0:dns1), else by DHCP on each candidate interface in turn.
+# An IPv6 address of $1 that is not link-local and has passed duplicate address detection, if any.
+global_ipv6() {
+    ip -6 -o addr show dev "$1" scope global 2>/dev/null | awk '!/tentative/ { print $4; exit }'
+}
+
+# IPv6 from what iPXE knew (netboot.ip6=ADDR/LEN, netboot.gateway6=ROUTER, netboot.dns6=SERVER; LEN missing when no
+# advertisement named the prefix: the address alone, the routes then come from the router's advertisements), else the
+# kernel's own SLAAC from the router's advertisements (RFC 4862), up to 10 seconds. The address is iPXE's already,
+# checked by it: without duplicate address detection (accept_dad, as busybox ip has no `nodad`) it is usable at once,
+# where a tentative one cannot send for a second or more.
+configure_ipv6() {
+    local address=${ip6%/*} len=${ip6##*/} waited=0 found
+    if [ -n "$address" ]; then
+        [ -n "$len" ] || len=128
+        echo 0 > "/proc/sys/net/ipv6/conf/$netif/accept_dad"
+        if ip -6 addr add "$address/$len" dev "$netif"; then
+            [ -z "$gateway6" ] || ip -6 route add default via "$gateway6" dev "$netif"
+            [ -z "$dns6" ] || echo "nameserver $dns6" > /etc/resolv.conf
+            say "network: $netif $address/$len${gateway6:+ via $gateway6} (from the loader)"
+            return 0
+        fi
+    fi
+    while [ -z "$(global_ipv6 "$netif")" ] && [ $waited -lt 50 ]; do
+        sleep 0.2
+        waited=$((waited + 1))
+    done
+    found=$(global_ipv6 "$netif")
+    [ -n "$found" ] || return 1
+    say "network: $netif $found (router advertisement)"
+}
+
+# Configure the interface: for an image on an IPv6 address (http://[ADDR]/...), by IPv6 alone, even where the
+# loader had IPv4 too; else from what the loader knew (ip=, the kernel's nfsroot syntax: client:server:gateway:
+# netmask:hostname:device:autoconf:dns0:dns1; or netboot.ip6= when it had no IPv4), else by DHCP on each
+# candidate interface in turn.
 configure_network() {
     local old_ifs client gateway netmask autoconf dns0 prefix
     load_network_drivers
@@ -151,17 +187,28 @@ configure_network() {
     for netif in $interfaces; do
         ip link set "$netif" up
         wait_for_carrier "$netif"
+        case "$url" in
+        *://\[*)
+            configure_ipv6 && return 0
+            say "no IPv6 address on $netif (none from the loader, no router advertisement with a prefix)"
+            continue
+            ;;
+        esac
         case "$autoconf" in dhcp | on | any) client= ;; esac
         if [ -n "$client" ] && [ -n "$netmask" ]; then
             prefix=$(ipcalc -p "$client" "$netmask")
             prefix=${prefix#PREFIX=}
-            ip addr flush dev "$netif"
+            ip -4 addr flush dev "$netif"
             if ip addr add "$client/$prefix" dev "$netif"; then
                 [ -z "$gateway" ] || ip route add default via "$gateway" dev "$netif"
                 [ -z "$dns0" ] || echo "nameserver $dns0" > /etc/resolv.conf
                 say "network: $netif $client/$prefix${gateway:+ via $gateway} (from the loader)"
                 return 0
             fi
+        fi
+        # A loader on a network without IPv4 (an image named by a host name, say a mirror's): its IPv6 address.
+        if [ -z "$client" ] && [ -n "${ip6%/*}" ] && configure_ipv6; then
+            return 0
         fi
         write_dhcp_script
         if udhcpc -f -q -n -t 4 -T 2 -i "$netif" -s /run/netboot/udhcpc >/dev/null 2>&1; then
@@ -175,7 +222,8 @@ configure_network() {
 }
 
 network_ready() {
-    if [ -n "$netif" ] && ip -4 -o addr show dev "$netif" 2>/dev/null | grep -q inet; then
+    if [ -n "$netif" ] && { ip -4 -o addr show dev "$netif" 2>/dev/null | grep -q inet ||
+        [ -n "$(global_ipv6 "$netif")" ]; }; then
         return 0
     fi
     configure_network
@@ -347,8 +395,9 @@ if [ -d /netboot-overlay ]; then
 fi
 
 # The booted system finds the network unconfigured, as NixOS' own stage 1 leaves it by default
-# (boot.initrd.network.flushBeforeStage2).
-[ -z "$netif" ] || ip addr flush dev "$netif"
+# (boot.initrd.network.flushBeforeStage2): the addresses stage 1 gave it go; the kernel's IPv6 link-local one,
+# which only a link going down and up would bring back, stays.
+[ -z "$netif" ] || ip addr flush dev "$netif" scope global
 for fs in dev proc sys; do
     mkdir -p "/mnt-root/$fs"
     mount --move "/$fs" "/mnt-root/$fs" || fail "cannot move /$fs"

@@ -23,6 +23,7 @@ from netboot.core.logtext import clip
 from netboot.core.machines import Machines
 from netboot.core.machines_file import rewrite
 from netboot.dhcp import Client, DhcpConfig, DhcpServer, Offerings, start_dhcp_server
+from netboot.dhcp6 import Dhcp6Config, Dhcp6Server, start_dhcp6_server
 from netboot.server.autobuild import SystemBuilds
 from netboot.server.http import LimitedRunner, make_app
 from netboot.server.http_limits import HttpLimits
@@ -72,6 +73,7 @@ class ServeOptions:
     tftp_config: TftpConfig = field(default_factory=TftpConfig)
     http_limits: HttpLimits = field(default_factory=HttpLimits)
     dhcp: DhcpConfig | None = None
+    dhcp6: Dhcp6Config | None = None
     status: StatusConfig | None = field(default_factory=StatusConfig)
     grace: float = 600.0  # how long the files of a replaced build stay available
     poll: float = 1.0  # how often output directories and the machines file are checked for changes
@@ -112,6 +114,7 @@ class Server:
         self.tftp_port = 0
         self._tftp: TftpServer | None = None
         self._dhcp: DhcpServer | None = None
+        self._dhcp6: Dhcp6Server | None = None
 
     def _machines_stat(self, st: os.stat_result | None = None) -> tuple[object, ...] | None:
         """What changes when the machines file or one of its overlay directories is edited (`st`: the file's stat,
@@ -138,6 +141,8 @@ class Server:
             await self._start_tftp(self.opts.tftp)
         if self.opts.dhcp is not None:
             await self._start_dhcp(self.opts.dhcp)
+        if self.opts.dhcp6 is not None:
+            await self._start_dhcp6(self.opts.dhcp6)
 
     async def _start_database(self, url: str) -> None:
         self._site = await database.Link.open(
@@ -210,6 +215,16 @@ class Server:
             log.warning("dhcp: %s not installed (Debian's ipxe package): PXE ROMs that need it get no answer",
                         " and ".join(sorted(missing)))
 
+    async def _start_dhcp6(self, config: Dhcp6Config) -> None:
+        self._dhcp6 = await start_dhcp6_server(config, machines=lambda: self.namespace.machines,
+                                               offerings=self._offerings6, seen=self._dhcp_seen)
+        where = ", ".join(config.interfaces) or "every interface"
+        what = "boot information (stateless)" if config.range is None else f"DHCPv6 server for {config.mode}"
+        ports = f"port {self._dhcp6.port}" + (f" and {self._dhcp6.discovery_port}" * bool(self._dhcp6.discovery_port))
+        log.info("dhcp6: %s on %s, %s", what, where, ports)
+        if config.range is not None:
+            log.info("dhcp6: leases in %s", config.state_dir)
+
     def _dhcp_seen(self, mac: str, client: Client, interface: str) -> None:
         """What DHCP saw of a machine it answered, for the status record: its architecture and interface."""
         if self.record is not None:
@@ -223,6 +238,17 @@ class Server:
             binaries=frozenset(self.namespace.binaries), http_port=self.http_port, tftp=self.tftp_port == 69,
             uefi_binary=self.opts.dhcp.uefi_binary,
             http_host=http if _specific_ipv4(http) else None, tftp_host=tftp if _specific_ipv4(tftp) else None,
+            arches=self.namespace.arches,
+        )
+
+    def _offerings6(self) -> Offerings:
+        """As _offerings, for DHCPv6: host names in URLs are bracketed IPv6 literals (RFC 3986 §3.2.2)."""
+        http, tftp = self.opts.http.host, self.opts.tftp.host if self.opts.tftp else None
+        return Offerings(
+            binaries=frozenset(self.namespace.binaries), http_port=self.http_port, tftp=self.tftp_port == 69,
+            uefi_binary=self.opts.dhcp6.uefi_binary if self.opts.dhcp6 is not None else "ipxe.efi",
+            http_host=f"[{http}]" if _specific_ipv6(http) else None,
+            tftp_host=f"[{tftp}]" if _specific_ipv6(tftp) else None,
             arches=self.namespace.arches,
         )
 
@@ -411,6 +437,8 @@ class Server:
                 part.close()
         if self._dhcp is not None:
             self._dhcp.close()
+        if self._dhcp6 is not None:
+            self._dhcp6.close()
         if self._tftp is not None:
             self._tftp.close()
             await self._tftp.wait_closed()
@@ -436,6 +464,14 @@ def _specific_ipv4(host: str | None) -> bool:
     """An IPv4 address to name in boot files, rather than a wildcard (then: our address on the interface)."""
     try:
         return host is not None and ipaddress.ip_address(host).version == 4 and host != "0.0.0.0"
+    except ValueError:
+        return False
+
+
+def _specific_ipv6(host: str | None) -> bool:
+    """An IPv6 address to name in boot URLs, rather than a wildcard (then: our address on the interface)."""
+    try:
+        return host is not None and ipaddress.ip_address(host).version == 6 and host != "::"
     except ValueError:
         return False
 

@@ -23,9 +23,10 @@ BELOW = {
     "image": {"core"},
     "tftp": {"core"},
     "dhcp": {"core", "state"},
+    "dhcp6": {"core", "state", "dhcp"},
     "status": {"core"},
-    "server": {"core", "state", "image", "tftp", "dhcp", "status"},
-    "cli": {"core", "state", "image", "tftp", "dhcp", "status", "server"},
+    "server": {"core", "state", "image", "tftp", "dhcp", "dhcp6", "status"},
+    "cli": {"core", "state", "image", "tftp", "dhcp", "dhcp6", "status", "server"},
 }
 _CODE_IMPORT = re.compile(r"\b(?:from|import)\s+(netboot(?:\.\w+)*)")
 

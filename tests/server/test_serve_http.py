@@ -88,6 +88,10 @@ def own_server(own_machines: Path):
     s.stop()
 
 
+# The address a machine's script shows: IPv4's, or IPv6's on a network without IPv4.
+AT = "isset ${netX/ip} && set netboot-at ${netX/ip} || set netboot-at ${netX/ip6}"
+
+
 def script_lines(body: bytes) -> list[str]:
     return [ln for ln in body.decode().splitlines() if ln and not ln.startswith("#")]
 
@@ -100,9 +104,10 @@ def test_script_for_every_mac_spelling(server: ServerProcess, machines: Path, sp
     out = machines.parent / "squashfs-out"
     cmdline = (out / "cmdline").read_text().strip()
     lines = script_lines(body)
-    gen = lines[1].split()[1].split("/")[3]
+    gen = lines[2].split()[1].split("/")[3]
     assert lines == [
-        f"echo netboot: {MAC} at ${{netX/ip}} boots profile squash",
+        AT,
+        f"echo netboot: {MAC} at ${{netboot-at}} boots profile squash",
         f"kernel /machine/52-54-00-12-34-56/{gen}/bzImage initrd=initrd {cmdline} from=squash hostname=node1",
         f"initrd --name initrd /machine/52-54-00-12-34-56/{gen}/initrd",
         "boot",
@@ -124,9 +129,9 @@ def test_boot_ipxe_chains_by_mac_with_the_machines_facts(server: ServerProcess) 
 def test_unregistered_mac_gets_the_default_profile(server: ServerProcess, machines: Path) -> None:
     _, _, body = get(server.url("machine/52-54-00-aa-bb-cc/boot.ipxe"))
     lines = script_lines(body)
-    assert lines[0] == "echo netboot: 52:54:00:aa:bb:cc at ${netX/ip} boots profile default"
-    assert lines[1].endswith(" from=default")
-    assert (machines.parent / "direct-out/cmdline").read_text().strip() in lines[1]
+    assert lines[:2] == [AT, "echo netboot: 52:54:00:aa:bb:cc at ${netboot-at} boots profile default"]
+    assert lines[2].endswith(" from=default")
+    assert (machines.parent / "direct-out/cmdline").read_text().strip() in lines[2]
 
 
 def test_unknown_mac_without_default_waits_and_retries(tmp_path: Path, outs: dict[str, Path]) -> None:
@@ -213,8 +218,8 @@ def test_dir_mode_serves_the_directory_at_the_root(outs: dict[str, Path]) -> Non
     try:
         for name in ("bzImage", "initrd", "cmdline", "netboot.ipxe", "manifest.json"):
             assert get(s.url(name))[2] == (outs["squashfs"] / name).read_bytes(), name
-        first = script_lines(get(s.url(f"machine/{MAC}/boot.ipxe"))[2])[0]
-        assert first == f"echo netboot: {MAC} at ${{netX/ip}} boots profile default"
+        lines = script_lines(get(s.url(f"machine/{MAC}/boot.ipxe"))[2])
+        assert lines[:2] == [AT, f"echo netboot: {MAC} at ${{netboot-at}} boots profile default"]
     finally:
         s.stop()
 
@@ -236,7 +241,7 @@ def test_rebuild_while_a_transfer_is_in_progress(own_server: ServerProcess, own_
     out = own_machines.parent / "squashfs-out"
     old_initrd = (out / "initrd").read_bytes()
     old_script = script_lines(get(own_server.url(f"machine/{MAC}/boot.ipxe"))[2])
-    old_gen = old_script[1].split()[1].split("/")[3]
+    old_gen = old_script[2].split()[1].split("/")[3]
     conn, response = slow_download(own_server.http_port, f"/machine/{MAC.replace(':', '-')}/{old_gen}/initrd")
     first = response.read(4096)  # the transfer has started
 
@@ -252,8 +257,8 @@ def test_rebuild_while_a_transfer_is_in_progress(own_server: ServerProcess, own_
     conn.close()
     assert first + rest == old_initrd  # the transfer in progress finished from the old files
     lines = script_lines(get(own_server.url(f"machine/{MAC}/boot.ipxe"))[2])
-    new_gen = lines[1].split()[1].split("/")[3]
-    assert new_gen != old_gen and lines[1].split()[3].startswith("rdinit=")
+    new_gen = lines[2].split()[1].split("/")[3]
+    assert new_gen != old_gen and lines[2].split()[3].startswith("rdinit=")
     assert get(own_server.url(f"machine/{MAC}/{new_gen}/initrd"))[2] == new_initrd
     # A machine that fetched its script before the rebuild still gets the matching initrd (grace period).
     assert get(own_server.url(f"machine/{MAC}/{old_gen}/initrd"))[2] == old_initrd
@@ -325,8 +330,8 @@ def test_each_build_served_by_its_kernels_name(tmp_path: Path) -> None:
     try:
         for mac, kernel in ((MAC, "Image"), (other, "bzImage"), ("52:54:00:00:00:03", "bzImage")):
             lines = script_lines(get(s.url(f"machine/{mac}/boot.ipxe"))[2])
-            files = f"/machine/{mac.replace(':', '-')}/{lines[1].split()[1].split('/')[3]}"
-            assert lines[1] == f"kernel {files}/{kernel} initrd=initrd init=/x", lines
+            files = f"/machine/{mac.replace(':', '-')}/{lines[2].split()[1].split('/')[3]}"
+            assert lines[2] == f"kernel {files}/{kernel} initrd=initrd init=/x", lines
             assert get(s.url(f"{files}/{kernel}"))[2] == kernel.encode()
             assert get(s.url(f"{files}/{({'Image', 'bzImage'} - {kernel}).pop()}"))[0] == 404
         for profile, kernel, absent in (("arm", "Image", "bzImage"), ("x86", "bzImage", "Image"),
@@ -377,6 +382,11 @@ profile = "mirrored"
         assert f"netboot.image_sha256={hashlib.sha256(image).hexdigest()}" in args
         assert "BOOTIF=01-${netX/mac:hexhyp}" in args and args[-1] == "hostname=f1"  # the appends last
         assert "ip=${netX/ip}::${netX/gateway}:${netX/netmask}:::none:${dns}" in args
+        assert {"netboot.ip6=${netX/ip6}/${netX/len6}", "netboot.gateway6=${netX/gateway6}",
+                "netboot.dns6=${dns6}"} <= set(args)
+        # A machine that knows us by an IPv6 address: the image's URL names it in brackets (RFC 3986 §3.2.2).
+        script = get(server.url(f"machine/{FETCHER}/boot.ipxe"), {"Host": "[2001:db8::10]:8080"})[2].decode()
+        assert "netboot.image_url=http://[2001:db8::10]:8080/machine/" in script
         # A Host that is not a plain host and port is not written into a script: the address asked at is.
         script = get(server.url(f"machine/{FETCHER}/boot.ipxe"), {"Host": "x/${evil} y"})[2].decode()
         assert f"netboot.image_url=http://127.0.0.1:{server.http_port}/machine/" in script and "evil" not in script

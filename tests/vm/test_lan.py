@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,39 @@ def test_errors_name_the_command_and_cleanup_survives_them(monkeypatch: pytest.M
     with pytest.raises(LanError, match="injected"):
         Lan("nbtest")
     assert ours() == before
+
+
+def test_an_ipv6_only_lan_with_radvd_as_its_router() -> None:
+    """Hosts with IPv6 addresses only; radvd advertises the prefix (O flag, autonomous: a SLAAC address for a host
+    without one) and itself as the default router; close stops it and removes its configuration."""
+    need("ip")
+    need("radvd")
+    with Lan("nbtest") as the_lan:
+        router = the_lan.host("router", "2001:db8::1/64")
+        radvd = router.radvd(managed=False, other=True)
+        server = the_lan.host("server", "2001:db8::10/64")
+        node = the_lan.host("node", None)
+        assert (server.address, node.address) == ("2001:db8::10", "")
+        for host in (router, server, node):
+            v4 = host.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=True).stdout
+            assert [ln.split()[1] for ln in v4.splitlines()] == ["lo"], v4
+        gateway = router.link_local()
+
+        def learned() -> tuple[str, str]:
+            routes = node.run(["ip", "-6", "route", "show", "default"], capture_output=True, text=True).stdout
+            addresses = node.run(["ip", "-6", "-o", "addr", "show", "dev", "eth0", "scope", "global"],
+                                 capture_output=True, text=True).stdout
+            return routes, addresses
+
+        deadline = time.monotonic() + 20
+        while not all(learned()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        routes, addresses = learned()
+        assert f"default via {gateway} dev eth0 proto ra" in routes, (routes, radvd.log)
+        assert re.search(r"inet6 2001:db8::\S+/64 scope global .*dynamic", addresses), (addresses, radvd.log)
+        config = re.search(r"--config (\S+)", " ".join(radvd.proc.args)).group(1)
+        assert "AdvManagedFlag off;" in Path(config).read_text()
+    assert radvd.proc.poll() is not None and not Path(config).exists()
 
 
 def test_leases_parses_dnsmasq_lease_files(tmp_path: Path) -> None:
