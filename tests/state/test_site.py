@@ -143,6 +143,10 @@ def test_each_server_shows_the_boots_of_the_other(pair: tuple[ServerProcess, Ser
             f"http://127.0.0.1:{b.status_port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"})) as r:
         metrics = r.read().decode()
     assert 'netboot_boots_started_total{profile="rack"} 1.0' in metrics
+    with urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{b.status_port}/machines/{FILED}", headers={"Authorization": f"Bearer {TOKEN}"})) as r:
+        page = r.read().decode()
+    assert "<td>a</td>" in page  # the server that served it, on the machine's page
     # b's own request shows on a, and a's own record has its own request once.
     assert "from=file" in script(b, FILED)
     until(lambda: [e["server"] for e in machine(a, FILED)["events"]] == ["b", "a"])
