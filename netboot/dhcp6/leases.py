@@ -10,6 +10,9 @@ journal of its own (`dhcp6-leases.journal`, netboot.dhcp.journal.Kind). The rule
   most a quarter of the range at once.
 Each choice costs O(log n) (a cursor that only moves up, heaps of returned and expired addresses, a heap of
 deadlines), never a scan of the range, which may be millions of addresses.
+
+The store is the journal, or any store of DHCPv4's shared interface (netboot.dhcp.leases.SharedLeaseStore): then
+advertisements and leases are claims that another server may win (`lost`), and its rows come through `learn`.
 """
 
 from __future__ import annotations
