@@ -63,6 +63,7 @@ class Answer:
     dest: tuple[str, int, int, int]  # address, port, flow info, scope (the interface, for a link-local address)
     line: str  # the log line
     durable_first: bool = False  # a lease granted: sent only once the store has made it durable
+    claims: tuple[tuple[str, str], ...] = ()  # with a shared store, the (key, address) pairs it claims
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class Responder:
         found = self._boot_file(client, arrival, mac) if client.firmware else None
         ias: list[bytes] = []
         granted: list[tuple[str, str]] = []  # (key, ip) committed once the answer is built
+        held: list[tuple[str, str]] = []  # (key, ip) advertised
         released: list[tuple[str, str]] = []
         shown: list[str] = []
         top_status = b""
@@ -191,8 +193,7 @@ class Responder:
                 # Held at once, so that a client's next IA gets another address; a hold is only an offer for a
                 # minute, which an answer that cannot be built leaves to lapse.
                 leases.hold(key, ip, now)
-                if commit:
-                    granted.append((key, ip))
+                (granted if commit else held).append((key, ip))
                 ias.append(message.ia_na(ia.iaid, t1, t2, ((ip, lifetime, lifetime),)))
                 shown.append(ip)
             if request.ias and not shown and kind == MessageType.SOLICIT:
@@ -262,8 +263,11 @@ class Responder:
         if boot_file is not None and kind not in (MessageType.RELEASE, MessageType.DECLINE, MessageType.CONFIRM):
             self._boot_options(reply, boot_file)
         note = f" ({found})" if isinstance(found, str) and "refused" in found else ""
-        answer = self._answer(reply, client, arrival, mac, who, ",".join(shown) or "-", boot_file, note,
-                              durable_first=committed or (bool(released) and kind == MessageType.DECLINE))
+        # With a shared store an advertisement is a claim as well, which another server may win.
+        claims = tuple(granted + held) if leases.shared is not None else ()
+        durable = committed or bool(claims) or (bool(released) and kind == MessageType.DECLINE)
+        answer = self._answer(reply, client, arrival, mac, who, ",".join(shown) or "-", boot_file, note, durable)
+        answer.claims = claims
         # Only now that the answer is built: what it tells the client.
         for key, ip in granted:
             leases.commit(key, ip, now)

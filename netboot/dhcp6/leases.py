@@ -10,6 +10,9 @@ journal of its own (`dhcp6-leases.journal`, netboot.dhcp.journal.Kind). The rule
   most a quarter of the range at once.
 Each choice costs O(log n) (a cursor that only moves up, heaps of returned and expired addresses, a heap of
 deadlines), never a scan of the range, which may be millions of addresses.
+
+The store is the journal, or any store of DHCPv4's shared interface (netboot.dhcp.leases.SharedLeaseStore): then
+advertisements and leases are claims that another server may win (`lost`), and its rows come through `learn`.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ import heapq
 import re
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
+from typing import Any
 
 from netboot.core.errors import NetbootError
 from netboot.dhcp.journal import Kind
-from netboot.dhcp.leases import DECLINE_HOLD, OFFER_HOLD, Lease, LeaseStore, bind, drop
+from netboot.dhcp.leases import DECLINE_HOLD, OFFER_HOLD, Lease, LeaseStore, SharedLeaseStore, bind, drop
 from netboot.dhcp6.message import packed, text
 
 JOURNAL = "dhcp6-leases.journal"
@@ -104,6 +108,11 @@ class Leases6:
         self.by_ip: dict[str, Lease] = {}
         for lease in store.load():
             bind(self.by_key, self.by_ip, lease)
+        # A store several servers share (SharedLeaseStore, as netboot.dhcp.lease_database for DHCPv4): an
+        # advertisement is a claim too, a claim can be lost to another server (`lost`), and what the others hold
+        # comes through `learn`. The journal is not one.
+        shared = store if getattr(store, "claims_offers", False) else None
+        self.shared: SharedLeaseStore | None = shared  # type: ignore[assignment]
         self.offers: dict[str, tuple[str, float]] = {}  # key -> (ip, until)
         self._offered: dict[str, str] = {}  # ip -> key
         self.declined: dict[str, float] = {}  # ip -> until, oldest first
@@ -113,6 +122,9 @@ class Leases6:
         self._expired = [(lease.expires, n) for lease in self.by_ip.values()
                          if self._first <= (n := to_int(lease.ip)) <= self._last]
         heapq.heapify(self._expired)
+        if self.shared is not None:
+            self.shared.learn = self.learn
+            self.learn(self.shared.held())
 
     def in_range(self, ip: str) -> bool:
         try:
@@ -156,6 +168,11 @@ class Leases6:
     def hold(self, key: str, ip: str, now: float) -> None:
         self._end_offer(key)
         until = now + OFFER_HOLD
+        self._offer(key, ip, until)
+        if self.shared is not None:
+            self.shared.offer(Lease(key, ip, until))
+
+    def _offer(self, key: str, ip: str, until: float) -> None:
         self.offers[key] = (ip, until)
         self._offered[ip] = key
         self._deadline(until, "offer", key)
@@ -164,8 +181,13 @@ class Leases6:
         lease = Lease(key, ip, now + self.pool.lease_time, hostname)
         offered = self.offers.get(key)
         self._end_offer(key, reconsider=offered is not None and offered[0] != ip)
+        self._bind(lease)
+        return lease
+
+    def _bind(self, lease: Lease, record: bool = True) -> None:
+        """A lease into the view; recorded in the store unless it comes from there (`learn`)."""
         old = bind(self.by_key, self.by_ip, lease)
-        n = to_int(ip)
+        n = to_int(lease.ip)
         if self._first <= n <= self._last:
             heapq.heappush(self._expired, (lease.expires, n))
             if len(self._expired) > 2 * len(self.by_ip) + 1024:  # renewals leave stale entries behind
@@ -174,8 +196,8 @@ class Leases6:
                 heapq.heapify(self._expired)
         if old is not None:
             self._reconsider(old.ip)
-        self.store.record(lease)
-        return lease
+        if record:
+            self.store.record(lease)
 
     def release(self, key: str, ip: str, now: float) -> bool:
         lease = self.lease_of(key, now)
@@ -199,6 +221,8 @@ class Leases6:
         until = now + DECLINE_HOLD
         self.declined[ip] = until
         self._deadline(until, "decline", ip)
+        if self.shared is not None:
+            self.shared.decline(Lease(key, ip, until))
         self._end_offer(key, reconsider=False)
         lease = self.by_key.get(key)
         if lease is not None and lease.ip == ip:
@@ -207,7 +231,39 @@ class Leases6:
         return True
 
     def forget_offer(self, key: str) -> None:
-        self._end_offer(key)
+        """The client took another server's advertisement."""
+        if self._end_offer(key) is not None and self.shared is not None:
+            self.shared.release_offer(key)
+
+    # What other servers hold (a shared store)
+
+    def lost(self, key: str, ip: str) -> None:
+        """This server's claim on `ip` for `key` did not hold: undone here; the winner's row comes through
+        `learn`."""
+        offer = self.offers.get(key)
+        if offer is not None and offer[0] == ip:
+            self._end_offer(key, reconsider=False)
+        lease = self.by_key.get(key)
+        if lease is not None and lease.ip == ip:
+            drop(self.by_key, self.by_ip, key)
+
+    def learn(self, rows: list[Any]) -> None:
+        """Rows of the shared table (`lease`, `state`: 0 leased, 1 advertised, 2 declined), as another server
+        wrote them: the view holds their addresses for their clients until they expire."""
+        for row in rows:
+            lease: Lease = row.lease
+            if row.state == 0:
+                current = self.by_ip.get(lease.ip)
+                if current is None or current.mac != lease.mac or current.expires < lease.expires:
+                    self._bind(lease, record=False)
+            elif row.state == 1:
+                if self._offered.get(lease.ip) != lease.mac:
+                    self._end_offer(lease.mac)
+                    self._offer(lease.mac, lease.ip, lease.expires)
+            elif self.declined.get(lease.ip, 0.0) < lease.expires:
+                self.declined.pop(lease.ip, None)
+                self.declined[lease.ip] = lease.expires
+                self._deadline(lease.expires, "decline", lease.ip)
 
     # Choosing
 

@@ -70,8 +70,10 @@ class Dhcp6Server:
         self._writing = False
         self._write_failed = 0.0
         self._closed = False
+        # A shared store (several servers' claims, SharedLeaseStore) writes on this loop; the journal in a thread.
+        self._shared = responder.leases.shared if responder.leases is not None else None
         self._journal = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhcp6-journal")
-                         if self._store is not None else None)
+                         if self._store is not None and self._shared is None else None)
         if self._journal is not None:
             # As the IPv4 server: the journal thread's return waits for the GIL, by default up to 5 ms.
             sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
@@ -172,7 +174,10 @@ class Dhcp6Server:
                 self._send(answer)
             return
         self._writing = True
-        future = self._loop.run_in_executor(self._journal, self._store.write, batch)
+        if self._shared is not None:
+            future: asyncio.Future = asyncio.ensure_future(self._store.write(batch))
+        else:
+            future = self._loop.run_in_executor(self._journal, self._store.write, batch)
         future.add_done_callback(lambda f: self._written(batch, answers, f))
 
     def _written(self, batch: object, answers: list[Answer], future: asyncio.Future) -> None:
@@ -180,6 +185,12 @@ class Dhcp6Server:
         if self._closed or future.cancelled():
             return
         error = future.exception()
+        if self._shared is not None:
+            if error is not None:  # (a bug: the store reports what it expects as lost claims)
+                log.error("dhcp6: claims not made: %s", _fault(error))  # type: ignore[arg-type]
+            self._claimed(answers, future.result() if error is None else {ip for a in answers for _, ip in a.claims})
+            self._commit()
+            return
         if error is not None:
             assert self._store is not None
             self._store.restore(batch)
@@ -192,6 +203,19 @@ class Dhcp6Server:
         for answer in answers:
             self._send(answer)
         self._commit()
+
+    def _claimed(self, answers: list[Answer], lost: set[str]) -> None:
+        """A shared store's write returned: answers whose claims all held go out; a claim lost to another server
+        is undone and its answer dropped (the client asks again, and the view now knows the winner)."""
+        leases = self.responder.leases
+        assert leases is not None
+        for answer in answers:
+            gone = [(key, ip) for key, ip in answer.claims if ip in lost]
+            if not gone:
+                self._send(answer)
+                continue
+            for key, ip in gone:
+                leases.lost(key, ip)
 
     def _send(self, answer: Answer, sock: socket.socket | None = None) -> None:
         """By the socket the message came in on (a discovery's answer comes from port 4011)."""
