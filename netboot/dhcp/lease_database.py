@@ -19,10 +19,13 @@ store tries again every second (database.Link); one log line when it goes away, 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 
@@ -42,6 +45,7 @@ QUIET = 10.0  # seconds between log lines about failed claims
 _KEEP = "excluded.state = 1 AND l.state = 0 AND l.expires > $8"
 _SET = ", ".join(f"{column} = CASE WHEN {_KEEP} THEN l.{column} ELSE excluded.{column} END"
                  for column in ("client_id", "expires", "state", "hostname", "server"))
+# (In the statements below, {table} is the lease table and {cast} its address column's type: Table.)
 # One statement, one round trip and its own transaction, for a whole group of claims and releases: row locks are
 # held for that statement alone, never across round trips while this server's loop is busy (the other servers'
 # claims of the same rows wait on them). Rows not returned were lost: another client holds them.
@@ -51,33 +55,52 @@ _SET = ", ".join(f"{column} = CASE WHEN {_KEEP} THEN l.{column} ELSE excluded.{c
 # own offers (the other's, when it hears the REQUEST; else they lapse): two servers' statements deleting each
 # other's rows in different orders would wait on each other. Neither touches the addresses claimed now (a row is
 # changed once in one statement).
-_WRITE = f"""
+_WRITE = """
 WITH wanted AS (
-    SELECT * FROM unnest($1::bigint[], $2::text[], $3::bytea[], $4::float8[], $5::int2[], $6::text[])
+    SELECT * FROM unnest($1::{cast}[], $2::text[], $3::bytea[], $4::float8[], $5::int2[], $6::text[])
         AS w(address, mac, client_id, expires, state, hostname)
 ), claimed AS (
-    INSERT INTO lease4 AS l (address, mac, client_id, expires, state, hostname, server)
+    INSERT INTO {table} AS l (address, mac, client_id, expires, state, hostname, server)
     SELECT address, mac, client_id, expires, state, hostname, $7 FROM wanted ORDER BY address
-    ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, {_SET}, changed = nextval('lease4_changes')
+    ON CONFLICT (address) DO UPDATE SET mac = excluded.mac, {set}, changed = nextval('{table}_changes')
     WHERE l.mac = excluded.mac OR l.expires <= $8
     RETURNING l.address
 ), released AS (
-    DELETE FROM lease4 WHERE mac = ANY($9::text[]) AND NOT (address = ANY($1::bigint[]))
+    DELETE FROM {table} WHERE mac = ANY($9::text[]) AND NOT (address = ANY($1::{cast}[]))
         AND ((state = 1 AND server = $7) OR (state = 0 AND mac = ANY($10::text[])))
 ), unoffered AS (
-    DELETE FROM lease4 WHERE mac = ANY($11::text[]) AND state = 1 AND server = $7
-        AND NOT (address = ANY($1::bigint[]))
+    DELETE FROM {table} WHERE mac = ANY($11::text[]) AND state = 1 AND server = $7
+        AND NOT (address = ANY($1::{cast}[]))
 )
 SELECT address FROM claimed
 """
-_ROWS = "SELECT address, mac, client_id, expires, state, hostname, changed FROM lease4"
-_ROWS_AT = _ROWS + " WHERE address = ANY($1::bigint[])"
-_CHANGED = _ROWS + " WHERE changed > $1 ORDER BY changed LIMIT 4096"
+
+
+@dataclass(frozen=True)
+class Table:
+    """A lease table and how its addresses are spelled there."""
+
+    name: str
+    cast: str  # the address column's type
+    encode: Callable[[str], Any]  # an address as the view spells it -> as the table has it (in address order)
+    decode: Callable[[Any], str]
+
+    @functools.cached_property
+    def statements(self) -> dict[str, str]:
+        rows = f"SELECT address, mac, client_id, expires, state, hostname, changed FROM {self.name}"
+        return {"write": _WRITE.format(table=self.name, cast=self.cast, set=_SET), "rows": rows,
+                "rows_at": rows + f" WHERE address = ANY($1::{self.cast}[])",
+                "changed": rows + " WHERE changed > $1 ORDER BY changed LIMIT 4096"}
+
+
+LEASE4 = Table("lease4", "bigint", to_int, to_text)
+# DHCPv6's (netboot.dhcp6.leases): `mac` is the lease's key there, the client's DUID and the IA's IAID.
+LEASE6 = Table("lease6", "inet", ipaddress.IPv6Address, str)
 
 
 @dataclass(frozen=True)
 class Row:
-    """A row of lease4 as the view learns it."""
+    """A row of a lease table as the view learns it."""
 
     lease: Lease
     state: int
@@ -98,10 +121,13 @@ class LeaseDatabase:
 
     claims_offers = True  # offers are claimed too: an OFFER waits for its claim, as an ACK for its lease
 
-    def __init__(self, url: str, name: str, records: list[asyncpg.Record], connection: asyncpg.Connection) -> None:
+    def __init__(self, url: str, name: str, records: list[asyncpg.Record], connection: asyncpg.Connection,
+                 table: Table = LEASE4) -> None:
         self.url = url
         self.name = name
-        self._rows = _rows(records)
+        self._table = table
+        self._sql = table.statements
+        self._rows = self._rows_of(records)
         self._link = database.Link(url, connection, log, "dhcp", "no address is granted until it is back",
                                    "granting addresses again")
         self._link.on_back.append(self._back)
@@ -114,17 +140,18 @@ class LeaseDatabase:
         self.closed = False
 
     @classmethod
-    async def open(cls, url: str, name: str) -> LeaseDatabase:
+    async def open(cls, url: str, name: str, table: Table = LEASE4) -> LeaseDatabase:
         """Connected, the schema ready, the table read; a one-line NetbootError if the database cannot be used."""
         connection = await database.connect(url)
         try:
             await database.prepare(connection)
-            records = await connection.fetch(_ROWS)
+            records = await connection.fetch(table.statements["rows"])
         except BaseException:
             await connection.close()
             raise
-        log.info("dhcp: leases in the database %s (%d rows), as server %s", database.shown(url), len(records), name)
-        return cls(url, name, records, connection)
+        log.info("dhcp: leases in %s of the database %s (%d rows), as server %s", table.name, database.shown(url),
+                 len(records), name)
+        return cls(url, name, records, connection, table)
 
     @property
     def reachable(self) -> bool:
@@ -169,22 +196,24 @@ class LeaseDatabase:
             self._link.away(None)
             return set(batch.claims)
         # In address order, as every server's: transactions that lock rows in one order do not deadlock.
-        claims = sorted(batch.claims.values(), key=lambda r: to_int(r.lease.ip))
-        addresses = [to_int(r.lease.ip) for r in claims]
+        encode = self._table.encode
+        addresses = sorted(encode(ip) for ip in batch.claims)
+        claims = [batch.claims[self._table.decode(a)] for a in addresses]
         now = time.time()
         leased_macs = [r.lease.mac for r in claims if r.state != OFFERED]
         try:
             async with self._link.turn:
                 got = await connection.fetch(
-                    _WRITE, addresses, [r.lease.mac for r in claims], [r.lease.client_id for r in claims],
+                    self._sql["write"], addresses, [r.lease.mac for r in claims], [r.lease.client_id for r in claims],
                     [r.lease.expires for r in claims], [r.state for r in claims],
                     [r.lease.hostname for r in claims], self.name, now, sorted(batch.released), leased_macs,
                     sorted(batch.unoffered))
-                won = {to_text(r[0]) for r in got}
+                won = {self._table.decode(r[0]) for r in got}
                 lost = set(batch.claims) - won
-                winners = _rows(await connection.fetch(_ROWS_AT, [to_int(ip) for ip in lost])) if lost else []
+                winners = (self._rows_of(await connection.fetch(self._sql["rows_at"], [encode(ip) for ip in lost]))
+                           if lost else [])
                 # A claim lost says the view is behind: what changed since it last looked, before the retries.
-                changed = await connection.fetch(_CHANGED, self._seen) if lost else []
+                changed = await connection.fetch(self._sql["changed"], self._seen) if lost else []
         except database.GONE as e:
             self._link.away(e)
             return set(batch.claims)
@@ -214,7 +243,7 @@ class LeaseDatabase:
 
     async def _back(self, connection: asyncpg.Connection) -> None:
         """The database is back: the whole table into the view."""
-        self._learn(await connection.fetch(_ROWS))
+        self._learn(await connection.fetch(self._sql["rows"]))
         self._synced = time.monotonic()
 
     async def _follow(self) -> None:
@@ -229,7 +258,8 @@ class LeaseDatabase:
             whole = time.monotonic() - self._synced >= RESYNC
             try:
                 async with self._link.turn:
-                    records = await (connection.fetch(_ROWS) if whole else connection.fetch(_CHANGED, self._seen))
+                    records = await connection.fetch(*((self._sql["rows"],) if whole
+                                                       else (self._sql["changed"], self._seen)))
             except database.GONE as e:
                 self._link.away(e)
                 continue
@@ -244,9 +274,10 @@ class LeaseDatabase:
         if records:
             self._seen = max(self._seen, max(r["changed"] for r in records))
             if self.learn is not None:
-                self.learn(_rows(records))
+                self.learn(self._rows_of(records))
 
 
-def _rows(records: list[asyncpg.Record]) -> list[Row]:
-    return [Row(Lease(r["mac"], to_text(r["address"]), r["expires"], r["hostname"], bytes(r["client_id"])),
-                r["state"]) for r in records]
+    def _rows_of(self, records: list[asyncpg.Record]) -> list[Row]:
+        decode = self._table.decode
+        return [Row(Lease(r["mac"], decode(r["address"]), r["expires"], r["hostname"], bytes(r["client_id"])),
+                    r["state"]) for r in records]

@@ -3,7 +3,7 @@
 Rules, so that no address is ever given to two machines:
 - a reserved address (machines file `ip = …`) goes to its machine only;
 - a machine gets its previous address again when it is still free (across restarts: the store keeps it);
-- otherwise the lowest address never leased (with a store several servers share, one at random: `_random`), then
+- otherwise the lowest address never leased (with a store several servers share, one at random: `at_random`), then
   the address whose lease expired longest ago;
 - an offered address is held for its machine for a minute, so two DISCOVERs never get the same offer;
 - an address a client declined (RFC 2131 §4.3.3: in use by something else) is set aside for an hour, and only
@@ -41,6 +41,28 @@ DECLINE_HOLD = 3600.0  # Kea's decline-probation-period, shorter: a boot network
 _IP = struct.Struct("!I")
 _RANDOM_TRIES = 8  # random addresses looked at before the cursor: in a range half full, one in 256 goes to it
 _random = random.Random()
+
+
+def at_random(first: int, last: int, never_leased: Callable[[int], bool]) -> int | None:
+    """With a store several servers share: an address never leased, at random from first to last, or None after a
+    few tries (the cursor's then). Kea's advice for servers sharing a lease database (its "random" allocator; the
+    iterative one "underperforms"): servers choosing at once for different clients rarely choose the same address,
+    where a cursor each makes them collide as soon as their views differ, each claim lost sending the next onto
+    the other's addresses (bench/ha_perf.py: a quarter of the claims lost, and OFFERs after 260 ms)."""
+    span = last - first + 1
+    for _ in range(_RANDOM_TRIES):
+        n = first + _random.randrange(span)
+        if never_leased(n):
+            return n
+    return None
+
+
+def note_lost(lost: dict[str, None], key: str) -> None:
+    """A client whose claim was lost: its next choice is the cursor's (`at_random` is skipped once), since in a
+    range nearly full another random address would likely be lost too. Bounded: a flood forgets."""
+    if len(lost) >= 4096:
+        lost.clear()
+    lost[key] = None
 
 
 def to_int(ip: str) -> int:
@@ -309,7 +331,8 @@ class Leases:
                       requested if requested is not None and self.in_range(requested) else None)
         chosen = next((ip for ip in candidates if ip is not None and self._fits(mac, ip, now, reserved)), None)
         if chosen is None and self.shared is not None and self._lost.pop(mac, None) is None:
-            chosen = self._random(now)
+            n = at_random(self._first, self._last, lambda n: self._never_ok(n, now))
+            chosen = to_text(n) if n is not None else None
         if chosen is None:
             chosen = self._never_leased(now)
             if chosen is None:
@@ -337,19 +360,6 @@ class Leases:
         ip = to_text(n)
         return (ip not in self.by_ip and ip not in self._offered and ip not in self._reserved
                 and self.declined.get(ip, 0) <= now and n not in self._unusable and n & self._mask == self._net)
-
-    def _random(self, now: float) -> str | None:
-        """With a shared store: an address never leased, at random in the range, or None after a few tries (the
-        cursor then). Kea's advice for servers sharing a lease database ("random" allocator; its iterative one
-        "underperforms"): servers choosing at once for different clients rarely choose the same address, where a
-        cursor each makes them collide as soon as their views differ, every claim lost sending the next one onto
-        the other's addresses (bench/ha_perf.py: a quarter of the claims lost, and OFFERs after 260 ms)."""
-        span = self._last - self._first + 1
-        for _ in range(_RANDOM_TRIES):
-            n = self._first + _random.randrange(span)
-            if self._never_ok(n, now):
-                return to_text(n)
-        return None
 
     def _never_leased(self, now: float) -> str | None:
         returned = self._returned
@@ -483,10 +493,7 @@ class Leases:
         offer = self.offers.get(mac)
         if offer is not None and offer[0] == ip:
             self._end_offer(mac, reconsider=False)
-        # Its next choice is the cursor's: in a range nearly full, another random address would likely be lost too.
-        if len(self._lost) >= 4096:
-            self._lost.clear()
-        self._lost[mac] = None
+        note_lost(self._lost, mac)
         lease = self.by_mac.get(mac)
         if lease is not None and lease.ip == ip:
             drop(self.by_mac, self.by_ip, mac)

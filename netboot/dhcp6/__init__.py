@@ -23,6 +23,8 @@ from netboot.core.errors import NetbootError
 from netboot.core.machines import Machines
 from netboot.dhcp.boot import Client, Offerings
 from netboot.dhcp.journal import Journal
+from netboot.dhcp.lease_database import LEASE6, LeaseDatabase
+from netboot.dhcp.leases import LeaseStore
 from netboot.dhcp6 import duid
 from netboot.dhcp6.exchange import PXE_PORT, SERVER_PORT, Responder
 from netboot.dhcp6.leases import KIND, Leases6, Pool6
@@ -41,6 +43,8 @@ class Dhcp6Config:
     port: int = SERVER_PORT
     uefi_binary: str = "ipxe.efi"  # what UEFI PXE firmware chainloads (--dhcp-uefi-binary)
     discovery_port: int = PXE_PORT  # stateless mode: EDK2's boot server discovery (its ProxyBinl path)
+    database: str | None = None  # a PostgreSQL URL: leases shared with the site's other servers (lease6)
+    name: str = ""  # this server's name in the shared lease table
 
     @property
     def mode(self) -> str:
@@ -65,7 +69,8 @@ async def start_dhcp6_server(config: Dhcp6Config, *, machines: Callable[[], Mach
         if not any(pool.on_link(a.network) for a in ours):
             raise NetbootError(f"--dhcp6 {config.mode}: no interface{' of --dhcp6-interface' * bool(config.interfaces)}"
                                " has an address in a prefix holding this whole range")
-        store = Journal(config.state_dir, KIND)
+        store: LeaseStore = (await LeaseDatabase.open(config.database, config.name, LEASE6) if config.database
+                             else Journal(config.state_dir, KIND))
         try:
             leases = Leases6(pool, store)
         except BaseException:

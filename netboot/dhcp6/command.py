@@ -37,11 +37,9 @@ def config_from_args(args: argparse.Namespace) -> Dhcp6Config | None:
         if args.dhcp6_lease_time is not None:
             raise NetbootError("--dhcp6-lease-time is for --dhcp6 START-END: stateless mode hands out no addresses")
         return Dhcp6Config(**common)
-    if getattr(args, "database", None):
-        raise NetbootError("--dhcp6 START-END with --database is not supported yet: DHCPv6 leases are kept in "
-                           "--state-dir only; use --dhcp6 stateless, or leave out --database")
     first, last = Pool6.parse_range(args.dhcp6)
     lease_time = 3600 if args.dhcp6_lease_time is None else args.dhcp6_lease_time
     if not 60 <= lease_time <= 2**31 - 1:
         raise NetbootError(f"--dhcp6-lease-time {lease_time}: expected 60 seconds or more")
-    return Dhcp6Config(range=(first, last), lease_time=lease_time, **common)
+    return Dhcp6Config(range=(first, last), lease_time=lease_time, database=getattr(args, "database", None),
+                       name=getattr(args, "name", ""), **common)

@@ -25,7 +25,17 @@ from typing import Any
 
 from netboot.core.errors import NetbootError
 from netboot.dhcp.journal import Kind
-from netboot.dhcp.leases import DECLINE_HOLD, OFFER_HOLD, Lease, LeaseStore, SharedLeaseStore, bind, drop
+from netboot.dhcp.leases import (
+    DECLINE_HOLD,
+    OFFER_HOLD,
+    Lease,
+    LeaseStore,
+    SharedLeaseStore,
+    at_random,
+    bind,
+    drop,
+    note_lost,
+)
 from netboot.dhcp6.message import packed, text
 
 JOURNAL = "dhcp6-leases.journal"
@@ -117,6 +127,7 @@ class Leases6:
         self._offered: dict[str, str] = {}  # ip -> key
         self.declined: dict[str, float] = {}  # ip -> until, oldest first
         self._deadlines: list[tuple[float, str, str]] = []  # (until, "offer"|"decline", key or ip)
+        self._lost: dict[str, None] = {}  # keys whose last claim on a shared store was lost (note_lost)
         self._cursor = self._first
         self._returned: list[int] = []
         self._expired = [(lease.expires, n) for lease in self.by_ip.values()
@@ -163,7 +174,13 @@ class Leases6:
         for ip in (offer[0] if offer else None, lease.ip if lease else None, *(() if full else hints)):
             if ip is not None and self.free_for(key, ip, now):
                 return to_text(to_int(ip))  # as the journal writes it
-        return None if full else self._never_leased(now) or self._expired_longest(now)
+        if full:
+            return None
+        if self.shared is not None and self._lost.pop(key, None) is None:
+            n = at_random(self._first, self._last, lambda n: self._never_ok(n, now))
+            if n is not None:
+                return to_text(n)
+        return self._never_leased(now) or self._expired_longest(now)
 
     def hold(self, key: str, ip: str, now: float) -> None:
         self._end_offer(key)
@@ -246,6 +263,7 @@ class Leases6:
         lease = self.by_key.get(key)
         if lease is not None and lease.ip == ip:
             drop(self.by_key, self.by_ip, key)
+        note_lost(self._lost, key)
 
     def learn(self, rows: list[Any]) -> None:
         """Rows of the shared table (`lease`, `state`: 0 leased, 1 advertised, 2 declined), as another server

@@ -222,7 +222,7 @@ class Server:
         what = "boot information (stateless)" if config.range is None else f"DHCPv6 server for {config.mode}"
         ports = f"port {self._dhcp6.port}" + (f" and {self._dhcp6.discovery_port}" * bool(self._dhcp6.discovery_port))
         log.info("dhcp6: %s on %s, %s", what, where, ports)
-        if config.range is not None:
+        if config.range is not None and config.database is None:
             log.info("dhcp6: leases in %s", config.state_dir)
 
     def _dhcp_seen(self, mac: str, client: Client, interface: str) -> None:

@@ -54,7 +54,8 @@ _STEPS: tuple[str, ...] = (
     CREATE INDEX lease4_mac ON lease4 (mac);
     CREATE INDEX lease4_changed ON lease4 (changed);
     """,
-    # 2: the write API's machines, and the boot record of every server.
+    # 2: the write API's machines, the boot record of every server, and DHCPv6's leases (lease4's layout, the
+    # address an inet; `mac` holds the lease's key there: the client's DUID and the IA's IAID).
     # machine: a table written through one server's API, served by all; tbl NULL: removed through the API (it
     # hides the machine from every server's machines file). `changed`, as lease4's, numbers every write.
     # boot_event: each server's events, numbered by the server itself (one writer per server, so a server's
@@ -89,6 +90,19 @@ _STEPS: tuple[str, ...] = (
         name text PRIMARY KEY,
         started double precision NOT NULL
     );
+    CREATE SEQUENCE lease6_changes;
+    CREATE TABLE lease6 (
+        address inet PRIMARY KEY,
+        mac text NOT NULL,
+        client_id bytea NOT NULL DEFAULT '',
+        expires double precision NOT NULL,
+        state smallint NOT NULL,
+        hostname text NOT NULL DEFAULT '',
+        server text NOT NULL,
+        changed bigint NOT NULL DEFAULT nextval('lease6_changes')
+    );
+    CREATE INDEX lease6_mac ON lease6 (mac);
+    CREATE INDEX lease6_changed ON lease6 (changed);
     """,
 )
 VERSION = len(_STEPS)

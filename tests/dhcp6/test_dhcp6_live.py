@@ -14,6 +14,7 @@ from lan_support import LanServer, lan_fixture, serve_in  # noqa: F401  (lan_fix
 from support import cli, fake_out, need
 
 from devtools.lan import Host, Lan
+from devtools.postgres import Cluster
 from netboot.dhcp import journal
 from netboot.dhcp6.leases import KIND
 
@@ -153,6 +154,37 @@ def test_perfdhcp_many_clients_no_address_twice(lan: Lan, tmp_path: Path, relaye
     assert len(addresses) >= int(replies.group(1)) >= 1900, (len(addresses), proc.stdout)
 
 
+@pytest.mark.slow
+def test_two_servers_on_one_database_lease_each_address_once(lan: Lan, tmp_path: Path, postgres: Cluster) -> None:
+    """Two `netboot serve --dhcp6 RANGE --database URL` on one link: both hear every Solicit; perfdhcp -6 takes the
+    first Advertise of each; every address is leased once, in the shared table lease6."""
+    need("perfdhcp")
+    out = fake_out(tmp_path / "out")
+    servers = []
+    for name, address in (("a", SERVER), ("b", "2001:db8::11/64")):
+        host = lan.host(name, address)
+        host.link_local()
+        servers.append(serve_in(host, "--dir", out, "--dhcp6", RANGE, "--database", postgres.url, "--name", name,
+                                "--state-dir", tmp_path / name, "--http", "[::]:8080", "--no-tftp",
+                                "--status", "none"))
+    for server in servers:
+        wait_for(server, "dhcp6: DHCPv6 server for")
+    client = lan.host("client", "2001:db8::50/64")
+    client.link_local()
+    proc = client.run(["perfdhcp", "-6", "-l", "eth0", "-r", "200", "-n", "1000", "-R", "1000", "-p", "10"],
+                      capture_output=True, text=True, timeout=120)
+    for server in servers:
+        server.stop()
+    assert proc.returncode in (0, 3), proc.stdout + proc.stderr
+    replies = re.search(r"Statistics for: REQUEST-REPLY\*+\nsent packets: \d+\nreceived packets: (\d+)", proc.stdout)
+    assert replies is not None and int(replies.group(1)) >= 950, proc.stdout
+    held = postgres.psql("SELECT count(*), count(DISTINCT address), count(DISTINCT server) FROM lease6 "
+                         "WHERE state = 0").split("|")
+    assert held[0] == held[1] and int(held[0]) >= int(replies.group(1)), (held, replies.group(1))
+    assert held[2] == "2", "both servers granted leases"
+    assert "leases in lease6 of the database" in servers[0].log
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--dhcp6", "bogus"], "--dhcp6 'bogus': expected stateless or a range START-END of IPv6 addresses"),
     (["--dhcp6", "2001:db8::9-2001:db8::1"], "START <= END"),
@@ -165,8 +197,6 @@ def test_perfdhcp_many_clients_no_address_twice(lan: Lan, tmp_path: Path, relaye
     (["--dhcp6", "2001:db8:77::1-2001:db8:77::9"],
      "--dhcp6 2001:db8:77::1-2001:db8:77::9: no interface has an address in a prefix holding this whole range"),
     (["--dhcp6", "stateless", "--dhcp6-interface", "nosuch0"], "--dhcp6-interface nosuch0: no such network"),
-    (["--dhcp6", RANGE, "--database", "postgresql://netboot@localhost/netboot"],
-     "--dhcp6 START-END with --database is not supported yet"),
 ])
 def test_bad_dhcp6_options(tmp_path: Path, args: list[str], message: str) -> None:
     proc = cli("serve", "--dir", fake_out(tmp_path / "out"), "--http", "127.0.0.1:0", "--no-tftp", "--status",
