@@ -378,17 +378,21 @@ class _Locator:
 
     def of(self, key: str, start: int = 0) -> str:
         """Where `key` first appears, on line `start` (0-based) or after; the file alone if it does not."""
-        for i, line in enumerate(self.lines[start:], start + 1):
-            if key in line and not line.lstrip().startswith("#"):
-                return f"{self.path}:{i}"
-        return str(self.path)
+        found = self._line(key, start)
+        return str(self.path) if found is None else f"{self.path}:{found + 1}"
+
+    def _line(self, key: str, start: int) -> int | None:
+        for i in range(start, len(self.lines)):
+            if key in self.lines[i] and not self.lines[i].lstrip().startswith("#"):
+                return i
+        return None
 
     def machine_line(self, key: str) -> int:
         """The line (0-based) where the table of machine `key` starts: the first with its key in the machines
         section, whose keys may also be written anywhere before it (in a comment-less `append`, say)."""
         section = next((i for i, line in enumerate(self.lines) if _MACHINES_SECTION.match(line)), 0)
-        found = self.of(key, section)
-        return int(found.rsplit(":", 1)[1]) - 1 if found != str(self.path) else section
+        found = self._line(key, section)
+        return section if found is None else found
 
     def machine(self, key: str) -> str:
         return self.of(key, self.machine_line(key))
@@ -409,7 +413,7 @@ def _unquoted_mac(text: str, path: Path, error: str) -> str | None:
     if at is None or not 1 <= int(at.group(1)) <= len(lines):
         return None
     line = lines[int(at.group(1)) - 1]
-    code = _QUOTED.sub(lambda m: " " * len(m.group(0)), line.split("#", 1)[0])
+    code = _QUOTED.sub(lambda m: " " * len(m.group(0)), line).split("#", 1)[0]  # (offsets kept: `line`'s)
     found = _BARE_MAC.search(code)
     if found is None:
         return None
