@@ -43,3 +43,47 @@ class LogBudget:
     def _count(self) -> None:
         self._logger.info(self._counted, self._unlogged)
         self._second, self._logged, self._unlogged = time.monotonic(), 0, 0
+
+
+class Dropped:
+    """Datagrams dropped as malformed: one WARNING line every `quiet` seconds at most, naming the last one's sender
+    and reason, with the count of the others since the previous line."""
+
+    def __init__(self, logger: logging.Logger, prefix: str, quiet: float = 10.0) -> None:
+        self._logger = logger
+        self._prefix = prefix
+        self._quiet = quiet
+        self._dropped = 0
+        self._logged = 0.0
+
+    def __call__(self, source: str, why: str) -> None:
+        """`source`: the sender as the line shows it; `why`: escaped and cut short by the caller."""
+        self._dropped += 1
+        now = time.monotonic()
+        if now - self._logged < self._quiet:
+            return
+        more = f" (and {self._dropped - 1} more dropped in the last {self._quiet:.0f} s)" if self._dropped > 1 else ""
+        self._logger.warning("%sdropped a datagram from %s: %s%s", self._prefix, source, why, more)
+        self._dropped = 0
+        self._logged = now
+
+
+class OncePer:
+    """A line per (who, reason) once every `again` seconds, within a LogBudget: a machine asking again and again is
+    not logged each time. The keys kept are bounded: a flood of made-up ones forgets them all."""
+
+    def __init__(self, budget: LogBudget, again: float = 600.0, most: int = 10_000) -> None:
+        self._budget = budget
+        self._again = again
+        self._most = most
+        self._seen: dict[tuple[str, str], float] = {}
+
+    def log(self, who: str, reason: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        key = (who, reason)
+        if now - self._seen.get(key, -self._again) < self._again:
+            return
+        if len(self._seen) > self._most:
+            self._seen.clear()
+        self._seen[key] = now
+        self._budget.log(message, *args)

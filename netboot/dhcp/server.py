@@ -30,7 +30,7 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 from netboot.core.addresses import ipv4_interfaces
-from netboot.core.logbudget import LogBudget
+from netboot.core.logbudget import Dropped, LogBudget, OncePer
 from netboot.core.machines import Machines
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.leases import check_reservations
@@ -64,12 +64,12 @@ class DhcpServer:
         self._refreshed = time.monotonic()
         self._refreshing: asyncio.Task | None = None
         self._servers: dict[tuple[int, str], tuple[IPv4Interface | None, str]] = {}  # (ifindex, source): ours
-        self._dropped = 0
-        self._drop_logged = 0.0
-        self._ignored: dict[tuple[str, str], float] = {}
+        self._dropped = Dropped(log, "dhcp: ", _QUIET)
         self.answered = 0
         self._answers = LogBudget(self._loop, log, "answers", prefix="dhcp: ")
-        self._not_answered = LogBudget(self._loop, log, "requests not answered", prefix="dhcp: ")
+        # Once per machine and reason; a flood of made-up ones is counted beyond the budget.
+        self._not_answered = OncePer(LogBudget(self._loop, log, "requests not answered", prefix="dhcp: "),
+                                     _IGNORED_AGAIN)
         self.ports: list[int] = []
         self._store = responder.leases.store if responder.leases is not None else None
         self._waiting: list[_Waiting] = []  # answers for the next write
@@ -240,26 +240,11 @@ class DhcpServer:
         self._answers.log("dhcp: %s", answer.line)
 
     def _drop(self, source: tuple[str, int], why: str) -> None:
-        self._dropped += 1
-        now = time.monotonic()
-        if now - self._drop_logged < _QUIET:
-            return
-        more = f" (and {self._dropped - 1} more dropped in the last {_QUIET:.0f} s)" if self._dropped > 1 else ""
-        log.warning("dhcp: dropped a datagram from %s:%d: %s%s", source[0], source[1], why, more)
-        self._dropped = 0
-        self._drop_logged = now
+        self._dropped(f"{source[0]}:{source[1]}", why)
 
     def _ignore(self, ignored: Ignored) -> None:
-        now = time.monotonic()
-        key = (ignored.mac, ignored.reason)
-        if now - self._ignored.get(key, -_IGNORED_AGAIN) < _IGNORED_AGAIN:
-            return
-        if len(self._ignored) > 10_000:  # a flood of made-up MACs must not grow this without bound
-            self._ignored.clear()
-        self._ignored[key] = now
-        # Once per machine and reason; a flood of made-up MACs (DECLINEs of addresses they do not hold) is
-        # counted beyond the budget.
-        self._not_answered.log("dhcp: %s: not answered: %s", ignored.mac, ignored.reason)
+        self._not_answered.log(ignored.mac, ignored.reason, "dhcp: %s: not answered: %s", ignored.mac,
+                               ignored.reason)
 
     def _refresh_soon(self, force: bool = False) -> None:
         if self._refreshing is not None or (not force and time.monotonic() - self._refreshed < _REFRESH):

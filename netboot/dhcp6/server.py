@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from ipaddress import IPv6Address, IPv6Interface, IPv6Network
 
 from netboot.core.addresses import ipv6_interfaces
-from netboot.core.logbudget import LogBudget
+from netboot.core.logbudget import Dropped, LogBudget, OncePer
 from netboot.core.logtext import clip
 from netboot.dhcp.server import _fault
 from netboot.dhcp6.exchange import PXE_PORT, SERVER_PORT, Answer, Arrival, Ignored, Responder
@@ -58,13 +58,13 @@ class Dhcp6Server:
         self._where: dict[int, tuple[str | None, tuple[IPv6Network, ...]]] = {}
         self._refreshed = time.monotonic()
         self._refreshing: asyncio.Task | None = None
-        self._dropped = 0
-        self._drop_logged = 0.0
-        self._ignored: dict[tuple[str, str], float] = {}
+        self._dropped = Dropped(log, "dhcp6: ", _QUIET)
         self.answered = 0
         self.port = 0
         self._answers = LogBudget(self._loop, log, "answers", prefix="dhcp6: ")
-        self._not_answered = LogBudget(self._loop, log, "messages not answered", prefix="dhcp6: ")
+        # Once per machine and reason; a flood of made-up ones is counted beyond the budget.
+        self._not_answered = OncePer(LogBudget(self._loop, log, "messages not answered", prefix="dhcp6: "),
+                                     _IGNORED_AGAIN)
         self._store = responder.leases.store if responder.leases is not None else None
         self._waiting: list[Answer] = []
         self._writing = False
@@ -232,24 +232,11 @@ class Dhcp6Server:
         self._answers.log("dhcp6: %s", answer.line)
 
     def _drop(self, source: str, why: str) -> None:
-        self._dropped += 1
-        now = time.monotonic()
-        if now - self._drop_logged < _QUIET:
-            return
-        more = f" (and {self._dropped - 1} more dropped in the last {_QUIET:.0f} s)" if self._dropped > 1 else ""
-        log.warning("dhcp6: dropped a datagram from [%s]: %s%s", source, clip(why, 200), more)
-        self._dropped = 0
-        self._drop_logged = now
+        self._dropped(f"[{source}]", clip(why, 200))
 
     def _ignore(self, ignored: Ignored) -> None:
-        now = time.monotonic()
-        key = (ignored.who, ignored.reason)
-        if now - self._ignored.get(key, -_IGNORED_AGAIN) < _IGNORED_AGAIN:
-            return
-        if len(self._ignored) > 10_000:  # a flood of made-up DUIDs must not grow this without bound
-            self._ignored.clear()
-        self._ignored[key] = now
-        self._not_answered.log("dhcp6: %s: not answered: %s", ignored.who, ignored.reason)
+        self._not_answered.log(ignored.who, ignored.reason, "dhcp6: %s: not answered: %s", ignored.who,
+                               ignored.reason)
 
     def _refresh_soon(self, force: bool = False) -> None:
         if self._refreshing is not None or (not force and time.monotonic() - self._refreshed < _REFRESH):
