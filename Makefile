@@ -37,8 +37,8 @@ DEBIAN_PACKAGES += postgresql
 # Secure Boot: the signed loaders served, signing and unified kernel images at build, keys in the tests.
 DEBIAN_PACKAGES += shim-signed shim-helpers-amd64-signed grub-efi-amd64-signed grub-efi-amd64-bin
 DEBIAN_PACKAGES += sbsigntool osslsigncode systemd-boot-efi binutils openssl mokutil efitools
-DEBIAN_PACKAGES += radvd
-DEBIAN_PACKAGES += kea-admin
+# IPv6-only LANs: radvd as the site's router; ISC's perfdhcp (in kea-admin) as many DHCPv4/v6 clients at once.
+DEBIAN_PACKAGES += radvd kea-admin
 
 # Where make install puts netboot: a virtual environment of its own (Debian's python3 refuses pip installs into
 # the system's, PEP 668) and a link to its command, the path contrib/netboot.service runs.
