@@ -221,36 +221,197 @@ def drop(by_mac: dict[str, Lease], by_ip: dict[str, Lease], mac: str) -> Lease |
     return lease
 
 
-class Leases:
+class Allocation:
+    """What DHCPv4's leases (`Leases`, by MAC) and DHCPv6's (netboot.dhcp6.leases, by DUID and IAID) choose from
+    and keep alike: a range of addresses as numbers (`_int`, `_text` spell them), the view of leases and offers,
+    the cursor and the heaps of returned and expired addresses, the deadlines of offers and declines, and with a
+    shared store the claims lost and the rows learned. `clients` is the view's table by client (a lease's `mac`
+    field: a MAC, or DHCPv6's key), which the subclass names. DHCPv4 sets aside addresses DHCPv6 has none of
+    (`_reserved`, `_unusable`, the subnet `_net`/`_mask`): empty, and a mask of 0, here."""
+
+    _int: Callable[[str], int] = staticmethod(to_int)
+    _text: Callable[[int], str] = staticmethod(to_text)
+
+    def __init__(self, first: int, last: int, store: LeaseStore, clients: dict[str, Lease]) -> None:
+        self.store = store
+        self._first, self._last = first, last
+        self._clients = clients
+        self.by_ip: dict[str, Lease] = {}
+        for lease in store.load():
+            bind(clients, self.by_ip, lease)
+        # A store several servers share (SharedLeaseStore: netboot.dhcp.lease_database): an offer is a claim too, a
+        # claim can be lost to another server (`lost`), and what the others hold comes through `learn`.
+        shared = store if getattr(store, "claims_offers", False) else None
+        self.shared: SharedLeaseStore | None = shared  # type: ignore[assignment]
+        self.offers: dict[str, tuple[Any, ...]] = {}  # client -> (ip, until, ...)
+        self._offered: dict[str, str] = {}  # ip -> client
+        self.declined: dict[str, float] = {}  # ip -> until, oldest first
+        self._deadlines: list[tuple[float, str, str]] = []  # (until, "offer" or "decline", client or ip)
+        self._cursor = first  # addresses above it were never looked at: never leased unless in by_ip
+        self._returned: list[int] = []  # addresses below the cursor that may be free and never leased again
+        self._expired: list[tuple[float, int]] = []  # (expires, ip) of leases in the range
+        self._rebuild_expired()
+        self._lost: dict[str, None] = {}  # clients whose last claim on a shared store was lost (see lost())
+        self._reserved: dict[str, str] = {}  # ip -> client
+        self._unusable: set[int] = set()
+        self._net = self._mask = 0
+
+    def _follow_shared(self) -> None:
+        """With a shared store, what the other servers hold now, and from now on (the subclass's last step)."""
+        if self.shared is not None:
+            self.shared.learn = self.learn
+            self.learn(self.shared.held())
+
+    def _offer(self, key: str, ip: str, until: float, client_id: bytes = b"") -> None:
+        raise NotImplementedError
+
+    # Choosing
+
+    def _never_ok(self, n: int, now: float) -> bool:
+        """Free for anyone, and never leased: what the cursor and the returned heap offer first."""
+        ip = self._text(n)
+        return (ip not in self.by_ip and ip not in self._offered and ip not in self._reserved
+                and self.declined.get(ip, 0) <= now and n not in self._unusable and n & self._mask == self._net)
+
+    def _never_leased(self, now: float) -> str | None:
+        returned = self._returned
+        while returned and not self._never_ok(returned[0], now):
+            heapq.heappop(returned)  # taken since: it comes back through _reconsider when that ends
+        while self._cursor <= self._last and not self._never_ok(self._cursor, now):
+            self._cursor += 1
+        best = min(returned[0] if returned else self._last + 1, self._cursor)
+        return self._text(best) if best <= self._last else None
+
+    def _expired_longest(self, now: float) -> str | None:
+        heap = self._expired
+        while heap and heap[0][0] <= now:
+            expires, n = heap[0]
+            ip = self._text(n)
+            lease = self.by_ip.get(ip)
+            if (lease is not None and lease.expires == expires and ip not in self._offered
+                    and ip not in self._reserved and self.declined.get(ip, 0) <= now and n not in self._unusable):
+                return ip
+            heapq.heappop(heap)  # stale, or taken: it comes back through _reconsider when that ends
+        return None
+
+    def _reconsider(self, ip: str) -> None:
+        """An address whose hold (offer, decline, reservation, lease) ended: back where it can be chosen."""
+        n = self._int(ip)
+        if not self._first <= n <= self._last:
+            return
+        lease = self.by_ip.get(ip)
+        if lease is not None:
+            heapq.heappush(self._expired, (lease.expires, n))
+            if len(self._expired) > 2 * len(self.by_ip) + 1024:
+                self._rebuild_expired()
+        elif n < self._cursor:
+            heapq.heappush(self._returned, n)
+            if len(self._returned) > 2 * (self._last - self._first + 1) + 1024:
+                self._returned = sorted(set(self._returned))  # a sorted list is a heap
+
+    def _deadline(self, until: float, kind: str, key: str) -> None:
+        """When an offer or a decline ends, in the heap of deadlines. Each offer made again (a client repeating
+        its DISCOVER) leaves its previous entry behind until that one's time: the heap is rebuilt from the
+        tables when stale entries outnumber the live ones, as _expired is."""
+        heapq.heappush(self._deadlines, (until, kind, key))
+        if len(self._deadlines) > 2 * (len(self.offers) + len(self.declined)) + 1024:
+            self._deadlines = [(offer[1], "offer", key) for key, offer in self.offers.items()]
+            self._deadlines += [(ends, "decline", ip) for ip, ends in self.declined.items()]
+            heapq.heapify(self._deadlines)
+
+    def _rebuild_expired(self) -> None:
+        """The heap of expired leases from the table, without the entries that went stale."""
+        self._expired = [(lease.expires, n) for lease in self.by_ip.values()
+                         if self._first <= (n := self._int(lease.ip)) <= self._last]
+        heapq.heapify(self._expired)
+
+    # Changes
+
+    def _end_offer(self, key: str, reconsider: bool = True) -> str | None:
+        offer = self.offers.pop(key, None)
+        if offer is None:
+            return None
+        if self._offered.get(offer[0]) == key:
+            del self._offered[offer[0]]
+            if reconsider:
+                self._reconsider(offer[0])
+        return offer[0]
+
+    def _bind(self, lease: Lease, record: bool = True) -> None:
+        """A lease into the view; recorded in the store unless it comes from there (`learn`)."""
+        old = bind(self._clients, self.by_ip, lease)
+        n = self._int(lease.ip)
+        if self._first <= n <= self._last:
+            heapq.heappush(self._expired, (lease.expires, n))
+            if len(self._expired) > 2 * len(self.by_ip) + 1024:  # renewals leave stale entries behind
+                self._rebuild_expired()
+        if old is not None:
+            self._reconsider(old.ip)  # no longer leased at all: never leased, as far as choosing goes
+        if record:
+            self.store.record(lease)
+
+    def forget_offer(self, key: str) -> None:
+        """The client took another server's offer."""
+        if self._end_offer(key) is not None and self.shared is not None:
+            self.shared.release_offer(key)
+
+    # What other servers hold (a shared store)
+
+    def lost(self, key: str, ip: str) -> None:
+        """This server's claim on `ip` for `key` did not hold (another server's client has it): undone here; the
+        winner's row comes through `learn`."""
+        offer = self.offers.get(key)
+        if offer is not None and offer[0] == ip:
+            self._end_offer(key, reconsider=False)
+        note_lost(self._lost, key)
+        lease = self._clients.get(key)
+        if lease is not None and lease.ip == ip:
+            drop(self._clients, self.by_ip, key)
+
+    def learn(self, rows: list[Any]) -> None:
+        """Rows of the shared table (`lease`, `state`: 0 leased, 1 offered, 2 declined), as another server wrote
+        them: the view holds their addresses for their clients until they expire."""
+        for row in rows:
+            lease: Lease = row.lease
+            if row.state == 0:
+                current = self.by_ip.get(lease.ip)
+                if current is None or current.mac != lease.mac or current.expires < lease.expires:
+                    self._bind(lease, record=False)
+            elif row.state == 1:
+                if self._offered.get(lease.ip) != lease.mac:
+                    self._end_offer(lease.mac)
+                    self._offer(lease.mac, lease.ip, lease.expires, lease.client_id)
+            elif self.declined.get(lease.ip, 0.0) < lease.expires:
+                self.declined.pop(lease.ip, None)
+                self.declined[lease.ip] = lease.expires
+                self._deadline(lease.expires, "decline", lease.ip)
+
+    def prune(self, now: float) -> None:
+        """End the offers and declines whose time is up (each once, from the heap of deadlines)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            until, kind, key = heapq.heappop(deadlines)
+            if kind == "offer":
+                offer = self.offers.get(key)
+                if offer is not None and offer[1] == until:
+                    self._end_offer(key)
+            elif self.declined.get(key) == until:
+                del self.declined[key]
+                self._reconsider(key)
+
+
+class Leases(Allocation):
     """Allocation over a pool; every change a client is told of is recorded in the store."""
 
     def __init__(self, pool: Pool, store: LeaseStore) -> None:
         self.pool = pool
-        self.store = store
-        self._first, self._last = int(pool.first), int(pool.last)
+        self.by_mac: dict[str, Lease] = {}
+        super().__init__(int(pool.first), int(pool.last), store, self.by_mac)
         self._unusable = {int(a) for a in pool.excluded} | {int(pool.network.network_address),
                                                             int(pool.network.broadcast_address)}
         self._net, self._mask = int(pool.network.network_address), int(pool.network.netmask)
-        self.by_mac: dict[str, Lease] = {}
-        self.by_ip: dict[str, Lease] = {}
-        for lease in store.load():
-            bind(self.by_mac, self.by_ip, lease)
-        shared = store if getattr(store, "claims_offers", False) else None
-        self.shared: SharedLeaseStore | None = shared  # type: ignore[assignment]
-        self.offers: dict[str, tuple[str, float, bytes]] = {}  # mac -> (ip, until, client id)
-        self._offered: dict[str, str] = {}  # ip -> mac
-        self.declined: dict[str, float] = {}  # ip -> until, oldest first
-        self._deadlines: list[tuple[float, str, str]] = []  # (until, "offer" or "decline", mac or ip)
-        self._cursor = self._first  # addresses above it were never looked at: never leased unless in by_ip
-        self._returned: list[int] = []  # addresses below the cursor that may be free and never leased again
-        self._expired: list[tuple[float, int]] = []  # (expires, ip) of leases in the range
-        self._rebuild_expired()
         self._reserved_from: dict[str, str] | None = None
-        self._reserved: dict[str, str] = {}  # ip -> mac
-        self._lost: dict[str, None] = {}  # MACs whose last claim on a shared store was lost (see lost())
-        if self.shared is not None:
-            self.shared.learn = self.learn
-            self.learn(self.shared.held())
+        self._follow_shared()
 
     # Reservations
 
@@ -355,88 +516,7 @@ class Leases:
     def _fits(self, mac: str, ip: str, now: float, reserved: dict[str, str]) -> bool:
         return (self.in_range(ip) or reserved.get(mac) == ip) and self.free_for(mac, ip, now, reserved)
 
-    def _never_ok(self, n: int, now: float) -> bool:
-        """Free for anyone, and never leased: what the cursor and the returned heap offer first."""
-        ip = to_text(n)
-        return (ip not in self.by_ip and ip not in self._offered and ip not in self._reserved
-                and self.declined.get(ip, 0) <= now and n not in self._unusable and n & self._mask == self._net)
-
-    def _never_leased(self, now: float) -> str | None:
-        returned = self._returned
-        while returned and not self._never_ok(returned[0], now):
-            heapq.heappop(returned)  # taken since: it comes back through _reconsider when that ends
-        while self._cursor <= self._last and not self._never_ok(self._cursor, now):
-            self._cursor += 1
-        best = min(returned[0] if returned else self._last + 1, self._cursor)
-        return to_text(best) if best <= self._last else None
-
-    def _expired_longest(self, now: float) -> str | None:
-        heap = self._expired
-        while heap and heap[0][0] <= now:
-            expires, n = heap[0]
-            ip = to_text(n)
-            lease = self.by_ip.get(ip)
-            if (lease is not None and lease.expires == expires and ip not in self._offered
-                    and ip not in self._reserved and self.declined.get(ip, 0) <= now and n not in self._unusable):
-                return ip
-            heapq.heappop(heap)  # stale, or taken: it comes back through _reconsider when that ends
-        return None
-
-    def _reconsider(self, ip: str) -> None:
-        """An address whose hold (offer, decline, reservation, lease) ended: back where it can be chosen."""
-        n = to_int(ip)
-        if not self._first <= n <= self._last:
-            return
-        lease = self.by_ip.get(ip)
-        if lease is not None:
-            heapq.heappush(self._expired, (lease.expires, n))
-            if len(self._expired) > 2 * len(self.by_ip) + 1024:
-                self._rebuild_expired()
-        elif n < self._cursor:
-            heapq.heappush(self._returned, n)
-            if len(self._returned) > 2 * (self._last - self._first + 1) + 1024:
-                self._returned = sorted(set(self._returned))  # a sorted list is a heap
-
-    def _deadline(self, until: float, kind: str, key: str) -> None:
-        """When an offer or a decline ends, in the heap of deadlines. Each offer made again (a client repeating
-        its DISCOVER) leaves its previous entry behind until that one's time: the heap is rebuilt from the
-        tables when stale entries outnumber the live ones, as _expired is."""
-        heapq.heappush(self._deadlines, (until, kind, key))
-        if len(self._deadlines) > 2 * (len(self.offers) + len(self.declined)) + 1024:
-            self._deadlines = [(offer[1], "offer", mac) for mac, offer in self.offers.items()]
-            self._deadlines += [(ends, "decline", ip) for ip, ends in self.declined.items()]
-            heapq.heapify(self._deadlines)
-
-    def _rebuild_expired(self) -> None:
-        """The heap of expired leases from the table, without the entries that went stale."""
-        self._expired = [(lease.expires, n) for lease in self.by_ip.values()
-                         if self._first <= (n := to_int(lease.ip)) <= self._last]
-        heapq.heapify(self._expired)
-
     # Changes
-
-    def _end_offer(self, mac: str, reconsider: bool = True) -> str | None:
-        offer = self.offers.pop(mac, None)
-        if offer is None:
-            return None
-        if self._offered.get(offer[0]) == mac:
-            del self._offered[offer[0]]
-            if reconsider:
-                self._reconsider(offer[0])
-        return offer[0]
-
-    def _bind(self, lease: Lease, record: bool = True) -> None:
-        """A lease into the view; recorded in the store unless it comes from there (`learn`)."""
-        old = bind(self.by_mac, self.by_ip, lease)
-        n = to_int(lease.ip)
-        if self._first <= n <= self._last:
-            heapq.heappush(self._expired, (lease.expires, n))
-            if len(self._expired) > 2 * len(self.by_ip) + 1024:  # renewals leave stale entries behind
-                self._rebuild_expired()
-        if old is not None:
-            self._reconsider(old.ip)  # no longer leased at all: never leased, as far as choosing goes
-        if record:
-            self.store.record(lease)
 
     def commit(self, mac: str, ip: str, now: float, hostname: str = "", client_id: bytes = b"") -> Lease:
         """Lease `ip` to `mac` for the pool's lease time, recorded in the store."""
@@ -480,54 +560,7 @@ class Leases:
             self.store.forget(mac)
         return True
 
-    def forget_offer(self, mac: str) -> None:
-        """The client took another server's offer."""
-        if self._end_offer(mac) is not None and self.shared is not None:
-            self.shared.release_offer(mac)
-
     # What other servers hold (a shared store)
-
-    def lost(self, mac: str, ip: str) -> None:
-        """This server's claim on `ip` for `mac` did not hold (another server's client has it): undone here; the
-        winner's row comes through `learn`."""
-        offer = self.offers.get(mac)
-        if offer is not None and offer[0] == ip:
-            self._end_offer(mac, reconsider=False)
-        note_lost(self._lost, mac)
-        lease = self.by_mac.get(mac)
-        if lease is not None and lease.ip == ip:
-            drop(self.by_mac, self.by_ip, mac)
-
-    def learn(self, rows: list[Any]) -> None:
-        """Rows of the shared table (`lease`, `state`: 0 leased, 1 offered, 2 declined), as another server wrote
-        them: the view holds their addresses for their clients until they expire."""
-        for row in rows:
-            lease: Lease = row.lease
-            if row.state == 0:
-                current = self.by_ip.get(lease.ip)
-                if current is None or current.mac != lease.mac or current.expires < lease.expires:
-                    self._bind(lease, record=False)
-            elif row.state == 1:
-                if self._offered.get(lease.ip) != lease.mac:
-                    self._end_offer(lease.mac)
-                    self._offer(lease.mac, lease.ip, lease.expires, lease.client_id)
-            elif self.declined.get(lease.ip, 0.0) < lease.expires:
-                self.declined.pop(lease.ip, None)
-                self.declined[lease.ip] = lease.expires
-                self._deadline(lease.expires, "decline", lease.ip)
-
-    def prune(self, now: float) -> None:
-        """End the offers and declines whose time is up (each once, from the heap of deadlines)."""
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            until, kind, key = heapq.heappop(deadlines)
-            if kind == "offer":
-                offer = self.offers.get(key)
-                if offer is not None and offer[1] == until:
-                    self._end_offer(key)
-            elif self.declined.get(key) == until:
-                del self.declined[key]
-                self._reconsider(key)
 
 
 def _same(kept: bytes, sent: bytes) -> bool:

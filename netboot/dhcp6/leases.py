@@ -21,20 +21,18 @@ import heapq
 import re
 from dataclasses import dataclass
 from ipaddress import IPv6Address, IPv6Network
-from typing import Any
 
 from netboot.core.errors import NetbootError
 from netboot.dhcp.journal import Kind
 from netboot.dhcp.leases import (
     DECLINE_HOLD,
     OFFER_HOLD,
+    Allocation,
     Lease,
     LeaseStore,
-    SharedLeaseStore,
     at_random,
     bind,
     drop,
-    note_lost,
 )
 from netboot.dhcp6.message import packed, text
 
@@ -107,35 +105,17 @@ class Pool6:
         return self.first in network and self.last in network
 
 
-class Leases6:
+class Leases6(Allocation):
     """Allocation over a pool; every change a client is told of is recorded in the store."""
+
+    _int = staticmethod(to_int)
+    _text = staticmethod(to_text)
 
     def __init__(self, pool: Pool6, store: LeaseStore) -> None:
         self.pool = pool
-        self.store = store
-        self._first, self._last = int(pool.first), int(pool.last)
         self.by_key: dict[str, Lease] = {}
-        self.by_ip: dict[str, Lease] = {}
-        for lease in store.load():
-            bind(self.by_key, self.by_ip, lease)
-        # A store several servers share (SharedLeaseStore, as netboot.dhcp.lease_database for DHCPv4): an
-        # advertisement is a claim too, a claim can be lost to another server (`lost`), and what the others hold
-        # comes through `learn`. The journal is not one.
-        shared = store if getattr(store, "claims_offers", False) else None
-        self.shared: SharedLeaseStore | None = shared  # type: ignore[assignment]
-        self.offers: dict[str, tuple[str, float]] = {}  # key -> (ip, until)
-        self._offered: dict[str, str] = {}  # ip -> key
-        self.declined: dict[str, float] = {}  # ip -> until, oldest first
-        self._deadlines: list[tuple[float, str, str]] = []  # (until, "offer"|"decline", key or ip)
-        self._lost: dict[str, None] = {}  # keys whose last claim on a shared store was lost (note_lost)
-        self._cursor = self._first
-        self._returned: list[int] = []
-        self._expired = [(lease.expires, n) for lease in self.by_ip.values()
-                         if self._first <= (n := to_int(lease.ip)) <= self._last]
-        heapq.heapify(self._expired)
-        if self.shared is not None:
-            self.shared.learn = self.learn
-            self.learn(self.shared.held())
+        super().__init__(int(pool.first), int(pool.last), store, self.by_key)
+        self._follow_shared()
 
     def in_range(self, ip: str) -> bool:
         try:
@@ -189,7 +169,7 @@ class Leases6:
         if self.shared is not None:
             self.shared.offer(Lease(key, ip, until))
 
-    def _offer(self, key: str, ip: str, until: float) -> None:
+    def _offer(self, key: str, ip: str, until: float, client_id: bytes = b"") -> None:
         self.offers[key] = (ip, until)
         self._offered[ip] = key
         self._deadline(until, "offer", key)
@@ -200,21 +180,6 @@ class Leases6:
         self._end_offer(key, reconsider=offered is not None and offered[0] != ip)
         self._bind(lease)
         return lease
-
-    def _bind(self, lease: Lease, record: bool = True) -> None:
-        """A lease into the view; recorded in the store unless it comes from there (`learn`)."""
-        old = bind(self.by_key, self.by_ip, lease)
-        n = to_int(lease.ip)
-        if self._first <= n <= self._last:
-            heapq.heappush(self._expired, (lease.expires, n))
-            if len(self._expired) > 2 * len(self.by_ip) + 1024:  # renewals leave stale entries behind
-                self._expired = [(x.expires, m) for x in self.by_ip.values()
-                                 if self._first <= (m := to_int(x.ip)) <= self._last]
-                heapq.heapify(self._expired)
-        if old is not None:
-            self._reconsider(old.ip)
-        if record:
-            self.store.record(lease)
 
     def release(self, key: str, ip: str, now: float) -> bool:
         lease = self.lease_of(key, now)
@@ -247,104 +212,7 @@ class Leases6:
             self.store.forget(key)
         return True
 
-    def forget_offer(self, key: str) -> None:
-        """The client took another server's advertisement."""
-        if self._end_offer(key) is not None and self.shared is not None:
-            self.shared.release_offer(key)
-
     # What other servers hold (a shared store)
-
-    def lost(self, key: str, ip: str) -> None:
-        """This server's claim on `ip` for `key` did not hold: undone here; the winner's row comes through
-        `learn`."""
-        offer = self.offers.get(key)
-        if offer is not None and offer[0] == ip:
-            self._end_offer(key, reconsider=False)
-        lease = self.by_key.get(key)
-        if lease is not None and lease.ip == ip:
-            drop(self.by_key, self.by_ip, key)
-        note_lost(self._lost, key)
-
-    def learn(self, rows: list[Any]) -> None:
-        """Rows of the shared table (`lease`, `state`: 0 leased, 1 advertised, 2 declined), as another server
-        wrote them: the view holds their addresses for their clients until they expire."""
-        for row in rows:
-            lease: Lease = row.lease
-            if row.state == 0:
-                current = self.by_ip.get(lease.ip)
-                if current is None or current.mac != lease.mac or current.expires < lease.expires:
-                    self._bind(lease, record=False)
-            elif row.state == 1:
-                if self._offered.get(lease.ip) != lease.mac:
-                    self._end_offer(lease.mac)
-                    self._offer(lease.mac, lease.ip, lease.expires)
-            elif self.declined.get(lease.ip, 0.0) < lease.expires:
-                self.declined.pop(lease.ip, None)
-                self.declined[lease.ip] = lease.expires
-                self._deadline(lease.expires, "decline", lease.ip)
 
     # Choosing
 
-    def _never_ok(self, n: int, now: float) -> bool:
-        ip = to_text(n)
-        return ip not in self.by_ip and ip not in self._offered and self.declined.get(ip, 0) <= now
-
-    def _never_leased(self, now: float) -> str | None:
-        returned = self._returned
-        while returned and not self._never_ok(returned[0], now):
-            heapq.heappop(returned)
-        while self._cursor <= self._last and not self._never_ok(self._cursor, now):
-            self._cursor += 1
-        best = min(returned[0] if returned else self._last + 1, self._cursor)
-        return to_text(best) if best <= self._last else None
-
-    def _expired_longest(self, now: float) -> str | None:
-        heap = self._expired
-        while heap and heap[0][0] <= now:
-            expires, n = heap[0]
-            ip = to_text(n)
-            lease = self.by_ip.get(ip)
-            if (lease is not None and lease.expires == expires and ip not in self._offered
-                    and self.declined.get(ip, 0) <= now):
-                return ip
-            heapq.heappop(heap)
-        return None
-
-    def _reconsider(self, ip: str) -> None:
-        n = to_int(ip)
-        if not self._first <= n <= self._last:
-            return
-        lease = self.by_ip.get(ip)
-        if lease is not None:
-            heapq.heappush(self._expired, (lease.expires, n))
-        elif n < self._cursor:
-            heapq.heappush(self._returned, n)
-
-    def _end_offer(self, key: str, reconsider: bool = True) -> str | None:
-        offer = self.offers.pop(key, None)
-        if offer is None:
-            return None
-        if self._offered.get(offer[0]) == key:
-            del self._offered[offer[0]]
-            if reconsider:
-                self._reconsider(offer[0])
-        return offer[0]
-
-    def _deadline(self, until: float, kind: str, key: str) -> None:
-        heapq.heappush(self._deadlines, (until, kind, key))
-        if len(self._deadlines) > 2 * (len(self.offers) + len(self.declined)) + 1024:
-            self._deadlines = [(o[1], "offer", k) for k, o in self.offers.items()]
-            self._deadlines += [(ends, "decline", ip) for ip, ends in self.declined.items()]
-            heapq.heapify(self._deadlines)
-
-    def prune(self, now: float) -> None:
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            until, kind, key = heapq.heappop(deadlines)
-            if kind == "offer":
-                offer = self.offers.get(key)
-                if offer is not None and offer[1] == until:
-                    self._end_offer(key)
-            elif self.declined.get(key) == until:
-                del self.declined[key]
-                self._reconsider(key)
