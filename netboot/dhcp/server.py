@@ -16,22 +16,19 @@ answer for a reason the operator can fix (an unknown MAC, no free address) is lo
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import socket
 import struct
-import sys
 import time
-import traceback
 from collections.abc import Callable, Iterable
 from functools import partial
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
-from pathlib import Path
 
 from netboot.core.addresses import ipv4_interfaces
 from netboot.core.logbudget import Dropped, LogBudget, OncePer
 from netboot.core.machines import Machines
+from netboot.dhcp.commit import GroupCommit, fault
 from netboot.dhcp.exchange import Answer, Arrival, Ignored, Responder
 from netboot.dhcp.leases import check_reservations
 from netboot.dhcp.message import MAX_DATAGRAM, ZERO, Malformed
@@ -71,20 +68,12 @@ class DhcpServer:
         self._not_answered = OncePer(LogBudget(self._loop, log, "requests not answered", prefix="dhcp: "),
                                      _IGNORED_AGAIN)
         self.ports: list[int] = []
-        self._store = responder.leases.store if responder.leases is not None else None
-        self._waiting: list[_Waiting] = []  # answers for the next write
-        self._writing = False
-        self._write_failed = 0.0
         self._closed = False
-        # A shared store (lease_database) writes on this loop; the journal in a thread of its own.
-        self._shared = responder.leases.shared if responder.leases is not None else None
-        self._journal = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhcp-journal")
-                         if self._store is not None and self._shared is None else None)
-        if self._journal is not None:
-            # Once its fdatasync returns, the journal's thread waits for the GIL, and the ACKs with it: by default
-            # up to 5 ms while the loop is busy answering. At 0.5 ms, ACKs to perfdhcp at 500 exchanges a second
-            # averaged 10.8 ms instead of 19 ms (bench/dhcp_perf.py, same load).
-            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        leases = responder.leases
+        self._shared = leases.shared if leases is not None else None
+        self._group: GroupCommit[_Waiting] = GroupCommit(
+            self._loop, leases.store if leases is not None else None, self._shared is not None,
+            lambda waiting: self._send(*waiting[:3]), self._claimed, log, "dhcp", "ACKs")
 
     def listen(self, host: str, port: int) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -117,7 +106,7 @@ class DhcpServer:
                 if level == socket.IPPROTO_IP and kind == _IP_PKTINFO and len(value) >= _IN_PKTINFO.size:
                     ifindex = _IN_PKTINFO.unpack_from(value)[0]
             self._datagram(sock, port, data, source, ifindex)
-        self._commit()
+        self._group.commit()
 
     def _datagram(self, sock: socket.socket, port: int, data: bytes, source: tuple[str, int], ifindex: int,
                   tries: int = 0) -> None:
@@ -143,7 +132,7 @@ class DhcpServer:
         except Exception as e:
             # A bug must not stop the server, nor let one unauthenticated datagram buy a traceback in the log:
             # it costs what a malformed one does (the responder changed nothing), and the line says where it was.
-            self._drop(source, f"not answered: {_fault(e)}")
+            self._drop(source, f"not answered: {fault(e)}")
             return
         if isinstance(result, Ignored):
             self._ignore(result)
@@ -151,59 +140,18 @@ class DhcpServer:
             if result.durable_first:
                 again = (partial(self._datagram, sock, port, data, source, ifindex, tries + 1)
                          if result.claim is not None and tries < _CLAIMS_PER_REQUEST - 1 else None)
-                self._waiting.append((sock, result, server, again))
+                self._group.waiting.append((sock, result, server, again))
             else:
                 self._send(sock, result, server)
 
-    def _commit(self) -> None:
-        """Write the lease changes recorded so far as one group, unless a write is under way (its end starts the
-        next); the ACKs waiting for them go out when it returns."""
-        if self._store is None or self._writing or self._closed:
-            return
-        batch = self._store.take()
-        answers, self._waiting = self._waiting, []
-        if batch is None:  # nothing new: what they wait for was written already
-            for sock, answer, server, _ in answers:
-                self._send(sock, answer, server)
-            return
-        self._writing = True
-        if self._shared is not None:
-            future: asyncio.Future = asyncio.ensure_future(self._store.write(batch))
-        else:
-            future = self._loop.run_in_executor(self._journal, self._store.write, batch)
-        future.add_done_callback(partial(self._written, batch, answers))
-
-    def _written(self, batch: object, answers: list[_Waiting], future: asyncio.Future) -> None:
-        self._writing = False
-        if self._closed or future.cancelled():
-            return
-        error = future.exception()
-        if self._shared is not None:
-            if error is not None:  # (a bug: the store reports what it expects as lost claims)
-                log.error("dhcp: claims not made: %s", _fault(error))
-            self._claimed(answers, future.result() if error is None else {a.claim[1] for _, a, _, _ in answers
-                                                                          if a.claim is not None})
-            self._commit()
-            return
-        if error is not None:
-            assert self._store is not None
-            self._store.restore(batch)  # tried again; the clients, unanswered, ask again
-            now = time.monotonic()
-            if now - self._write_failed >= _QUIET:
-                log.error("dhcp: cannot write the lease journal (%s): %d ACKs not sent", error, len(answers))
-                self._write_failed = now
-            self._loop.call_later(1.0, self._commit)
-            return
-        for sock, answer, server, _ in answers:
-            self._send(sock, answer, server)
-        self._commit()
-
-    def _claimed(self, answers: list[_Waiting], lost: set[str]) -> None:
+    def _claimed(self, answers: list[_Waiting], lost: set[str] | None) -> None:
         """A shared store's write returned: answers whose claims held go out; a claim lost to another server is
         undone, and its request is answered again (the view now knows the winner), up to _CLAIMS_PER_REQUEST
-        times; with the database away, not at all (its client asks again)."""
+        times; with the database away, not at all (its client asks again). `lost` None: the write failed."""
         leases = self.responder.leases
         assert leases is not None and self._shared is not None
+        if lost is None:
+            lost = {a.claim[1] for _, a, _, _ in answers if a.claim is not None}
         again = []
         for sock, answer, server, retry in answers:
             if answer.claim is None or answer.claim[1] not in lost:
@@ -269,23 +217,13 @@ class DhcpServer:
 
     def close(self) -> None:
         self._closed = True
-        if self._journal is not None:
-            self._journal.shutdown(wait=True)  # a write under way ends first
-        if self._store is not None:
-            self._store.close()  # writes what is left
+        self._group.close()
         for sock in self._sockets:
             self._loop.remove_reader(sock.fileno())
             sock.close()
         self._sockets.clear()
         if self._refreshing is not None:
             self._refreshing.cancel()
-
-
-def _fault(e: Exception) -> str:
-    """An unexpected exception on one line: its type, message and where it was raised (file:line in function)."""
-    frames = traceback.extract_tb(e.__traceback__)
-    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
-    return f"{type(e).__name__}: {str(e)[:200]!r}{where}"
 
 
 def _address(host: str) -> IPv4Address | None:

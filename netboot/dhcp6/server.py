@@ -13,11 +13,9 @@ once per client and reason.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
 import socket
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterable
 from ipaddress import IPv6Address, IPv6Interface, IPv6Network
@@ -25,7 +23,7 @@ from ipaddress import IPv6Address, IPv6Interface, IPv6Network
 from netboot.core.addresses import ipv6_interfaces
 from netboot.core.logbudget import Dropped, LogBudget, OncePer
 from netboot.core.logtext import clip
-from netboot.dhcp.server import _fault
+from netboot.dhcp.commit import GroupCommit, fault
 from netboot.dhcp6.exchange import PXE_PORT, SERVER_PORT, Answer, Arrival, Ignored, Responder
 from netboot.dhcp6.message import MAX_DATAGRAM, Malformed
 
@@ -65,18 +63,12 @@ class Dhcp6Server:
         # Once per machine and reason; a flood of made-up ones is counted beyond the budget.
         self._not_answered = OncePer(LogBudget(self._loop, log, "messages not answered", prefix="dhcp6: "),
                                      _IGNORED_AGAIN)
-        self._store = responder.leases.store if responder.leases is not None else None
-        self._waiting: list[Answer] = []
-        self._writing = False
-        self._write_failed = 0.0
         self._closed = False
-        # A shared store (several servers' claims, SharedLeaseStore) writes on this loop; the journal in a thread.
-        self._shared = responder.leases.shared if responder.leases is not None else None
-        self._journal = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dhcp6-journal")
-                         if self._store is not None and self._shared is None else None)
-        if self._journal is not None:
-            # As the IPv4 server: the journal thread's return waits for the GIL, by default up to 5 ms.
-            sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
+        leases = responder.leases
+        self._store = leases.store if leases is not None else None
+        self._group: GroupCommit[Answer] = GroupCommit(
+            self._loop, self._store, leases is not None and leases.shared is not None, self._send, self._claimed, log,
+            "dhcp6", "Replies")
 
     def listen(self, host: str = "::", port: int = SERVER_PORT, discovery: int | None = None) -> None:
         """Port 547 (`port`), and in stateless mode port 4011 (`discovery`) for EDK2's boot server discovery."""
@@ -133,7 +125,7 @@ class Dhcp6Server:
                 if level == socket.IPPROTO_IPV6 and kind == _IPV6_PKTINFO and len(value) >= _IN6_PKTINFO.size:
                     ifindex = _IN6_PKTINFO.unpack_from(value)[1]
             self._datagram(data, source[0].partition("%")[0], ifindex, port, source[1], sock)
-        self._commit()
+        self._group.commit()
 
     def _datagram(self, data: bytes, source: str, ifindex: int, port: int = SERVER_PORT,
                   source_port: int = 0, sock: socket.socket | None = None) -> None:
@@ -154,61 +146,24 @@ class Dhcp6Server:
             self._drop(source, str(e))
             return
         except Exception as e:
-            self._drop(source, f"not answered: {_fault(e)}")
+            self._drop(source, f"not answered: {fault(e)}")
             return
         if isinstance(result, Ignored):
             self._ignore(result)
         elif isinstance(result, Answer):
             if result.durable_first and self._store is not None:
-                self._waiting.append(result)
+                self._group.waiting.append(result)
             else:
                 self._send(result, sock)
 
-    def _commit(self) -> None:
-        if self._store is None or self._writing or self._closed:
-            return
-        batch = self._store.take()
-        answers, self._waiting = self._waiting, []
-        if batch is None:
-            for answer in answers:
-                self._send(answer)
-            return
-        self._writing = True
-        if self._shared is not None:
-            future: asyncio.Future = asyncio.ensure_future(self._store.write(batch))
-        else:
-            future = self._loop.run_in_executor(self._journal, self._store.write, batch)
-        future.add_done_callback(lambda f: self._written(batch, answers, f))
-
-    def _written(self, batch: object, answers: list[Answer], future: asyncio.Future) -> None:
-        self._writing = False
-        if self._closed or future.cancelled():
-            return
-        error = future.exception()
-        if self._shared is not None:
-            if error is not None:  # (a bug: the store reports what it expects as lost claims)
-                log.error("dhcp6: claims not made: %s", _fault(error))  # type: ignore[arg-type]
-            self._claimed(answers, future.result() if error is None else {ip for a in answers for _, ip in a.claims})
-            self._commit()
-            return
-        if error is not None:
-            assert self._store is not None
-            self._store.restore(batch)
-            now = time.monotonic()
-            if now - self._write_failed >= _QUIET:
-                log.error("dhcp6: cannot write the lease journal (%s): %d Replies not sent", error, len(answers))
-                self._write_failed = now
-            self._loop.call_later(1.0, self._commit)
-            return
-        for answer in answers:
-            self._send(answer)
-        self._commit()
-
-    def _claimed(self, answers: list[Answer], lost: set[str]) -> None:
+    def _claimed(self, answers: list[Answer], lost: set[str] | None) -> None:
         """A shared store's write returned: answers whose claims all held go out; a claim lost to another server
-        is undone and its answer dropped (the client asks again, and the view now knows the winner)."""
+        is undone and its answer dropped (the client asks again, and the view now knows the winner). `lost` None:
+        the write failed."""
         leases = self.responder.leases
         assert leases is not None
+        if lost is None:
+            lost = {ip for a in answers for _, ip in a.claims}
         for answer in answers:
             gone = [(key, ip) for key, ip in answer.claims if ip in lost]
             if not gone:
@@ -258,10 +213,7 @@ class Dhcp6Server:
 
     def close(self) -> None:
         self._closed = True
-        if self._journal is not None:
-            self._journal.shutdown(wait=True)
-        if self._store is not None:
-            self._store.close()
+        self._group.close()
         for sock in (self._sock, self._discovery):
             if sock is not None:
                 self._loop.remove_reader(sock.fileno())

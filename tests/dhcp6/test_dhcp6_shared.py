@@ -127,8 +127,8 @@ def test_a_claim_lost_to_another_server_is_undone_and_not_answered(tmp_path: Pat
         one._datagram(ipxe(mac=NODE1), "fe80::1", 1)
         two._datagram(ipxe(mac=NODE2), "fe80::2", 1)
         assert one.sent == [] and two.sent == []  # each waits for its claim
-        one._commit()
-        two._commit()
+        one._group.commit()
+        two._group.commit()
         await asyncio.sleep(0.05)
         assert [read(a.data).addresses[0][1] for a in one.sent] == ["2001:db8::1000"]
         # Lost: NODE2's advertisement undone and not sent; the winner's, learned, holds the address in its view.
@@ -138,14 +138,14 @@ def test_a_claim_lost_to_another_server_is_undone_and_not_answered(tmp_path: Pat
         assert table["2001:db8::1000"].state == 1
         # NODE2 asks again: the loser's view now knows the winner's address.
         two._datagram(ipxe(mac=NODE2), "fe80::2", 1)
-        two._commit()
+        two._group.commit()
         await asyncio.sleep(0.05)
         [advertise] = two.sent
         assert read(advertise.data).addresses[0][1] == "2001:db8::1001"
         # NODE1 takes its address: its lease is in the table, and the other server learns it at its next loss.
         server_id = read(one.sent[0].data).one(2)
         one._datagram(ipxe(REQUEST, NODE1, server=server_id, addresses=("2001:db8::1000",)), "fe80::1", 1)
-        one._commit()
+        one._group.commit()
         await asyncio.sleep(0.05)
         assert read(one.sent[-1].data).addresses[0][1] == "2001:db8::1000" and table["2001:db8::1000"].state == 0
         for server in servers:
