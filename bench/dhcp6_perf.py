@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import build  # noqa: E402
-from dhcp_perf import Perf, Server, load, need  # noqa: E402
+from dhcp_perf import Perf, Server, load, need, run_perfdhcp  # noqa: E402
 from report import arguments, publish  # noqa: E402
 
 from devtools.lan import Host, Lan  # noqa: E402
@@ -71,28 +71,11 @@ class Server6(Server):
 
 
 def perfdhcp6(client: Host, rate: int, seconds: int) -> Perf:
-    out = client.run([need("perfdhcp"), "-6", "-l", "eth0", "-r", str(rate), "-p", str(seconds), "-R", "1000000",
-                      "-W", "1000000"], capture_output=True, text=True, timeout=seconds + 120)
-    text = out.stdout
-    if out.returncode not in (0, 3):  # 3: some exchanges were lost (drops), a result like any other
-        raise RuntimeError(f"perfdhcp failed ({out.returncode}):\n{text[-3000:]}\n{out.stderr[-2000:]}")
-
-    def part(name: str) -> str:
-        found = re.search(rf"\*\*\*Statistics for: {name}\*\*\*(.*?)(\*\*\*|\Z)", text, re.S)
-        if found is None:
-            raise RuntimeError(f"no {name} statistics in perfdhcp's report:\n{text[-3000:]}")
-        return found.group(1)
-
-    def number(section: str, label: str) -> float:
-        found = re.search(rf"^{label}: ([0-9.]+)", section, re.M)
-        return float(found.group(1)) if found else float("nan")
-
-    sa, rr = part("SOLICIT-ADVERTISE"), part("REQUEST-REPLY")
-    unique = re.findall(r"non unique addresses: (\d+)", text)
-    if any(n != "0" for n in unique):
+    perf, text = run_perfdhcp(client, ["-6", "-l", "eth0", "-r", str(rate)], seconds,
+                              ("SOLICIT-ADVERTISE", "REQUEST-REPLY"))
+    if any(n != "0" for n in re.findall(r"non unique addresses: (\d+)", text)):
         raise RuntimeError(f"an address given twice:\n{text[-3000:]}")
-    return Perf(int(number(rr, "received packets")), number(sa, "avg delay"), number(rr, "avg delay"),
-                int(number(sa, "sent packets")))
+    return perf
 
 
 def main(argv: list[str] | None = None) -> str:

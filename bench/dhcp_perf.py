@@ -115,10 +115,14 @@ class Server:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def perfdhcp(client: Host, rate: int, seconds: int) -> Perf:
-    """perfdhcp as a relay from the client host: new clients (MACs drawn from a million) at `rate` a second."""
-    out = client.run([need("perfdhcp"), "-4", "-l", CLIENT, "-r", str(rate), "-p", str(seconds), "-R", "1000000",
-                      "-W", "1000000", SERVER], capture_output=True, text=True, timeout=seconds + 120)
+def run_perfdhcp(client: Host, args: list[str], seconds: int, exchanges: tuple[str, str],
+                 server: tuple[str, ...] = ()) -> tuple[Perf, str]:
+    """ISC's perfdhcp with `args` in the client host for `seconds` (to `server`, given last: perfdhcp reads its
+    options before it), and what it reports of its two `exchanges`
+    (e.g. DISCOVER-OFFER and REQUEST-ACK): the second's replies received, both averages, the first's sent; and
+    the whole report."""
+    out = client.run([need("perfdhcp"), *args, "-p", str(seconds), "-R", "1000000", "-W", "1000000", *server],
+                     capture_output=True, text=True, timeout=seconds + 120)
     text = out.stdout
     if out.returncode not in (0, 3):  # 3: some exchanges were lost (drops), a result like any other
         raise RuntimeError(f"perfdhcp failed ({out.returncode}):\n{text[-3000:]}\n{out.stderr[-2000:]}")
@@ -133,9 +137,15 @@ def perfdhcp(client: Host, rate: int, seconds: int) -> Perf:
         found = re.search(rf"^{label}: ([0-9.]+)", section, re.M)
         return float(found.group(1)) if found else float("nan")
 
-    do, ra = part("DISCOVER-OFFER"), part("REQUEST-ACK")
-    return Perf(int(number(ra, "received packets")), number(do, "avg delay"), number(ra, "avg delay"),
-                int(number(do, "sent packets")))
+    first, second = part(exchanges[0]), part(exchanges[1])
+    return Perf(int(number(second, "received packets")), number(first, "avg delay"), number(second, "avg delay"),
+                int(number(first, "sent packets"))), text
+
+
+def perfdhcp(client: Host, rate: int, seconds: int) -> Perf:
+    """perfdhcp as a relay from the client host: new clients (MACs drawn from a million) at `rate` a second."""
+    return run_perfdhcp(client, ["-4", "-l", CLIENT, "-r", str(rate)], seconds, ("DISCOVER-OFFER", "REQUEST-ACK"),
+                        (SERVER,))[0]
 
 
 def held(client: Host, server: Server, fill: int, timed: int) -> tuple[float, float, float, float]:

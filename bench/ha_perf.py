@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import subprocess
 import sys
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import build  # noqa: E402
-from dhcp_perf import Perf, load, need  # noqa: E402
+from dhcp_perf import Perf, load, need, run_perfdhcp  # noqa: E402
 from report import arguments, publish  # noqa: E402
 
 from devtools.lan import Host, Lan  # noqa: E402
@@ -166,25 +165,8 @@ class Pair:
 
 def perfdhcp(client: Host, rate: int, seconds: int) -> Perf:
     """perfdhcp on the client host's interface, broadcasting: new clients (MACs drawn from a million) at `rate`."""
-    out = client.run([need("perfdhcp"), "-4", "-l", client.ifname, "-B", "-r", str(rate), "-p", str(seconds),
-                      "-R", "1000000", "-W", "1000000"], capture_output=True, text=True, timeout=seconds + 120)
-    text = out.stdout
-    if out.returncode not in (0, 3):  # 3: some exchanges were lost (drops), a result like any other
-        raise RuntimeError(f"perfdhcp failed ({out.returncode}):\n{text[-3000:]}\n{out.stderr[-2000:]}")
-
-    def part(name: str) -> str:
-        found = re.search(rf"\*\*\*Statistics for: {name}\*\*\*(.*?)(\*\*\*|\Z)", text, re.S)
-        if found is None:
-            raise RuntimeError(f"no {name} statistics in perfdhcp's report:\n{text[-3000:]}")
-        return found.group(1)
-
-    def number(section: str, label: str) -> float:
-        found = re.search(rf"^{label}: ([0-9.]+)", section, re.M)
-        return float(found.group(1)) if found else float("nan")
-
-    do, ra = part("DISCOVER-OFFER"), part("REQUEST-ACK")
-    return Perf(int(number(ra, "received packets")), number(do, "avg delay"), number(ra, "avg delay"),
-                int(number(do, "sent packets")))
+    return run_perfdhcp(client, ["-4", "-l", client.ifname, "-B", "-r", str(rate)], seconds,
+                        ("DISCOVER-OFFER", "REQUEST-ACK"))[0]
 
 
 def run_pair(kind: str, hosts: dict[str, Host], client: Host, cluster: Cluster, database: str, work: Path,
