@@ -34,26 +34,33 @@ RETRY = 1.0  # seconds between attempts to reach the database again
 GONE = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
         asyncpg.AdminShutdownError, asyncpg.CrashShutdownError)
 
-# Step n takes a schema of version n - 1 to version n.
-_STEPS: tuple[str, ...] = (
-    # 1: leases. The address is the key: the database, not timing, keeps an address to one client (as Kea's
-    # lease4). state: 0 leased, 1 offered, 2 declined (set aside); expires in seconds since the epoch.
-    # `changed` numbers every write from one sequence, so that each server reads what changed since it last looked.
-    """
-    CREATE SEQUENCE lease4_changes;
-    CREATE TABLE lease4 (
-        address bigint PRIMARY KEY,
+
+def _lease_table(name: str, address: str) -> str:
+    """A lease table (lease4, and lease6 with the same layout), its address column of type `address`. Steps 1 and 2
+    make theirs with it: a change to the layout is a step of its own, never a change here."""
+    return f"""
+    CREATE SEQUENCE {name}_changes;
+    CREATE TABLE {name} (
+        address {address} PRIMARY KEY,
         mac text NOT NULL,
         client_id bytea NOT NULL DEFAULT '',
         expires double precision NOT NULL,
         state smallint NOT NULL,
         hostname text NOT NULL DEFAULT '',
         server text NOT NULL,
-        changed bigint NOT NULL DEFAULT nextval('lease4_changes')
+        changed bigint NOT NULL DEFAULT nextval('{name}_changes')
     );
-    CREATE INDEX lease4_mac ON lease4 (mac);
-    CREATE INDEX lease4_changed ON lease4 (changed);
-    """,
+    CREATE INDEX {name}_mac ON {name} (mac);
+    CREATE INDEX {name}_changed ON {name} (changed);
+    """
+
+
+# Step n takes a schema of version n - 1 to version n.
+_STEPS: tuple[str, ...] = (
+    # 1: leases. The address is the key: the database, not timing, keeps an address to one client (as Kea's
+    # lease4). state: 0 leased, 1 offered, 2 declined (set aside); expires in seconds since the epoch.
+    # `changed` numbers every write from one sequence, so that each server reads what changed since it last looked.
+    _lease_table("lease4", "bigint"),
     # 2: the write API's machines, the boot record of every server, and DHCPv6's leases (lease4's layout, the
     # address an inet; `mac` holds the lease's key there: the client's DUID and the IA's IAID).
     # machine: a table written through one server's API, served by all; tbl NULL: removed through the API (it
@@ -90,20 +97,7 @@ _STEPS: tuple[str, ...] = (
         name text PRIMARY KEY,
         started double precision NOT NULL
     );
-    CREATE SEQUENCE lease6_changes;
-    CREATE TABLE lease6 (
-        address inet PRIMARY KEY,
-        mac text NOT NULL,
-        client_id bytea NOT NULL DEFAULT '',
-        expires double precision NOT NULL,
-        state smallint NOT NULL,
-        hostname text NOT NULL DEFAULT '',
-        server text NOT NULL,
-        changed bigint NOT NULL DEFAULT nextval('lease6_changes')
-    );
-    CREATE INDEX lease6_mac ON lease6 (mac);
-    CREATE INDEX lease6_changed ON lease6 (changed);
-    """,
+    """ + _lease_table("lease6", "inet"),
 )
 VERSION = len(_STEPS)
 
