@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 import build  # noqa: E402
-from dhcp_perf import Perf, Server, load, need, run_perfdhcp  # noqa: E402
+from dhcp_perf import Perf, Server, load, need, perf_row, run_perfdhcp  # noqa: E402
 from report import arguments, publish  # noqa: E402
 
 from devtools.lan import Host, Lan  # noqa: E402
@@ -113,11 +113,7 @@ def main(argv: list[str] | None = None) -> str:
     def row(label: str, kea: Perf | None, nb: Perf | None, rate: int) -> str:
         get = (lambda kind, field: med(kind, rate, field)) if kea is None or nb is None else (
             lambda kind, field: getattr(kea if kind == "kea" else nb, field))
-        done = get("kea", "completed"), get("netboot", "completed")
-        return (f"| {label} | {done[0]:.0f} | {done[1]:.0f} | **{done[1] / max(done[0], 1):.2f}x** | "
-                f"{get('kea', 'offer_ms'):.2f} ms | {get('netboot', 'offer_ms'):.2f} ms | "
-                f"{get('kea', 'ack_ms'):.2f} ms | {get('netboot', 'ack_ms'):.2f} ms | "
-                f"{get('kea', 'cpu'):.1f} s | {get('netboot', 'cpu'):.1f} s |")
+        return perf_row(label, get)
 
     lines = [
         SECTION,

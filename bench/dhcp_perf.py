@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,6 +143,16 @@ def run_perfdhcp(client: Host, args: list[str], seconds: int, exchanges: tuple[s
                 int(number(first, "sent packets"))), text
 
 
+def perf_row(label: str, get: Callable[[str, str], float]) -> str:
+    """A row of a perfdhcp table: Kea's and netboot's exchanges completed, their ratio, delays and CPU, each
+    value `get(kind, field)`."""
+    done = get("kea", "completed"), get("netboot", "completed")
+    return (f"| {label} | {done[0]:.0f} | {done[1]:.0f} | **{done[1] / max(done[0], 1):.2f}x** | "
+            f"{get('kea', 'offer_ms'):.2f} ms | {get('netboot', 'offer_ms'):.2f} ms | "
+            f"{get('kea', 'ack_ms'):.2f} ms | {get('netboot', 'ack_ms'):.2f} ms | "
+            f"{get('kea', 'cpu'):.1f} s | {get('netboot', 'cpu'):.1f} s |")
+
+
 def perfdhcp(client: Host, rate: int, seconds: int) -> Perf:
     """perfdhcp as a relay from the client host: new clients (MACs drawn from a million) at `rate` a second."""
     return run_perfdhcp(client, ["-4", "-l", CLIENT, "-r", str(rate)], seconds, ("DISCOVER-OFFER", "REQUEST-ACK"),
@@ -240,11 +251,7 @@ def main(argv: list[str] | None = None) -> str:
     def row(label: str, kea: Perf | None, nb: Perf | None, rate: int) -> str:
         get = (lambda kind, field: med(kind, rate, field)) if kea is None or nb is None else (
             lambda kind, field: getattr(kea if kind == "kea" else nb, field))
-        done = get("kea", "completed"), get("netboot", "completed")
-        return (f"| {label} | {done[0]:.0f} | {done[1]:.0f} | **{done[1] / done[0]:.2f}x** | "
-                f"{get('kea', 'offer_ms'):.2f} ms | {get('netboot', 'offer_ms'):.2f} ms | "
-                f"{get('kea', 'ack_ms'):.2f} ms | {get('netboot', 'ack_ms'):.2f} ms | "
-                f"{get('kea', 'cpu'):.1f} s | {get('netboot', 'cpu'):.1f} s |")
+        return perf_row(label, get)
 
     lines = [
         SECTION,
