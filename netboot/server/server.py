@@ -131,8 +131,8 @@ class Server:
 
     async def start(self) -> None:
         if self.opts.database is not None:
-            # First: a wrong URL or credentials, or a newer schema, is a one-line error before anything listens.
-            await database.check(self.opts.database)
+            # First (its connection made, the schema brought up to date): a wrong URL or credentials, or a newer
+            # schema, is a one-line error before anything listens.
             await self._start_database(self.opts.database)
         if self.opts.status is not None:
             await self._start_status(self.opts.status)

@@ -153,15 +153,6 @@ async def prepare(connection: asyncpg.Connection) -> int:
     return found
 
 
-async def check(url: str) -> None:
-    """Connect, bring the schema up to date, and disconnect: what `netboot serve --database` does first."""
-    connection = await connect(url)
-    try:
-        await prepare(connection)
-    finally:
-        await connection.close()
-
-
 Back = Callable[[asyncpg.Connection], Awaitable[None]]
 
 

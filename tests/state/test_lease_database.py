@@ -4,6 +4,7 @@ version, and several servers' responders allocating from one range at once, each
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import subprocess
 import sys
@@ -25,6 +26,11 @@ from netboot.dhcp.leases import Lease, Leases, Pool, to_text
 from netboot.state import database
 
 NET = IPv4Network("192.0.2.0/24")
+
+
+async def check(url: str) -> None:
+    """What a server does first with --database: its connection made, the schema brought up to date."""
+    (await database.Link.open(url, logging.getLogger("test"), "site", "away", "back")).close()
 
 
 def pool(first: str = "192.0.2.100", last: str = "192.0.2.199") -> Pool:
@@ -75,17 +81,17 @@ def yiaddr(answer: Answer | None) -> str:
 
 
 async def test_the_schema_is_made_once_and_a_newer_one_is_refused(postgres: Cluster) -> None:
-    await database.check(postgres.url)
-    await database.check(postgres.url)  # again: nothing to do
+    await check(postgres.url)
+    await check(postgres.url)  # again: nothing to do
     assert postgres.psql("SELECT version FROM netboot_schema") == str(database.VERSION)
     postgres.psql(f"UPDATE netboot_schema SET version = {database.VERSION + 1}")
     with pytest.raises(NetbootError, match=f"schema is version {database.VERSION + 1}, newer than this netboot's "
                                            rf"\({database.VERSION}\)"):
-        await database.check(postgres.url)
+        await check(postgres.url)
 
 
 async def test_servers_starting_together_make_the_schema_once(postgres: Cluster) -> None:
-    await asyncio.gather(*(database.check(postgres.url) for _ in range(6)))
+    await asyncio.gather(*(check(postgres.url) for _ in range(6)))
     assert postgres.psql("SELECT count(*) FROM netboot_schema") == "1"
 
 
@@ -95,7 +101,7 @@ async def test_bad_urls_and_credentials_are_one_line_errors(postgres: Cluster) -
                           ("postgresql:///netboot?host=/nonexistent", "cannot connect"),
                           ("mysql://db/netboot", "expected a PostgreSQL URL")):
         with pytest.raises(NetbootError, match=fragment) as e:
-            await database.check(url)
+            await check(url)
         assert "\n" not in str(e.value) and "wrong" not in str(e.value)
 
 
