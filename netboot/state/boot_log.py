@@ -51,11 +51,13 @@ _SERVER = """
 INSERT INTO netboot_server (name, started) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET started = excluded.started
 """
 _LAST = "SELECT coalesce(max(seq), 0) FROM boot_event WHERE server = $1"
-_SERVERS = "SELECT name FROM netboot_server WHERE name <> $1"
-# Each other server's rows after the last read of it (its key (server, seq) is the index).
+# Each other server's rows after the last read of it (0 for a server not read yet), in one statement; its key
+# (server, seq) is the index.
 _AFTER = f"""
-SELECT {_COLUMNS} FROM unnest($1::text[], $2::int8[]) AS k(name, last),
-    LATERAL (SELECT * FROM boot_event WHERE server = k.name AND seq > k.last ORDER BY seq LIMIT {BATCH}) e
+SELECT {_COLUMNS} FROM netboot_server s LEFT JOIN unnest($1::text[], $2::int8[]) AS k(name, last) ON k.name = s.name,
+    LATERAL (SELECT * FROM boot_event WHERE server = s.name AND seq > coalesce(k.last, 0) ORDER BY seq
+             LIMIT {BATCH}) e
+WHERE s.name <> $3
 """
 # The last rows of every server, at start.
 _START = f"""
@@ -147,10 +149,8 @@ class BootLog:
                 continue
             try:
                 async with self._link.turn:
-                    for name in await connection.fetch(_SERVERS, self.name):
-                        self._read.setdefault(name[0], 0)
-                    names = sorted(self._read)
-                    records = await connection.fetch(_AFTER, names, [self._read[n] for n in names])
+                    names = list(self._read)
+                    records = await connection.fetch(_AFTER, names, [self._read[n] for n in names], self.name)
             except database.GONE as e:
                 self._link.away(e)
                 continue
